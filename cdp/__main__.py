@@ -1,0 +1,3 @@
+from cdp.cli.main import entry
+
+entry()

@@ -1,0 +1,72 @@
+"""Content hashing and compression: pure functions over bytes.
+
+xxh3-128 identifies block content (dedup, change detection, verification);
+zstd compresses batches of blocks. Both are thread-safe to call from worker
+threads; zstd releases the GIL, so batches compress on both cores.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+import xxhash
+import zstandard
+
+from cdp.errors import RemoteProtocolError
+
+HASH_LEN = 16
+block_hash = xxhash.xxh3_128_digest
+
+_local = threading.local()
+
+
+@lru_cache(maxsize=64)
+def zero_hash(length: int) -> bytes:
+    """Hash of an all-zero block of `length` bytes (compare hashes, not bytes, to spot zeros)."""
+    return block_hash(bytes(length))
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def compress(data: bytes | bytearray | memoryview, level: int = 1) -> bytes:
+    """One zstd frame holding `data` (content size recorded, so decompression is bounded)."""
+    return _compressor(level).compress(data)
+
+
+def decompress(blob: bytes, expected_len: int) -> bytes:
+    """Inverse of compress; the output must be exactly `expected_len` bytes.
+
+    The length is checked before and after: a frame claiming more is refused
+    before any memory is allocated (no decompression bombs).
+    """
+    try:
+        params = zstandard.get_frame_parameters(blob)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"compressed data is not a zstd frame: {exc}") from None
+    if params.content_size not in (expected_len, zstandard.CONTENTSIZE_UNKNOWN):
+        raise RemoteProtocolError(
+            f"compressed data holds {params.content_size} bytes, expected {expected_len}"
+        )
+    try:
+        out = _decompressor().decompress(blob, max_output_size=expected_len)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"corrupt compressed data: {exc}") from None
+    if len(out) != expected_len:
+        raise RemoteProtocolError(f"compressed data holds {len(out)} bytes, expected {expected_len}")
+    return out

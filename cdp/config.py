@@ -1,0 +1,366 @@
+"""TOML configuration -> frozen, validated dataclasses.
+
+Every error names the file, the key and the reason, and says what to do.
+Relative paths are relative to the folder of the config file. Unknown keys
+are errors: a typo must never silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp.errors import ConfigError
+from cdp.units import parse_duration, parse_hostport, parse_size
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_BLOCK_SIZE = 64 * 1024
+MIN_BLOCK_SIZE = 4 * 1024
+MAX_BLOCK_SIZE = 4 * 1024 * 1024
+
+
+def valid_name(name: str) -> bool:
+    """Volume and client names become folder names: no separators, no '..', no hidden files."""
+    return bool(NAME_RE.match(name)) and ".." not in name
+
+
+@dataclass(frozen=True)
+class TlsServer:
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # when set, clients must present a certificate signed by it
+
+
+@dataclass(frozen=True)
+class TlsClient:
+    ca: Path | None = None  # None: the system trust store
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    name: str
+    token: bytes
+    volumes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ReceiverConfig:
+    path: Path
+    listen: tuple[str, int]
+    data_dir: Path
+    clients: tuple[ClientConfig, ...]
+    tls: TlsServer | None = None
+    max_frame: int = 32 * 1024 * 1024
+    idle_timeout: float = 300.0
+
+    def client(self, name: str) -> ClientConfig | None:
+        return next((c for c in self.clients if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    name: str
+    path: Path
+    mode: str = "scan"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    scan_interval: float = 10.0
+    min_scan_interval: float = 1.0
+    pre_scan: str | None = None
+    post_scan: str | None = None
+    snapshot: str = "none"  # or "reflink"
+    nbd_listen: str | None = None
+
+
+@dataclass(frozen=True)
+class FilesetConfig:
+    name: str
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    path: Path
+    name: str
+    receiver: tuple[str, int]
+    token: bytes
+    state_dir: Path
+    volumes: tuple[VolumeConfig, ...]
+    filesets: tuple[FilesetConfig, ...] = ()
+    tls: TlsClient | None = None
+    window: int = 2
+    batch_bytes: int = 2 * 1024 * 1024
+    max_epoch_bytes: int = 256 * 1024 * 1024
+    compress_level: int = 1
+    workers: int = 2
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    dedup_index_entries: int = 4_000_000
+    max_frame: int = 32 * 1024 * 1024
+
+    def volume(self, name: str) -> VolumeConfig | None:
+        return next((v for v in self.volumes if v.name == name), None)
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were consumed."""
+
+    def __init__(self, file: Path, where: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: [{where}] must be a table")
+        self.file, self.where, self.data = file, where, data
+        self.used: set[str] = set()
+
+    def err(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {self.where}.{key}: {reason}")
+
+    def get(self, key: str, conv: Callable[[Any], Any], default: Any = ..., required: bool = False):
+        self.used.add(key)
+        if key not in self.data:
+            if required or default is ...:
+                raise self.err(key, "is required")
+            return default
+        try:
+            return conv(self.data[key])
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise self.err(key, str(exc)) from None
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.err(unknown[0], "unknown key (check the spelling; see `cdp init` for an example)")
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _int(lo: int, hi: int) -> Callable[[Any], int]:
+    def conv(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"expected a whole number from {lo} to {hi}")
+        return v
+    return conv
+
+
+def _name(v: Any) -> str:
+    v = _str(v)
+    if not valid_name(v):
+        raise ValueError(
+            f"{v!r} is not a valid name: use letters, digits, '.', '_' and '-', "
+            "start with a letter or digit, no '..', at most 128 characters"
+        )
+    return v
+
+
+def _path(base: Path) -> Callable[[Any], Path]:
+    def conv(v: Any) -> Path:
+        p = Path(os.path.expanduser(_str(v)))
+        return p if p.is_absolute() else (base / p)
+    return conv
+
+
+def _block_size(v: Any) -> int:
+    n = parse_size(v)
+    if n < MIN_BLOCK_SIZE or n > MAX_BLOCK_SIZE or n & (n - 1):
+        raise ValueError("block size must be a power of two from 4KiB to 4MiB")
+    return n
+
+
+def read_token(path: Path, file: Path, key: str) -> bytes:
+    """The secret from a token file; refuses files others can read (they would leak it)."""
+    try:
+        st = path.stat()
+        data = path.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{file}: {key}: cannot read token file {path}: {exc.strerror} "
+            "(create one with `cdp init` or `head -c32 /dev/urandom | xxd -p -c64 > FILE`)"
+        ) from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"{file}: {key}: token file {path} is readable by others; run `chmod 600 {path}`"
+        )
+    if len(data) < 16:
+        raise ConfigError(f"{file}: {key}: token in {path} is too short (need 16+ characters)")
+    return data
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (create examples with `cdp init DIR`)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _top(path: Path, data: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{path}: [{unknown[0]}]: unknown table (expected {', '.join(sorted(allowed))})")
+
+
+def load_receiver(path: str | Path) -> ReceiverConfig:
+    """Load and validate a receiver config."""
+    file = Path(path).resolve()
+    base = file.parent
+    data = _load(file)
+    _top(file, data, {"receiver"})
+    t = _Table(file, "receiver", data.get("receiver", {}))
+    listen = t.get("listen", lambda v: parse_hostport(_str(v)), default=("127.0.0.1", 7400))
+    data_dir = t.get("data_dir", _path(base), default=base / "replicas")
+    max_frame = t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20)
+    idle = t.get("idle_timeout", parse_duration, default=300.0)
+    tls = None
+    if "tls" in t.data:
+        tt = _Table(file, "receiver.tls", t.get("tls", lambda v: v))
+        tls = TlsServer(
+            cert=tt.get("cert", _path(base), required=True),
+            key=tt.get("key", _path(base), required=True),
+            client_ca=tt.get("client_ca", _path(base), default=None),
+        )
+        tt.done()
+    raw_clients = t.get("client", lambda v: v, default=[])
+    if not isinstance(raw_clients, list):
+        raise t.err("client", "must be an array of tables: [[receiver.client]]")
+    clients = []
+    for i, rc in enumerate(raw_clients):
+        ct = _Table(file, f"receiver.client[{i}]", rc)
+        name = ct.get("name", _name, required=True)
+        tf = ct.get("token_file", _path(base), required=True)
+        vols = ct.get("volumes", _name_list, required=True)
+        ct.done()
+        clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols))
+    names = [c.name for c in clients]
+    if len(set(names)) != len(names):
+        raise t.err("client", "two clients have the same name")
+    t.done()
+    return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle)
+
+
+def _range_size(v: Any, lo: int, hi: int) -> int:
+    n = parse_size(v)
+    if not lo <= n <= hi:
+        raise ValueError(f"expected a size from {lo} to {hi} bytes")
+    return n
+
+
+def _name_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ValueError("expected a list of names")
+    return tuple(_name(x) for x in v)
+
+
+def load_source(path: str | Path) -> SourceConfig:
+    """Load and validate a source config."""
+    file = Path(path).resolve()
+    base = file.parent
+    data = _load(file)
+    _top(file, data, {"source", "volume", "fileset"})
+    t = _Table(file, "source", data.get("source", {}))
+    name = t.get("name", _name, required=True)
+    receiver = t.get("receiver", lambda v: parse_hostport(_str(v)), required=True)
+    token = read_token(t.get("token_file", _path(base), required=True), file, "source.token_file")
+    state_dir = t.get("state_dir", _path(base), default=base / "state")
+    tls = None
+    if "tls" in t.data:
+        tt = _Table(file, "source.tls", t.get("tls", lambda v: v))
+        tls = TlsClient(
+            ca=tt.get("ca", _path(base), default=None),
+            cert=tt.get("cert", _path(base), default=None),
+            key=tt.get("key", _path(base), default=None),
+            server_name=tt.get("server_name", _str, default=None),
+        )
+        if (tls.cert is None) != (tls.key is None):
+            raise tt.err("cert", "cert and key go together: set both or neither")
+        tt.done()
+    opts = dict(
+        window=t.get("window", _int(1, 64), default=2),
+        batch_bytes=t.get("batch_bytes", lambda v: _range_size(v, 64 << 10, 16 << 20),
+                          default=2 << 20),
+        max_epoch_bytes=t.get("max_epoch_bytes", lambda v: _range_size(v, 1 << 20, 1 << 40),
+                              default=256 << 20),
+        compress_level=t.get("compress_level", _int(-7, 19), default=1),
+        workers=t.get("workers", _int(1, 64), default=2),
+        reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),
+        reconnect_max=t.get("reconnect_max", parse_duration, default=30.0),
+        dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
+        max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
+    )
+    t.done()
+    if opts["batch_bytes"] * 2 > opts["max_frame"]:
+        raise ConfigError(f"{file}: source.batch_bytes: must be at most half of max_frame")
+
+    raw_vols = data.get("volume", [])
+    if not isinstance(raw_vols, list):
+        raise ConfigError(f"{file}: volume: must be an array of tables: [[volume]]")
+    volumes = [_volume(file, base, i, rv) for i, rv in enumerate(raw_vols)]
+    raw_sets = data.get("fileset", [])
+    if not isinstance(raw_sets, list):
+        raise ConfigError(f"{file}: fileset: must be an array of tables: [[fileset]]")
+    filesets = []
+    for i, rs in enumerate(raw_sets):
+        ft = _Table(file, f"fileset[{i}]", rs)
+        fname = ft.get("name", _name, required=True)
+        paths = ft.get("paths", lambda v: tuple(_path(base)(x) for x in _list(v)), required=True)
+        ft.done()
+        filesets.append(FilesetConfig(fname, paths))
+    all_names = [v.name for v in volumes] + [f.name for f in filesets]
+    dup = {n for n in all_names if all_names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{file}: volume: name {sorted(dup)[0]!r} is used twice")
+    if not volumes and not filesets:
+        raise ConfigError(f"{file}: volume: nothing to protect; add a [[volume]] table")
+    return SourceConfig(file, name, receiver, token, state_dir, tuple(volumes),
+                        tuple(filesets), tls, **opts)
+
+
+def _list(v: Any) -> list[Any]:
+    if not isinstance(v, list) or not v:
+        raise ValueError("expected a non-empty list")
+    return v
+
+
+def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
+    vt = _Table(file, f"volume[{i}]", rv)
+    mode = vt.get("mode", _choice("scan", "nbd"), default="scan")
+    vol = VolumeConfig(
+        name=vt.get("name", _name, required=True),
+        path=vt.get("path", _path(base), required=True),
+        mode=mode,
+        block_size=vt.get("block_size", _block_size, default=DEFAULT_BLOCK_SIZE),
+        scan_interval=vt.get("scan_interval", parse_duration, default=10.0),
+        min_scan_interval=vt.get("min_scan_interval", parse_duration, default=1.0),
+        pre_scan=vt.get("pre_scan", _str, default=None),
+        post_scan=vt.get("post_scan", _str, default=None),
+        snapshot=vt.get("snapshot", _choice("none", "reflink"), default="none"),
+        nbd_listen=vt.get("nbd_listen", _str, default=None),
+    )
+    vt.done()
+    if vol.mode == "nbd":
+        raise vt.err("mode", "nbd mode is not available in this version yet; use mode = \"scan\"")
+    return vol
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def conv(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(repr(o) for o in options)}")
+        return str(v)
+    return conv

@@ -1,0 +1,105 @@
+"""The error tree. Everything cdp raises derives from CdpError.
+
+Each class carries the process exit code the CLI uses for it (0 ok, 1 check
+failed, 2 usage or configuration) and, for errors that cross the wire, the
+short code the protocol sends in an Error message.
+"""
+
+from __future__ import annotations
+
+
+class CdpError(Exception):
+    """Base of every error cdp raises on purpose."""
+
+    exit_code = 1
+    wire_code = "internal"
+
+
+class ConfigError(CdpError):
+    """A configuration file or command-line value is wrong; the message names file, key, reason."""
+
+    exit_code = 2
+    wire_code = "config"
+
+
+class UsageError(CdpError):
+    """The command line asks for something that cannot be done as written."""
+
+    exit_code = 2
+
+
+class CheckFailed(CdpError):
+    """A check (verify, drill) ran and found a difference."""
+
+    exit_code = 1
+
+
+class ProtocolError(CdpError):
+    """Bytes or messages that break the protocol."""
+
+    wire_code = "protocol"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer broke the protocol (malformed, oversized or out-of-order frames)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to send something the protocol does not allow: a bug in cdp."""
+
+
+class AuthError(CdpError):
+    """Authentication failed: wrong token, unknown client, or a receiver we cannot trust."""
+
+    wire_code = "auth"
+
+
+class VolumeError(CdpError):
+    """A volume-level refusal: the volume stops, the connection and other volumes go on."""
+
+    wire_code = "volume"
+
+    def __init__(self, message: str, *, code: str = "volume", volume: str = "") -> None:
+        super().__init__(message)
+        self.wire_code = code
+        self.volume = volume
+
+
+class ReplicaError(CdpError):
+    """The receiver's replica store could not do what was asked (I/O, corruption, disk full)."""
+
+    wire_code = "replica"
+
+
+class DiskFullError(ReplicaError):
+    """No space left for the replica; nothing was changed."""
+
+    wire_code = "disk_full"
+
+
+class TrackerError(CdpError):
+    """The source could not read or track a protected volume."""
+
+    wire_code = "tracker"
+
+
+class TransportError(CdpError):
+    """The connection failed or was closed; the daemons reconnect with backoff."""
+
+    wire_code = "transport"
+
+
+class RemoteError(CdpError):
+    """The peer reported an error in an Error message."""
+
+    def __init__(self, code: str, message: str, volume: str = "") -> None:
+        where = f" (volume {volume})" if volume else ""
+        super().__init__(f"peer reported {code}{where}: {message}")
+        self.code = code
+        self.remote_message = message
+        self.volume = volume
+
+
+# Error codes the receiver sends that mean "retrying will not help until the
+# operator changes something".
+PERMANENT_CODES = frozenset({"auth", "unauthorized", "geometry", "name", "config", "protocol"})

@@ -1,0 +1,78 @@
+"""Length-prefixed msgpack framing with size limits. Pure: bytes in, messages out.
+
+A frame is a 4-byte big-endian payload length followed by that many bytes of
+msgpack. The length is checked against the limit before anything is buffered,
+and msgpack is decoded with limits on every container and string, because the
+peer is not trusted (borg's restricted unpacker is the model).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from cdp.errors import LocalProtocolError, RemoteProtocolError
+from cdp.messages import Message, from_wire, to_wire
+
+HEADER = struct.Struct(">I")
+DEFAULT_MAX_FRAME = 32 * 1024 * 1024
+
+
+def encode(msg: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    """One frame for one message."""
+    payload = msgpack.packb(to_wire(msg), use_bin_type=True)
+    if len(payload) > max_frame:
+        raise LocalProtocolError(
+            f"{type(msg).__name__} frame of {len(payload)} bytes exceeds the {max_frame}-byte limit")
+    return HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Message:
+    """The message in one frame's payload; RemoteProtocolError for anything malformed."""
+    try:
+        obj = msgpack.unpackb(
+            payload, raw=False, use_list=True, strict_map_key=True,
+            max_bin_len=max_frame, max_str_len=65536, max_array_len=65536,
+            max_map_len=0, max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+            UnicodeDecodeError, TypeError) as exc:
+        raise RemoteProtocolError(f"malformed frame: {type(exc).__name__}: {exc}") from None
+    return from_wire(obj)
+
+
+class FrameDecoder:
+    """Feed bytes as they arrive; take whole messages out.
+
+    Memory stays bounded by max_frame plus one read: a header announcing more
+    is an error at once, before the body arrives.
+    """
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= HEADER.size:
+            (length,) = HEADER.unpack_from(buf, pos)
+            if length > self.max_frame:
+                raise RemoteProtocolError(
+                    f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+            if len(buf) - pos - HEADER.size < length:
+                break
+            start = pos + HEADER.size
+            out.append(decode_payload(bytes(buf[start:start + length]), self.max_frame))
+            pos = start + length
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered that do not yet make a whole frame."""
+        return len(self._buf)

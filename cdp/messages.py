@@ -1,0 +1,263 @@
+"""Wire messages: one frozen dataclass each, encoded as a msgpack array.
+
+A message on the wire is ``[type, field1, field2, ...]`` in the dataclass's
+field order. Decoding checks the type code, the field count and every field's
+type, so the rest of cdp only ever sees well-formed messages. Index lists
+travel as packed little-endian u64 arrays (see blocks.pack_u64) and hashes as
+concatenated 16-byte digests: compact, and cheap to check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from cdp.errors import RemoteProtocolError
+
+PROTOCOL_VERSION = 1
+
+
+class Message:
+    TYPE: ClassVar[int]
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Source -> receiver: who I am, and a nonce for the receiver to prove itself with."""
+
+    TYPE = 1
+    version: int
+    name: str
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Receiver -> source: a fresh nonce to answer with HMAC(token, ...)."""
+
+    TYPE = 2
+    version: int
+    nonce: bytes
+
+
+@dataclass(frozen=True)
+class Auth(Message):
+    """Source -> receiver: proof of the token; the token itself never crosses the wire."""
+
+    TYPE = 3
+    mac: bytes
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Receiver -> source: authenticated; the receiver's own proof and what may be written."""
+
+    TYPE = 4
+    proof: bytes
+    volumes: list[str]
+    max_frame: int
+
+
+@dataclass(frozen=True)
+class Open(Message):
+    """Source -> receiver: start replicating a volume of this geometry."""
+
+    TYPE = 5
+    volume: str
+    size: int
+    block_size: int
+
+
+@dataclass(frozen=True)
+class Opened(Message):
+    """Receiver -> source: the replica's identity and the last epoch it applied."""
+
+    TYPE = 6
+    volume: str
+    replica_id: str
+    epoch: int
+    epoch_time: float
+
+
+@dataclass(frozen=True)
+class GetHashes(Message):
+    """Source -> receiver: send the block hashes of [start, start+count); rehash reads the image."""
+
+    TYPE = 7
+    volume: str
+    start: int
+    count: int
+    rehash: bool
+
+
+@dataclass(frozen=True)
+class Hashes(Message):
+    """Receiver -> source: concatenated 16-byte hashes of consecutive blocks from start."""
+
+    TYPE = 8
+    volume: str
+    start: int
+    hashes: bytes
+
+
+@dataclass(frozen=True)
+class Begin(Message):
+    """Source -> receiver: an epoch starts; `time` is when the source state was captured."""
+
+    TYPE = 9
+    volume: str
+    epoch: int
+    time: float
+
+
+@dataclass(frozen=True)
+class Data(Message):
+    """Source -> receiver: whole blocks, concatenated and compressed as one zstd frame."""
+
+    TYPE = 10
+    volume: str
+    epoch: int
+    indices: bytes
+    hashes: bytes
+    raw_len: int
+    zdata: bytes
+
+
+@dataclass(frozen=True)
+class Zero(Message):
+    """Source -> receiver: runs of blocks that are now all zero, as packed (start, count) pairs."""
+
+    TYPE = 11
+    volume: str
+    epoch: int
+    runs: bytes
+
+
+@dataclass(frozen=True)
+class Ref(Message):
+    """Source -> receiver: blocks whose content the receiver should already hold.
+
+    Block indices[i] gets the content of from_indices[i] of from_volume, which
+    must hash to hashes[i]; the receiver checks and asks again (Need) if not.
+    """
+
+    TYPE = 12
+    volume: str
+    epoch: int
+    from_volume: str
+    indices: bytes
+    hashes: bytes
+    from_indices: bytes
+
+
+@dataclass(frozen=True)
+class Commit(Message):
+    """Source -> receiver: the epoch is complete; apply it atomically."""
+
+    TYPE = 13
+    volume: str
+    epoch: int
+    blocks: int
+
+
+@dataclass(frozen=True)
+class Need(Message):
+    """Receiver -> source: references it could not resolve; send these blocks as data, then Commit again."""
+
+    TYPE = 14
+    volume: str
+    epoch: int
+    indices: bytes
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Receiver -> source: the epoch is applied and durable."""
+
+    TYPE = 15
+    volume: str
+    epoch: int
+    applied_at: float
+
+
+@dataclass(frozen=True)
+class Current(Message):
+    """Source -> receiver: at `time` the volume still equalled `epoch` (keeps the RPO honest when idle)."""
+
+    TYPE = 16
+    volume: str
+    epoch: int
+    time: float
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Either way: what went wrong; volume '' means the whole connection."""
+
+    TYPE = 17
+    code: str
+    message: str
+    volume: str
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """Either way: a clean goodbye; nothing in flight is lost."""
+
+    TYPE = 18
+    reason: str
+
+
+ALL: tuple[type[Message], ...] = (
+    Hello, Challenge, Auth, Welcome, Open, Opened, GetHashes, Hashes, Begin, Data, Zero,
+    Ref, Commit, Need, Ack, Current, Error, Bye,
+)
+BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL}
+_FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
+    cls: tuple((f.name, str(f.type)) for f in fields(cls)) for cls in ALL  # type: ignore[arg-type]
+}
+MAX_STR = 4096
+
+
+def to_wire(msg: Message) -> list[Any]:
+    """The msgpack-ready array for a message."""
+    return [msg.TYPE, *(getattr(msg, name) for name, _ in _FIELDS[type(msg)])]
+
+
+def _check(cls: type[Message], name: str, kind: str, value: Any) -> Any:
+    ok: bool
+    if kind == "int":
+        ok = type(value) is int and 0 <= value < 1 << 63
+    elif kind == "float":
+        if type(value) is int:
+            value = float(value)
+        ok = type(value) is float and value == value  # not NaN
+    elif kind == "str":
+        ok = type(value) is str and len(value) <= MAX_STR
+    elif kind == "bytes":
+        ok = type(value) is bytes
+    elif kind == "bool":
+        ok = type(value) is bool
+    elif kind == "list[str]":
+        ok = type(value) is list and len(value) <= 65536 and all(
+            type(v) is str and len(v) <= MAX_STR for v in value)
+    else:  # pragma: no cover - a new field type without a check
+        raise AssertionError(f"no check for field type {kind}")
+    if not ok:
+        raise RemoteProtocolError(f"{cls.__name__}.{name}: bad value of type {type(value).__name__}")
+    return value
+
+
+def from_wire(obj: Any) -> Message:
+    """A validated message from a decoded msgpack object; RemoteProtocolError otherwise."""
+    if type(obj) is not list or not obj or type(obj[0]) is not int:
+        raise RemoteProtocolError("a message must be an array starting with its type code")
+    cls = BY_TYPE.get(obj[0])
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message type {obj[0]}")
+    spec = _FIELDS[cls]
+    if len(obj) != len(spec) + 1:
+        raise RemoteProtocolError(
+            f"{cls.__name__}: expected {len(spec)} fields, got {len(obj) - 1}")
+    values = [_check(cls, name, kind, v) for (name, kind), v in zip(spec, obj[1:], strict=True)]
+    return cls(*values)

@@ -1,0 +1,386 @@
+"""Sans-I/O protocol sessions for both ends of a replication connection.
+
+No sockets, no files: a session takes received bytes and returns validated
+messages (events), and turns messages to send into bytes, refusing anything
+the protocol does not allow in the current state. The asyncio transport only
+pumps bytes; tests drive two sessions against each other directly.
+
+Connection states (both sides)::
+
+    source:   START --Hello--> HELLO_SENT --Challenge/Auth--> AUTH_SENT --Welcome--> READY
+    receiver: START --Hello/Challenge--> CHALLENGED --Auth/Welcome--> READY
+    any state --Error (connection) / Bye / protocol violation--> CLOSED
+
+Per volume, once READY (the receiver's view; the source mirrors it)::
+
+    Open -> Opened -> idle --Begin(e)--> in epoch e --Data/Zero/Ref*--> --Commit(e)--> idle
+    after Commit(e) the receiver answers Ack(e), or Need(e): epoch e is discarded,
+    frames of later epochs are dropped until Begin(e) starts it again.
+
+Authentication: HMAC-SHA256 over both nonces and the client name, each side
+proving the token to the other; the token never crosses the wire and a fresh
+receiver nonce makes a replayed handshake useless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from cdp.config import valid_name
+from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
+from cdp.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode
+from cdp.messages import (
+    PROTOCOL_VERSION, Ack, Auth, Begin, Bye, Challenge, Commit, Current, Data, Error, GetHashes,
+    Hashes, Hello, Message, Need, Open, Opened, Ref, Welcome, Zero,
+)
+
+NONCE_LEN = 32
+EPOCH_MESSAGES = (Data, Zero, Ref)
+
+
+def source_mac(token: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the source sends to prove it holds the token."""
+    msg = b"cdp-auth-v1|source|" + name.encode() + b"|" + client_nonce + server_nonce
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+def receiver_proof(token: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """What the receiver sends to prove it holds the same token (mutual auth)."""
+    msg = b"cdp-auth-v1|receiver|" + name.encode() + b"|" + client_nonce + server_nonce
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+class State(Enum):
+    START = "start"
+    HELLO_SENT = "hello-sent"
+    CHALLENGED = "challenged"
+    AUTH_SENT = "auth-sent"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+@dataclass
+class _VolumeState:
+    expected: int = 0  # the epoch number the next Begin must carry
+    in_epoch: bool = False
+    committed: list[int] = field(default_factory=list)  # committed, not yet answered
+    discarding: bool = False  # after Need: drop frames until Begin(expected)
+
+
+class _Session:
+    def __init__(self, max_frame: int) -> None:
+        self.state = State.START
+        self.max_frame = max_frame
+        self._decoder = FrameDecoder(max_frame)
+        self.volumes: dict[str, _VolumeState] = {}
+
+    def receive_data(self, data: bytes) -> list[Message]:
+        """Validated messages from received bytes; raises ProtocolError on any violation."""
+        if self.state is State.CLOSED:
+            return []
+        try:
+            events = []
+            for msg in self._decoder.feed(data):
+                if self._accept(msg):
+                    events.append(msg)
+                if self.state is State.CLOSED:
+                    break
+            return events
+        except (RemoteProtocolError, AuthError):
+            self.state = State.CLOSED
+            raise
+
+    def send(self, msg: Message) -> bytes:
+        """The frame for `msg`; raises LocalProtocolError if it may not be sent now."""
+        if self.state is State.CLOSED and not isinstance(msg, Error | Bye):
+            raise LocalProtocolError(f"cannot send {type(msg).__name__}: connection closed")
+        self._sent(msg)
+        return encode(msg, self.max_frame)
+
+    def close(self) -> None:
+        self.state = State.CLOSED
+
+    def _vol(self, name: str, remote: bool) -> _VolumeState:
+        vs = self.volumes.get(name)
+        if vs is None:
+            err = RemoteProtocolError if remote else LocalProtocolError
+            raise err(f"volume {name!r} is not open on this connection")
+        return vs
+
+    def _closing(self, msg: Message) -> bool:
+        if isinstance(msg, Bye) or (isinstance(msg, Error) and not msg.volume):
+            self.state = State.CLOSED
+            return True
+        return False
+
+    def _accept(self, msg: Message) -> bool:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _sent(self, msg: Message) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class SourceSession(_Session):
+    """The source's end: authenticates with a token, then streams epochs."""
+
+    def __init__(self, name: str, token: bytes, max_frame: int = DEFAULT_MAX_FRAME,
+                 nonce: bytes | None = None) -> None:
+        super().__init__(max_frame)
+        self.name, self.token = name, token
+        self.nonce = nonce or os.urandom(NONCE_LEN)
+        self._server_nonce = b""
+        self.allowed: list[str] = []
+        self._pending_open: set[str] = set()
+        self._pending_hashes: dict[str, int] = {}
+
+    def start(self) -> bytes:
+        """The Hello frame that opens the conversation."""
+        return self.send(Hello(PROTOCOL_VERSION, self.name, self.nonce))
+
+    def _sent(self, msg: Message) -> None:
+        st = self.state
+        if isinstance(msg, Hello):
+            if st is not State.START:
+                raise LocalProtocolError("Hello only at the start")
+            self.state = State.HELLO_SENT
+        elif isinstance(msg, Auth):
+            if st is not State.HELLO_SENT or not self._server_nonce:
+                raise LocalProtocolError("Auth only after a Challenge")
+            self.state = State.AUTH_SENT
+        elif isinstance(msg, Error | Bye):
+            self._closing(msg)
+        elif st is not State.READY:
+            raise LocalProtocolError(f"cannot send {type(msg).__name__} before authentication")
+        elif isinstance(msg, Open):
+            if msg.volume in self.volumes or msg.volume in self._pending_open:
+                raise LocalProtocolError(f"volume {msg.volume!r} is already open")
+            self._pending_open.add(msg.volume)
+        elif isinstance(msg, GetHashes):
+            self._vol(msg.volume, False)
+            self._pending_hashes[msg.volume] = self._pending_hashes.get(msg.volume, 0) + 1
+        elif isinstance(msg, Begin):
+            vs = self._vol(msg.volume, False)
+            if vs.in_epoch or msg.epoch != vs.expected:
+                raise LocalProtocolError(
+                    f"{msg.volume}: Begin({msg.epoch}) but epoch {vs.expected} is next")
+            vs.in_epoch = True
+        elif isinstance(msg, EPOCH_MESSAGES) or isinstance(msg, Commit):
+            vs = self._vol(msg.volume, False)
+            if not vs.in_epoch or msg.epoch != vs.expected:
+                raise LocalProtocolError(
+                    f"{msg.volume}: {type(msg).__name__}({msg.epoch}) outside its epoch")
+            if isinstance(msg, Commit):
+                vs.in_epoch = False
+                vs.committed.append(msg.epoch)
+                vs.expected += 1
+        elif isinstance(msg, Current):
+            self._vol(msg.volume, False)
+        else:
+            raise LocalProtocolError(f"a source does not send {type(msg).__name__}")
+
+    def _accept(self, msg: Message) -> bool:
+        st = self.state
+        if self._closing(msg):
+            return True
+        if isinstance(msg, Challenge):
+            if st is not State.HELLO_SENT or self._server_nonce:
+                raise RemoteProtocolError("unexpected Challenge")
+            if msg.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"receiver speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}; "
+                    "run the same cdp version on both sides")
+            if len(msg.nonce) != NONCE_LEN:
+                raise RemoteProtocolError("Challenge nonce has the wrong length")
+            self._server_nonce = msg.nonce
+            return True
+        if isinstance(msg, Welcome):
+            if st is not State.AUTH_SENT:
+                raise RemoteProtocolError("unexpected Welcome")
+            want = receiver_proof(self.token, self.name, self.nonce, self._server_nonce)
+            if not hmac.compare_digest(want, msg.proof):
+                raise AuthError(
+                    "the receiver could not prove it holds our token: wrong receiver address, "
+                    "or the token files differ")
+            self.allowed = list(msg.volumes)
+            self.state = State.READY
+            return True
+        if st is not State.READY:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
+        if isinstance(msg, Error):
+            self.volumes.pop(msg.volume, None)
+            self._pending_open.discard(msg.volume)
+            return True
+        if isinstance(msg, Opened):
+            if msg.volume not in self._pending_open:
+                raise RemoteProtocolError(f"Opened for {msg.volume!r}, which we did not open")
+            self._pending_open.discard(msg.volume)
+            self.volumes[msg.volume] = _VolumeState(expected=msg.epoch + 1)
+            return True
+        if isinstance(msg, Hashes):
+            self._vol(msg.volume, True)
+            if not self._pending_hashes.get(msg.volume):
+                raise RemoteProtocolError(f"Hashes for {msg.volume!r} that we did not ask for")
+            if len(msg.hashes) % 16:
+                raise RemoteProtocolError("Hashes: length is not a multiple of 16")
+            return True
+        if isinstance(msg, Ack | Need):
+            vs = self._vol(msg.volume, True)
+            if not vs.committed or vs.committed[0] != msg.epoch:
+                raise RemoteProtocolError(
+                    f"{msg.volume}: {type(msg).__name__}({msg.epoch}) for an epoch not awaiting one")
+            if isinstance(msg, Ack):
+                vs.committed.pop(0)
+            else:  # the receiver dropped this epoch and every later one
+                vs.committed.clear()
+                vs.in_epoch = False
+                vs.expected = msg.epoch
+            return True
+        raise RemoteProtocolError(f"a receiver does not send {type(msg).__name__}")
+
+    def auth(self) -> bytes:
+        """The Auth frame answering the Challenge received."""
+        return self.send(Auth(source_mac(self.token, self.name, self.nonce, self._server_nonce)))
+
+    def hashes_done(self, volume: str) -> None:
+        """The caller got all the Hashes it asked for with one GetHashes."""
+        n = self._pending_hashes.get(volume, 0)
+        if n:
+            self._pending_hashes[volume] = n - 1
+
+
+Lookup = Callable[[str], "tuple[bytes, tuple[str, ...]] | None"]
+
+
+class ReceiverSession(_Session):
+    """The receiver's end: challenges, authenticates, and polices every volume message."""
+
+    def __init__(self, lookup: Lookup, max_frame: int = DEFAULT_MAX_FRAME,
+                 nonce: bytes | None = None) -> None:
+        super().__init__(max_frame)
+        self._lookup = lookup
+        self.nonce = nonce or os.urandom(NONCE_LEN)
+        self.client = ""
+        self._client_nonce = b""
+        self.allowed: tuple[str, ...] = ()
+        self._token = b""
+        self._opening: set[str] = set()
+
+    def _accept(self, msg: Message) -> bool:
+        st = self.state
+        if self._closing(msg):
+            return True
+        if isinstance(msg, Hello):
+            if st is not State.START:
+                raise RemoteProtocolError("unexpected Hello")
+            if msg.version != PROTOCOL_VERSION:
+                raise RemoteProtocolError(
+                    f"source speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}; "
+                    "run the same cdp version on both sides")
+            if len(msg.nonce) != NONCE_LEN:
+                raise RemoteProtocolError("Hello nonce has the wrong length")
+            self.client, self._client_nonce = msg.name, msg.nonce
+            return True
+        if isinstance(msg, Auth):
+            if st is not State.CHALLENGED:
+                raise RemoteProtocolError("unexpected Auth")
+            entry = self._lookup(self.client)
+            token = entry[0] if entry else os.urandom(32)
+            want = source_mac(token, self.client, self._client_nonce, self.nonce)
+            if not hmac.compare_digest(want, msg.mac) or entry is None:
+                raise AuthError(
+                    f"authentication failed for client {self.client!r}: unknown client or wrong "
+                    "token (check [[receiver.client]] and the token files on both sides)")
+            self._token, self.allowed = entry
+            return True
+        if st is not State.READY:
+            raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
+        if isinstance(msg, Open):
+            if not valid_name(msg.volume):
+                raise VolumeError(f"invalid volume name {msg.volume!r}", code="name",
+                                  volume=msg.volume)
+            if msg.volume not in self.allowed:
+                raise VolumeError(
+                    f"client {self.client!r} may not write volume {msg.volume!r} "
+                    "(add it to the client's volumes in the receiver config)",
+                    code="unauthorized", volume=msg.volume)
+            if msg.volume in self.volumes or msg.volume in self._opening:
+                raise RemoteProtocolError(f"volume {msg.volume!r} opened twice")
+            self._opening.add(msg.volume)
+            return True
+        if isinstance(msg, GetHashes | Current):
+            self._vol(msg.volume, True)
+            return not (isinstance(msg, Current) and self.volumes[msg.volume].discarding)
+        if isinstance(msg, Begin):
+            vs = self._vol(msg.volume, True)
+            if vs.discarding and msg.epoch > vs.expected:
+                return False
+            if vs.in_epoch or vs.committed or msg.epoch != vs.expected:
+                raise RemoteProtocolError(
+                    f"{msg.volume}: Begin({msg.epoch}) but epoch {vs.expected} is next")
+            vs.in_epoch, vs.discarding = True, False
+            return True
+        if isinstance(msg, EPOCH_MESSAGES) or isinstance(msg, Commit):
+            vs = self._vol(msg.volume, True)
+            if vs.discarding and msg.epoch >= vs.expected:
+                return False
+            if not vs.in_epoch or msg.epoch != vs.expected:
+                raise RemoteProtocolError(
+                    f"{msg.volume}: {type(msg).__name__}({msg.epoch}) outside its epoch")
+            if isinstance(msg, Commit):
+                vs.in_epoch = False
+                vs.committed.append(msg.epoch)
+            return True
+        raise RemoteProtocolError(f"a source does not send {type(msg).__name__}")
+
+    def _sent(self, msg: Message) -> None:
+        st = self.state
+        if isinstance(msg, Challenge):
+            if st is not State.START or not self._client_nonce:
+                raise LocalProtocolError("Challenge only after Hello")
+            self.state = State.CHALLENGED
+        elif isinstance(msg, Welcome):
+            if st is not State.CHALLENGED or not self._token:
+                raise LocalProtocolError("Welcome only after a good Auth")
+            self.state = State.READY
+        elif isinstance(msg, Error):
+            if msg.volume:
+                self.volumes.pop(msg.volume, None)
+                self._opening.discard(msg.volume)
+            else:
+                self.state = State.CLOSED
+        elif isinstance(msg, Bye):
+            self.state = State.CLOSED
+        elif st is not State.READY:
+            raise LocalProtocolError(f"cannot send {type(msg).__name__} before authentication")
+        elif isinstance(msg, Opened):
+            if msg.volume not in self._opening:
+                raise LocalProtocolError(f"Opened for {msg.volume!r} without an Open")
+            self._opening.discard(msg.volume)
+            self.volumes[msg.volume] = _VolumeState(expected=msg.epoch + 1)
+        elif isinstance(msg, Hashes):
+            self._vol(msg.volume, False)
+        elif isinstance(msg, Ack | Need):
+            vs = self._vol(msg.volume, False)
+            if not vs.committed or vs.committed[0] != msg.epoch:
+                raise LocalProtocolError(f"{type(msg).__name__}({msg.epoch}) without its Commit")
+            vs.committed.pop(0)
+            if isinstance(msg, Ack):
+                vs.expected = msg.epoch + 1
+            else:
+                vs.expected, vs.discarding, vs.in_epoch = msg.epoch, True, False
+                vs.committed.clear()
+        else:
+            raise LocalProtocolError(f"a receiver does not send {type(msg).__name__}")
+
+    def challenge(self) -> bytes:
+        return self.send(Challenge(PROTOCOL_VERSION, self.nonce))
+
+    def welcome(self) -> bytes:
+        proof = receiver_proof(self._token, self.client, self._client_nonce, self.nonce)
+        return self.send(Welcome(proof, list(self.allowed), self.max_frame))
+
