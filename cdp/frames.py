@@ -52,10 +52,12 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self.sizes: list[int] = []  # frame sizes (header included) of the last feed's messages
 
     def feed(self, data: bytes) -> list[Message]:
         self._buf += data
         out: list[Message] = []
+        self.sizes = sizes = []
         buf = self._buf
         pos = 0
         while len(buf) - pos >= HEADER.size:
@@ -67,6 +69,7 @@ class FrameDecoder:
                 break
             start = pos + HEADER.size
             out.append(decode_payload(bytes(buf[start:start + length]), self.max_frame))
+            sizes.append(HEADER.size + length)
             pos = start + length
         if pos:
             del buf[:pos]

@@ -66,6 +66,7 @@ class Open(Message):
     volume: str
     size: int
     block_size: int
+    readonly: bool = False  # inspect only (verify): no ownership, no writes
 
 
 @dataclass(frozen=True)

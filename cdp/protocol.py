@@ -35,8 +35,26 @@ from cdp.config import valid_name
 from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
 from cdp.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from cdp.messages import (
-    PROTOCOL_VERSION, Ack, Auth, Begin, Bye, Challenge, Commit, Current, Data, Error, GetHashes,
-    Hashes, Hello, Message, Need, Open, Opened, Ref, Welcome, Zero,
+    PROTOCOL_VERSION,
+    Ack,
+    Auth,
+    Begin,
+    Bye,
+    Challenge,
+    Commit,
+    Current,
+    Data,
+    Error,
+    GetHashes,
+    Hashes,
+    Hello,
+    Message,
+    Need,
+    Open,
+    Opened,
+    Ref,
+    Welcome,
+    Zero,
 )
 
 NONCE_LEN = 32
@@ -70,6 +88,7 @@ class _VolumeState:
     in_epoch: bool = False
     committed: list[int] = field(default_factory=list)  # committed, not yet answered
     discarding: bool = False  # after Need: drop frames until Begin(expected)
+    readonly: bool = False  # opened to inspect: hashes only
 
 
 class _Session:
@@ -78,6 +97,7 @@ class _Session:
         self.max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
         self.volumes: dict[str, _VolumeState] = {}
+        self.last_sizes: list[int] = []  # frame sizes of the events last returned
 
     def receive_data(self, data: bytes) -> list[Message]:
         """Validated messages from received bytes; raises ProtocolError on any violation."""
@@ -85,11 +105,14 @@ class _Session:
             return []
         try:
             events = []
-            for msg in self._decoder.feed(data):
+            sizes = []
+            for msg, size in zip(self._decoder.feed(data), self._decoder.sizes, strict=True):
                 if self._accept(msg):
                     events.append(msg)
+                    sizes.append(size)
                 if self.state is State.CLOSED:
                     break
+            self.last_sizes = sizes
             return events
         except (RemoteProtocolError, AuthError):
             self.state = State.CLOSED
@@ -269,6 +292,8 @@ class ReceiverSession(_Session):
         self.allowed: tuple[str, ...] = ()
         self._token = b""
         self._opening: set[str] = set()
+        self.failed: set[str] = set()  # volumes stopped with an Error: their frames are dropped
+        self._readonly: set[str] = set()
 
     def _accept(self, msg: Message) -> bool:
         st = self.state
@@ -299,7 +324,10 @@ class ReceiverSession(_Session):
             return True
         if st is not State.READY:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
+        if getattr(msg, "volume", None) in self.failed and not isinstance(msg, Open):
+            return False  # frames already in flight for a volume we stopped
         if isinstance(msg, Open):
+            self.failed.discard(msg.volume)
             if not valid_name(msg.volume):
                 raise VolumeError(f"invalid volume name {msg.volume!r}", code="name",
                                   volume=msg.volume)
@@ -311,12 +339,18 @@ class ReceiverSession(_Session):
             if msg.volume in self.volumes or msg.volume in self._opening:
                 raise RemoteProtocolError(f"volume {msg.volume!r} opened twice")
             self._opening.add(msg.volume)
+            if msg.readonly:
+                self._readonly.add(msg.volume)
+            else:
+                self._readonly.discard(msg.volume)
             return True
         if isinstance(msg, GetHashes | Current):
             self._vol(msg.volume, True)
             return not (isinstance(msg, Current) and self.volumes[msg.volume].discarding)
         if isinstance(msg, Begin):
             vs = self._vol(msg.volume, True)
+            if vs.readonly:
+                raise RemoteProtocolError(f"{msg.volume}: opened read-only, cannot write")
             if vs.discarding and msg.epoch > vs.expected:
                 return False
             if vs.in_epoch or vs.committed or msg.epoch != vs.expected:
@@ -351,6 +385,7 @@ class ReceiverSession(_Session):
             if msg.volume:
                 self.volumes.pop(msg.volume, None)
                 self._opening.discard(msg.volume)
+                self.failed.add(msg.volume)
             else:
                 self.state = State.CLOSED
         elif isinstance(msg, Bye):
@@ -361,7 +396,8 @@ class ReceiverSession(_Session):
             if msg.volume not in self._opening:
                 raise LocalProtocolError(f"Opened for {msg.volume!r} without an Open")
             self._opening.discard(msg.volume)
-            self.volumes[msg.volume] = _VolumeState(expected=msg.epoch + 1)
+            self.volumes[msg.volume] = _VolumeState(expected=msg.epoch + 1,
+                                                    readonly=msg.volume in self._readonly)
         elif isinstance(msg, Hashes):
             self._vol(msg.volume, False)
         elif isinstance(msg, Ack | Need):

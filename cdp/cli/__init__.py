@@ -1,0 +1,1 @@
+"""The `cdp` command: thin, parses and calls the parts."""

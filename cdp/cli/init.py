@@ -1,0 +1,76 @@
+"""`cdp init DIR`: a working pair of example configs, a token and a small example image."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from cdp.errors import UsageError
+
+RECEIVER = """\
+# cdp receiver: runs at the DR site and keeps the offline replicas.
+[receiver]
+listen = "127.0.0.1:7400"        # host:port to accept sources on
+data_dir = "replicas"            # one folder per volume: replicas/<volume>/image is the replica
+# idle_timeout = "300s"          # drop connections silent for this long
+# [receiver.tls]                 # recommended on any non-loopback address
+# cert = "receiver.crt"
+# key = "receiver.key"
+# client_ca = "ca.crt"           # require client certificates signed by this CA
+
+[[receiver.client]]              # who may connect, and which volumes each may write
+name = "host1"
+token_file = "host1.token"
+volumes = ["vm1-disk0"]
+"""
+
+SOURCE = """\
+# cdp source: runs beside production and streams changed blocks to the receiver.
+[source]
+name = "host1"
+receiver = "127.0.0.1:7400"
+token_file = "host1.token"
+state_dir = "state"
+# window = 2                     # epochs in flight before waiting for acknowledgements
+# batch_bytes = "2MiB"           # blocks compressed together in one frame
+# max_epoch_bytes = "256MiB"     # a longer scan is split into epochs of this size
+# compress_level = 1             # zstd level (-7..19)
+# workers = 2                    # compression threads
+# [source.tls]
+# ca = "ca.crt"                  # verify the receiver against this CA
+# cert = "host1.crt"             # optional client certificate
+# key = "host1.key"
+
+[[volume]]
+name = "vm1-disk0"
+path = "images/vm1-disk0.raw"
+mode = "scan"
+# block_size = "64KiB"
+# scan_interval = "10s"          # rescan at least this often (file events wake it sooner)
+# pre_scan = "virsh domfsfreeze vm1"   # quiesce the guest before a scan ...
+# post_scan = "virsh domfsthaw vm1"    # ... and thaw it afterwards
+# snapshot = "reflink"           # scan a reflink copy (XFS/btrfs): consistent, short freeze
+"""
+
+
+def init(target: Path, image_size: int = 64 << 20) -> list[Path]:
+    """Write the example configs into `target`; refuses to overwrite anything."""
+    target.mkdir(parents=True, exist_ok=True)
+    files = {target / "receiver.toml": RECEIVER, target / "source.toml": SOURCE}
+    token = target / "host1.token"
+    image = target / "images" / "vm1-disk0.raw"
+    existing = [p for p in [*files, token] if p.exists()]
+    if existing:
+        raise UsageError(f"{existing[0]} already exists; choose an empty folder")
+    for path, text in files.items():
+        path.write_text(text)
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_hex(32) + "\n")
+    image.parent.mkdir(exist_ok=True)
+    if not image.exists():
+        with open(image, "wb") as fh:
+            fh.truncate(image_size)
+            fh.write(b"cdp example volume\n" * 1000)
+    return [*files, token, image]

@@ -1,0 +1,126 @@
+"""Entry point: `cdp VERB ...`. Exit status 0 ok, 1 check failed, 2 usage or configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cdp import __version__
+from cdp.cli import logs
+from cdp.errors import CdpError, ConfigError
+
+log = logging.getLogger("cdp")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cdp", description="Continuous data protection: replicate disk images block by "
+        "block to an offline, crash-consistent DR replica.",
+        epilog="Start with `cdp demo` (everything on loopback) or `cdp init DIR` (example configs).")
+    p.add_argument("--version", action="version", version=f"cdp {__version__}")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info for daemons, warning otherwise)")
+    p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"])
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    s = sub.add_parser("init", help="write example source/receiver configs, a token and an image")
+    s.add_argument("dir", type=Path)
+
+    s = sub.add_parser("receiver", help="run the receiver daemon (DR site)")
+    s.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
+
+    s = sub.add_parser("source", help="run the source daemon (production side)")
+    s.add_argument("-c", "--config", type=Path, required=True, help="source.toml")
+
+    s = sub.add_parser("status", help="volumes, lag (RPO), throughput")
+    s.add_argument("-c", "--config", type=Path, required=True, help="source or receiver config")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("verify", help="compare source volumes with their replicas block by block")
+    s.add_argument("-c", "--config", type=Path, required=True, help="source.toml")
+    s.add_argument("volumes", nargs="*", help="only these volumes (default: all)")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("demo", help="source and receiver on loopback with generated data")
+    s.add_argument("--size", default="256MiB", help="size of the generated image (default 256MiB)")
+    s.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
+    s.add_argument("--keep", action="store_true", help="keep the work folder")
+    s.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    daemon = args.verb in ("receiver", "source")
+    logs.setup(args.log_level or ("info" if daemon else "warning"), args.log_format)
+    try:
+        return _run(args)
+    except CdpError as exc:
+        log.debug("error", exc_info=True)
+        print(f"cdp {args.verb}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "init":
+        from cdp.cli.init import init
+        files = init(args.dir)
+        print("wrote:\n  " + "\n  ".join(str(f) for f in files))
+        print(f"next: cdp receiver -c {args.dir}/receiver.toml   (one terminal)\n"
+              f"      cdp source -c {args.dir}/source.toml       (another)\n"
+              f"      cdp status -c {args.dir}/receiver.toml")
+        return 0
+    if args.verb == "receiver":
+        from cdp.config import load_receiver
+        from cdp.receiver import run_receiver
+        return run_receiver(load_receiver(args.config))
+    if args.verb == "source":
+        from cdp.config import load_source
+        from cdp.source.daemon import run_source
+        return run_source(load_source(args.config))
+    if args.verb == "status":
+        from cdp.cli.status import collect, render
+        report = collect(args.config)
+        if args.json:
+            print(json.dumps(report, indent=1))
+        else:
+            render(report)
+        return 0
+    if args.verb == "verify":
+        from cdp.cli.verify import verify
+        from cdp.config import load_source
+        reports = verify(load_source(args.config), args.volumes)
+        if args.json:
+            print(json.dumps(reports, indent=1))
+        else:
+            for r in reports:
+                if r["equal"]:
+                    print(f"{r['volume']}: equal ({r['blocks']} blocks, replica epoch "
+                          f"{r['replica_epoch']})")
+                elif r["error"]:
+                    print(f"{r['volume']}: cannot compare: {r['error']}")
+                else:
+                    d = r["differing"]
+                    more = f" and {len(d) - 20} more" if len(d) > 20 else ""
+                    print(f"{r['volume']}: {len(d)} of {r['blocks']} blocks differ (replica epoch "
+                          f"{r['replica_epoch']}): {', '.join(map(str, d[:20]))}{more}")
+        return 0 if all(r["equal"] for r in reports) else 1
+    if args.verb == "demo":
+        from cdp.demo import run_demo
+        from cdp.units import parse_size
+        try:
+            size = parse_size(args.size)
+        except ValueError as exc:
+            raise ConfigError(f"--size: {exc}") from None
+        return run_demo(size, args.dir, keep=args.keep, as_json=args.json)
+    raise AssertionError(args.verb)  # pragma: no cover
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""`cdp status`: what each volume's replica holds, how far behind it is, how fast it moves."""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from cdp.config import load_receiver, load_source
+from cdp.durable import read_json
+from cdp.errors import ConfigError
+from cdp.receiver import read_status
+
+
+def config_kind(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "receiver" in data:
+        return "receiver"
+    if "source" in data:
+        return "source"
+    raise ConfigError(f"{path}: neither a [receiver] nor a [source] config")
+
+
+def collect(path: Path) -> dict[str, Any]:
+    now = time.time()
+    if config_kind(path) == "receiver":
+        cfg = load_receiver(path)
+        vols = []
+        for entry in read_status(cfg.data_dir):
+            st, live = entry["state"], entry["live"]
+            fresh = live.get("updated", 0) > now - 5
+            as_of = max(st.get("epoch_time", 0.0), live.get("current_as_of", 0.0))
+            vols.append({
+                "volume": st["volume"], "epoch": st["epoch"], "epoch_time": st["epoch_time"],
+                "applied_at": st["applied_at"], "current_as_of": as_of,
+                "lag": (now - as_of) if as_of else None,
+                "connected": bool(fresh and live.get("connected")),
+                "client": live.get("client", ""), "rate": live.get("rate", 0.0) if fresh else 0.0,
+                "wire_rate": live.get("wire_rate", 0.0) if fresh else 0.0,
+                "error": live.get("error", ""), "size": st["size"],
+                "block_size": st["block_size"], "counters": st["counters"],
+            })
+        return {"kind": "receiver", "data_dir": str(cfg.data_dir), "volumes": vols}
+    cfg_s = load_source(path)
+    try:
+        data = read_json(cfg_s.state_dir / "status.json")
+    except (OSError, ValueError):
+        data = {"volumes": [], "connected": False}
+    running = data.get("updated", 0) > now - 5
+    for v in data.get("volumes", []):
+        if v.get("current_as_of"):
+            v["lag"] = now - v["current_as_of"]
+    return {"kind": "source", "running": running, "connected": running and data.get("connected"),
+            "volumes": data.get("volumes", [])}
+
+
+def _b(n: float) -> str:
+    from cdp.units import format_bytes
+    return format_bytes(n)
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title=f"cdp {report['kind']} status")
+    if report["kind"] == "receiver":
+        for col in ("volume", "epoch", "lag (RPO)", "logical", "wire", "dedup", "zero",
+                    "compressed", "rate", "source"):
+            t.add_column(col)
+        for v in report["volumes"]:
+            c = v["counters"]
+            lag = f"{v['lag']:.1f}s" if v["lag"] is not None else "-"
+            src = (v["client"] + (" (connected)" if v["connected"] else "")) or "-"
+            if v["error"]:
+                src += f" error: {v['error']}"
+            t.add_row(v["volume"], str(v["epoch"]), lag, _b(c["logical"]), _b(c["wire"]),
+                      _b(c["dedup"]), _b(c["zero"]), _b(c["compressed"]),
+                      f"{_b(v['rate'])}/s", src)
+    else:
+        for col in ("volume", "phase", "acked epoch", "pending", "lag (RPO)", "progress", "sent",
+                    "rate", "error"):
+            t.add_column(col)
+        for v in report["volumes"]:
+            lag = f"{v['lag']:.1f}s" if v.get("lag") is not None else "-"
+            prog = (f"{100 * v['progress_done'] / v['progress_total']:.0f}%"
+                    if v.get("progress_total") else "-")
+            t.add_row(v["volume"], v["phase"] if report["running"] else "not running",
+                      str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
+                      _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", v["error"] or "")
+    console.print(t)

@@ -1,0 +1,394 @@
+"""The receiver daemon: accepts sources, authenticates them, applies their epochs.
+
+One task per connection. Blocking work (decompress, verify, WAL writes,
+apply) runs in worker threads so one busy volume never stalls the others.
+A volume is written by one connection at a time; the replica's flock keeps
+other processes out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdp.blocks import Geometry, pack_u64
+from cdp.config import ReceiverConfig
+from cdp.durable import atomic_write_json
+from cdp.errors import (
+    AuthError,
+    CdpError,
+    ProtocolError,
+    ReplicaError,
+    TransportError,
+    VolumeError,
+)
+from cdp.messages import (
+    Ack,
+    Auth,
+    Begin,
+    Bye,
+    Commit,
+    Current,
+    Data,
+    Error,
+    GetHashes,
+    Hashes,
+    Hello,
+    Message,
+    Need,
+    Open,
+    Opened,
+    Ref,
+    Zero,
+)
+from cdp.protocol import ReceiverSession
+from cdp.replica import EpochWriter, Replica
+from cdp.transport import Link, server_tls
+
+log = logging.getLogger(__name__)
+HASHES_PER_FRAME = 65536
+STATUS_INTERVAL = 1.0
+
+
+@dataclass
+class VolumeLive:
+    """Runtime facts about a volume that are not part of its durable state."""
+
+    client: str = ""
+    current_as_of: float = 0.0
+    window: list[tuple[float, int, int]] = field(default_factory=list)  # (time, logical, wire)
+    error: str = ""
+
+    def rate(self, now: float, span: float = 10.0) -> tuple[float, float]:
+        self.window = [w for w in self.window if now - w[0] <= span]
+        if not self.window:
+            return 0.0, 0.0
+        first = min(w[0] for w in self.window)
+        dt = max(now - first, 1.0)
+        return sum(w[1] for w in self.window) / dt, sum(w[2] for w in self.window) / dt
+
+
+class Receiver:
+    def __init__(self, cfg: ReceiverConfig) -> None:
+        self.cfg = cfg
+        self.replicas: dict[str, Replica] = {}
+        self.owners: dict[str, int] = {}
+        self.live: dict[str, VolumeLive] = {}
+        self._stop = asyncio.Event()
+        self._conns: set[asyncio.Task[None]] = set()
+        self._open_lock = asyncio.Lock()
+        self.port = 0
+
+    def _lookup(self, name: str) -> tuple[bytes, tuple[str, ...]] | None:
+        c = self.cfg.client(name)
+        return (c.token, c.volumes) if c else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        ctx = server_tls(self.cfg.tls) if self.cfg.tls else None
+        host, port = self.cfg.listen
+        try:
+            server = await asyncio.start_server(self._handle, host, port, ssl=ctx,
+                                                limit=1 << 20)
+        except OSError as exc:
+            raise CdpError(f"cannot listen on {host}:{port}: {exc.strerror}; is another receiver "
+                           "running, or is the address wrong?") from None
+        self.port = server.sockets[0].getsockname()[1]
+        log.info("receiver listening addr=%s:%d tls=%s data_dir=%s", host, self.port,
+                 "on" if ctx else "off", self.cfg.data_dir)
+        if ready:
+            ready.set()
+        status = asyncio.create_task(self._status_loop())
+        try:
+            await self._stop.wait()
+        finally:
+            log.info("receiver stopping: closing %d connection(s)", len(self._conns))
+            server.close()
+            for task in list(self._conns):
+                task.cancel()
+            if self._conns:
+                await asyncio.gather(*self._conns, return_exceptions=True)
+            await server.wait_closed()
+            status.cancel()
+            self._write_status()
+            for rep in self.replicas.values():
+                rep.close()
+            log.info("receiver stopped")
+
+    # -- status --------------------------------------------------------------
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            await asyncio.to_thread(self._write_status)
+
+    def _write_status(self) -> None:
+        now = time.time()
+        for name, live in list(self.live.items()):
+            rate, wire = live.rate(now)
+            try:
+                atomic_write_json(self.cfg.data_dir / name / "status.json", {
+                    "client": live.client, "connected": name in self.owners,
+                    "current_as_of": live.current_as_of, "rate": rate, "wire_rate": wire,
+                    "error": live.error, "updated": now, "pid": os.getpid(),
+                }, sync=False)
+            except OSError:
+                pass
+
+    # -- connections ---------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        session = ReceiverSession(self._lookup, self.cfg.max_frame)
+        link = Link(session, reader, writer)
+        conn = _Conn(self, link)
+        try:
+            await conn.serve()
+        except asyncio.CancelledError:
+            await conn.say(Bye("receiver shutting down"))
+        except (ProtocolError, AuthError) as exc:
+            log.warning("closing connection peer=%s client=%s: %s", link.peer,
+                        session.client or "?", exc)
+            await conn.say(Error(exc.wire_code, str(exc), ""))
+        except TransportError as exc:
+            log.info("connection ended peer=%s client=%s: %s", link.peer, session.client or "?",
+                     exc)
+        except Exception:
+            log.exception("internal error on connection peer=%s", link.peer)
+            await conn.say(Error("internal", "internal error in the receiver; see its log", ""))
+        finally:
+            conn.release()
+            await link.close()
+            self._conns.discard(task)
+
+    async def open_replica(self, conn: _Conn, msg: Open) -> Replica:
+        if msg.readonly:
+            rep = self.replicas.get(msg.volume)
+            if rep is None:
+                if not (self.cfg.data_dir / msg.volume / "state.json").exists():
+                    raise VolumeError(f"no replica of volume {msg.volume!r} yet", code="volume",
+                                      volume=msg.volume)
+                async with self._open_lock:
+                    rep = self.replicas.get(msg.volume) or await asyncio.to_thread(
+                        Replica.open, self.cfg.data_dir, msg.volume, None, False)
+                    self.replicas[msg.volume] = rep
+            return rep
+        async with self._open_lock:
+            owner = self.owners.get(msg.volume)
+            if owner is not None and owner != id(conn):
+                raise VolumeError(f"volume {msg.volume!r} is already being written by another "
+                                  "connection", code="busy", volume=msg.volume)
+            rep = self.replicas.get(msg.volume)
+            geo = Geometry(msg.size, msg.block_size)
+            if rep is not None and (rep.geometry != geo):
+                raise VolumeError(
+                    f"volume {msg.volume!r} is {msg.size} bytes in {msg.block_size}-byte blocks at "
+                    f"the source but the replica is {rep.geometry.size} bytes in "
+                    f"{rep.geometry.block_size}-byte blocks; if the volume really changed, move "
+                    "the old replica away first", code="geometry", volume=msg.volume)
+            if rep is None:
+                if msg.block_size < 4096 or msg.block_size > 4 << 20 or (
+                        msg.block_size & (msg.block_size - 1)) or msg.size == 0:
+                    raise VolumeError(f"volume {msg.volume!r}: unusable geometry size={msg.size} "
+                                      f"block_size={msg.block_size}", code="geometry",
+                                      volume=msg.volume)
+                rep = await asyncio.to_thread(Replica.open, self.cfg.data_dir, msg.volume, geo,
+                                              True)
+                self.replicas[msg.volume] = rep
+            self.owners[msg.volume] = id(conn)
+            self.live.setdefault(msg.volume, VolumeLive())
+            return rep
+
+
+class _Conn:
+    """The receiver's side of one connection."""
+
+    def __init__(self, rx: Receiver, link: Link) -> None:
+        self.rx = rx
+        self.link = link
+        self.session: ReceiverSession = link.session  # type: ignore[assignment]
+        self.writers: dict[str, EpochWriter] = {}
+        self.missing: dict[str, list[int]] = {}
+        self.volumes: set[str] = set()
+
+    async def say(self, msg: Message) -> None:
+        try:
+            await asyncio.wait_for(self.link.send(msg), 5)
+        except (CdpError, TimeoutError, OSError):
+            pass
+
+    def release(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+        self.writers.clear()
+        for v in self.volumes:
+            if self.rx.owners.get(v) == id(self):
+                del self.rx.owners[v]
+
+    async def serve(self) -> None:
+        while True:
+            events = await self.link.receive(self.rx.cfg.idle_timeout)
+            for msg, size in zip(events, self.session.last_sizes, strict=True):
+                if isinstance(msg, Bye):
+                    log.info("client said goodbye client=%s reason=%s", self.session.client,
+                             msg.reason)
+                    return
+                if isinstance(msg, Error) and not msg.volume:
+                    log.warning("client reported error client=%s code=%s: %s",
+                                self.session.client, msg.code, msg.message)
+                    return
+                vol = getattr(msg, "volume", "")
+                try:
+                    await self.dispatch(msg, size)
+                except VolumeError as exc:
+                    await self.volume_failed(exc.volume or vol, exc.wire_code, str(exc))
+                except ReplicaError as exc:
+                    await self.volume_failed(vol, exc.wire_code, str(exc))
+
+    async def volume_failed(self, vol: str, code: str, message: str) -> None:
+        log.error("volume stopped client=%s volume=%s code=%s: %s", self.session.client, vol,
+                  code, message)
+        w = self.writers.pop(vol, None)
+        if w:
+            w.abort()
+        self.missing.pop(vol, None)
+        if vol in self.rx.live:
+            self.rx.live[vol].error = f"{code}: {message}"
+        if self.rx.owners.get(vol) == id(self):
+            del self.rx.owners[vol]
+        self.volumes.discard(vol)
+        await self.link.send(Error(code, message, vol))
+
+    async def dispatch(self, msg: Message, size: int) -> None:
+        s = self.session
+        if isinstance(msg, Hello):
+            await self.link.send_raw(s.challenge())
+        elif isinstance(msg, Auth):
+            log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
+            await self.link.send_raw(s.welcome())
+        elif isinstance(msg, Open):
+            rep = await self.rx.open_replica(self, msg)
+            if not msg.readonly:
+                self.volumes.add(msg.volume)
+                self.rx.live[msg.volume].client = s.client
+                self.rx.live[msg.volume].error = ""
+            st = rep.state
+            log.info("volume opened client=%s volume=%s epoch=%d", s.client, msg.volume, st.epoch)
+            await self.link.send(Opened(msg.volume, st.replica_id, st.epoch, st.epoch_time))
+        elif isinstance(msg, GetHashes):
+            await self.send_hashes(msg)
+        elif isinstance(msg, Begin):
+            rep = self.rx.replicas[msg.volume]
+            self.writers[msg.volume] = await asyncio.to_thread(rep.begin, msg.epoch, msg.time)
+            self.missing[msg.volume] = []
+        elif isinstance(msg, Data):
+            w = self.writers[msg.volume]
+            await asyncio.to_thread(w.add_data, msg.indices, msg.hashes, msg.raw_len, msg.zdata)
+            w.add_wire(size)
+        elif isinstance(msg, Zero):
+            w = self.writers[msg.volume]
+            await asyncio.to_thread(w.add_zero, msg.runs)
+            w.add_wire(size)
+        elif isinstance(msg, Ref):
+            await self.add_refs(msg, size)
+        elif isinstance(msg, Commit):
+            await self.commit(msg)
+        elif isinstance(msg, Current):
+            rep = self.rx.replicas[msg.volume]
+            if msg.epoch == rep.state.epoch:
+                self.rx.live[msg.volume].current_as_of = msg.time
+        elif isinstance(msg, Error):
+            log.warning("source reported error client=%s volume=%s code=%s: %s", s.client,
+                        msg.volume, msg.code, msg.message)
+            w = self.writers.pop(msg.volume, None)
+            if w:
+                w.abort()
+
+    async def add_refs(self, msg: Ref, size: int) -> None:
+        w = self.writers[msg.volume]
+        src: Replica | None = None
+        if msg.from_volume in self.session.allowed:
+            src = self.rx.replicas.get(msg.from_volume)
+        missing = await asyncio.to_thread(w.add_refs, msg.indices, msg.hashes, src,
+                                          msg.from_indices)
+        w.add_wire(size)
+        if missing:
+            self.missing[msg.volume].extend(missing)
+
+    async def commit(self, msg: Commit) -> None:
+        w = self.writers.pop(msg.volume)
+        missing = self.missing.pop(msg.volume, [])
+        if missing:
+            w.abort()
+            log.info("references not resolvable, asking again volume=%s epoch=%d blocks=%d",
+                     msg.volume, msg.epoch, len(missing))
+            await self.link.send(Need(msg.volume, msg.epoch, pack_u64(missing)))
+            return
+        t0 = time.monotonic()
+        st = await asyncio.to_thread(w.commit, msg.blocks)
+        live = self.rx.live[msg.volume]
+        live.current_as_of = max(live.current_as_of, st.epoch_time)
+        live.window.append((time.time(), w.counters["logical"], w.counters["wire"]))
+        log.debug("epoch applied volume=%s epoch=%d blocks=%d apply_s=%.3f", msg.volume,
+                  msg.epoch, msg.blocks, time.monotonic() - t0)
+        await self.link.send(Ack(msg.volume, msg.epoch, st.applied_at))
+
+    async def send_hashes(self, msg: GetHashes) -> None:
+        rep = self.rx.replicas[msg.volume]
+        end = min(rep.geometry.blocks, msg.start + msg.count)
+        pos = msg.start
+        while True:
+            n = min(HASHES_PER_FRAME, end - pos)
+            fn = rep.rehash if msg.rehash else rep.stored_hashes
+            blob = await asyncio.to_thread(fn, pos, max(n, 0))
+            await self.link.send(Hashes(msg.volume, pos, blob))
+            pos += max(n, 0)
+            if pos >= end:
+                break
+
+
+def run_receiver(cfg: ReceiverConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+
+    async def main() -> None:
+        rx = Receiver(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, rx.stop)
+        await rx.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def read_status(data_dir: Path) -> list[dict[str, Any]]:
+    """Per-volume state and live status from a receiver's data_dir (for `cdp status`)."""
+    from cdp.durable import read_json
+
+    out = []
+    if not data_dir.is_dir():
+        return out
+    for d in sorted(data_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or not (d / "state.json").exists():
+            continue
+        try:
+            st = read_json(d / "state.json")
+        except (OSError, ValueError):
+            continue
+        try:
+            live = read_json(d / "status.json")
+        except (OSError, ValueError):
+            live = {}
+        out.append({"state": st, "live": live})
+    return out

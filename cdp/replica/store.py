@@ -1,0 +1,461 @@
+"""One volume's replica: the image, its block-hash map, the epoch WAL and the state file.
+
+Layout of ``<data_dir>/<volume>/``::
+
+    image       the replica, a sparse raw file: what a DR machine boots
+    hashes      16 bytes per block: xxh3-128 of the block as applied
+                (16 zero bytes = never written, i.e. an all-zero block)
+    wal         the epoch being received or applied (see wal.py)
+    state.json  geometry, replica id, last applied epoch and its source time,
+                cumulative counters; replaced atomically after each epoch
+    lock        flock'd while a process has the replica open: nobody else writes it
+
+Applying an epoch: every record goes to the WAL as it arrives; at commit the
+WAL is fsync'd, the space the epoch needs is reserved (so a full disk fails
+before the image is touched), the records are applied to the image and the
+hash map, both are fsync'd, and only then the state file advances. On open, a
+WAL holding a whole committed epoch newer than the state is replayed
+(idempotent); anything else in it is discarded.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cdp.blocks import Geometry, runs, unpack_u64
+from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
+from cdp.durable import atomic_write_json, fsync_dir, read_json, write_zeros
+from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
+from cdp.replica import wal
+
+log = logging.getLogger(__name__)
+
+NO_HASH = bytes(HASH_LEN)
+COUNTERS = ("epochs", "blocks", "logical", "data", "compressed", "dedup", "zero", "wire")
+MAX_BATCH_RAW = 64 * 1024 * 1024
+APPLY_CACHE = 64 * 1024 * 1024
+
+
+@dataclass
+class ReplicaState:
+    volume: str
+    size: int
+    block_size: int
+    replica_id: str
+    created: float
+    epoch: int = 0
+    epoch_time: float = 0.0
+    applied_at: float = 0.0
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    format: int = 1
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.size, self.block_size)
+
+
+def _is_enospc(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class Replica:
+    """An open replica; holds its lock until close()."""
+
+    def __init__(self, path: Path, state: ReplicaState, lock_fd: int) -> None:
+        self.path = path
+        self.state = state
+        self.geometry = state.geometry
+        self._lock_fd = lock_fd
+        self.image_fd = os.open(path / "image", os.O_RDWR)
+        self.hash_fd = os.open(path / "hashes", os.O_RDWR)
+
+    # -- opening -------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path, volume: str, geometry: Geometry | None = None,
+             create: bool = False) -> Replica:
+        """Open (and recover) the replica of `volume`; create it if asked and absent.
+
+        A geometry that disagrees with the replica's is refused: the volume
+        was resized or replaced, and overwriting would destroy the replica.
+        """
+        path = root / volume
+        try:
+            if not path.exists():
+                if not create or geometry is None:
+                    raise ReplicaError(f"no replica of volume {volume!r} in {root}")
+                cls._create(root, volume, geometry)
+            lock_fd = cls._lock(path, volume)
+            try:
+                state = ReplicaState(**read_json(path / "state.json"))
+            except (OSError, ValueError, TypeError) as exc:
+                os.close(lock_fd)
+                raise ReplicaError(
+                    f"{path / 'state.json'} is unreadable ({exc}); the replica needs repair") from None
+        except OSError as exc:
+            if _is_enospc(exc):
+                raise DiskFullError(f"no space to create replica {volume!r} in {root}") from None
+            raise ReplicaError(f"cannot open replica {path}: {exc.strerror}") from None
+        if geometry is not None and (geometry.size, geometry.block_size) != (
+                state.size, state.block_size):
+            os.close(lock_fd)
+            raise VolumeError(
+                f"volume {volume!r} is {geometry.size} bytes in {geometry.block_size}-byte blocks "
+                f"at the source but the replica is {state.size} bytes in {state.block_size}-byte "
+                "blocks; if the volume really changed, move the old replica away first",
+                code="geometry", volume=volume)
+        rep = cls(path, state, lock_fd)
+        rep._recover()
+        return rep
+
+    @staticmethod
+    def _create(root: Path, volume: str, geo: Geometry) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{volume}.new"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / "image", "wb") as fh:
+            fh.truncate(geo.size)
+            os.fsync(fh.fileno())
+        with open(tmp / "hashes", "wb") as fh:
+            fh.truncate(geo.blocks * HASH_LEN)
+            os.fsync(fh.fileno())
+        state = ReplicaState(volume, geo.size, geo.block_size, uuid.uuid4().hex, time.time())
+        atomic_write_json(tmp / "state.json", asdict(state))
+        os.rename(tmp, root / volume)
+        fsync_dir(root)
+        log.info("created replica volume=%s size=%d block_size=%d", volume, geo.size,
+                 geo.block_size)
+
+    @staticmethod
+    def _lock(path: Path, volume: str) -> int:
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ReplicaError(
+                f"replica {volume!r} is in use by another process (is a receiver running?)") from None
+        return fd
+
+    def _recover(self) -> None:
+        wal_path = self.path / "wal"
+        if not wal_path.exists() or wal_path.stat().st_size == 0:
+            return
+        epoch = wal.committed_epoch(wal_path)
+        if epoch is not None and epoch == self.state.epoch + 1:
+            log.warning("replaying committed epoch volume=%s epoch=%d", self.state.volume, epoch)
+            self._apply(wal_path, None)
+        else:
+            log.warning("discarding unfinished epoch in WAL volume=%s", self.state.volume)
+        os.truncate(wal_path, 0)
+
+    def close(self) -> None:
+        for fd in (self.image_fd, self.hash_fd, self._lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    # -- reading -------------------------------------------------------------
+
+    def read_block(self, index: int) -> bytes:
+        return os.pread(self.image_fd, self.geometry.length(index), self.geometry.offset(index))
+
+    def stored_hashes(self, start: int, count: int) -> bytes:
+        """Hashes of blocks [start, start+count) as recorded at apply time."""
+        count = max(0, min(count, self.geometry.blocks - start))
+        raw = os.pread(self.hash_fd, count * HASH_LEN, start * HASH_LEN)
+        raw += bytes(count * HASH_LEN - len(raw))
+        if NO_HASH not in raw:
+            return raw
+        out = bytearray(raw)
+        for i in range(count):
+            if out[i * HASH_LEN:(i + 1) * HASH_LEN] == NO_HASH:
+                out[i * HASH_LEN:(i + 1) * HASH_LEN] = zero_hash(self.geometry.length(start + i))
+        return bytes(out)
+
+    def rehash(self, start: int, count: int) -> bytes:
+        """Hashes of blocks [start, start+count) read from the image itself (for verify)."""
+        count = max(0, min(count, self.geometry.blocks - start))
+        return b"".join(block_hash(self.read_block(i)) for i in range(start, start + count))
+
+    def begin(self, epoch: int, when: float) -> EpochWriter:
+        if epoch != self.state.epoch + 1:
+            raise ReplicaError(
+                f"{self.state.volume}: epoch {epoch} cannot follow {self.state.epoch}")
+        return EpochWriter(self, epoch, when)
+
+    # -- applying ------------------------------------------------------------
+
+    def _apply(self, wal_path: Path, cache: dict[int, bytes] | None) -> None:
+        """Apply the committed epoch in the WAL to image and hash map, then advance the state."""
+        geo = self.geometry
+        commit: list | None = None
+        for rec in wal.read_log(wal_path):
+            kind = rec.body[0]
+            if kind in (wal.DATA, wal.RAW):
+                indices = unpack_u64(rec.body[1])
+                hashes = rec.body[2]
+                if kind == wal.DATA:
+                    data = cache.pop(rec.offset, None) if cache is not None else None
+                    if data is None:
+                        data = decompress(rec.body[4], rec.body[3])
+                else:
+                    data = rec.body[3]
+                self._write_blocks(indices, hashes, data)
+            elif kind == wal.ZERO:
+                pairs = unpack_u64(rec.body[1])
+                for start, count in zip(pairs[::2], pairs[1::2], strict=True):
+                    end = min(geo.size, (start + count) * geo.block_size)
+                    write_zeros(self.image_fd, start * geo.block_size, end - start * geo.block_size)
+                    os.pwrite(self.hash_fd, bytes(count * HASH_LEN), start * HASH_LEN)
+            elif kind == wal.COMMIT:
+                commit = rec.body
+        if commit is None:  # pragma: no cover - callers checked
+            raise ReplicaError("WAL has no commit record")
+        os.fsync(self.image_fd)
+        os.fsync(self.hash_fd)
+        st = self.state
+        delta = commit[4] if len(commit) > 4 and isinstance(commit[4], dict) else {}
+        counters = {k: st.counters.get(k, 0) + int(delta.get(k, 0)) for k in COUNTERS}
+        new = ReplicaState(**{**asdict(st), "epoch": commit[1], "epoch_time": commit[2],
+                              "applied_at": time.time(), "counters": counters})
+        atomic_write_json(self.path / "state.json", asdict(new))
+        self.state = new
+
+    def _write_blocks(self, indices, hashes: bytes, data: bytes) -> None:
+        geo = self.geometry
+        mv = memoryview(data)
+        pos = 0  # byte position in data
+        k = 0  # position in indices
+        for start, count in runs(indices):
+            end = min(geo.size, (start + count) * geo.block_size)
+            n = end - start * geo.block_size
+            os.pwrite(self.image_fd, mv[pos:pos + n], start * geo.block_size)
+            os.pwrite(self.hash_fd, hashes[k * HASH_LEN:(k + count) * HASH_LEN], start * HASH_LEN)
+            pos += n
+            k += count
+
+
+class EpochWriter:
+    """Receives one epoch into the WAL, checking everything, then applies it at commit."""
+
+    def __init__(self, replica: Replica, epoch: int, when: float) -> None:
+        self.replica = replica
+        self.epoch = epoch
+        self.time = when
+        self.geo = replica.geometry
+        self.blocks = 0
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self._touched: list[int] = []  # indices that need space at apply
+        self._local: dict[bytes, tuple[int, int, int]] = {}  # hash -> (record, byte pos, len)
+        self._cache: dict[int, bytes] = {}
+        self._cached = 0
+        self._wal_path = replica.path / "wal"
+        self._done = False
+        try:
+            self._wal = wal.WalWriter(self._wal_path)
+            self._wal.append([wal.BEGIN, epoch, when])
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.abort()
+        if _is_enospc(exc):
+            raise DiskFullError(
+                f"{self.replica.state.volume}: receiver disk is full while writing epoch "
+                f"{self.epoch}; the replica stays at epoch {self.replica.state.epoch}. "
+                "Free space; replication resumes by itself") from None
+        raise ReplicaError(f"{self.replica.state.volume}: WAL write failed: {exc}") from None
+
+    def _indices(self, blob: bytes, hashes: bytes) -> list[int]:
+        idx = unpack_u64(blob).tolist()
+        if len(hashes) != HASH_LEN * len(idx):
+            raise RemoteProtocolError(f"{len(idx)} indices but {len(hashes)} bytes of hashes")
+        n = self.geo.blocks
+        bad = next((i for i in idx if i >= n), None)
+        if bad is not None:
+            raise VolumeError(
+                f"{self.replica.state.volume}: block {bad} is past the end of the volume "
+                f"({n} blocks)", code="bounds", volume=self.replica.state.volume)
+        return idx
+
+    def add_data(self, indices: bytes, hashes: bytes, raw_len: int, zdata: bytes) -> None:
+        """Verified whole blocks into the WAL (the hashes must match the content)."""
+        idx = self._indices(indices, hashes)
+        want = sum(self.geo.length(i) for i in idx)
+        if raw_len != want or raw_len > MAX_BATCH_RAW:
+            raise RemoteProtocolError(f"Data raw_len {raw_len} does not match its blocks ({want})")
+        data = decompress(zdata, raw_len)
+        mv = memoryview(data)
+        pos = 0
+        for k, i in enumerate(idx):
+            n = self.geo.length(i)
+            if block_hash(mv[pos:pos + n]) != hashes[k * HASH_LEN:(k + 1) * HASH_LEN]:
+                raise VolumeError(
+                    f"{self.replica.state.volume}: block {i} does not match its hash "
+                    "(corrupted in transit?)", code="integrity", volume=self.replica.state.volume)
+            pos += n
+        try:
+            off = self._wal.append([wal.DATA, indices, hashes, raw_len, zdata])
+        except OSError as exc:
+            self._fail(exc)
+        pos = 0
+        for k, i in enumerate(idx):
+            n = self.geo.length(i)
+            self._local.setdefault(hashes[k * HASH_LEN:(k + 1) * HASH_LEN], (off, pos, n))
+            pos += n
+        if self._cached + raw_len <= APPLY_CACHE:
+            self._cache[off] = data
+            self._cached += raw_len
+        self._touched.extend(idx)
+        self._count(len(idx), raw_len, data=raw_len, compressed=len(zdata))
+
+    def _count(self, blocks: int, logical: int, **kw: int) -> None:
+        self.blocks += blocks
+        self.counters["blocks"] += blocks
+        self.counters["logical"] += logical
+        for k, v in kw.items():
+            self.counters[k] += v
+
+    def add_zero(self, runs_blob: bytes) -> None:
+        pairs = unpack_u64(runs_blob, "zero runs")
+        if len(pairs) % 2:
+            raise RemoteProtocolError("zero runs must be (start, count) pairs")
+        n = self.geo.blocks
+        total = 0
+        logical = 0
+        for start, count in zip(pairs[::2], pairs[1::2], strict=True):
+            if count == 0 or start >= n or count > n - start:
+                raise VolumeError(
+                    f"{self.replica.state.volume}: zero run {start}+{count} is outside the volume "
+                    f"({n} blocks)", code="bounds", volume=self.replica.state.volume)
+            total += count
+            logical += min(self.geo.size, (start + count) * self.geo.block_size) - (
+                start * self.geo.block_size)
+        try:
+            self._wal.append([wal.ZERO, runs_blob])
+        except OSError as exc:
+            self._fail(exc)
+        self._count(total, logical, zero=logical)
+
+    def add_refs(self, indices: bytes, hashes: bytes, source: Replica | None,
+                 from_indices: bytes) -> list[int]:
+        """Resolve references to content the receiver should hold; returns those it cannot.
+
+        Each candidate is read and rehashed before use: a stale or wrong
+        reference is detected, never applied.
+        """
+        idx = self._indices(indices, hashes)
+        fidx = unpack_u64(from_indices).tolist()
+        if len(fidx) != len(idx):
+            raise RemoteProtocolError("Ref: indices and from_indices differ in length")
+        got_idx: list[int] = []
+        got_hash: list[bytes] = []
+        got_data: list[bytes] = []
+        missing: list[int] = []
+        wal_fd = None
+        try:
+            for k, (i, f) in enumerate(zip(idx, fidx, strict=True)):
+                h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
+                n = self.geo.length(i)
+                data = None
+                loc = self._local.get(h) if source is self.replica else None
+                if loc is not None and loc[2] == n:
+                    if wal_fd is None:
+                        self._wal.flush()
+                        wal_fd = os.open(self._wal_path, os.O_RDONLY)
+                    data = self._local_block(wal_fd, loc)
+                elif source is not None and f < source.geometry.blocks:
+                    data = source.read_block(f)
+                if data is None or len(data) != n or block_hash(data) != h:
+                    missing.append(i)
+                    continue
+                got_idx.append(i)
+                got_hash.append(h)
+                got_data.append(data)
+        finally:
+            if wal_fd is not None:
+                os.close(wal_fd)
+        if got_idx:
+            from cdp.blocks import pack_u64
+            raw = b"".join(got_data)
+            try:
+                self._wal.append([wal.RAW, pack_u64(got_idx), b"".join(got_hash), raw])
+            except OSError as exc:
+                self._fail(exc)
+            self._touched.extend(got_idx)
+            self._count(len(got_idx), len(raw), dedup=len(raw))
+        return missing
+
+    def _local_block(self, wal_fd: int, loc: tuple[int, int, int]) -> bytes:
+        off, pos, n = loc
+        data = self._cache.get(off)
+        if data is None:
+            body, _ = wal.read_record(wal_fd, off)
+            data = decompress(body[4], body[3]) if body[0] == wal.DATA else body[3]
+        return data[pos:pos + n]
+
+    def add_wire(self, nbytes: int) -> None:
+        self.counters["wire"] += nbytes
+
+    def commit(self, blocks: int) -> ReplicaState:
+        """Make the epoch durable and apply it; returns the new state. Then ack."""
+        if blocks != self.blocks:
+            self.abort()
+            raise RemoteProtocolError(
+                f"Commit says {blocks} blocks but {self.blocks} arrived in epoch {self.epoch}")
+        rep = self.replica
+        self.counters["epochs"] = 1
+        try:
+            self._wal.append([wal.COMMIT, self.epoch, self.time, blocks, self.counters])
+            self._wal.sync()
+            self._wal.close()
+            self._reserve()
+        except OSError as exc:
+            self._fail(exc)
+        try:
+            rep._apply(self._wal_path, self._cache)
+        except OSError as exc:
+            # The WAL holds the whole epoch: reopening the replica replays it.
+            self._done = True
+            if _is_enospc(exc):
+                raise DiskFullError(
+                    f"{rep.state.volume}: disk full while applying epoch {self.epoch}; it is kept "
+                    "in the WAL and replayed when the replica is reopened") from None
+            raise ReplicaError(f"{rep.state.volume}: apply failed: {exc}") from None
+        os.truncate(self._wal_path, 0)
+        self._done = True
+        return rep.state
+
+    def _reserve(self) -> None:
+        """Allocate the image ranges the epoch writes, so ENOSPC strikes before any write."""
+        geo = self.geo
+        for start, count in runs(sorted(set(self._touched))):
+            end = min(geo.size, (start + count) * geo.block_size)
+            os.posix_fallocate(self.replica.image_fd, start * geo.block_size,
+                               end - start * geo.block_size)
+        os.posix_fallocate(self.replica.hash_fd, 0, geo.blocks * HASH_LEN)
+
+    def abort(self) -> None:
+        """Drop the epoch: the WAL is emptied, the image was never touched."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._wal.close()
+        except (OSError, AttributeError):
+            pass
+        try:
+            os.truncate(self._wal_path, 0)
+        except OSError:
+            pass

@@ -1,0 +1,1 @@
+"""The source: ties trackers to the transport."""

@@ -1,0 +1,575 @@
+"""The source daemon: scans volumes and streams their changes to the receiver.
+
+One connection carries every volume. Per volume a task opens it, reconciles
+what the replica holds (resume, roll back, or fetch its hash map), then scans
+on each wake-up (file event or timer) and streams the changed blocks as
+epochs. The scan runs in a thread; batches compress in a small pool (zstd
+releases the GIL, so both cores work); a bounded queue between them and the
+socket keeps memory flat whatever the change rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cdp.blocks import Geometry
+from cdp.config import SourceConfig
+from cdp.durable import atomic_write_json
+from cdp.errors import (
+    PERMANENT_CODES,
+    AuthError,
+    CdpError,
+    ProtocolError,
+    RemoteError,
+    TrackerError,
+    TransportError,
+)
+from cdp.messages import (
+    Ack,
+    Begin,
+    Bye,
+    Challenge,
+    Commit,
+    Current,
+    Error,
+    GetHashes,
+    Hashes,
+    Message,
+    Need,
+    Open,
+    Opened,
+    Welcome,
+)
+from cdp.protocol import SourceSession
+from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
+from cdp.tracker.scan import scan, volume_size, zero_map
+from cdp.tracker.watch import Watcher
+from cdp.transport import Backoff, Link, client_tls
+from cdp.units import format_bytes
+
+log = logging.getLogger(__name__)
+FICLONE = 0x40049409
+HANDSHAKE_TIMEOUT = 30.0
+SAVE_EVERY = 60.0
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class Source:
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+        self.volumes = {v.name: VolumeState(v, cfg.state_dir) for v in cfg.volumes}
+        self.index = DedupIndex(cfg.dedup_index_entries)
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdp-z")
+        self.wake: dict[str, asyncio.Event] = {}
+        self.inbox: dict[str, asyncio.Queue[Message]] = {}
+        self.acked_event: dict[str, asyncio.Event] = {}
+        self.scan_cancel: dict[str, threading.Event] = {}
+        self.scan_goal: dict[str, tuple[int, float]] = {}  # last epoch of a scan, its capture time
+        self._stop = asyncio.Event()
+        self.connected = False
+        self.link: Link | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- main loop -----------------------------------------------------------
+
+    async def run(self) -> None:
+        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        watcher = Watcher(loop)
+        for name, vs in self.volumes.items():
+            self.wake[name] = asyncio.Event()
+            self.acked_event[name] = asyncio.Event()
+            self.scan_cancel[name] = threading.Event()
+            watcher.watch(vs.cfg.path, self.wake[name].set)
+            try:
+                size = volume_size(vs.cfg.path)
+                vs.load(Geometry(size, vs.cfg.block_size))
+            except TrackerError as exc:
+                vs.error = str(exc)
+                log.error("volume=%s: %s", name, exc)
+        if self.cfg.filesets:
+            log.warning("file sets are configured but not replicated by this version: %s",
+                        ", ".join(f.name for f in self.cfg.filesets))
+        watcher.start()
+        status = asyncio.create_task(self._status_loop())
+        backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
+        host, port = self.cfg.receiver
+        log.info("source started name=%s receiver=%s:%d volumes=%s", self.cfg.name, host, port,
+                 ",".join(self.volumes))
+        try:
+            while not self._stop.is_set():
+                conn = asyncio.create_task(self._connection(backoff))
+                stop = asyncio.create_task(self._stop.wait())
+                await asyncio.wait({conn, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not conn.done():
+                    conn.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    exc = await asyncio.gather(conn, return_exceptions=True)
+                    err = exc[0] if exc else None
+                    if isinstance(err, BaseException) and not isinstance(
+                            err, asyncio.CancelledError):
+                        self._log_disconnect(err)
+                if self._stop.is_set():
+                    break
+                delay = backoff.next()
+                log.info("reconnecting in %.1fs", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            watcher.stop()
+            for name, vs in self.volumes.items():
+                self.scan_cancel[name].set()
+                if vs.smap is not None:
+                    vs.undo_from(vs.acked + 1)
+                    with contextlib.suppress(OSError):
+                        vs.save()
+            status.cancel()
+            self._write_status()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            log.info("source stopped")
+
+    def _log_disconnect(self, err: BaseException) -> None:
+        if isinstance(err, AuthError | RemoteError) and (
+                isinstance(err, AuthError) or err.code in PERMANENT_CODES):
+            log.error("receiver refused us: %s", err)
+        elif isinstance(err, TransportError | OSError | TimeoutError):
+            log.warning("receiver unreachable or connection lost: %s", err)
+        elif isinstance(err, CdpError):
+            log.error("connection failed: %s", err)
+        else:
+            log.error("internal error: %r", err, exc_info=err)
+
+    async def _connect(self) -> Link:
+        host, port = self.cfg.receiver
+        ctx = client_tls(self.cfg.tls) if self.cfg.tls else None
+        server_hostname = (self.cfg.tls.server_name or host) if self.cfg.tls else None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                host, port, ssl=ctx, server_hostname=server_hostname, limit=1 << 20), 15)
+        except (OSError, TimeoutError) as exc:
+            raise TransportError(f"cannot connect to receiver {host}:{port}: {exc}") from None
+        session = SourceSession(self.cfg.name, self.cfg.token, self.cfg.max_frame)
+        link = Link(session, reader, writer)
+        try:
+            await link.send_raw(session.start())
+            for want in (Challenge, Welcome):
+                msgs = await link.receive(HANDSHAKE_TIMEOUT)
+                msg = msgs[0]
+                if isinstance(msg, Error):
+                    raise RemoteError(msg.code, msg.message)
+                if not isinstance(msg, want):
+                    raise ProtocolError(f"expected {want.__name__}, got {type(msg).__name__}")
+                if want is Challenge:
+                    await link.send_raw(session.auth())
+        except BaseException:
+            await link.close()
+            raise
+        return link
+
+    async def _connection(self, backoff: Backoff) -> None:
+        link = await self._connect()
+        self.link = link
+        self.connected = True
+        backoff.reset()
+        log.info("connected to receiver %s", link.peer)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._reader(link))
+                for vs in self.volumes.values():
+                    tg.create_task(self._volume(link, vs))
+                tg.create_task(self._stop_watch(link))
+        except* asyncio.CancelledError:
+            raise
+        except* _Stopped:
+            pass
+        except* Exception as eg:
+            raise eg.exceptions[0] from None
+        finally:
+            self.connected = False
+            self.link = None
+            for vs in self.volumes.values():
+                if vs.phase not in ("failed",):
+                    vs.phase = "disconnected"
+            await link.close()
+
+    async def _stop_watch(self, link: Link) -> None:
+        await self._stop.wait()
+        with contextlib.suppress(CdpError, TimeoutError):
+            await asyncio.wait_for(link.send(Bye("source shutting down")), 5)
+        raise _Stopped
+
+    async def _reader(self, link: Link) -> None:
+        while True:
+            for msg in await link.receive(None):
+                if isinstance(msg, Error) and not msg.volume:
+                    raise RemoteError(msg.code, msg.message)
+                if isinstance(msg, Bye):
+                    raise TransportError(f"receiver closed the connection: {msg.reason}")
+                vol = getattr(msg, "volume", "")
+                vs = self.volumes.get(vol)
+                if vs is None:
+                    continue
+                if isinstance(msg, Ack):
+                    self._on_ack(link, vs, msg)
+                elif isinstance(msg, Need):
+                    vs.need = msg.epoch
+                    vs.stats["needs"] += 1
+                    self.scan_cancel[vol].set()
+                    self.acked_event[vol].set()
+                    log.info("receiver could not resolve references volume=%s epoch=%d; "
+                             "re-sending", vol, msg.epoch)
+                else:
+                    if isinstance(msg, Error):
+                        self.scan_cancel[vol].set()
+                        self.acked_event[vol].set()
+                    self.inbox.setdefault(vol, asyncio.Queue()).put_nowait(msg)
+
+    def _on_ack(self, link: Link, vs: VolumeState, msg: Ack) -> None:
+        p = vs.acknowledged(msg.epoch)
+        vs.stats["epochs"] += 1
+        self.acked_event[vs.name].set()
+        goal = self.scan_goal.get(vs.name)
+        if p is not None and goal and goal[0] == msg.epoch:
+            vs.current_as_of = goal[1]
+            vs.seeded = True
+            asyncio.get_running_loop().create_task(self._send_current(link, vs))
+        if not vs.pending and time.time() - vs.saved_at > SAVE_EVERY:
+            with contextlib.suppress(OSError):
+                vs.save()
+
+    async def _send_current(self, link: Link, vs: VolumeState) -> None:
+        with contextlib.suppress(CdpError):
+            if vs.name in link.session.volumes and not link.session.volumes[vs.name].in_epoch:
+                await link.send(Current(vs.name, vs.acked, vs.current_as_of))
+
+    async def _expect(self, vs: VolumeState, kind: type[Message]) -> Message:
+        msg = await self.inbox.setdefault(vs.name, asyncio.Queue()).get()
+        if isinstance(msg, Error):
+            raise RemoteError(msg.code, msg.message, vs.name)
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"{vs.name}: expected {kind.__name__}, got {type(msg).__name__}")
+        return msg
+
+    # -- per volume ----------------------------------------------------------
+
+    async def _volume(self, link: Link, vs: VolumeState) -> None:
+        retry = Backoff(5.0, 300.0)
+        while True:
+            try:
+                await self._volume_session(link, vs)
+            except RemoteError as exc:
+                vs.phase, vs.error = "failed", str(exc)
+                log.error("volume=%s stopped by the receiver: %s", vs.name, exc.remote_message)
+            except TrackerError as exc:
+                vs.phase, vs.error = "failed", str(exc)
+                log.error("volume=%s: %s", vs.name, exc)
+                with contextlib.suppress(CdpError):
+                    await link.send(Error("tracker", str(exc), vs.name))
+            self.inbox.pop(vs.name, None)
+            delay = retry.next()
+            log.info("volume=%s: retrying in %.0fs", vs.name, delay)
+            await asyncio.sleep(delay)
+
+    async def _volume_session(self, link: Link, vs: VolumeState) -> None:
+        size = await asyncio.to_thread(volume_size, vs.cfg.path)
+        geo = Geometry(size, vs.cfg.block_size)
+        if vs.geo != geo:
+            vs.load(geo)
+        vs.phase = "opening"
+        await link.send(Open(vs.name, geo.size, geo.block_size))
+        opened = await self._expect(vs, Opened)
+        assert isinstance(opened, Opened)
+        vs.error = ""
+        if vs.reconcile(opened.replica_id, opened.epoch):
+            log.info("volume=%s resuming at epoch %d", vs.name, opened.epoch)
+        else:
+            await self._fetch_map(link, vs, opened)
+        if opened.epoch == 0 and not vs.seeded:
+            vs.seeded = False
+        wake = self.wake[vs.name]
+        first = True
+        while True:
+            if not first and vs.need is None:
+                vs.phase = "idle" if vs.seeded else vs.phase
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), vs.cfg.scan_interval)
+                await asyncio.sleep(max(0.0, vs.cfg.min_scan_interval))
+            first = False
+            wake.clear()
+            if vs.need is not None:
+                # the receiver dropped epoch `need` and all later ones: roll back and rescan
+                await self._drain_acks(vs)
+                vs.undo_from(vs.need, self.index)
+                vs.need = None
+            await self._scan_once(link, vs)
+
+    async def _drain_acks(self, vs: VolumeState) -> None:
+        pass  # acks before the Need were already processed in order by the reader
+
+    async def _fetch_map(self, link: Link, vs: VolumeState, opened: Opened) -> None:
+        assert vs.geo is not None
+        n = vs.geo.blocks
+        vs.phase = "fetching map"
+        if opened.epoch == 0:
+            smap = zero_map(vs.geo)
+            log.info("volume=%s: new replica, seeding", vs.name)
+        else:
+            log.info("volume=%s: fetching the replica's block map (epoch %d, %d blocks)",
+                     vs.name, opened.epoch, n)
+            smap = bytearray()
+            await link.send(GetHashes(vs.name, 0, n, False))
+            while len(smap) < n * 16:
+                msg = await self._expect(vs, Hashes)
+                assert isinstance(msg, Hashes)
+                if msg.start * 16 != len(smap):
+                    raise ProtocolError(f"{vs.name}: Hashes out of order")
+                smap += msg.hashes
+                if not msg.hashes:
+                    break
+            link.session.hashes_done(vs.name)  # type: ignore[attr-defined]
+            if len(smap) != n * 16:
+                raise ProtocolError(f"{vs.name}: receiver sent {len(smap) // 16} of {n} hashes")
+        vs.adopt(opened.replica_id, opened.epoch, smap)
+        vs.seeded = opened.epoch > 0
+        # what the replica holds is available for references from every volume
+        for i in range(n):
+            h = bytes(smap[i * 16:(i + 1) * 16])
+            if h != zero_map_hash(vs.geo, i):
+                self.index.add(h, vs.name, i, opened.epoch)
+
+    async def _run_hook(self, vs: VolumeState, cmd: str | None, phase: str) -> None:
+        if not cmd:
+            return
+        env = {**os.environ, "CDP_VOLUME": vs.name, "CDP_PATH": str(vs.cfg.path),
+               "CDP_PHASE": phase}
+        proc = await asyncio.create_subprocess_shell(cmd, env=env)
+        try:
+            rc = await asyncio.wait_for(proc.wait(), 300)
+        except TimeoutError:
+            proc.kill()
+            raise TrackerError(f"{phase} command timed out after 300s: {cmd}") from None
+        if rc != 0:
+            raise TrackerError(f"{phase} command failed with exit status {rc}: {cmd}")
+
+    def _snapshot(self, vs: VolumeState) -> Path:
+        """A reflink copy of the volume: scanned at leisure while the guest runs on."""
+        vs.dir.mkdir(parents=True, exist_ok=True)
+        snap = vs.dir / "snapshot"
+        src = os.open(vs.cfg.path, os.O_RDONLY)
+        try:
+            dst = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+            finally:
+                os.close(dst)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                snap.unlink()
+            if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
+                raise TrackerError(
+                    f"snapshot = \"reflink\" needs a file system with reflinks (XFS, btrfs) and "
+                    f"state_dir on the same file system as {vs.cfg.path}; use snapshot = \"none\" "
+                    "with pre_scan/post_scan to quiesce instead") from None
+            raise TrackerError(f"reflink snapshot of {vs.cfg.path} failed: {exc}") from None
+        finally:
+            os.close(src)
+        return snap
+
+    async def _scan_once(self, link: Link, vs: VolumeState) -> None:
+        cfg = vs.cfg
+        capture = time.time()
+        await self._run_hook(vs, cfg.pre_scan, "pre_scan")
+        path = cfg.path
+        try:
+            if cfg.snapshot == "reflink":
+                path = await asyncio.to_thread(self._snapshot, vs)
+                await self._run_hook(vs, cfg.post_scan, "post_scan")
+            await self._stream_scan(link, vs, path, capture)
+        finally:
+            if cfg.snapshot == "reflink":
+                with contextlib.suppress(OSError):
+                    (vs.dir / "snapshot").unlink()
+            elif cfg.post_scan:
+                await self._run_hook(vs, cfg.post_scan, "post_scan")
+
+    async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float) -> None:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=self.cfg.workers * 2 + 2)
+        cancel = self.scan_cancel[vs.name]
+        cancel.clear()
+        vs.phase = "scanning" if vs.seeded else "seeding"
+        vs.stats["scans"] += 1
+        assert vs.geo is not None
+        vs.progress = (0, vs.geo.size)
+        t0 = time.monotonic()
+
+        def emit(op: tuple[Any, ...]) -> None:
+            while True:
+                if cancel.is_set():
+                    raise _Cancelled
+                fut = asyncio.run_coroutine_threadsafe(q.put(op), loop)
+                try:
+                    fut.result(timeout=0.5)
+                    return
+                except concurrent.futures.TimeoutError:
+                    if not fut.cancel():
+                        return  # the put completed after all
+
+        def work() -> None:
+            builder = EpochBuilder(vs, self.volumes, self.index, self.pool, emit,
+                                   capture_time=capture, batch_bytes=self.cfg.batch_bytes,
+                                   max_epoch_bytes=self.cfg.max_epoch_bytes,
+                                   level=self.cfg.compress_level)
+            done = 0
+            assert vs.geo is not None and vs.smap is not None
+
+            def progress(n: int) -> None:
+                nonlocal done
+                done += n
+                vs.progress = (done, vs.geo.size)  # type: ignore[union-attr]
+                vs.stats["scanned"] += n
+
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
+            try:
+                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress,
+                                              cancelled=cancel.is_set):
+                    builder.add(block, h, content)
+                builder.commit()
+            finally:
+                os.close(fd)
+            emit(("end",))
+
+        scan_task = asyncio.ensure_future(asyncio.to_thread(work))
+        sender = asyncio.create_task(self._send_ops(link, vs, q, capture))
+        try:
+            done, _ = await asyncio.wait({scan_task, sender}, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None and not isinstance(t.exception(), _Cancelled):
+                    raise t.exception()  # type: ignore[misc]
+            if not sender.done():
+                await sender
+        finally:
+            cancel.set()
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await scan_task
+            with contextlib.suppress(BaseException):
+                await sender
+        if vs.need is None and not cancel_reason(vs):
+            dt = time.monotonic() - t0
+            log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 else logging.DEBUG,
+                    "volume=%s scan done in %.1fs (%s read)", vs.name, dt,
+                    format_bytes(vs.progress[0]))
+
+    async def _send_ops(self, link: Link, vs: VolumeState, q: asyncio.Queue[tuple[Any, ...]],
+                        capture: float) -> None:
+        last_epoch = None
+        while True:
+            op = await q.get()
+            if vs.need is not None:
+                return
+            kind = op[0]
+            if kind == "begin":
+                while vs.unacked_committed() >= self.cfg.window and vs.need is None:
+                    self.acked_event[vs.name].clear()
+                    await self.acked_event[vs.name].wait()
+                if vs.need is not None:
+                    return
+                vs.stats["wire"] += await link.send(Begin(vs.name, op[1], op[2]))
+            elif kind == "data":
+                msg = await asyncio.wrap_future(op[1])
+                vs.stats["compressed"] += len(msg.zdata)
+                n = await link.send(msg)
+                vs.stats["wire"] += n
+                vs.rate_window.append((time.time(), msg.raw_len))
+            elif kind == "msg":
+                vs.stats["wire"] += await link.send(op[1])
+            elif kind == "commit":
+                with vs.lock:
+                    p = vs.pending.get(op[1])
+                    if p is not None:
+                        p.committed = True
+                vs.stats["wire"] += await link.send(Commit(vs.name, op[1], op[2]))
+                last_epoch = op[1]
+            elif kind == "end":
+                if last_epoch is None and not vs.pending:
+                    vs.current_as_of = capture  # nothing changed: the replica is current
+                    vs.seeded = True
+                    await self._send_current(link, vs)
+                elif last_epoch is not None:
+                    self.scan_goal[vs.name] = (last_epoch, capture)
+                    if last_epoch <= vs.acked and not vs.pending:
+                        vs.current_as_of = capture
+                        vs.seeded = True
+                return
+
+    # -- status --------------------------------------------------------------
+
+    async def _status_loop(self) -> None:
+        last_log = 0.0
+        while True:
+            await asyncio.sleep(1.0)
+            self._write_status()
+            now = time.monotonic()
+            if now - last_log >= 10:
+                last_log = now
+                for vs in self.volumes.values():
+                    if vs.phase in ("seeding", "scanning") and vs.progress[1]:
+                        log.info("volume=%s %s %.0f%% (%s of %s)", vs.name, vs.phase,
+                                 100 * vs.progress[0] / vs.progress[1],
+                                 format_bytes(vs.progress[0]), format_bytes(vs.progress[1]))
+
+    def _write_status(self) -> None:
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.cfg.state_dir / "status.json", {
+                "source": self.cfg.name, "connected": self.connected, "pid": os.getpid(),
+                "updated": time.time(),
+                "volumes": [vs.status() for vs in self.volumes.values()],
+            }, sync=False)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def cancel_reason(vs: VolumeState) -> bool:
+    return vs.phase == "failed"
+
+
+def zero_map_hash(geo: Geometry, index: int) -> bytes:
+    from cdp.codec import zero_hash
+    return zero_hash(geo.length(index))
+
+
+def run_source(cfg: SourceConfig) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+
+    async def main() -> None:
+        src = Source(cfg)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, src.stop)
+        await src.run()
+
+    asyncio.run(main())
+    return 0

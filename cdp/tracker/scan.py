@@ -1,0 +1,129 @@
+"""The scan tracker: re-hash a volume and report blocks whose hash changed.
+
+Sparse-aware: holes (SEEK_HOLE) are known to be zero without reading them,
+and a run of holes whose blocks were already zero is skipped in one compare.
+Pure and synchronous; the source runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from cdp.blocks import Geometry, block_spans, data_extents
+from cdp.codec import HASH_LEN, block_hash, zero_hash
+from cdp.errors import TrackerError
+
+CHUNK = 4 << 20
+
+Change = tuple[int, bytes, memoryview | None]  # (block, new hash, content or None if all zero)
+
+
+def volume_size(path: Path) -> int:
+    """Size of a regular file or block device; TrackerError if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(fd, 0, os.SEEK_END)
+        raise TrackerError(f"{path} is neither a regular file nor a block device")
+    finally:
+        os.close(fd)
+
+
+def zero_map(geo: Geometry) -> bytearray:
+    """A hash map in which every block is zero: the state of a brand-new replica."""
+    full = zero_hash(geo.block_size)
+    m = bytearray(full * geo.blocks)
+    last = geo.blocks - 1
+    if geo.length(last) != geo.block_size:
+        m[last * HASH_LEN:] = zero_hash(geo.length(last))
+    return m
+
+
+def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], None] | None = None,
+         cancelled: Callable[[], bool] | None = None, chunk: int = CHUNK,
+         throttle: Callable[[int], None] | None = None) -> Iterator[Change]:
+    """Yield (block, hash, content) for every block whose hash differs from smap.
+
+    `content` is a view into a reused buffer, valid until the next yield; the
+    caller copies what it keeps. smap is read, never written. progress(n) is
+    called with bytes covered; cancelled() is checked between chunks.
+    """
+    size = os.fstat(fd).st_size if stat.S_ISREG(os.fstat(fd).st_mode) else geo.size
+    if size != geo.size:
+        raise TrackerError(
+            f"volume size changed from {geo.size} to {size} bytes; restart the source after "
+            "resizing the replica too (a resized volume is a new volume)")
+    bs = geo.block_size
+    chunk = max(bs, chunk - chunk % bs)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    zfull = zero_hash(bs)
+    smv = memoryview(smap)
+    pos = 0  # next block not yet covered
+    for first, count in [*block_spans(data_extents(fd, geo.size), geo), (geo.blocks, 0)]:
+        if first > pos:  # a hole: zero blocks, known without reading
+            yield from _holes(geo, smv, pos, first, zfull)
+            if progress:
+                progress(min(geo.size, first * bs) - pos * bs)
+        b = first
+        end = first + count
+        while b < end:
+            if cancelled and cancelled():
+                return
+            nblocks = min(end - b, chunk // bs)
+            off = b * bs
+            want = min(geo.size, (b + nblocks) * bs) - off
+            if throttle:
+                throttle(want)
+            got = os.preadv(fd, [view[:want]], off)
+            if got < want:  # the file shrank under us: the rest reads as zero
+                buf[got:want] = bytes(want - got)
+            p = 0
+            for i in range(b, b + nblocks):
+                n = bs if i < geo.blocks - 1 else geo.length(i)
+                blk = view[p:p + n]
+                h = block_hash(blk)
+                if smv[i * HASH_LEN:(i + 1) * HASH_LEN] != h:
+                    yield i, h, (None if h == (zfull if n == bs else zero_hash(n)) else blk)
+                p += n
+            if progress:
+                progress(want)
+            b += nblocks
+        pos = end
+
+
+def _holes(geo: Geometry, smv: memoryview, start: int, end: int, zfull: bytes) -> Iterator[Change]:
+    # fast path: stretches of the hole that were already zero in smap, 64Ki blocks at a time
+    full_end = min(end, geo.blocks - 1) if geo.length(geo.blocks - 1) != geo.block_size else end
+    step = 65536
+    pattern = zfull * min(step, max(full_end - start, 0))
+    while start < full_end:
+        n = min(step, full_end - start)
+        if smv[start * HASH_LEN:(start + n) * HASH_LEN] != pattern[:n * HASH_LEN]:
+            break
+        start += n
+    for i in range(start, end):
+        z = zfull if geo.length(i) == geo.block_size else zero_hash(geo.length(i))
+        if smv[i * HASH_LEN:(i + 1) * HASH_LEN] != z:
+            yield i, z, None
+
+
+def hash_volume(path: Path, geo: Geometry) -> bytearray:
+    """The hash of every block of a volume (holes hash as zero without being read)."""
+    smap = bytearray(geo.blocks * HASH_LEN)  # all-zero entries never equal a real hash
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for i, h, _ in scan(fd, geo, smap):
+            smap[i * HASH_LEN:(i + 1) * HASH_LEN] = h
+    finally:
+        os.close(fd)
+    return smap

@@ -1,0 +1,56 @@
+"""Wake scans when a volume's file changes (watchdog), in addition to the timer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+log = logging.getLogger(__name__)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, targets: dict[str, Callable[[], None]]) -> None:
+        self.targets = targets
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        for p in (event.src_path, getattr(event, "dest_path", "")):
+            if isinstance(p, bytes):
+                p = os.fsdecode(p)
+            cb = self.targets.get(os.path.realpath(p)) if p else None
+            if cb:
+                cb()
+
+
+class Watcher:
+    """Calls `wake` on the event loop whenever a watched file is written, replaced or moved."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.observer = Observer()
+        self.targets: dict[str, Callable[[], None]] = {}
+        self._dirs: set[str] = set()
+
+    def watch(self, path: Path, wake: Callable[[], None]) -> None:
+        real = os.path.realpath(path)
+        self.targets[real] = lambda: self.loop.call_soon_threadsafe(wake)
+        d = os.path.dirname(real)
+        if d not in self._dirs and os.path.isdir(d):
+            self._dirs.add(d)
+            self.observer.schedule(_Handler(self.targets), d, recursive=False)
+
+    def start(self) -> None:
+        try:
+            self.observer.start()
+        except OSError as exc:  # e.g. inotify limits: the timer still drives scans
+            log.warning("file watching unavailable (%s); scans run on the timer only", exc)
+
+    def stop(self) -> None:
+        if self.observer.is_alive():
+            self.observer.stop()
+            self.observer.join(5)
