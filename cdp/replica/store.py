@@ -30,7 +30,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cdp.blocks import Geometry, runs, unpack_u64
+from cdp.blocks import Geometry, pack_u64, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
 from cdp.durable import atomic_write_json, fsync_dir, read_json, write_zeros
 from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
@@ -208,9 +208,9 @@ class Replica:
                 if kind == wal.DATA:
                     data = cache.pop(rec.offset, None) if cache is not None else None
                     if data is None:
-                        data = decompress(rec.body[4], rec.body[3])
+                        data = decompress(rec.blob, rec.body[3])
                 else:
-                    data = rec.body[3]
+                    data = rec.blob
                 self._write_blocks(indices, hashes, data)
             elif kind == wal.ZERO:
                 pairs = unpack_u64(rec.body[1])
@@ -258,7 +258,8 @@ class EpochWriter:
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._touched: list[int] = []  # indices that need space at apply
         self._local: dict[bytes, tuple[int, int, int]] = {}  # hash -> (record, byte pos, len)
-        self._cache: dict[int, bytes] = {}
+        self._cache: dict[int, bytes] = {}  # decompressed DATA records, kept for apply
+        self._recent: dict[int, bytes] = {}  # records re-read to resolve references
         self._cached = 0
         self._wal_path = replica.path / "wal"
         self._done = False
@@ -306,7 +307,7 @@ class EpochWriter:
                     "(corrupted in transit?)", code="integrity", volume=self.replica.state.volume)
             pos += n
         try:
-            off = self._wal.append([wal.DATA, indices, hashes, raw_len, zdata])
+            off = self._wal.append([wal.DATA, indices, hashes, raw_len], zdata)
         except OSError as exc:
             self._fail(exc)
         pos = 0
@@ -387,10 +388,9 @@ class EpochWriter:
             if wal_fd is not None:
                 os.close(wal_fd)
         if got_idx:
-            from cdp.blocks import pack_u64
             raw = b"".join(got_data)
             try:
-                self._wal.append([wal.RAW, pack_u64(got_idx), b"".join(got_hash), raw])
+                self._wal.append([wal.RAW, pack_u64(got_idx), b"".join(got_hash)], raw)
             except OSError as exc:
                 self._fail(exc)
             self._touched.extend(got_idx)
@@ -399,10 +399,13 @@ class EpochWriter:
 
     def _local_block(self, wal_fd: int, loc: tuple[int, int, int]) -> bytes:
         off, pos, n = loc
-        data = self._cache.get(off)
+        data = self._cache.get(off) or self._recent.get(off)
         if data is None:
-            body, _ = wal.read_record(wal_fd, off)
-            data = decompress(body[4], body[3]) if body[0] == wal.DATA else body[3]
+            body, blob, _ = wal.read_record(wal_fd, off)
+            data = decompress(blob, body[3]) if body[0] == wal.DATA else blob
+            if len(self._recent) >= 4:  # a few records back: repeats cluster
+                del self._recent[next(iter(self._recent))]
+            self._recent[off] = data
         return data[pos:pos + n]
 
     def add_wire(self, nbytes: int) -> None:

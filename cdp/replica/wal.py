@@ -3,13 +3,17 @@
 Layout of ``<data_dir>/<volume>/wal``: a sequence of records, appended while
 an epoch arrives, made durable with one fsync at commit::
 
-    record := u32 body_len (big-endian) | 16-byte xxh3-128 of body | body
-    body   := msgpack array, one of
-        [BEGIN,  epoch, time]
-        [DATA,   indices:u64[], hashes:16B[], raw_len, zstd frame]   verified wire data
-        [RAW,    indices:u64[], hashes:16B[], bytes]                 resolved references
-        [ZERO,   runs:(u64 start, u64 count)[]]
-        [COMMIT, epoch, time, block_count]
+    record := u32 meta_len | u32 blob_len (big-endian) | 16-byte xxh3-128 of meta+blob
+              | meta | blob
+    meta   := msgpack array, one of                              blob
+        [BEGIN,  epoch, time]                                    -
+        [DATA,   indices:u64[], hashes:16B[], raw_len]           zstd frame (verified wire data)
+        [RAW,    indices:u64[], hashes:16B[]]                    block bytes (resolved references)
+        [ZERO,   runs:(u64 start, u64 count)[]]                  -
+        [COMMIT, epoch, time, block_count, counters]             -
+
+Block data stays out of msgpack (the blob), so appending it costs one write,
+not a copy into a packer.
 
 A log is valid only if every record checks out and the last one is COMMIT;
 anything else (a torn tail, a missing commit) is an epoch that was never
@@ -26,11 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import xxhash
 
 from cdp.codec import block_hash
 
 BEGIN, DATA, RAW, ZERO, COMMIT = 1, 2, 3, 4, 5
-_HEAD = struct.Struct(">I16s")
+_HEAD = struct.Struct(">II16s")
 MAX_RECORD = 1 << 30
 
 
@@ -42,6 +47,7 @@ class WalCorrupt(Exception):
 class Record:
     offset: int
     body: list[Any]
+    blob: bytes
 
 
 class WalWriter:
@@ -51,13 +57,17 @@ class WalWriter:
         self._fh = open(path, "wb", buffering=1 << 20)  # truncates any earlier log
         self.offset = 0
 
-    def append(self, body: list[Any]) -> int:
+    def append(self, body: list[Any], blob: bytes = b"") -> int:
         """Write one record; returns its offset in the log."""
-        payload = msgpack.packb(body, use_bin_type=True)
+        meta = msgpack.packb(body, use_bin_type=True)
+        h = xxhash.xxh3_128(meta)
+        h.update(blob)
         off = self.offset
-        self._fh.write(_HEAD.pack(len(payload), block_hash(payload)))
-        self._fh.write(payload)
-        self.offset += _HEAD.size + len(payload)
+        self._fh.write(_HEAD.pack(len(meta), len(blob), h.digest()))
+        self._fh.write(meta)
+        if blob:
+            self._fh.write(blob)
+        self.offset += _HEAD.size + len(meta) + len(blob)
         return off
 
     def sync(self) -> None:
@@ -71,21 +81,21 @@ class WalWriter:
         self._fh.close()
 
 
-def read_record(fd: int, offset: int) -> tuple[list[Any], int]:
-    """The record at `offset` and the offset of the next one."""
+def read_record(fd: int, offset: int) -> tuple[list[Any], bytes, int]:
+    """The record at `offset`: (meta, blob, offset of the next record)."""
     head = os.pread(fd, _HEAD.size, offset)
     if len(head) != _HEAD.size:
         raise WalCorrupt(f"short record header at {offset}")
-    length, digest = _HEAD.unpack(head)
-    if length > MAX_RECORD:
-        raise WalCorrupt(f"record length {length} at {offset} is implausible")
-    payload = os.pread(fd, length, offset + _HEAD.size)
-    if len(payload) != length or block_hash(payload) != digest:
+    mlen, blen, digest = _HEAD.unpack(head)
+    if mlen > MAX_RECORD or blen > MAX_RECORD:
+        raise WalCorrupt(f"record lengths {mlen}+{blen} at {offset} are implausible")
+    payload = os.pread(fd, mlen + blen, offset + _HEAD.size)
+    if len(payload) != mlen + blen or block_hash(payload) != digest:
         raise WalCorrupt(f"record at {offset} is torn or corrupt")
-    body = msgpack.unpackb(payload, raw=False)
+    body = msgpack.unpackb(payload[:mlen], raw=False)
     if not isinstance(body, list) or not body:
         raise WalCorrupt(f"record at {offset} is not a record")
-    return body, offset + _HEAD.size + length
+    return body, payload[mlen:], offset + _HEAD.size + mlen + blen
 
 
 def read_log(path: str | os.PathLike[str]) -> Iterator[Record]:
@@ -95,8 +105,8 @@ def read_log(path: str | os.PathLike[str]) -> Iterator[Record]:
         size = os.fstat(fd).st_size
         off = 0
         while off < size:
-            body, nxt = read_record(fd, off)
-            yield Record(off, body)
+            body, blob, nxt = read_record(fd, off)
+            yield Record(off, body, blob)
             off = nxt
     finally:
         os.close(fd)

@@ -1,0 +1,480 @@
+"""Property tests for framing and the sessions' handling of untrusted bytes.
+
+1. every message type round-trips through frames.encode -> FrameDecoder.feed,
+   however the byte stream is split;
+2. random bytes (and random, well-formed but out-of-place messages) fed to a
+   FrameDecoder or a session never raise anything but the protocol's errors;
+3. the same for mutated valid frames (bit flips, inserted and deleted bytes,
+   rewritten length headers);
+4. a header announcing more than max_frame is refused at once, before the body.
+
+Only RemoteProtocolError and AuthError may come out of receive_data (plus
+VolumeError from a receiver: a refused Open is a documented, volume-level
+outcome). Anything else -- KeyError, TypeError, a LocalProtocolError on
+receive -- fails the test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cdp import messages
+from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
+from cdp.frames import HEADER, FrameDecoder, decode_payload, encode
+from cdp.messages import (
+    PROTOCOL_VERSION, Ack, Begin, Commit, Data, GetHashes, Message, Need, Open, Opened,
+)
+from cdp.protocol import NONCE_LEN, ReceiverSession, SourceSession, State
+
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+LIGHT = settings(max_examples=100, deadline=None)
+QUICK = settings(max_examples=150, deadline=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+TOKEN = b"0123456789abcdef0123456789abcdef"
+CLIENTS = {"host1": (TOKEN, ("vm1", "vm2"))}
+SMALL_FRAME = 4096  # sessions and decoders under fuzz use a small limit to reach it often
+
+# ---------------------------------------------------------------- strategies
+
+FIELD_STRATEGIES = {
+    "int": st.integers(0, 2**63 - 1),
+    "float": st.floats(allow_nan=False, allow_infinity=False),
+    "str": st.text(max_size=60),
+    "bytes": st.binary(max_size=200),
+    "bool": st.booleans(),
+    "list[str]": st.lists(st.text(max_size=20), max_size=8),
+}
+
+# narrower values so random messages often fit the sessions' state
+PLAUSIBLE = {
+    "volume": st.just("vm1") | st.sampled_from(["vm1", "vm2", "vm3", "", "../x"]),
+    "from_volume": st.sampled_from(["vm1", "vm2"]),
+    "epoch": st.just(1) | st.integers(0, 3),
+    "version": st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION + 1]),
+    "name": st.sampled_from(["host1", "host2"]),
+    "nonce": st.one_of(st.binary(min_size=NONCE_LEN, max_size=NONCE_LEN), st.binary(max_size=4)),
+    "start": st.integers(0, 4),
+    "count": st.integers(0, 4),
+    "size": st.integers(0, 1 << 20),
+    "block_size": st.sampled_from([4096, 65536, 3]),
+    "hashes": st.sampled_from([b"", b"h" * 16, b"h" * 17]),
+    "indices": st.sampled_from([b"", bytes(8), bytes(9)]),
+}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    assert kind in FIELD_STRATEGIES, f"no strategy for field type {kind!r}: extend this test"
+    return kind
+
+
+def message_of(cls: type[Message], plausible: bool = False) -> st.SearchStrategy[Message]:
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        strat = FIELD_STRATEGIES[_kind(f)]
+        if plausible and f.name in PLAUSIBLE and _kind(f) != "bool":
+            strat = PLAUSIBLE[f.name]
+        kwargs[f.name] = strat
+    return st.builds(cls, **kwargs)
+
+
+any_message = st.one_of(*(message_of(cls) for cls in messages.ALL))
+plausible_message = st.one_of(*(message_of(cls, plausible=True) for cls in messages.ALL))
+
+
+def split(data: st.DataObject, blob: bytes) -> list[bytes]:
+    """`blob` cut at arbitrary points chosen by hypothesis (empty pieces included)."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(blob)), max_size=8), label="cuts"))
+    bounds = [0, *cuts, len(blob)]
+    return [blob[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+# ---------------------------------------------------------------- sessions in various states
+
+
+class Link:
+    def __init__(self, max_frame: int = SMALL_FRAME) -> None:
+        self.src = SourceSession("host1", TOKEN, max_frame)
+        self.rcv = ReceiverSession(CLIENTS.get, max_frame)
+
+    def s(self, msg: Message) -> list[Message]:
+        return self.rcv.receive_data(self.src.send(msg))
+
+    def r(self, msg: Message) -> list[Message]:
+        return self.src.receive_data(self.rcv.send(msg))
+
+    def handshake(self) -> Link:
+        self.rcv.receive_data(self.src.start())
+        self.src.receive_data(self.rcv.challenge())
+        self.rcv.receive_data(self.src.auth())
+        self.src.receive_data(self.rcv.welcome())
+        return self
+
+
+def _ready() -> Link:
+    link = Link().handshake()
+    link.s(Open("vm1", 1 << 20, 65536))
+    link.r(Opened("vm1", "r1", 0, 0.0))
+    return link
+
+
+def _in_epoch() -> Link:
+    link = _ready()
+    link.s(Begin("vm1", 1, 0.0))
+    link.s(Data("vm1", 1, bytes(8), b"h" * 16, 65536, b"z"))
+    return link
+
+
+def _committed() -> Link:
+    link = _in_epoch()
+    link.s(Commit("vm1", 1, 1))
+    return link
+
+
+def _discarding() -> Link:
+    link = _committed()
+    link.r(Need("vm1", 1, bytes(8)))
+    return link
+
+
+def _hashing() -> Link:
+    link = _ready()
+    link.s(GetHashes("vm1", 0, 4, False))
+    return link
+
+
+def _source_hello_sent() -> Link:
+    link = Link()
+    link.rcv.receive_data(link.src.start())
+    return link
+
+
+def _challenged() -> Link:
+    link = _source_hello_sent()
+    link.src.receive_data(link.rcv.challenge())
+    return link
+
+
+def _auth_sent() -> Link:
+    link = _challenged()
+    link.rcv.receive_data(link.src.auth())
+    return link
+
+
+SETUPS = {
+    "start": Link,
+    "hello": _source_hello_sent,
+    "challenged": _challenged,
+    "auth": _auth_sent,
+    "ready": _ready,
+    "in-epoch": _in_epoch,
+    "committed": _committed,
+    "discarding": _discarding,
+    "hashing": _hashing,
+}
+
+
+def session(side: str, setup: str) -> SourceSession | ReceiverSession:
+    link = SETUPS[setup]()
+    return link.src if side == "source" else link.rcv
+
+
+def errors_for(sess) -> tuple[type[Exception], ...]:
+    if isinstance(sess, ReceiverSession):
+        return (RemoteProtocolError, AuthError, VolumeError)
+    return (RemoteProtocolError, AuthError)
+
+
+def feed_session(sess, pieces: list[bytes]) -> None:
+    """Feed pieces; only the protocol's own errors may come out, and they close the session."""
+    allowed = errors_for(sess)
+    for piece in pieces:
+        try:
+            events = sess.receive_data(piece)
+        except allowed as exc:
+            if isinstance(exc, VolumeError):
+                assert sess.state is not State.CLOSED
+                continue
+            assert sess.state is State.CLOSED
+            assert sess.receive_data(piece) == []
+            return
+        assert isinstance(events, list)
+        assert all(isinstance(m, Message) for m in events)
+        assert sess._decoder.pending <= sess.max_frame + HEADER.size + len(piece)
+
+
+sides = st.sampled_from(["source", "receiver"])
+setups = st.sampled_from(sorted(SETUPS))
+
+
+def feed_decoder(dec: FrameDecoder, pieces: list[bytes]) -> list[Message]:
+    out: list[Message] = []
+    for piece in pieces:
+        try:
+            out += dec.feed(piece)
+        except RemoteProtocolError:
+            return out
+        assert dec.pending < HEADER.size + dec.max_frame
+    return out
+
+
+# ---------------------------------------------------------------- 1. round trips
+
+
+def test_strategies_cover_every_message_type():
+    assert {cls.TYPE for cls in messages.ALL} == set(messages.BY_TYPE)
+    for cls in messages.ALL:
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            _kind(f)
+
+
+@QUICK
+@given(any_message)
+def test_round_trip_whole(msg):
+    frame = encode(msg)
+    (length,) = HEADER.unpack_from(frame)
+    assert length == len(frame) - HEADER.size
+    dec = FrameDecoder()
+    assert dec.feed(frame) == [msg]
+    assert dec.pending == 0
+    assert decode_payload(frame[HEADER.size:]) == msg
+
+
+@QUICK
+@given(st.lists(any_message, min_size=1, max_size=6), st.data())
+def test_round_trip_split_anywhere(msgs, data):
+    stream = b"".join(encode(m) for m in msgs)
+    dec = FrameDecoder()
+    out: list[Message] = []
+    for piece in split(data, stream):
+        out += dec.feed(piece)
+    assert out == msgs
+    assert dec.pending == 0
+
+
+@QUICK
+@given(any_message)
+def test_round_trip_byte_by_byte(msg):
+    frame = encode(msg)
+    dec = FrameDecoder()
+    out: list[Message] = []
+    for i in range(len(frame)):
+        got = dec.feed(frame[i:i + 1])
+        if i < len(frame) - 1:
+            assert got == []
+            assert dec.pending == i + 1
+        out += got
+    assert out == [msg]
+
+
+@pytest.mark.parametrize("cls", messages.ALL, ids=lambda c: c.__name__)
+def test_each_type_round_trips(cls):
+    @settings(max_examples=15, deadline=None)
+    @given(message_of(cls))
+    def check(msg):
+        assert FrameDecoder().feed(encode(msg)) == [msg]
+        assert type(FrameDecoder().feed(encode(msg))[0]) is cls
+
+    check()
+
+
+@LIGHT
+@given(any_message)
+def test_encode_respects_limit(msg):
+    frame = encode(msg)
+    limit = len(frame) - HEADER.size
+    assert encode(msg, limit) == frame
+    with pytest.raises(LocalProtocolError):
+        encode(msg, limit - 1)
+
+
+# ---------------------------------------------------------------- 2. random input
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.data(), st.sampled_from([16, 256, SMALL_FRAME, 1 << 25]))
+def test_random_bytes_decoder(blob, data, max_frame):
+    feed_decoder(FrameDecoder(max_frame), split(data, blob))
+
+
+@LIGHT
+@given(st.lists(st.binary(max_size=120), min_size=1, max_size=4), st.data())
+def test_random_payloads_with_valid_headers(payloads, data):
+    stream = b"".join(HEADER.pack(len(p)) + p for p in payloads)
+    dec = FrameDecoder(SMALL_FRAME)
+    feed_decoder(dec, split(data, stream))
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=5),
+    max_leaves=12,
+)
+
+
+@QUICK
+@given(st.one_of(
+    st.lists(msgpack_values, max_size=8),
+    st.tuples(st.sampled_from(sorted(messages.BY_TYPE) + [0, 19, -1, 2**40]),
+              st.lists(msgpack_values, max_size=8)).map(lambda t: [t[0], *t[1]]),
+    msgpack_values,
+))
+def test_random_msgpack_objects(obj):
+    payload = msgpack.packb(obj, use_bin_type=True)
+    try:
+        msg = decode_payload(payload)
+    except RemoteProtocolError:
+        return
+    # whatever was accepted is a real, well-typed message that encodes back to itself
+    assert isinstance(msg, Message)
+    assert FrameDecoder().feed(encode(msg)) == [msg]
+
+
+@FUZZ
+@given(sides, setups, st.binary(max_size=300), st.data())
+def test_random_bytes_sessions(side, setup, blob, data):
+    feed_session(session(side, setup), split(data, blob))
+
+
+@FUZZ
+@given(sides, setups, st.lists(plausible_message, min_size=1, max_size=8), st.data())
+def test_random_messages_sessions(side, setup, msgs, data):
+    stream = b"".join(encode(m) for m in msgs)
+    feed_session(session(side, setup), split(data, stream))
+
+
+@QUICK
+@given(sides, setups, st.lists(any_message, min_size=1, max_size=4))
+def test_arbitrary_messages_sessions(side, setup, msgs):
+    feed_session(session(side, setup), [b"".join(encode(m) for m in msgs)])
+
+
+# ---------------------------------------------------------------- 3. mutated frames
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("header"), st.integers(0, 3), st.integers(0, 255)),
+    st.tuples(st.just("length"), st.just(0), st.integers(0, 2**32 - 1)),
+)
+
+
+def mutate(blob: bytes, ops) -> bytes:
+    b = bytearray(blob)
+    for op, pos, arg in ops:
+        if op == "length":
+            if len(b) >= HEADER.size:
+                b[:HEADER.size] = HEADER.pack(arg)
+            continue
+        if not b and op != "insert":
+            continue
+        i = pos % (len(b) + (op == "insert"))
+        if op == "flip":
+            b[i] ^= 1 << arg
+        elif op == "insert":
+            b.insert(i, arg)
+        elif op == "delete":
+            del b[i]
+        elif op == "header":
+            b[min(pos, len(b) - 1)] = arg
+    return bytes(b)
+
+
+def _handshake_stream(side: str) -> tuple[str, bytes]:
+    """A valid stream of frames the other side would send from the start, and its setup."""
+    link = Link()
+    hello = link.src.start()
+    link.rcv.receive_data(hello)
+    challenge = link.rcv.challenge()
+    link.src.receive_data(challenge)
+    auth = link.src.auth()
+    link.rcv.receive_data(auth)
+    if side == "receiver":
+        return "start", hello
+    return "hello", challenge
+
+
+@FUZZ
+@given(st.lists(any_message, min_size=1, max_size=3), st.lists(mutation, min_size=1, max_size=4),
+       st.data())
+def test_mutated_frames_decoder(msgs, ops, data):
+    stream = mutate(b"".join(encode(m) for m in msgs), ops)
+    feed_decoder(FrameDecoder(SMALL_FRAME), split(data, stream))
+
+
+@FUZZ
+@given(sides, setups, st.lists(plausible_message, min_size=1, max_size=4),
+       st.lists(mutation, min_size=1, max_size=4), st.data())
+def test_mutated_frames_sessions(side, setup, msgs, ops, data):
+    stream = mutate(b"".join(encode(m) for m in msgs), ops)
+    feed_session(session(side, setup), split(data, stream))
+
+
+@FUZZ
+@given(sides, st.lists(mutation, min_size=1, max_size=3), st.data())
+def test_mutated_handshake(side, ops, data):
+    setup, stream = _handshake_stream(side)
+    feed_session(session(side, setup), split(data, mutate(stream, ops)))
+
+
+def test_mutation_helper_changes_bytes():
+    frame = encode(Ack("vm1", 1, 0.0))
+    assert mutate(frame, [("flip", 5, 0)]) != frame
+    assert len(mutate(frame, [("insert", 5, 0)])) == len(frame) + 1
+    assert len(mutate(frame, [("delete", 5, 0)])) == len(frame) - 1
+    assert mutate(frame, [("length", 0, 7)])[:4] == struct.pack(">I", 7)
+
+
+# ---------------------------------------------------------------- 4. oversized headers
+
+
+@LIGHT
+@given(st.integers(0, 1 << 24), st.data())
+def test_oversized_header_refused_before_body(max_frame, data):
+    length = data.draw(st.integers(max_frame + 1, 2**32 - 1), label="length")
+    dec = FrameDecoder(max_frame)
+    header = HEADER.pack(length)
+    for i in range(HEADER.size - 1):
+        assert dec.feed(header[i:i + 1]) == []  # not an error until the length is known
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        dec.feed(header[HEADER.size - 1:])
+
+
+@LIGHT
+@given(st.integers(0, 1 << 24), st.lists(any_message, max_size=3))
+def test_header_at_limit_waits_for_body(max_frame, before):
+    prefix = b"".join(encode(m) for m in before)
+    dec = FrameDecoder(max(max_frame, 1 << 20))
+    assert dec.feed(prefix + HEADER.pack(dec.max_frame)) == before
+    assert dec.pending == HEADER.size
+
+
+@FUZZ
+@given(sides, setups, st.integers(SMALL_FRAME + 1, 2**32 - 1))
+def test_oversized_header_closes_session(side, setup, length):
+    sess = session(side, setup)
+    if sess.state is State.CLOSED:
+        return
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        sess.receive_data(HEADER.pack(length))
+    assert sess.state is State.CLOSED
+    assert sess.receive_data(encode(Ack("vm1", 1, 0.0))) == []
+
+
+@LIGHT
+@given(st.lists(any_message, min_size=1, max_size=3), st.integers(2**20 + 1, 2**32 - 1))
+def test_oversized_header_after_valid_frames(msgs, length):
+    dec = FrameDecoder(1 << 20)
+    assert dec.feed(b"".join(encode(m) for m in msgs)) == msgs
+    with pytest.raises(RemoteProtocolError):
+        dec.feed(HEADER.pack(length) + b"\x00" * 10)
