@@ -30,11 +30,11 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cdp.replica.wal as wal
 from cdp.blocks import Geometry, pack_u64, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
 from cdp.durable import atomic_write_json, fsync_dir, read_json, write_zeros
 from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
-from cdp.replica import wal
 
 log = logging.getLogger(__name__)
 

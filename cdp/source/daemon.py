@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.blocks import Geometry
+from cdp.codec import zero_hash
 from cdp.config import SourceConfig
 from cdp.durable import atomic_write_json
 from cdp.errors import (
@@ -301,8 +302,6 @@ class Source:
             log.info("volume=%s resuming at epoch %d", vs.name, opened.epoch)
         else:
             await self._fetch_map(link, vs, opened)
-        if opened.epoch == 0 and not vs.seeded:
-            vs.seeded = False
         wake = self.wake[vs.name]
         first = True
         while True:
@@ -315,13 +314,9 @@ class Source:
             wake.clear()
             if vs.need is not None:
                 # the receiver dropped epoch `need` and all later ones: roll back and rescan
-                await self._drain_acks(vs)
                 vs.undo_from(vs.need, self.index)
                 vs.need = None
             await self._scan_once(link, vs)
-
-    async def _drain_acks(self, vs: VolumeState) -> None:
-        pass  # acks before the Need were already processed in order by the reader
 
     async def _fetch_map(self, link: Link, vs: VolumeState, opened: Opened) -> None:
         assert vs.geo is not None
@@ -351,7 +346,7 @@ class Source:
         # what the replica holds is available for references from every volume
         for i in range(n):
             h = bytes(smap[i * 16:(i + 1) * 16])
-            if h != zero_map_hash(vs.geo, i):
+            if h != zero_hash(vs.geo.length(i)):
                 self.index.add(h, vs.name, i, opened.epoch)
 
     async def _run_hook(self, vs: VolumeState, cmd: str | None, phase: str) -> None:
@@ -475,7 +470,8 @@ class Source:
                 await scan_task
             with contextlib.suppress(BaseException):
                 await sender
-        if vs.need is None and not cancel_reason(vs):
+        if vs.need is None:
+            vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
             dt = time.monotonic() - t0
             log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 else logging.DEBUG,
                     "volume=%s scan done in %.1fs (%s read)", vs.name, dt,
@@ -550,15 +546,6 @@ class Source:
 
 class _Stopped(Exception):
     pass
-
-
-def cancel_reason(vs: VolumeState) -> bool:
-    return vs.phase == "failed"
-
-
-def zero_map_hash(geo: Geometry, index: int) -> bytes:
-    from cdp.codec import zero_hash
-    return zero_hash(geo.length(index))
 
 
 def run_source(cfg: SourceConfig) -> int:
