@@ -98,7 +98,7 @@ class SourceConfig:
     tls: TlsClient | None = None
     window: int = 2
     batch_bytes: int = 2 * 1024 * 1024
-    max_epoch_bytes: int = 256 * 1024 * 1024
+    max_epoch_bytes: int = 64 * 1024 * 1024
     compress_level: int = 1
     workers: int = 2
     reconnect_min: float = 0.5
@@ -295,7 +295,7 @@ def load_source(path: str | Path) -> SourceConfig:
         batch_bytes=t.get("batch_bytes", lambda v: _range_size(v, 64 << 10, 16 << 20),
                           default=2 << 20),
         max_epoch_bytes=t.get("max_epoch_bytes", lambda v: _range_size(v, 1 << 20, 1 << 40),
-                              default=256 << 20),
+                              default=64 << 20),
         compress_level=t.get("compress_level", _int(-7, 19), default=1),
         workers=t.get("workers", _int(1, 64), default=2),
         reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),

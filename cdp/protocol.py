@@ -15,7 +15,9 @@ Per volume, once READY (the receiver's view; the source mirrors it)::
 
     Open -> Opened -> idle --Begin(e)--> in epoch e --Data/Zero/Ref*--> --Commit(e)--> idle
     after Commit(e) the receiver answers Ack(e), or Need(e): epoch e is discarded,
-    frames of later epochs are dropped until Begin(e) starts it again.
+    frames of later epochs are dropped until Begin(e) starts it again. The
+    source may begin epoch e+1 before e is answered (pipelining); answers come
+    in epoch order.
 
 Authentication: HMAC-SHA256 over both nonces and the client name, each side
 proving the token to the other; the token never crosses the wire and a fresh
@@ -58,6 +60,7 @@ from cdp.messages import (
 )
 
 NONCE_LEN = 32
+MAX_UNANSWERED = 16  # committed epochs per volume awaiting Ack/Need
 EPOCH_MESSAGES = (Data, Zero, Ref)
 
 
@@ -353,9 +356,12 @@ class ReceiverSession(_Session):
                 raise RemoteProtocolError(f"{msg.volume}: opened read-only, cannot write")
             if vs.discarding and msg.epoch > vs.expected:
                 return False
-            if vs.in_epoch or vs.committed or msg.epoch != vs.expected:
+            if vs.in_epoch or msg.epoch != vs.expected:
                 raise RemoteProtocolError(
                     f"{msg.volume}: Begin({msg.epoch}) but epoch {vs.expected} is next")
+            if len(vs.committed) >= MAX_UNANSWERED:
+                raise RemoteProtocolError(
+                    f"{msg.volume}: more than {MAX_UNANSWERED} epochs in flight; wait for acks")
             vs.in_epoch, vs.discarding = True, False
             return True
         if isinstance(msg, EPOCH_MESSAGES) or isinstance(msg, Commit):
@@ -368,8 +374,17 @@ class ReceiverSession(_Session):
             if isinstance(msg, Commit):
                 vs.in_epoch = False
                 vs.committed.append(msg.epoch)
+                vs.expected = msg.epoch + 1
             return True
         raise RemoteProtocolError(f"a source does not send {type(msg).__name__}")
+
+    def reject(self, volume: str, epoch: int) -> None:
+        """Epoch `epoch` will be answered with Need: drop its frames and later ones from now on.
+
+        Called when the decision is made (answers may be sent later, in order).
+        """
+        vs = self._vol(volume, False)
+        vs.expected, vs.discarding, vs.in_epoch = epoch, True, False
 
     def _sent(self, msg: Message) -> None:
         st = self.state
@@ -405,9 +420,7 @@ class ReceiverSession(_Session):
             if not vs.committed or vs.committed[0] != msg.epoch:
                 raise LocalProtocolError(f"{type(msg).__name__}({msg.epoch}) without its Commit")
             vs.committed.pop(0)
-            if isinstance(msg, Ack):
-                vs.expected = msg.epoch + 1
-            else:
+            if isinstance(msg, Need) and not (vs.discarding and vs.expected == msg.epoch):
                 vs.expected, vs.discarding, vs.in_epoch = msg.epoch, True, False
                 vs.committed.clear()
         else:

@@ -9,6 +9,7 @@ other processes out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -169,6 +170,7 @@ class Receiver:
             await conn.say(Error("internal", "internal error in the receiver; see its log", ""))
         finally:
             conn.release()
+            await conn.settle_all()  # sealed epochs finish applying
             await link.close()
             self._conns.discard(task)
 
@@ -212,7 +214,12 @@ class Receiver:
 
 
 class _Conn:
-    """The receiver's side of one connection."""
+    """The receiver's side of one connection.
+
+    Commits are answered through a per-volume chain of tasks: epoch e applies
+    (in a thread) while epoch e+1 is being received, and Ack/Need go out in
+    epoch order.
+    """
 
     def __init__(self, rx: Receiver, link: Link) -> None:
         self.rx = rx
@@ -221,6 +228,18 @@ class _Conn:
         self.writers: dict[str, EpochWriter] = {}
         self.missing: dict[str, list[int]] = {}
         self.volumes: set[str] = set()
+        self.chain: dict[str, list[tuple[int, asyncio.Task[None]]]] = {}
+
+    async def settle(self, volume: str, before: int | None = None) -> None:
+        """Wait until answers for this volume's epochs (those < `before`) are done."""
+        for epoch, task in list(self.chain.get(volume, [])):
+            if before is None or epoch < before:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(task)
+
+    async def settle_all(self) -> None:
+        for vol in list(self.chain):
+            await self.settle(vol)
 
     async def say(self, msg: Message) -> None:
         try:
@@ -289,7 +308,12 @@ class _Conn:
         elif isinstance(msg, GetHashes):
             await self.send_hashes(msg)
         elif isinstance(msg, Begin):
-            rep = self.rx.replicas[msg.volume]
+            # epoch e reuses the WAL file of e-2: that one must be applied first
+            await self.settle(msg.volume, msg.epoch - 1)
+            rep = self.rx.replicas.get(msg.volume)
+            if rep is None:
+                raise VolumeError(f"replica {msg.volume!r} was closed after an error; reopen it",
+                                  code="replica", volume=msg.volume)
             self.writers[msg.volume] = await asyncio.to_thread(rep.begin, msg.epoch, msg.time)
             self.missing[msg.volume] = []
         elif isinstance(msg, Data):
@@ -320,6 +344,8 @@ class _Conn:
         src: Replica | None = None
         if msg.from_volume in self.session.allowed:
             src = self.rx.replicas.get(msg.from_volume)
+            # references read the image: let earlier epochs of that volume land first
+            await self.settle(msg.from_volume)
         missing = await asyncio.to_thread(w.add_refs, msg.indices, msg.hashes, src,
                                           msg.from_indices)
         w.add_wire(size)
@@ -327,22 +353,55 @@ class _Conn:
             self.missing[msg.volume].extend(missing)
 
     async def commit(self, msg: Commit) -> None:
-        w = self.writers.pop(msg.volume)
-        missing = self.missing.pop(msg.volume, [])
+        vol = msg.volume
+        w = self.writers.pop(vol)
+        missing = self.missing.pop(vol, [])
+        prev = [t for _, t in self.chain.get(vol, [])]
         if missing:
             w.abort()
+            self.session.reject(vol, msg.epoch)
             log.info("references not resolvable, asking again volume=%s epoch=%d blocks=%d",
-                     msg.volume, msg.epoch, len(missing))
-            await self.link.send(Need(msg.volume, msg.epoch, pack_u64(missing)))
-            return
+                     vol, msg.epoch, len(missing))
+            answer = self._answer_need(vol, msg.epoch, missing, prev)
+        else:
+            await asyncio.to_thread(w.seal, msg.blocks)
+            answer = self._apply_and_ack(vol, msg, w, prev)
+        task = asyncio.create_task(answer)
+        chain = self.chain.setdefault(vol, [])
+        chain.append((msg.epoch, task))
+        task.add_done_callback(lambda t: chain.remove(next(c for c in chain if c[1] is t)))
+
+    async def _answer_need(self, vol: str, epoch: int, missing: list[int],
+                           prev: list[asyncio.Task[None]]) -> None:
+        for t in prev:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await t
+        with contextlib.suppress(CdpError):
+            await self.link.send(Need(vol, epoch, pack_u64(missing)))
+
+    async def _apply_and_ack(self, vol: str, msg: Commit, w: EpochWriter,
+                             prev: list[asyncio.Task[None]]) -> None:
+        for t in prev:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await t
         t0 = time.monotonic()
-        st = await asyncio.to_thread(w.commit, msg.blocks)
-        live = self.rx.live[msg.volume]
+        try:
+            # shielded: once sealed, an epoch is applied even if the connection goes away
+            st = await asyncio.shield(asyncio.to_thread(w.apply))
+        except ReplicaError as exc:
+            rep = self.rx.replicas.pop(vol, None)
+            if rep is not None:  # reopening replays the sealed epoch from the WAL
+                rep.close()
+            with contextlib.suppress(CdpError):
+                await self.volume_failed(vol, exc.wire_code, str(exc))
+            return
+        live = self.rx.live[vol]
         live.current_as_of = max(live.current_as_of, st.epoch_time)
         live.window.append((time.time(), w.counters["logical"], w.counters["wire"]))
-        log.debug("epoch applied volume=%s epoch=%d blocks=%d apply_s=%.3f", msg.volume,
+        log.debug("epoch applied volume=%s epoch=%d blocks=%d apply_s=%.3f", vol,
                   msg.epoch, msg.blocks, time.monotonic() - t0)
-        await self.link.send(Ack(msg.volume, msg.epoch, st.applied_at))
+        with contextlib.suppress(CdpError):
+            await self.link.send(Ack(vol, msg.epoch, st.applied_at))
 
     async def send_hashes(self, msg: GetHashes) -> None:
         rep = self.rx.replicas[msg.volume]

@@ -34,7 +34,7 @@ token_file = "host1.token"
 state_dir = "state"
 # window = 2                     # epochs in flight before waiting for acknowledgements
 # batch_bytes = "2MiB"           # blocks compressed together in one frame
-# max_epoch_bytes = "256MiB"     # a longer scan is split into epochs of this size
+# max_epoch_bytes = "64MiB"      # a longer scan is split into epochs of this size
 # compress_level = 1             # zstd level (-7..19)
 # workers = 2                    # compression threads
 # [source.tls]

@@ -5,17 +5,19 @@ Layout of ``<data_dir>/<volume>/``::
     image       the replica, a sparse raw file: what a DR machine boots
     hashes      16 bytes per block: xxh3-128 of the block as applied
                 (16 zero bytes = never written, i.e. an all-zero block)
-    wal         the epoch being received or applied (see wal.py)
+    wal.0 wal.1 the WAL of even / odd epochs (see wal.py): one epoch can be
+                applied while the next one is received
     state.json  geometry, replica id, last applied epoch and its source time,
                 cumulative counters; replaced atomically after each epoch
     lock        flock'd while a process has the replica open: nobody else writes it
 
 Applying an epoch: every record goes to the WAL as it arrives; at commit the
-WAL is fsync'd, the space the epoch needs is reserved (so a full disk fails
-before the image is touched), the records are applied to the image and the
-hash map, both are fsync'd, and only then the state file advances. On open, a
-WAL holding a whole committed epoch newer than the state is replayed
-(idempotent); anything else in it is discarded.
+WAL is fsync'd and the space the epoch needs is reserved (seal: a full disk
+fails before the image is touched); then the records are applied to the image
+and the hash map, both are fsync'd, and only then the state file advances
+(apply). Epochs apply strictly in order. On open, WALs holding whole
+committed epochs next in line after the state are replayed (idempotent);
+anything else in them is discarded.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 NO_HASH = bytes(HASH_LEN)
 COUNTERS = ("epochs", "blocks", "logical", "data", "compressed", "dedup", "zero", "wire")
 MAX_BATCH_RAW = 64 * 1024 * 1024
-APPLY_CACHE = 64 * 1024 * 1024
+APPLY_CACHE = 32 * 1024 * 1024
 
 
 @dataclass
@@ -146,17 +148,22 @@ class Replica:
                 f"replica {volume!r} is in use by another process (is a receiver running?)") from None
         return fd
 
+    def wal_path(self, epoch: int) -> Path:
+        return self.path / f"wal.{epoch % 2}"
+
     def _recover(self) -> None:
-        wal_path = self.path / "wal"
-        if not wal_path.exists() or wal_path.stat().st_size == 0:
+        logs = [p for p in (self.wal_path(0), self.wal_path(1))
+                if p.exists() and p.stat().st_size > 0]
+        if not logs:
             return
-        epoch = wal.committed_epoch(wal_path)
-        if epoch is not None and epoch == self.state.epoch + 1:
-            log.warning("replaying committed epoch volume=%s epoch=%d", self.state.volume, epoch)
-            self._apply(wal_path, None)
-        else:
-            log.warning("discarding unfinished epoch in WAL volume=%s", self.state.volume)
-        os.truncate(wal_path, 0)
+        found = {wal.committed_epoch(p): p for p in logs}
+        while (nxt := self.state.epoch + 1) in found:
+            log.warning("replaying committed epoch volume=%s epoch=%d", self.state.volume, nxt)
+            self._apply(found.pop(nxt), None)
+        if found:
+            log.warning("discarding unfinished epoch(s) in the WAL volume=%s", self.state.volume)
+        for p in logs:
+            os.truncate(p, 0)
 
     def close(self) -> None:
         for fd in (self.image_fd, self.hash_fd, self._lock_fd):
@@ -189,7 +196,8 @@ class Replica:
         return b"".join(block_hash(self.read_block(i)) for i in range(start, start + count))
 
     def begin(self, epoch: int, when: float) -> EpochWriter:
-        if epoch != self.state.epoch + 1:
+        """Start receiving `epoch`; the one before it may still be applying."""
+        if epoch not in (self.state.epoch + 1, self.state.epoch + 2):
             raise ReplicaError(
                 f"{self.state.volume}: epoch {epoch} cannot follow {self.state.epoch}")
         return EpochWriter(self, epoch, when)
@@ -220,6 +228,9 @@ class Replica:
                     os.pwrite(self.hash_fd, bytes(count * HASH_LEN), start * HASH_LEN)
             elif kind == wal.COMMIT:
                 commit = rec.body
+            elif kind == wal.BEGIN and rec.body[1] != self.state.epoch + 1:
+                raise ReplicaError(f"{self.state.volume}: epoch {rec.body[1]} cannot be applied "
+                                   f"after epoch {self.state.epoch}")
         if commit is None:  # pragma: no cover - callers checked
             raise ReplicaError("WAL has no commit record")
         os.fsync(self.image_fd)
@@ -261,8 +272,9 @@ class EpochWriter:
         self._cache: dict[int, bytes] = {}  # decompressed DATA records, kept for apply
         self._recent: dict[int, bytes] = {}  # records re-read to resolve references
         self._cached = 0
-        self._wal_path = replica.path / "wal"
+        self._wal_path = replica.wal_path(epoch)
         self._done = False
+        self._sealed = False
         try:
             self._wal = wal.WalWriter(self._wal_path)
             self._wal.append([wal.BEGIN, epoch, when])
@@ -412,12 +424,16 @@ class EpochWriter:
         self.counters["wire"] += nbytes
 
     def commit(self, blocks: int) -> ReplicaState:
-        """Make the epoch durable and apply it; returns the new state. Then ack."""
+        """seal() then apply(): the epoch is durable and applied; then ack."""
+        self.seal(blocks)
+        return self.apply()
+
+    def seal(self, blocks: int) -> None:
+        """Make the epoch durable in the WAL and reserve its space; the image is untouched."""
         if blocks != self.blocks:
             self.abort()
             raise RemoteProtocolError(
                 f"Commit says {blocks} blocks but {self.blocks} arrived in epoch {self.epoch}")
-        rep = self.replica
         self.counters["epochs"] = 1
         try:
             self._wal.append([wal.COMMIT, self.epoch, self.time, blocks, self.counters])
@@ -426,6 +442,12 @@ class EpochWriter:
             self._reserve()
         except OSError as exc:
             self._fail(exc)
+        self._sealed = True
+
+    def apply(self) -> ReplicaState:
+        """Apply the sealed epoch (the one before it must be applied); returns the new state."""
+        rep = self.replica
+        assert self._sealed
         try:
             rep._apply(self._wal_path, self._cache)
         except OSError as exc:
@@ -451,8 +473,8 @@ class EpochWriter:
 
     def abort(self) -> None:
         """Drop the epoch: the WAL is emptied, the image was never touched."""
-        if self._done:
-            return
+        if self._done or self._sealed:
+            return  # a sealed epoch is durable: it is applied, or replayed on reopen
         self._done = True
         try:
             self._wal.close()

@@ -12,6 +12,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 log = logging.getLogger(__name__)
+WRITE_EVENTS = frozenset({"modified", "created", "moved", "deleted", "closed"})
 
 
 class _Handler(FileSystemEventHandler):
@@ -19,6 +20,8 @@ class _Handler(FileSystemEventHandler):
         self.targets = targets
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in WRITE_EVENTS:
+            return  # our own scans open and read the file: that is not a change
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if isinstance(p, bytes):
                 p = os.fsdecode(p)

@@ -28,7 +28,8 @@ from cdp import messages
 from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
 from cdp.frames import HEADER, FrameDecoder, decode_payload, encode
 from cdp.messages import (
-    PROTOCOL_VERSION, Ack, Begin, Commit, Data, GetHashes, Message, Need, Open, Opened,
+    PROTOCOL_VERSION, Ack, Begin, Bye, Commit, Current, Data, Error, GetHashes, Hashes, Message,
+    Need, Open, Opened, Ref, Zero,
 )
 from cdp.protocol import NONCE_LEN, ReceiverSession, SourceSession, State
 
@@ -55,9 +56,9 @@ FIELD_STRATEGIES = {
 
 # narrower values so random messages often fit the sessions' state
 PLAUSIBLE = {
-    "volume": st.just("vm1") | st.sampled_from(["vm1", "vm2", "vm3", "", "../x"]),
+    "volume": st.sampled_from(["vm1", "vm1", "vm1", "vm2", "vm3", "", "../x"]),
     "from_volume": st.sampled_from(["vm1", "vm2"]),
-    "epoch": st.just(1) | st.integers(0, 3),
+    "epoch": st.sampled_from([1, 1, 2, 0, 3]),
     "version": st.sampled_from([PROTOCOL_VERSION, PROTOCOL_VERSION + 1]),
     "name": st.sampled_from(["host1", "host2"]),
     "nonce": st.one_of(st.binary(min_size=NONCE_LEN, max_size=NONCE_LEN), st.binary(max_size=4)),
@@ -94,9 +95,12 @@ _TO_RECEIVER = ("Hello", "Auth", "Open", "GetHashes", "Begin", "Data", "Zero", "
                 "Current", "Error", "Bye")
 
 
+_PLAUSIBLE_OF = {cls: message_of(cls, plausible=True) for cls in messages.ALL}
+
+
 def _toward(names: tuple[str, ...]) -> st.SearchStrategy[Message]:
-    usual = [message_of(cls, plausible=True) for cls in messages.ALL if cls.__name__ in names]
-    return st.one_of(*usual) | plausible_message
+    usual = [cls for cls in messages.ALL if cls.__name__ in names]
+    return st.sampled_from(usual * 3 + list(messages.ALL)).flatmap(_PLAUSIBLE_OF.__getitem__)
 
 
 to_side = {"source": _toward(_TO_SOURCE), "receiver": _toward(_TO_RECEIVER)}
@@ -491,3 +495,175 @@ def test_oversized_header_after_valid_frames(msgs, length):
     assert dec.feed(b"".join(encode(m) for m in msgs)) == msgs
     with pytest.raises(RemoteProtocolError):
         dec.feed(HEADER.pack(length) + b"\x00" * 10)
+
+
+# ---------------------------------------------------------------- 5. both sessions agree
+#
+# A random conversation: each step either side tries to send something (a likely-legal
+# move, or a random message), or a random prefix of the bytes in flight is delivered.
+# Whatever a session's send() allows, the peer's receive_data() must accept; whatever
+# send() refuses (LocalProtocolError) must leave the sender unchanged.
+#
+# Two known bugs are steered around here (see tests/unit/test_protocol.py, strict xfails):
+# the source never sends a volume-level Error, and never sends Begin(e+1) until the
+# receiver has answered every Commit it has seen. Unauthorized Opens are left to the unit
+# tests too (their VolumeError comes out of receive_data by design).
+
+
+def _snapshot(sess) -> dict:
+    skip = {"_decoder", "_lookup", "last_sizes"}
+    return {k: repr(v) for k, v in vars(sess).items() if k not in skip}
+
+
+class Conversation:
+    VOLUMES = ("vm1", "vm2")
+
+    def __init__(self) -> None:
+        self.src = SourceSession("host1", TOKEN, SMALL_FRAME)
+        self.rcv = ReceiverSession(CLIENTS.get, SMALL_FRAME)
+        self.wire = {"source": bytearray(), "receiver": bytearray()}  # bytes in flight, by sender
+        self.unread = {"source": [], "receiver": []}  # messages in flight, by sender
+        self.unanswered_open: set[str] = set()
+        self.unanswered_hashes: dict[str, int] = {}
+
+    def session(self, side: str):
+        return self.src if side == "source" else self.rcv
+
+    def moves(self, side: str) -> list[Message]:
+        """Messages likely to be legal for `side` to send now."""
+        out: list[Message] = []
+        if side == "source":
+            s = self.src
+            if s.state is State.READY:
+                for v in self.VOLUMES:
+                    vs = s.volumes.get(v)
+                    if vs is None:
+                        out.append(Open(v, 1 << 20, 65536))
+                        continue
+                    e = vs.expected
+                    if vs.in_epoch:
+                        out += [Data(v, e, bytes(8), b"h" * 16, 65536, b"z"),
+                                Zero(v, e, bytes(16)),
+                                Ref(v, e, "vm1", bytes(8), b"h" * 16, bytes(8)),
+                                Commit(v, e, 1)]
+                    elif self._may_begin(v):
+                        out.append(Begin(v, e, 1.0))
+                    out += [Current(v, max(e - 1, 0), 2.0), GetHashes(v, 0, 2, False)]
+            return out
+        r = self.rcv
+        if r.state is State.READY:
+            for v in sorted(self.unanswered_open):
+                out += [Opened(v, "replica", 0, 0.0), Opened(v, "replica", 7, 0.0),
+                        Error("geometry", "no", v)]
+            for v, vs in sorted(r.volumes.items()):
+                if vs.committed:
+                    out += [Ack(v, vs.committed[0], 3.0), Need(v, vs.committed[0], bytes(8))]
+                if self.unanswered_hashes.get(v):
+                    out.append(Hashes(v, 0, b"h" * 32))
+                out.append(Error("replica", "broken", v))
+        return out
+
+    def _may_begin(self, v: str) -> bool:
+        rvs = self.rcv.volumes.get(v)
+        return not self.unread["source"] and not (rvs and rvs.committed)
+
+    def handshake_step(self, side: str) -> bytes | None:
+        s = self.session(side)
+        if side == "source":
+            if s.state is State.START:
+                return s.start()
+            if s.state is State.HELLO_SENT and s._server_nonce:
+                return s.auth()
+        else:
+            if s.state is State.START and self.rcv.client:
+                return s.challenge()
+            if s.state is State.CHALLENGED and self.rcv.allowed:
+                return s.welcome()
+        return None
+
+    def try_send(self, side: str, msg: Message) -> None:
+        s = self.session(side)
+        before = _snapshot(s)
+        try:
+            frame = s.send(msg)
+        except LocalProtocolError:
+            assert _snapshot(s) == before, f"a refused {msg!r} changed the {side} session"
+            return
+        self.sent(side, msg, frame)
+
+    def sent(self, side: str, msg: Message, frame: bytes) -> None:
+        self.wire[side] += frame
+        self.unread[side].append(msg)
+        if side == "receiver":
+            if isinstance(msg, Opened | Error):
+                self.unanswered_open.discard(msg.volume)
+            if isinstance(msg, Hashes):
+                self.unanswered_hashes[msg.volume] -= 1
+            if isinstance(msg, Error):
+                self.unanswered_hashes.pop(msg.volume, None)
+
+    def deliver(self, sender: str, n: int) -> None:
+        buf = self.wire[sender]
+        chunk, self.wire[sender] = bytes(buf[:n]), buf[n:]
+        peer = self.rcv if sender == "source" else self.src
+        events = peer.receive_data(chunk)  # must not raise: the sender allowed every frame
+        queue = self.unread[sender]
+        for ev in events:
+            # events arrive in order; the receiver may drop frames (after Need or Error)
+            while queue and queue[0] != ev:
+                dropped = queue.pop(0)
+                assert sender == "source", f"the source dropped {dropped!r}"
+                assert isinstance(dropped, Begin | Data | Zero | Ref | Commit | Current), dropped
+            assert queue, f"{ev!r} was never sent"
+            queue.pop(0)
+            if sender == "source":
+                if isinstance(ev, Open):
+                    self.unanswered_open.add(ev.volume)
+                if isinstance(ev, GetHashes):
+                    self.unanswered_hashes[ev.volume] = self.unanswered_hashes.get(ev.volume, 0) + 1
+            elif isinstance(ev, Hashes):
+                self.src.hashes_done(ev.volume)
+
+
+random_to_receiver = st.sampled_from(
+    [c for c in messages.ALL if c.__name__ in _TO_RECEIVER and c.__name__ != "Error"]
+).flatmap(_PLAUSIBLE_OF.__getitem__).filter(lambda m: getattr(m, "volume", "vm1") in
+                                             Conversation.VOLUMES and not isinstance(m, Bye))
+random_to_source = st.sampled_from(
+    [c for c in messages.ALL if c.__name__ in _TO_SOURCE and c.__name__ != "Hashes"]
+).flatmap(_PLAUSIBLE_OF.__getitem__).filter(lambda m: not isinstance(m, Bye)
+                                            and not (isinstance(m, Error) and not m.volume))
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_sessions_agree(data):
+    conv = Conversation()
+    for _ in range(data.draw(st.integers(10, 60), label="steps")):
+        side = data.draw(st.sampled_from(["source", "receiver"]), label="side")
+        action = data.draw(st.sampled_from(["move", "move", "move", "deliver", "deliver",
+                                            "random"]), label="action")
+        if action == "deliver":
+            if conv.wire[side]:
+                n = data.draw(st.integers(1, len(conv.wire[side])), label="bytes")
+                conv.deliver(side, n)
+            continue
+        frame = conv.handshake_step(side)
+        if frame is not None:
+            conv.sent(side, FrameDecoder().feed(frame)[0], frame)
+            continue
+        if action == "random":
+            strat = random_to_receiver if side == "source" else random_to_source
+            msg = data.draw(strat, label="random message")
+            if isinstance(msg, Error) and conv.rcv.state is not State.READY:
+                continue  # known: a volume Error before Welcome is sendable, not receivable
+            conv.try_send(side, msg)
+            continue
+        moves = conv.moves(side)
+        if moves:
+            conv.try_send(side, data.draw(st.sampled_from(moves), label="move"))
+    # drain: everything in flight is accepted by the peer
+    for side in ("source", "receiver", "source"):
+        if conv.wire[side]:
+            conv.deliver(side, len(conv.wire[side]))
+
