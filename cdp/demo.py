@@ -167,10 +167,10 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
                                       stdout=logs["source"], stderr=subprocess.STDOUT, env=env))
         state_dir = root / "state"
         _wait_current(state_dir, t0, procs, progress, "seed")
-        seed_s = time.time() - t0
+        rx_state = root / "replicas" / "vm1-disk0" / "state.json"
+        seed_s = read_json(rx_state)["applied_at"] - t0  # the receiver's clock, not our polling
         progress.done(f"seed: {format_bytes(size)} in {seed_s:.2f}s "
                       f"({size / seed_s / 1e6:.0f} MB/s logical, daemon start included)")
-        rx_state = root / "replicas" / "vm1-disk0" / "state.json"
         after_seed = read_json(rx_state)["counters"]
 
         rounds = []
