@@ -300,6 +300,8 @@ class Source:
         vs.error = ""
         if vs.reconcile(opened.replica_id, opened.epoch):
             log.info("volume=%s resuming at epoch %d", vs.name, opened.epoch)
+            if not vs.indexed:
+                self._index_map(vs, opened.epoch)
         else:
             await self._fetch_map(link, vs, opened)
         wake = self.wake[vs.name]
@@ -343,11 +345,17 @@ class Source:
                 raise ProtocolError(f"{vs.name}: receiver sent {len(smap) // 16} of {n} hashes")
         vs.adopt(opened.replica_id, opened.epoch, smap)
         vs.seeded = opened.epoch > 0
-        # what the replica holds is available for references from every volume
-        for i in range(n):
+        self._index_map(vs, opened.epoch)
+
+    def _index_map(self, vs: VolumeState, epoch: int) -> None:
+        """What the replica holds is available for references from every volume."""
+        assert vs.geo is not None and vs.smap is not None
+        smap, zero = vs.smap, zero_hash(vs.geo.block_size)
+        for i in range(vs.geo.blocks):
             h = bytes(smap[i * 16:(i + 1) * 16])
-            if h != zero_hash(vs.geo.length(i)):
-                self.index.add(h, vs.name, i, opened.epoch)
+            if h != zero and h != zero_hash(vs.geo.length(i)):
+                self.index.add(h, vs.name, i, epoch)
+        vs.indexed = True
 
     async def _run_hook(self, vs: VolumeState, cmd: str | None, phase: str) -> None:
         if not cmd:
@@ -457,12 +465,18 @@ class Source:
         scan_task = asyncio.ensure_future(asyncio.to_thread(work))
         sender = asyncio.create_task(self._send_ops(link, vs, q, capture))
         try:
-            done, _ = await asyncio.wait({scan_task, sender}, return_when=asyncio.FIRST_EXCEPTION)
-            for t in done:
-                if t.exception() is not None and not isinstance(t.exception(), _Cancelled):
-                    raise t.exception()  # type: ignore[misc]
-            if not sender.done():
-                await sender
+            await asyncio.wait({scan_task, sender}, return_when=asyncio.FIRST_EXCEPTION)
+            if sender.done() and sender.exception() is not None:
+                raise sender.exception()  # type: ignore[misc]
+            if scan_task.done():
+                exc = scan_task.exception()
+                if exc is not None:
+                    # cancelled (Need, error, shutdown) or failed: "end" will never come
+                    sender.cancel()
+                    if not isinstance(exc, _Cancelled):
+                        raise exc
+                else:
+                    await sender  # it drains the queue up to "end"
         finally:
             cancel.set()
             sender.cancel()

@@ -103,6 +103,7 @@ class VolumeState:
         self.seeded = False
         self.saved_at = 0.0
         self.need: int | None = None
+        self.indexed = False  # smap's blocks are in the dedup index
         self.rate_window: list[tuple[float, int]] = []
 
     # -- persistence ---------------------------------------------------------
