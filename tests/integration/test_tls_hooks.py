@@ -9,14 +9,19 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import (
-    BS, assert_replica_equal, make_image, scaled, wait_converged, wait_for, write_blocks,
+    BS,
+    assert_replica_equal,
+    make_image,
+    scaled,
+    wait_converged,
+    wait_for,
+    write_blocks,
 )
 
 
@@ -26,7 +31,7 @@ def _name(cn: str) -> x509.Name:
 
 def _cert(subject: str, key, issuer_key, issuer: str, *, ca: bool = False,
           san: str | None = None) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - datetime.timedelta(minutes=5))
