@@ -73,8 +73,8 @@ def render(report: dict[str, Any]) -> None:
     console = Console()
     t = Table(title=f"cdp {report['kind']} status")
     if report["kind"] == "receiver":
-        for col in ("volume", "epoch", "lag (RPO)", "logical", "wire", "dedup", "zero",
-                    "compressed", "rate", "source"):
+        for col in ("volume", "epoch", "applied", "lag (RPO)", "logical", "wire", "dedup",
+                    "zero", "compressed", "rate", "source"):
             t.add_column(col)
         for v in report["volumes"]:
             c = v["counters"]
@@ -82,7 +82,9 @@ def render(report: dict[str, Any]) -> None:
             src = (v["client"] + (" (connected)" if v["connected"] else "")) or "-"
             if v["error"]:
                 src += f" error: {v['error']}"
-            t.add_row(v["volume"], str(v["epoch"]), lag, _b(c["logical"]), _b(c["wire"]),
+            applied = time.strftime("%H:%M:%S", time.localtime(v["applied_at"])) if v[
+                "applied_at"] else "-"
+            t.add_row(v["volume"], str(v["epoch"]), applied, lag, _b(c["logical"]), _b(c["wire"]),
                       _b(c["dedup"]), _b(c["zero"]), _b(c["compressed"]),
                       f"{_b(v['rate'])}/s", src)
     else:
