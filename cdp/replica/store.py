@@ -29,6 +29,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -159,11 +160,9 @@ class Replica:
         found = {wal.committed_epoch(p): p for p in logs}
         while (nxt := self.state.epoch + 1) in found:
             log.warning("replaying committed epoch volume=%s epoch=%d", self.state.volume, nxt)
-            self._apply(found.pop(nxt), None)
-        if found:
-            log.warning("discarding unfinished epoch(s) in the WAL volume=%s", self.state.volume)
+            self._apply(wal.read_log(found.pop(nxt)), None)
         for p in logs:
-            os.truncate(p, 0)
+            wal.clear(p)
 
     def close(self) -> None:
         for fd in (self.image_fd, self.hash_fd, self._lock_fd):
@@ -204,11 +203,11 @@ class Replica:
 
     # -- applying ------------------------------------------------------------
 
-    def _apply(self, wal_path: Path, cache: dict[int, bytes] | None) -> None:
-        """Apply the committed epoch in the WAL to image and hash map, then advance the state."""
+    def _apply(self, records: Iterable[wal.Record], cache: dict[int, bytes] | None) -> None:
+        """Apply a committed epoch's records to image and hash map, then advance the state."""
         geo = self.geometry
         commit: list | None = None
-        for rec in wal.read_log(wal_path):
+        for rec in records:
             kind = rec.body[0]
             if kind in (wal.DATA, wal.RAW):
                 indices = unpack_u64(rec.body[1])
@@ -233,8 +232,8 @@ class Replica:
                                    f"after epoch {self.state.epoch}")
         if commit is None:  # pragma: no cover - callers checked
             raise ReplicaError("WAL has no commit record")
-        os.fsync(self.image_fd)
-        os.fsync(self.hash_fd)
+        os.fdatasync(self.image_fd)
+        os.fdatasync(self.hash_fd)
         st = self.state
         delta = commit[4] if len(commit) > 4 and isinstance(commit[4], dict) else {}
         counters = {k: st.counters.get(k, 0) + int(delta.get(k, 0)) for k in COUNTERS}
@@ -275,9 +274,10 @@ class EpochWriter:
         self._wal_path = replica.wal_path(epoch)
         self._done = False
         self._sealed = False
+        self._records: list[tuple[int, list, int]] = []  # (offset, meta, blob length)
         try:
-            self._wal = wal.WalWriter(self._wal_path)
-            self._wal.append([wal.BEGIN, epoch, when])
+            self._wal = wal.WalWriter(self._wal_path, epoch)
+            self._log([wal.BEGIN, epoch, when])
         except OSError as exc:
             self._fail(exc)
 
@@ -319,7 +319,7 @@ class EpochWriter:
                     "(corrupted in transit?)", code="integrity", volume=self.replica.state.volume)
             pos += n
         try:
-            off = self._wal.append([wal.DATA, indices, hashes, raw_len], zdata)
+            off = self._log([wal.DATA, indices, hashes, raw_len], zdata)
         except OSError as exc:
             self._fail(exc)
         pos = 0
@@ -356,7 +356,7 @@ class EpochWriter:
             logical += min(self.geo.size, (start + count) * self.geo.block_size) - (
                 start * self.geo.block_size)
         try:
-            self._wal.append([wal.ZERO, runs_blob])
+            self._log([wal.ZERO, runs_blob])
         except OSError as exc:
             self._fail(exc)
         self._count(total, logical, zero=logical)
@@ -402,7 +402,7 @@ class EpochWriter:
         if got_idx:
             raw = b"".join(got_data)
             try:
-                self._wal.append([wal.RAW, pack_u64(got_idx), b"".join(got_hash)], raw)
+                self._log([wal.RAW, pack_u64(got_idx), b"".join(got_hash)], raw)
             except OSError as exc:
                 self._fail(exc)
             self._touched.extend(got_idx)
@@ -413,7 +413,7 @@ class EpochWriter:
         off, pos, n = loc
         data = self._cache.get(off) or self._recent.get(off)
         if data is None:
-            body, blob, _ = wal.read_record(wal_fd, off)
+            body, blob, _ = wal.read_record(wal_fd, off, self.epoch)
             data = decompress(blob, body[3]) if body[0] == wal.DATA else blob
             if len(self._recent) >= 4:  # a few records back: repeats cluster
                 del self._recent[next(iter(self._recent))]
@@ -436,7 +436,7 @@ class EpochWriter:
                 f"Commit says {blocks} blocks but {self.blocks} arrived in epoch {self.epoch}")
         self.counters["epochs"] = 1
         try:
-            self._wal.append([wal.COMMIT, self.epoch, self.time, blocks, self.counters])
+            self._log([wal.COMMIT, self.epoch, self.time, blocks, self.counters])
             self._wal.sync()
             self._wal.close()
             self._reserve()
@@ -449,7 +449,7 @@ class EpochWriter:
         rep = self.replica
         assert self._sealed
         try:
-            rep._apply(self._wal_path, self._cache)
+            rep._apply(self._replay(), self._cache)
         except OSError as exc:
             # The WAL holds the whole epoch: reopening the replica replays it.
             self._done = True
@@ -458,9 +458,26 @@ class EpochWriter:
                     f"{rep.state.volume}: disk full while applying epoch {self.epoch}; it is kept "
                     "in the WAL and replayed when the replica is reopened") from None
             raise ReplicaError(f"{rep.state.volume}: apply failed: {exc}") from None
-        os.truncate(self._wal_path, 0)
-        self._done = True
+        self._done = True  # the WAL may stay: its epoch is now <= the state's, never replayed
         return rep.state
+
+    def _log(self, body: list, blob: bytes = b"") -> int:
+        off = self._wal.append(body, blob)
+        self._records.append((off, body, len(blob)))
+        return off
+
+    def _replay(self) -> Iterator[wal.Record]:
+        """This epoch's records from memory; block data from the apply cache or the WAL."""
+        fd = os.open(self._wal_path, os.O_RDONLY)
+        try:
+            for off, body, blen in self._records:
+                if blen and off not in self._cache:
+                    _, blob, _ = wal.read_record(fd, off, self.epoch)
+                else:
+                    blob = b""
+                yield wal.Record(off, body, blob)
+        finally:
+            os.close(fd)
 
     def _reserve(self) -> None:
         """Allocate the image ranges the epoch writes, so ENOSPC strikes before any write."""
@@ -481,6 +498,6 @@ class EpochWriter:
         except (OSError, AttributeError):
             pass
         try:
-            os.truncate(self._wal_path, 0)
+            wal.clear(self._wal_path)
         except OSError:
             pass

@@ -1,9 +1,10 @@
 """The write-ahead log of one epoch.
 
-Layout of ``<data_dir>/<volume>/wal``: a sequence of records, appended while
-an epoch arrives, made durable with one fsync at commit::
+Layout of ``<data_dir>/<volume>/wal.<epoch % 2>``: a sequence of records,
+appended while an epoch arrives, made durable with one fsync at commit::
 
-    record := u32 meta_len | u32 blob_len (big-endian) | 16-byte xxh3-128 of meta+blob
+    record := u32 meta_len | u32 blob_len | u64 epoch (big-endian)
+              | 16-byte xxh3-128 of meta+blob, seeded with the epoch
               | meta | blob
     meta   := msgpack array, one of                              blob
         [BEGIN,  epoch, time]                                    -
@@ -13,12 +14,16 @@ an epoch arrives, made durable with one fsync at commit::
         [COMMIT, epoch, time, block_count, counters]             -
 
 Block data stays out of msgpack (the blob), so appending it costs one write,
-not a copy into a packer.
+not a copy into a packer. The file is overwritten in place from offset 0 by
+the next epoch that uses it (no truncate, no re-allocation); every record
+carries its epoch and a checksum seeded with it, so leftovers of an older
+epoch past the end can never be read as part of a newer one.
 
-A log is valid only if every record checks out and the last one is COMMIT;
-anything else (a torn tail, a missing commit) is an epoch that was never
-acknowledged, and is discarded on open. Borg's legacy repository log (PUT /
-COMMIT, drop everything after the last commit) is the model.
+A log holds an epoch only if it starts with BEGIN, every record up to a
+COMMIT checks out, and all carry that epoch; anything else (a torn tail, a
+missing commit) is an epoch that was never acknowledged, and is discarded on
+open. Borg's legacy repository log (PUT / COMMIT, drop everything after the
+last commit) is the model.
 """
 
 from __future__ import annotations
@@ -32,10 +37,8 @@ from typing import Any
 import msgpack
 import xxhash
 
-from cdp.codec import block_hash
-
 BEGIN, DATA, RAW, ZERO, COMMIT = 1, 2, 3, 4, 5
-_HEAD = struct.Struct(">II16s")
+_HEAD = struct.Struct(">IIQ16s")
 MAX_RECORD = 1 << 30
 
 
@@ -50,20 +53,27 @@ class Record:
     blob: bytes
 
 
-class WalWriter:
-    """Appends records to the log through one buffered file; fsync happens in sync()."""
+def _digest(epoch: int, meta: bytes, blob: bytes | memoryview) -> bytes:
+    h = xxhash.xxh3_128(meta, seed=epoch)
+    h.update(blob)
+    return h.digest()
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._fh = open(path, "wb", buffering=1 << 20)  # truncates any earlier log
+
+class WalWriter:
+    """Appends one epoch's records from offset 0 through a buffered file; sync() fsyncs."""
+
+    def __init__(self, path: str | os.PathLike[str], epoch: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fh = os.fdopen(fd, "r+b", buffering=1 << 20)
+        self.epoch = epoch
         self.offset = 0
 
     def append(self, body: list[Any], blob: bytes = b"") -> int:
         """Write one record; returns its offset in the log."""
         meta = msgpack.packb(body, use_bin_type=True)
-        h = xxhash.xxh3_128(meta)
-        h.update(blob)
         off = self.offset
-        self._fh.write(_HEAD.pack(len(meta), len(blob), h.digest()))
+        self._fh.write(_HEAD.pack(len(meta), len(blob), self.epoch,
+                                  _digest(self.epoch, meta, blob)))
         self._fh.write(meta)
         if blob:
             self._fh.write(blob)
@@ -72,7 +82,7 @@ class WalWriter:
 
     def sync(self) -> None:
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        os.fdatasync(self._fh.fileno())
 
     def flush(self) -> None:
         self._fh.flush()
@@ -81,32 +91,47 @@ class WalWriter:
         self._fh.close()
 
 
-def read_record(fd: int, offset: int) -> tuple[list[Any], bytes, int]:
-    """The record at `offset`: (meta, blob, offset of the next record)."""
+def read_record(fd: int, offset: int, epoch: int | None = None) -> tuple[list[Any], bytes, int]:
+    """The record at `offset`: (meta, blob, offset of the next record).
+
+    With `epoch` given, a record of any other epoch is an error (a leftover).
+    """
     head = os.pread(fd, _HEAD.size, offset)
     if len(head) != _HEAD.size:
         raise WalCorrupt(f"short record header at {offset}")
-    mlen, blen, digest = _HEAD.unpack(head)
+    mlen, blen, rec_epoch, digest = _HEAD.unpack(head)
+    if epoch is not None and rec_epoch != epoch:
+        raise WalCorrupt(f"record at {offset} belongs to epoch {rec_epoch}, not {epoch}")
     if mlen > MAX_RECORD or blen > MAX_RECORD:
         raise WalCorrupt(f"record lengths {mlen}+{blen} at {offset} are implausible")
     payload = os.pread(fd, mlen + blen, offset + _HEAD.size)
-    if len(payload) != mlen + blen or block_hash(payload) != digest:
+    mv = memoryview(payload)
+    if len(payload) != mlen + blen or _digest(rec_epoch, payload[:mlen], mv[mlen:]) != digest:
         raise WalCorrupt(f"record at {offset} is torn or corrupt")
-    body = msgpack.unpackb(payload[:mlen], raw=False)
+    try:
+        body = msgpack.unpackb(payload[:mlen], raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise WalCorrupt(f"record at {offset} does not decode: {exc}") from None
     if not isinstance(body, list) or not body:
         raise WalCorrupt(f"record at {offset} is not a record")
     return body, payload[mlen:], offset + _HEAD.size + mlen + blen
 
 
 def read_log(path: str | os.PathLike[str]) -> Iterator[Record]:
-    """Every record of a log, in order; raises WalCorrupt at the first bad one."""
+    """The records of the epoch in a log, BEGIN to COMMIT; WalCorrupt where it breaks."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
-        off = 0
-        while off < size:
-            body, blob, nxt = read_record(fd, off)
+        body, blob, nxt = read_record(fd, 0)
+        if body[0] != BEGIN or len(body) < 2 or type(body[1]) is not int:
+            raise WalCorrupt("log does not start with BEGIN")
+        epoch = body[1]
+        yield Record(0, body, blob)
+        off = nxt
+        while True:
+            body, blob, nxt = read_record(fd, off, epoch)
             yield Record(off, body, blob)
+            if body[0] == COMMIT:
+                return
             off = nxt
     finally:
         os.close(fd)
@@ -124,10 +149,23 @@ def committed_epoch(path: str | os.PathLike[str]) -> int | None:
             if first is None:
                 first = rec.body
             last = rec.body
-    except (WalCorrupt, OSError, ValueError, msgpack.UnpackException):
+    except (WalCorrupt, OSError):
         return None
-    if first is None or last is None or first[0] != BEGIN or last[0] != COMMIT:
+    if first is None or last is None or last[0] != COMMIT:
         return None
-    if len(first) < 2 or len(last) < 2 or first[1] != last[1] or type(last[1]) is not int:
+    if len(last) < 2 or first[1] != last[1]:
         return None
     return last[1]
+
+
+def clear(path: str | os.PathLike[str]) -> None:
+    """Make the log hold no epoch (one small write, durable), keeping its space for reuse."""
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.pwrite(fd, bytes(_HEAD.size), 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)

@@ -159,7 +159,7 @@ def test_torn_wal_is_discarded(tmp_path: Path, cut: int) -> None:
     os.truncate(log, size - cut if cut > 0 else size // 2)
     r = Replica.open(tmp_path, "v", GEO)
     assert r.state.epoch == 1 and image(tmp_path) == before
-    assert log.stat().st_size == 0
+    assert wal.committed_epoch(log) is None  # the log holds no epoch any more
     r.close()
 
 
