@@ -341,14 +341,18 @@ class _Conn:
 
     async def add_refs(self, msg: Ref, size: int) -> None:
         w = self.writers[msg.volume]
+        w.add_wire(size)
+        rest = (msg.indices, msg.hashes, msg.from_indices)
+        if msg.from_volume == msg.volume:
+            rest = await asyncio.to_thread(w.resolve_local, *rest)
+            if not rest[0]:
+                return
         src: Replica | None = None
         if msg.from_volume in self.session.allowed:
             src = self.rx.replicas.get(msg.from_volume)
             # references read the image: let earlier epochs of that volume land first
             await self.settle(msg.from_volume)
-        missing = await asyncio.to_thread(w.add_refs, msg.indices, msg.hashes, src,
-                                          msg.from_indices)
-        w.add_wire(size)
+        missing = await asyncio.to_thread(w.add_refs, rest[0], rest[1], src, rest[2])
         if missing:
             self.missing[msg.volume].extend(missing)
 

@@ -361,6 +361,32 @@ class EpochWriter:
             self._fail(exc)
         self._count(total, logical, zero=logical)
 
+    def resolve_local(self, indices: bytes, hashes: bytes,
+                      from_indices: bytes) -> tuple[bytes, bytes, bytes]:
+        """Resolve the references to content received earlier in this epoch; returns the rest.
+
+        These need no image read, so they need not wait for earlier epochs to land.
+        """
+        idx = self._indices(indices, hashes)
+        fidx = unpack_u64(from_indices).tolist()
+        if len(fidx) != len(idx):
+            raise RemoteProtocolError("Ref: indices and from_indices differ in length")
+        local = [k for k, i in enumerate(idx) if self._local.get(
+            hashes[k * HASH_LEN:(k + 1) * HASH_LEN], (0, 0, -1))[2] == self.geo.length(i)]
+        if not local:
+            return indices, hashes, from_indices
+
+        def pick(ks: list[int]) -> tuple[bytes, bytes, bytes]:
+            return (pack_u64(idx[k] for k in ks),
+                    b"".join(hashes[k * HASH_LEN:(k + 1) * HASH_LEN] for k in ks),
+                    pack_u64(fidx[k] for k in ks))
+
+        sel = pick(local)
+        missing = set(self.add_refs(sel[0], sel[1], self.replica, sel[2]))
+        chosen = set(local)
+        rest = [k for k in range(len(idx)) if k not in chosen or idx[k] in missing]
+        return pick(rest)
+
     def add_refs(self, indices: bytes, hashes: bytes, source: Replica | None,
                  from_indices: bytes) -> list[int]:
         """Resolve references to content the receiver should hold; returns those it cannot.
@@ -372,6 +398,8 @@ class EpochWriter:
         fidx = unpack_u64(from_indices).tolist()
         if len(fidx) != len(idx):
             raise RemoteProtocolError("Ref: indices and from_indices differ in length")
+        if not idx:
+            return []
         got_idx: list[int] = []
         got_hash: list[bytes] = []
         got_data: list[bytes] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_unpack_bad_length(n):
 
 
 def test_unpack_bad_length_names_what():
-    with pytest.raises(RemoteProtocolError, match="Data.indices"):
+    with pytest.raises(RemoteProtocolError, match=r"Data\.indices"):
         unpack_u64(b"\x00" * 12, "Data.indices")
 
 
@@ -124,7 +125,7 @@ def test_runs_property(index_set):
     expanded = [i for start, count in out for i in range(start, start + count)]
     assert expanded == indices
     # maximal: consecutive runs never touch
-    for (s1, c1), (s2, _) in zip(out, out[1:], strict=False):
+    for (s1, c1), (s2, _) in itertools.pairwise(out):
         assert s1 + c1 < s2
 
 

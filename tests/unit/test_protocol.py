@@ -6,16 +6,42 @@ returns into the other's receive_data(), and keeps every byte for inspection.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
+from cdp.config import load_source
+from cdp.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VolumeError
 from cdp.frames import encode
 from cdp.messages import (
-    PROTOCOL_VERSION, Ack, Auth, Begin, Bye, Challenge, Commit, Current, Data, Error, GetHashes,
-    Hashes, Hello, Message, Need, Open, Opened, Ref, Welcome, Zero,
+    PROTOCOL_VERSION,
+    Ack,
+    Auth,
+    Begin,
+    Bye,
+    Challenge,
+    Commit,
+    Current,
+    Data,
+    Error,
+    GetHashes,
+    Hashes,
+    Hello,
+    Message,
+    Need,
+    Open,
+    Opened,
+    Ref,
+    Welcome,
+    Zero,
 )
 from cdp.protocol import (
-    NONCE_LEN, ReceiverSession, SourceSession, State, receiver_proof, source_mac,
+    NONCE_LEN,
+    ReceiverSession,
+    SourceSession,
+    State,
+    receiver_proof,
+    source_mac,
 )
 
 TOKEN = b"3f1c0a9e5b7d2468ace13579bdf02468"
@@ -552,12 +578,6 @@ def test_need_discard_still_refuses_older_epochs():
         p.rcv.receive_data(encode(Begin("vm1", 4, 0.0)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the source may Begin(e+1) right after Commit(e) (window > 1) but the "
-           "receiver refuses Begin(e+1) until it has sent Ack(e): receive_data raises "
-           "RemoteProtocolError when Commit(e) and Begin(e+1) arrive in one chunk",
-)
 def test_receiver_accepts_pipelined_epochs():
     p = ready("vm1")
     msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
@@ -565,6 +585,96 @@ def test_receiver_accepts_pipelined_epochs():
     assert p.s2r(chunk) == msgs
     assert p.rcv_send(Ack("vm1", 1, 0.0)) == [Ack("vm1", 1, 0.0)]
     assert p.rcv_send(Ack("vm1", 2, 0.0)) == [Ack("vm1", 2, 0.0)]
+
+
+def test_pipelined_epochs_one_frame_at_a_time():
+    p = ready("vm1")
+    for m in [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]:
+        assert p.src_send(m) == [m]
+    p.rcv_send(Ack("vm1", 1, 0.0))
+    for m in p.epoch_frames("vm1", 3):
+        assert p.src_send(m) == [m]
+    p.rcv_send(Ack("vm1", 2, 0.0))
+    p.rcv_send(Ack("vm1", 3, 0.0))
+    with pytest.raises(LocalProtocolError):
+        p.rcv.send(Ack("vm1", 3, 0.0))  # answered already
+
+
+def test_answers_in_commit_order():
+    p = ready("vm1")
+    for m in [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]:
+        p.src_send(m)
+    with pytest.raises(LocalProtocolError):
+        p.rcv.send(Ack("vm1", 2, 0.0))
+    with pytest.raises(RemoteProtocolError):
+        p.src.receive_data(encode(Ack("vm1", 2, 0.0)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: after reject(v, e) the Need(e) send keeps later committed epochs "
+           "(committed=[e+1]); the resent epoch e can then not be acked (Ack(e) is "
+           "'without its Commit') and a stale Ack(e+1) is allowed",
+)
+def test_need_after_reject_with_pipelined_epoch():
+    p = ready("vm1")
+    msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
+    assert p.s2r(b"".join(p.src.send(m) for m in msgs)) == msgs  # one read
+    p.rcv.reject("vm1", 1)  # epoch 1 has unresolvable references
+    assert p.rcv_send(Need("vm1", 1, b"")) == [Need("vm1", 1, b"")]
+    with pytest.raises(LocalProtocolError):
+        p.rcv.send(Ack("vm1", 2, 0.0))  # epoch 2 was dropped with epoch 1
+    for m in p.epoch_frames("vm1", 1):
+        assert p.src_send(m) == [m]
+    assert p.rcv_send(Ack("vm1", 1, 0.0)) == [Ack("vm1", 1, 0.0)]
+
+
+def _largest_window_accepted(tmp_path) -> int:
+    tok = tmp_path / "t.token"
+    fd = os.open(tok, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, TOKEN)
+    os.close(fd)
+    largest = 0
+    for window in (1, 2, 8, 16, 17, 32, 64, 65, 128, 1024):
+        cfg = tmp_path / f"source-{window}.toml"
+        cfg.write_text(f'[source]\nname = "host1"\nreceiver = "127.0.0.1:7400"\n'
+                       f'token_file = "t.token"\nwindow = {window}\n'
+                       f'[[volume]]\nname = "vm1"\npath = "vm1.img"\n')
+        try:
+            largest = load_source(cfg).window
+        except ConfigError:
+            pass
+    return largest
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: config accepts source.window up to 64, but ReceiverSession refuses a Begin "
+           "once MAX_UNANSWERED (16) epochs await an answer",
+)
+def test_largest_configurable_window_fits_the_receiver(tmp_path):
+    window = _largest_window_accepted(tmp_path)
+    assert window >= 2
+    p = ready("vm1")
+    # the source daemon sends Begin while fewer than `window` epochs are unacked
+    for e in range(1, window + 1):
+        for m in p.epoch_frames("vm1", e):
+            assert p.src_send(m) == [m]
+    for e in range(1, window + 1):
+        p.rcv_send(Ack("vm1", e, 0.0))
+
+
+def test_reject_drops_frames_until_begin():
+    p = ready("vm1")
+    for m in p.epoch_frames("vm1", 1):
+        p.src_send(m)
+    p.rcv.reject("vm1", 1)
+    for m in p.epoch_frames("vm1", 2):
+        assert p.src_send(m) == []
+    p.rcv_send(Need("vm1", 1, b""))
+    for m in p.epoch_frames("vm1", 1):
+        assert p.src_send(m) == [m]
+    p.rcv_send(Ack("vm1", 1, 0.0))
 
 
 # ---------------------------------------------------------------- local errors
@@ -638,6 +748,31 @@ def test_receiver_local_errors():
                 Auth(b"m"), data("vm1", 1), Commit("vm1", 1, 0), Current("vm1", 0, 0.0)):
         with pytest.raises(LocalProtocolError):
             p.rcv.send(msg)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: SourceSession does not remember that a volume was opened read-only, so "
+           "send(Begin) is allowed locally and the receiver then kills the connection",
+)
+def test_source_refuses_begin_on_readonly_volume():
+    p = ready(None)
+    p.src_send(Open("vm1", BS, BS, readonly=True))
+    p.rcv_send(Opened("vm1", "r", 0, 0.0))
+    with pytest.raises(LocalProtocolError):
+        p.src.send(Begin("vm1", 1, 0.0))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: ReceiverSession lets a volume-level Error be sent before Welcome, which "
+           "the source refuses as 'unexpected Error before authentication'",
+)
+def test_receiver_refuses_volume_error_before_welcome():
+    p = Pair()
+    p.s2r(p.src.start())
+    with pytest.raises(LocalProtocolError):
+        p.rcv.send(Error("replica", "broken", "vm1"))
 
 
 # ---------------------------------------------------------------- closing
