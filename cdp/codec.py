@@ -59,7 +59,9 @@ def decompress(blob: bytes, expected_len: int) -> bytes:
         params = zstandard.get_frame_parameters(blob)
     except zstandard.ZstdError as exc:
         raise RemoteProtocolError(f"compressed data is not a zstd frame: {exc}") from None
-    if params.content_size not in (expected_len, zstandard.CONTENTSIZE_UNKNOWN):
+    if params.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise RemoteProtocolError("compressed data does not record its size; refusing it")
+    if params.content_size != expected_len:
         raise RemoteProtocolError(
             f"compressed data holds {params.content_size} bytes, expected {expected_len}"
         )

@@ -23,11 +23,12 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_BLOCK_SIZE = 64 * 1024
 MIN_BLOCK_SIZE = 4 * 1024
 MAX_BLOCK_SIZE = 4 * 1024 * 1024
+MAX_WINDOW = 16  # the receiver answers at most this many committed epochs per volume
 
 
 def valid_name(name: str) -> bool:
     """Volume and client names become folder names: no separators, no '..', no hidden files."""
-    return bool(NAME_RE.match(name)) and ".." not in name
+    return bool(NAME_RE.fullmatch(name)) and ".." not in name
 
 
 @dataclass(frozen=True)
@@ -291,7 +292,7 @@ def load_source(path: str | Path) -> SourceConfig:
             raise tt.err("cert", "cert and key go together: set both or neither")
         tt.done()
     opts = dict(
-        window=t.get("window", _int(1, 64), default=2),
+        window=t.get("window", _int(1, MAX_WINDOW), default=2),
         batch_bytes=t.get("batch_bytes", lambda v: _range_size(v, 64 << 10, 16 << 20),
                           default=2 << 20),
         max_epoch_bytes=t.get("max_epoch_bytes", lambda v: _range_size(v, 1 << 20, 1 << 40),

@@ -54,25 +54,39 @@ class FrameDecoder:
         self._buf = bytearray()
         self.sizes: list[int] = []  # frame sizes (header included) of the last feed's messages
 
-    def feed(self, data: bytes) -> list[Message]:
+    def push(self, data: bytes) -> None:
+        """Buffer received bytes; take messages out with pop()."""
         self._buf += data
-        out: list[Message] = []
-        self.sizes = sizes = []
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= HEADER.size:
-            (length,) = HEADER.unpack_from(buf, pos)
-            if length > self.max_frame:
+        if len(self._buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buf, 0)
+            if length > self.max_frame:  # refuse at once, before the body arrives
                 raise RemoteProtocolError(
                     f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
-            if len(buf) - pos - HEADER.size < length:
-                break
-            start = pos + HEADER.size
-            out.append(decode_payload(bytes(buf[start:start + length]), self.max_frame))
-            sizes.append(HEADER.size + length)
-            pos = start + length
-        if pos:
-            del buf[:pos]
+
+    def pop(self) -> tuple[Message, int] | None:
+        """The next whole message and its frame size, or None until more bytes arrive."""
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(buf, 0)
+        if length > self.max_frame:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+        end = HEADER.size + length
+        if len(buf) < end:
+            return None
+        payload = bytes(memoryview(buf)[HEADER.size:end])
+        del buf[:end]
+        return decode_payload(payload, self.max_frame), end
+
+    def feed(self, data: bytes) -> list[Message]:
+        """push() then pop() until empty; frame sizes go to `sizes`."""
+        self.push(data)
+        out: list[Message] = []
+        self.sizes = []
+        while (item := self.pop()) is not None:
+            out.append(item[0])
+            self.sizes.append(item[1])
         return out
 
     @property

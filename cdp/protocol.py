@@ -29,11 +29,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
-from cdp.config import valid_name
+from cdp.config import MAX_WINDOW, valid_name
 from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
 from cdp.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from cdp.messages import (
@@ -60,7 +60,7 @@ from cdp.messages import (
 )
 
 NONCE_LEN = 32
-MAX_UNANSWERED = 16  # committed epochs per volume awaiting Ack/Need
+MAX_UNANSWERED = MAX_WINDOW  # committed epochs per volume awaiting Ack/Need
 EPOCH_MESSAGES = (Data, Zero, Ref)
 
 
@@ -101,25 +101,65 @@ class _Session:
         self._decoder = FrameDecoder(max_frame)
         self.volumes: dict[str, _VolumeState] = {}
         self.last_sizes: list[int] = []  # frame sizes of the events last returned
+        self._deferred: list[VolumeError] = []
+
+    def feed(self, data: bytes) -> None:
+        """Buffer received bytes; take validated messages out with events()."""
+        if self.state is not State.CLOSED:
+            try:
+                self._decoder.push(data)
+            except RemoteProtocolError:
+                self.state = State.CLOSED
+                raise
+
+    def events(self) -> Iterator[tuple[Message | VolumeError, int]]:
+        """(message, frame size) one at a time, validated only when taken.
+
+        Lazy on purpose: what the caller does with one message (reject an
+        epoch, fail a volume) governs how the next is judged. A refused volume
+        comes out as a VolumeError instance; the stream goes on. Anything that
+        breaks the connection raises ProtocolError/AuthError.
+        """
+        while self.state is not State.CLOSED:
+            try:
+                item = self._decoder.pop()
+                if item is None:
+                    return
+                msg, size = item
+                try:
+                    ok = self._accept(msg)
+                except VolumeError as exc:
+                    yield exc, size
+                    continue
+            except (RemoteProtocolError, AuthError):
+                self.state = State.CLOSED
+                raise
+            if ok:
+                yield msg, size
 
     def receive_data(self, data: bytes) -> list[Message]:
-        """Validated messages from received bytes; raises ProtocolError on any violation."""
+        """Every validated message in received bytes; raises ProtocolError on any violation.
+
+        A refused volume (VolumeError) is raised without losing its
+        neighbours: messages decoded with it are returned, and the error is
+        raised by the next call.
+        """
         if self.state is State.CLOSED:
             return []
-        try:
-            events = []
-            sizes = []
-            for msg, size in zip(self._decoder.feed(data), self._decoder.sizes, strict=True):
-                if self._accept(msg):
-                    events.append(msg)
-                    sizes.append(size)
-                if self.state is State.CLOSED:
-                    break
-            self.last_sizes = sizes
-            return events
-        except (RemoteProtocolError, AuthError):
-            self.state = State.CLOSED
-            raise
+        self.feed(data)
+        if self._deferred:
+            raise self._deferred.pop(0)
+        events, sizes = [], []
+        for ev, size in self.events():
+            if isinstance(ev, VolumeError):
+                self._deferred.append(ev)
+            else:
+                events.append(ev)
+                sizes.append(size)
+        self.last_sizes = sizes
+        if not events and self._deferred:
+            raise self._deferred.pop(0)
+        return events
 
     def send(self, msg: Message) -> bytes:
         """The frame for `msg`; raises LocalProtocolError if it may not be sent now."""
@@ -163,6 +203,8 @@ class SourceSession(_Session):
         self.allowed: list[str] = []
         self._pending_open: set[str] = set()
         self._pending_hashes: dict[str, int] = {}
+        self._readonly: set[str] = set()
+        self._dropped: set[str] = set()  # volumes we sent an Error for: late answers are dropped
 
     def start(self) -> bytes:
         """The Hello frame that opens the conversation."""
@@ -178,6 +220,12 @@ class SourceSession(_Session):
             if st is not State.HELLO_SENT or not self._server_nonce:
                 raise LocalProtocolError("Auth only after a Challenge")
             self.state = State.AUTH_SENT
+        elif isinstance(msg, Error) and msg.volume:
+            if st is not State.READY:
+                raise LocalProtocolError("a volume-level Error only after authentication")
+            self.volumes.pop(msg.volume, None)  # we give up on it; Open starts it again
+            self._pending_open.discard(msg.volume)
+            self._dropped.add(msg.volume)
         elif isinstance(msg, Error | Bye):
             self._closing(msg)
         elif st is not State.READY:
@@ -186,11 +234,18 @@ class SourceSession(_Session):
             if msg.volume in self.volumes or msg.volume in self._pending_open:
                 raise LocalProtocolError(f"volume {msg.volume!r} is already open")
             self._pending_open.add(msg.volume)
+            self._dropped.discard(msg.volume)
+            if msg.readonly:
+                self._readonly.add(msg.volume)
+            else:
+                self._readonly.discard(msg.volume)
         elif isinstance(msg, GetHashes):
             self._vol(msg.volume, False)
             self._pending_hashes[msg.volume] = self._pending_hashes.get(msg.volume, 0) + 1
         elif isinstance(msg, Begin):
             vs = self._vol(msg.volume, False)
+            if vs.readonly:
+                raise LocalProtocolError(f"{msg.volume}: opened read-only, cannot write")
             if vs.in_epoch or msg.epoch != vs.expected:
                 raise LocalProtocolError(
                     f"{msg.volume}: Begin({msg.epoch}) but epoch {vs.expected} is next")
@@ -237,6 +292,8 @@ class SourceSession(_Session):
             return True
         if st is not State.READY:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
+        if getattr(msg, "volume", None) in self._dropped:
+            return False
         if isinstance(msg, Error):
             self.volumes.pop(msg.volume, None)
             self._pending_open.discard(msg.volume)
@@ -245,7 +302,8 @@ class SourceSession(_Session):
             if msg.volume not in self._pending_open:
                 raise RemoteProtocolError(f"Opened for {msg.volume!r}, which we did not open")
             self._pending_open.discard(msg.volume)
-            self.volumes[msg.volume] = _VolumeState(expected=msg.epoch + 1)
+            self.volumes[msg.volume] = _VolumeState(expected=msg.epoch + 1,
+                                                    readonly=msg.volume in self._readonly)
             return True
         if isinstance(msg, Hashes):
             self._vol(msg.volume, True)
@@ -303,7 +361,7 @@ class ReceiverSession(_Session):
         if self._closing(msg):
             return True
         if isinstance(msg, Hello):
-            if st is not State.START:
+            if st is not State.START or self._client_nonce:
                 raise RemoteProtocolError("unexpected Hello")
             if msg.version != PROTOCOL_VERSION:
                 raise RemoteProtocolError(
@@ -329,6 +387,11 @@ class ReceiverSession(_Session):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
         if getattr(msg, "volume", None) in self.failed and not isinstance(msg, Open):
             return False  # frames already in flight for a volume we stopped
+        if isinstance(msg, Error):  # the source gives up on a volume (e.g. cannot read it)
+            self.volumes.pop(msg.volume, None)
+            self._opening.discard(msg.volume)
+            self.failed.add(msg.volume)
+            return True
         if isinstance(msg, Open):
             self.failed.discard(msg.volume)
             if not valid_name(msg.volume):
@@ -385,6 +448,7 @@ class ReceiverSession(_Session):
         """
         vs = self._vol(volume, False)
         vs.expected, vs.discarding, vs.in_epoch = epoch, True, False
+        vs.committed = [c for c in vs.committed if c <= epoch]  # later ones go with it
 
     def _sent(self, msg: Message) -> None:
         st = self.state
@@ -398,6 +462,8 @@ class ReceiverSession(_Session):
             self.state = State.READY
         elif isinstance(msg, Error):
             if msg.volume:
+                if st is not State.READY:
+                    raise LocalProtocolError("a volume-level Error only after authentication")
                 self.volumes.pop(msg.volume, None)
                 self._opening.discard(msg.volume)
                 self.failed.add(msg.volume)

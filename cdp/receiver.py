@@ -257,8 +257,13 @@ class _Conn:
 
     async def serve(self) -> None:
         while True:
-            events = await self.link.receive(self.rx.cfg.idle_timeout)
-            for msg, size in zip(events, self.session.last_sizes, strict=True):
+            await self.link.fill(self.rx.cfg.idle_timeout)
+            # one message at a time: a decision on one (fail a volume, reject an
+            # epoch) governs how the session judges the next
+            for msg, size in self.session.events():
+                if isinstance(msg, VolumeError):  # e.g. an Open it may not make
+                    await self.volume_failed(msg.volume, msg.wire_code, str(msg))
+                    continue
                 if isinstance(msg, Bye):
                     log.info("client said goodbye client=%s reason=%s", self.session.client,
                              msg.reason)
@@ -333,11 +338,15 @@ class _Conn:
             if msg.epoch == rep.state.epoch:
                 self.rx.live[msg.volume].current_as_of = msg.time
         elif isinstance(msg, Error):
-            log.warning("source reported error client=%s volume=%s code=%s: %s", s.client,
+            log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", s.client,
                         msg.volume, msg.code, msg.message)
             w = self.writers.pop(msg.volume, None)
             if w:
                 w.abort()
+            self.missing.pop(msg.volume, None)
+            if self.rx.owners.get(msg.volume) == id(self):
+                del self.rx.owners[msg.volume]
+            self.volumes.discard(msg.volume)
 
     async def add_refs(self, msg: Ref, size: int) -> None:
         w = self.writers[msg.volume]

@@ -94,6 +94,18 @@ class Link:
             if events:
                 return events
 
+    async def fill(self, timeout: float | None = None) -> None:
+        """Read what has arrived into the session; take messages with session.events()."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+        except TimeoutError:
+            raise TransportError(f"{self.peer}: idle for {timeout:.0f}s, closing") from None
+        except (ConnectionError, OSError) as exc:
+            raise TransportError(f"connection to {self.peer} lost: {exc}") from None
+        if not data:
+            raise TransportError(f"{self.peer} closed the connection")
+        self.session.feed(data)
+
     async def close(self) -> None:
         self.session.close()
         try:

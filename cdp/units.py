@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _SIZE_UNITS = {
@@ -25,7 +26,10 @@ def parse_size(value: int | str) -> int:
     m = _NUMBER_UNIT.match(str(value))
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(f"expected a size such as 64KiB or 1GiB, got {value!r}")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if n != int(n):
+        raise ValueError(f"{value!r} is not a whole number of bytes")
+    return int(n)
 
 
 def parse_duration(value: int | float | str) -> float:
@@ -33,8 +37,8 @@ def parse_duration(value: int | float | str) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, got a boolean")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"duration must be a finite, non-negative number, got {value}")
         return float(value)
     m = _NUMBER_UNIT.match(str(value))
     if not m or m.group(2).lower() not in _DURATION_UNITS:
@@ -54,6 +58,7 @@ def format_bytes(n: float) -> str:
 def parse_hostport(value: str) -> tuple[str, int]:
     """('127.0.0.1', 7400) from '127.0.0.1:7400' or '[::1]:7400'. Raises ValueError."""
     host, sep, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port such as 127.0.0.1:7400, got {value!r}")
-    return host.strip("[]"), int(port)
+    return host, int(port)

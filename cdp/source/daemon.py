@@ -80,6 +80,7 @@ class Source:
         self.acked_event: dict[str, asyncio.Event] = {}
         self.scan_cancel: dict[str, threading.Event] = {}
         self.scan_goal: dict[str, tuple[int, float]] = {}  # last epoch of a scan, its capture time
+        self.remote_errors: dict[str, RemoteError] = {}
         self._stop = asyncio.Event()
         self.connected = False
         self.link: Link | None = None
@@ -237,7 +238,8 @@ class Source:
                     log.info("receiver could not resolve references volume=%s epoch=%d; "
                              "re-sending", vol, msg.epoch)
                 else:
-                    if isinstance(msg, Error):
+                    if isinstance(msg, Error):  # the receiver stopped this volume
+                        self.remote_errors[vol] = RemoteError(msg.code, msg.message, vol)
                         self.scan_cancel[vol].set()
                         self.acked_event[vol].set()
                     self.inbox.setdefault(vol, asyncio.Queue()).put_nowait(msg)
@@ -294,6 +296,8 @@ class Source:
         if vs.geo != geo:
             vs.load(geo)
         vs.phase = "opening"
+        self.remote_errors.pop(vs.name, None)
+        self.inbox.pop(vs.name, None)
         await link.send(Open(vs.name, geo.size, geo.block_size))
         opened = await self._expect(vs, Opened)
         assert isinstance(opened, Opened)
@@ -307,6 +311,8 @@ class Source:
         wake = self.wake[vs.name]
         first = True
         while True:
+            if (err := self.remote_errors.pop(vs.name, None)) is not None:
+                raise err
             if not first and vs.need is None:
                 vs.phase = "idle" if vs.seeded else vs.phase
                 with contextlib.suppress(TimeoutError):
@@ -496,8 +502,8 @@ class Source:
         last_epoch = None
         while True:
             op = await q.get()
-            if vs.need is not None:
-                return
+            if vs.need is not None or vs.name not in link.session.volumes:
+                return  # the epoch was dropped (Need) or the volume stopped (Error)
             kind = op[0]
             if kind == "begin":
                 while vs.unacked_committed() >= self.cfg.window and vs.need is None:

@@ -6,7 +6,9 @@
    FrameDecoder or a session never raise anything but the protocol's errors;
 3. the same for mutated valid frames (bit flips, inserted and deleted bytes,
    rewritten length headers);
-4. a header announcing more than max_frame is refused at once, before the body.
+4. a header announcing more than max_frame is refused at once, before the body;
+5. in a random conversation (frames in flight, split reads), whatever one session's
+   send() allows the other's receive_data() accepts, and a refused send changes nothing.
 
 Only RemoteProtocolError and AuthError may come out of receive_data (plus
 VolumeError from a receiver: a refused Open is a documented, volume-level
@@ -519,8 +521,8 @@ def test_oversized_header_after_valid_frames(msgs, length):
 # Whatever a session's send() allows, the peer's receive_data() must accept; whatever
 # send() refuses (LocalProtocolError) must leave the sender unchanged.
 #
-# Known bugs are steered around here (see tests/unit/test_protocol.py, strict xfails):
-# the source never sends a volume-level Error, never Begins on a read-only volume, and
+# The moves below match what the daemons do (bugs found here earlier are fixed and have
+# their own tests in tests/unit/test_protocol.py): the source never sends a volume-level Error, never Begins on a read-only volume, and
 # keeps at most WINDOW epochs unanswered (as the daemon does; sessions alone do not); the
 # receiver sends volume Errors only for volumes it has open or was asked to open, and no
 # unasked-for Hashes. Unauthorized Opens are left to the unit tests (their VolumeError

@@ -499,19 +499,11 @@ def test_valid_name_accepts(name):
     assert valid_name(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: NAME_RE uses '$', which also matches before a trailing newline",
-)
 @pytest.mark.parametrize("name", ["vm1\n", "a.b\n"])
 def test_valid_name_refuses_trailing_newline(name):
     assert not valid_name(name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a volume name ending in a newline is accepted (NAME_RE '$')",
-)
 def test_source_volume_name_with_trailing_newline_refused(cfg_dir):
     path = source_with(cfg_dir, SOURCE.replace('name = "vm1-disk0"', 'name = "vm1\\n"'))
     assert "volume[0].name" in config_error(load_source, path)

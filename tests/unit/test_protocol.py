@@ -278,11 +278,6 @@ def test_version_mismatch():
         src.receive_data(encode(Challenge(PROTOCOL_VERSION + 1, b"n" * NONCE_LEN)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReceiverSession accepts a second Hello while it has not yet sent its "
-           "Challenge (state is still START); the second one silently replaces client+nonce",
-)
 def test_receiver_refuses_second_hello():
     rcv = ReceiverSession(CLIENTS.get)
     two = (encode(Hello(PROTOCOL_VERSION, "host1", b"a" * NONCE_LEN))
@@ -355,11 +350,6 @@ def test_opened_for_volume_not_asked_for():
         p.src.receive_data(encode(Opened("vm1", "r", 0, 0.0)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when receive_data raises VolumeError, the other messages decoded from the "
-           "same chunk are lost (accepted ones before it, and all after it)",
-)
 def test_volume_error_does_not_lose_neighbouring_frames():
     # the same bytes, one call vs one byte at a time, must give the same messages
     chunk = (encode(Open("vm1", BS, BS)) + encode(Open("vm3", BS, BS))
@@ -610,12 +600,6 @@ def test_answers_in_commit_order():
         p.src.receive_data(encode(Ack("vm1", 2, 0.0)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: after reject(v, e) the Need(e) send keeps later committed epochs "
-           "(committed=[e+1]); the resent epoch e can then not be acked (Ack(e) is "
-           "'without its Commit') and a stale Ack(e+1) is allowed",
-)
 def test_need_after_reject_with_pipelined_epoch():
     p = ready("vm1")
     msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
@@ -647,11 +631,6 @@ def _largest_window_accepted(tmp_path) -> int:
     return largest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: config accepts source.window up to 64, but ReceiverSession refuses a Begin "
-           "once MAX_UNANSWERED (16) epochs await an answer",
-)
 def test_largest_configurable_window_fits_the_receiver(tmp_path):
     window = _largest_window_accepted(tmp_path)
     assert window >= 2
@@ -750,11 +729,6 @@ def test_receiver_local_errors():
             p.rcv.send(msg)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SourceSession does not remember that a volume was opened read-only, so "
-           "send(Begin) is allowed locally and the receiver then kills the connection",
-)
 def test_source_refuses_begin_on_readonly_volume():
     p = ready(None)
     p.src_send(Open("vm1", BS, BS, readonly=True))
@@ -763,11 +737,6 @@ def test_source_refuses_begin_on_readonly_volume():
         p.src.send(Begin("vm1", 1, 0.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: ReceiverSession lets a volume-level Error be sent before Welcome, which "
-           "the source refuses as 'unexpected Error before authentication'",
-)
 def test_receiver_refuses_volume_error_before_welcome():
     p = Pair()
     p.s2r(p.src.start())
@@ -845,12 +814,6 @@ def test_volume_error_only_drops_that_volume():
         assert p.src_send(m) == [m]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the source may send a volume-level Error (e.g. wire code 'tracker') but "
-           "ReceiverSession._accept has no case for Error with a volume: it raises "
-           "'a source does not send Error' and closes the whole connection",
-)
 def test_source_error_for_volume_keeps_connection():
     p = ready("vm1")
     err = Error("tracker", "image vanished", "vm1")

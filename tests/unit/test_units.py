@@ -94,10 +94,6 @@ def test_parse_duration_bad(value):
         parse_duration(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_duration returns nan for float nan (TOML allows `idle_timeout = nan`)",
-)
 def test_parse_duration_refuses_nan():
     with pytest.raises(ValueError):
         parse_duration(math.nan)
@@ -130,10 +126,6 @@ def test_parse_hostport_bad(value):
         parse_hostport(value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_hostport('[]:7400') returns an empty host (binds every interface)",
-)
 def test_parse_hostport_refuses_empty_bracketed_host():
     with pytest.raises(ValueError):
         parse_hostport("[]:7400")
