@@ -420,7 +420,8 @@ class Source:
 
     async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float) -> None:
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue(maxsize=self.cfg.workers * 2 + 2)
+        q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        room = threading.Semaphore(self.cfg.workers * 2 + 2)  # ops between scan and socket
         cancel = self.scan_cancel[vs.name]
         cancel.clear()
         vs.phase = "scanning" if vs.seeded else "seeding"
@@ -430,16 +431,13 @@ class Source:
         t0 = time.monotonic()
 
         def emit(op: tuple[Any, ...]) -> None:
-            while True:
+            # room first (bounded memory), then a fire-once hand-off: an op is never queued twice
+            while not room.acquire(timeout=0.5):
                 if cancel.is_set():
                     raise _Cancelled
-                fut = asyncio.run_coroutine_threadsafe(q.put(op), loop)
-                try:
-                    fut.result(timeout=0.5)
-                    return
-                except concurrent.futures.TimeoutError:
-                    if not fut.cancel():
-                        return  # the put completed after all
+            if cancel.is_set():
+                raise _Cancelled
+            loop.call_soon_threadsafe(q.put_nowait, op)
 
         def work() -> None:
             builder = EpochBuilder(vs, self.volumes, self.index, self.pool, emit,
@@ -469,7 +467,7 @@ class Source:
             emit(("end",))
 
         scan_task = asyncio.ensure_future(asyncio.to_thread(work))
-        sender = asyncio.create_task(self._send_ops(link, vs, q, capture))
+        sender = asyncio.create_task(self._send_ops(link, vs, q, room, capture))
         try:
             await asyncio.wait({scan_task, sender}, return_when=asyncio.FIRST_EXCEPTION)
             if sender.done() and sender.exception() is not None:
@@ -498,10 +496,11 @@ class Source:
                     format_bytes(vs.progress[0]))
 
     async def _send_ops(self, link: Link, vs: VolumeState, q: asyncio.Queue[tuple[Any, ...]],
-                        capture: float) -> None:
+                        room: threading.Semaphore, capture: float) -> None:
         last_epoch = None
         while True:
             op = await q.get()
+            room.release()
             if vs.need is not None or vs.name not in link.session.volumes:
                 return  # the epoch was dropped (Need) or the volume stopped (Error)
             kind = op[0]
