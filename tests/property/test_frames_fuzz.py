@@ -522,7 +522,8 @@ def test_oversized_header_after_valid_frames(msgs, length):
 # send() refuses (LocalProtocolError) must leave the sender unchanged.
 #
 # The moves below match what the daemons do (bugs found here earlier are fixed and have
-# their own tests in tests/unit/test_protocol.py): the source never sends a volume-level Error, never Begins on a read-only volume, and
+# their own tests in tests/unit/test_protocol.py):
+# the source never sends a volume-level Error, never Begins on a read-only volume, and
 # keeps at most WINDOW epochs unanswered (as the daemon does; sessions alone do not); the
 # receiver sends volume Errors only for volumes it has open or was asked to open, and no
 # unasked-for Hashes. Unauthorized Opens are left to the unit tests (their VolumeError
