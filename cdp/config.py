@@ -12,11 +12,12 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from cdp.errors import ConfigError
+from cdp.ratelimit import ALL_DAYS, INHERIT, Window, format_rate, parse_days, parse_hours, parse_rate
 from cdp.units import parse_duration, parse_hostport, parse_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -79,6 +80,7 @@ class VolumeConfig:
     post_scan: str | None = None
     snapshot: str = "none"  # or "reflink"
     nbd_listen: str | None = None
+    rate_limit: float | None = None  # bytes per second sent for this volume; None: no cap
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ class SourceConfig:
     reconnect_max: float = 30.0
     dedup_index_entries: int = 4_000_000
     max_frame: int = 32 * 1024 * 1024
+    rate_limit: float | None = None  # bytes per second sent, all volumes together; None: no cap
+    read_limit: float | None = None  # bytes per second read by scans, all volumes together
+    schedule: tuple[Window, ...] = ()  # time-of-day windows with other caps; the first match wins
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -291,6 +296,9 @@ def load_source(path: str | Path) -> SourceConfig:
         if (tls.cert is None) != (tls.key is None):
             raise tt.err("cert", "cert and key go together: set both or neither")
         tt.done()
+    if isinstance(t.data.get("window"), list):
+        raise t.err("window", "is the number of epochs in flight; time-of-day rate limits go in "
+                    "[[source.schedule]] tables")
     opts = dict(
         window=t.get("window", _int(1, MAX_WINDOW), default=2),
         batch_bytes=t.get("batch_bytes", lambda v: _range_size(v, 64 << 10, 16 << 20),
@@ -303,6 +311,9 @@ def load_source(path: str | Path) -> SourceConfig:
         reconnect_max=t.get("reconnect_max", parse_duration, default=30.0),
         dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
         max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
+        rate_limit=t.get("rate_limit", parse_rate, default=None),
+        read_limit=t.get("read_limit", parse_rate, default=None),
+        schedule=_schedule(file, t),
     )
     t.done()
     if opts["batch_bytes"] * 2 > opts["max_frame"]:
@@ -352,11 +363,35 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         post_scan=vt.get("post_scan", _str, default=None),
         snapshot=vt.get("snapshot", _choice("none", "reflink"), default="none"),
         nbd_listen=vt.get("nbd_listen", _str, default=None),
+        rate_limit=vt.get("rate_limit", parse_rate, default=None),
     )
     vt.done()
     if vol.mode == "nbd":
         raise vt.err("mode", "nbd mode is not available in this version yet; use mode = \"scan\"")
     return vol
+
+
+def _schedule(file: Path, t: _Table) -> tuple[Window, ...]:
+    """[[source.schedule]] tables: days, hours and the caps in force then."""
+    raw = t.get("schedule", lambda v: v, default=[])
+    if not isinstance(raw, list):
+        raise t.err("schedule", "must be an array of tables: [[source.schedule]]")
+    windows = []
+    for i, rw in enumerate(raw):
+        wt = _Table(file, f"source.schedule[{i}]", rw)
+        days = wt.get("days", parse_days, default=ALL_DAYS)
+        start, end = wt.get("hours", parse_hours, default=(0, 1440))
+        rate = wt.get("rate_limit", parse_rate, default=INHERIT)
+        read = wt.get("read_limit", parse_rate, default=INHERIT)
+        wt.done()
+        if rate is INHERIT and read is INHERIT:
+            raise wt.err("rate_limit", "a window must set rate_limit, read_limit or both")
+        raw_days = wt.data.get("days", "every day")
+        label = "{} {:02d}:{:02d}-{:02d}:{:02d}".format(
+            raw_days if isinstance(raw_days, str) else ",".join(raw_days),
+            start // 60, start % 60, end // 60, end % 60)
+        windows.append(Window(days, start, end, rate, read, label.lower()))
+    return tuple(windows)
 
 
 def _choice(*options: str) -> Callable[[Any], str]:
@@ -365,3 +400,88 @@ def _choice(*options: str) -> Callable[[Any], str]:
             raise ValueError(f"expected one of {', '.join(repr(o) for o in options)}")
         return str(v)
     return conv
+
+
+# -- reloading a source config (SIGHUP) -----------------------------------------
+
+# What a running source applies on SIGHUP; every other change needs a restart.
+SOURCE_LIVE = frozenset({"rate_limit", "read_limit", "schedule", "window", "batch_bytes",
+                         "max_epoch_bytes", "compress_level"})
+VOLUME_LIVE = frozenset({"rate_limit", "scan_interval", "min_scan_interval", "pre_scan",
+                         "post_scan", "snapshot"})
+
+
+@dataclass(frozen=True)
+class Reload:
+    """The config to run with after a reload, and what changed."""
+
+    cfg: SourceConfig
+    applied: tuple[str, ...]  # "source.rate_limit: 4.0 MiB/s -> unlimited"
+    restart: tuple[str, ...]  # changes kept out until the next restart
+
+
+def reload_source(old: SourceConfig, new: SourceConfig) -> Reload:
+    """Merge a freshly loaded config into a running one.
+
+    Keys in SOURCE_LIVE / VOLUME_LIVE take their new values; every other
+    change (receiver, token, TLS, workers, the volumes list, a volume's path
+    or block size...) keeps the running value and is listed in `restart`.
+    """
+    applied: list[str] = []
+    restart: list[str] = []
+    keep: dict[str, Any] = {}
+    for f in fields(SourceConfig):
+        if f.name in ("path", "volumes"):
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        line = f"source.{f.name}: {_show(f.name, a)} -> {_show(f.name, b)}"
+        if f.name == "token":
+            line = "source.token_file: the token changed"
+        if f.name in SOURCE_LIVE:
+            applied.append(line)
+        else:
+            restart.append(line)
+            keep[f.name] = a
+    if new.batch_bytes * 2 > keep.get("max_frame", new.max_frame):
+        keep["batch_bytes"] = old.batch_bytes  # must fit the frame size of the running sessions
+        line = f"source.batch_bytes: {old.batch_bytes} -> {new.batch_bytes}"
+        if line in applied:
+            applied.remove(line)
+            restart.append(line + " (with the new max_frame)")
+    vols = []
+    for ov in old.volumes:
+        nv = new.volume(ov.name)
+        if nv is None:
+            restart.append(f"volume {ov.name!r} removed")
+            vols.append(ov)
+            continue
+        vkeep: dict[str, Any] = {}
+        for f in fields(VolumeConfig):
+            a, b = getattr(ov, f.name), getattr(nv, f.name)
+            if a == b:
+                continue
+            line = f"volume[{ov.name}].{f.name}: {_show(f.name, a)} -> {_show(f.name, b)}"
+            if f.name in VOLUME_LIVE:
+                applied.append(line)
+            else:
+                restart.append(line)
+                vkeep[f.name] = a
+        vols.append(replace(nv, **vkeep))
+    restart += [f"volume {v.name!r} added" for v in new.volumes if old.volume(v.name) is None]
+    cfg = replace(new, path=old.path, volumes=tuple(vols), **keep)
+    return Reload(cfg, tuple(applied), tuple(restart))
+
+
+def _show(key: str, value: Any) -> str:
+    if key in ("rate_limit", "read_limit"):
+        return format_rate(value)
+    if key == "schedule":
+        return "; ".join(f"{w.label} rate_limit={_cap(w.rate_limit)} read_limit={_cap(w.read_limit)}"
+                         for w in value) or "none"
+    return str(value)
+
+
+def _cap(v: Any) -> str:
+    return "base" if v is INHERIT else format_rate(v)

@@ -44,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("volumes", nargs="*", help="only these volumes (default: all)")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser(
+        "bench", help="throughput benchmark with real processes on loopback, optionally vs rsync",
+        description="Seed, incremental (1%% and 10%% of blocks rewritten) and steady-load "
+        "scenarios with a real receiver and source on 127.0.0.1; every result is checked byte "
+        "for byte. --compare rsync runs rsync --inplace --no-whole-file -B 65536 against a "
+        "local rsync daemon on the same data in the same run.")
+    s.add_argument("--size", default="2GiB", help="generated image size (default 2GiB)")
+    s.add_argument("--image", type=Path, help="benchmark a copy of this image instead")
+    s.add_argument("--compare", choices=["rsync"], help="run rsync side by side")
+    s.add_argument("--scenarios", default="seed,incremental,steady",
+                   help="comma-separated: seed, incremental, steady (default: all)")
+    s.add_argument("--steady-rate", default="32MiB", help="write rate of the steady load, per s")
+    s.add_argument("--steady-seconds", type=float, default=15.0)
+    s.add_argument("--plot", type=Path, help="write a PNG chart here (needs matplotlib)")
+    s.add_argument("--dir", type=Path, help="work folder (default: a temp folder, removed)")
+    s.add_argument("--keep", action="store_true", help="keep the work folder")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("demo", help="source and receiver on loopback with generated data")
     s.add_argument("--size", default="256MiB", help="size of the generated image (default 256MiB)")
     s.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
@@ -111,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"{r['volume']}: {len(d)} of {r['blocks']} blocks differ (replica epoch "
                           f"{r['replica_epoch']}): {', '.join(map(str, d[:20]))}{more}")
         return 0 if all(r["equal"] for r in reports) else 1
+    if args.verb == "bench":
+        return _bench(args)
     if args.verb == "demo":
         from cdp.demo import run_demo
         from cdp.units import parse_size
@@ -120,6 +140,41 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--size: {exc}") from None
         return run_demo(size, args.dir, keep=args.keep, as_json=args.json)
     raise AssertionError(args.verb)  # pragma: no cover
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from cdp.benchmark import report
+    from cdp.benchmark.runner import run_bench
+    from cdp.units import parse_size
+
+    scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    unknown = set(scenarios) - {"seed", "incremental", "steady"}
+    if unknown:
+        raise ConfigError(f"--scenarios: unknown {', '.join(sorted(unknown))}")
+    try:
+        size = parse_size(args.size)
+        rate = parse_size(args.steady_rate.removesuffix("/s"))
+    except ValueError as exc:
+        raise ConfigError(f"--size/--steady-rate: {exc}") from None
+    quiet = args.json
+
+    def progress(text: str) -> None:
+        if not quiet:
+            print(f"\r\033[K{text}" if sys.stderr.isatty() else text, end="" if
+                  sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+
+    results = run_bench(size=size, image=args.image, compare=args.compare, scenarios=scenarios,
+                        steady_rate=rate, steady_seconds=args.steady_seconds, workdir=args.dir,
+                        keep=args.keep, progress=progress)
+    if sys.stderr.isatty() and not quiet:
+        print("\r\033[K", end="", file=sys.stderr)
+    if args.plot:
+        report.plot(results, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json(results), indent=1))
+    else:
+        report.table(results)
+    return 0 if all(r.equal for r in results) else 1
 
 
 def entry() -> None:

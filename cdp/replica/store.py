@@ -45,6 +45,7 @@ NO_HASH = bytes(HASH_LEN)
 COUNTERS = ("epochs", "blocks", "logical", "data", "compressed", "dedup", "zero", "wire")
 MAX_BATCH_RAW = 64 * 1024 * 1024
 APPLY_CACHE = 32 * 1024 * 1024
+RAW_RECORD = 4 * 1024 * 1024  # resolved references per WAL record: bounded memory
 
 
 @dataclass
@@ -219,6 +220,9 @@ class Replica:
                 else:
                     data = rec.blob
                 self._write_blocks(indices, hashes, data)
+            elif kind == wal.COPY:
+                self._copy_blocks(unpack_u64(rec.body[1]), rec.body[2],
+                                  unpack_u64(rec.body[3]))
             elif kind == wal.ZERO:
                 pairs = unpack_u64(rec.body[1])
                 for start, count in zip(pairs[::2], pairs[1::2], strict=True):
@@ -241,6 +245,18 @@ class Replica:
                               "applied_at": time.time(), "counters": counters})
         atomic_write_json(self.path / "state.json", asdict(new))
         self.state = new
+
+    def _copy_blocks(self, indices, hashes: bytes, sources) -> None:
+        """Repeats within an epoch: the source block was written by an earlier record of it."""
+        for k, (dst, src) in enumerate(zip(indices, sources, strict=True)):
+            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
+            data = self.read_block(src)
+            if block_hash(data) != h or len(data) != self.geometry.length(dst):
+                # verified at receipt; a mismatch here means the image was changed under us
+                raise ReplicaError(f"{self.state.volume}: block {src} no longer holds the content "
+                                   f"block {dst} should copy; the replica needs a resync")
+            os.pwrite(self.image_fd, data, self.geometry.offset(dst))
+            os.pwrite(self.hash_fd, h, dst * HASH_LEN)
 
     def _write_blocks(self, indices, hashes: bytes, data: bytes) -> None:
         geo = self.geometry
@@ -267,9 +283,9 @@ class EpochWriter:
         self.blocks = 0
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._touched: list[int] = []  # indices that need space at apply
-        self._local: dict[bytes, tuple[int, int, int]] = {}  # hash -> (record, byte pos, len)
+        self._local: dict[bytes, int] = {}  # hash -> block written by this epoch's data
         self._cache: dict[int, bytes] = {}  # decompressed DATA records, kept for apply
-        self._recent: dict[int, bytes] = {}  # records re-read to resolve references
+        self._written: dict[int, bytes] = {}  # block -> hash it holds so far in this epoch
         self._cached = 0
         self._wal_path = replica.wal_path(epoch)
         self._done = False
@@ -325,7 +341,9 @@ class EpochWriter:
         pos = 0
         for k, i in enumerate(idx):
             n = self.geo.length(i)
-            self._local.setdefault(hashes[k * HASH_LEN:(k + 1) * HASH_LEN], (off, pos, n))
+            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
+            self._local.setdefault(h, i)
+            self._written[i] = h
             pos += n
         if self._cached + raw_len <= APPLY_CACHE:
             self._cache[off] = data
@@ -359,94 +377,102 @@ class EpochWriter:
             self._log([wal.ZERO, runs_blob])
         except OSError as exc:
             self._fail(exc)
+        for start, count in zip(pairs[::2], pairs[1::2], strict=True):
+            for i in range(start, start + count):
+                if i in self._written:  # zeroed after being written: no longer a copy source
+                    self._written[i] = NO_HASH
         self._count(total, logical, zero=logical)
 
     def resolve_local(self, indices: bytes, hashes: bytes,
                       from_indices: bytes) -> tuple[bytes, bytes, bytes]:
-        """Resolve the references to content received earlier in this epoch; returns the rest.
+        """Turn references to content received earlier in this epoch into COPY records.
 
-        These need no image read, so they need not wait for earlier epochs to land.
+        No data moves: at apply the block is copied from where this epoch wrote
+        it. These need no image read now, so they need not wait for earlier
+        epochs to land. Returns the references left to resolve.
         """
         idx = self._indices(indices, hashes)
         fidx = unpack_u64(from_indices).tolist()
         if len(fidx) != len(idx):
             raise RemoteProtocolError("Ref: indices and from_indices differ in length")
-        local = [k for k, i in enumerate(idx) if self._local.get(
-            hashes[k * HASH_LEN:(k + 1) * HASH_LEN], (0, 0, -1))[2] == self.geo.length(i)]
-        if not local:
-            return indices, hashes, from_indices
-
-        def pick(ks: list[int]) -> tuple[bytes, bytes, bytes]:
-            return (pack_u64(idx[k] for k in ks),
-                    b"".join(hashes[k * HASH_LEN:(k + 1) * HASH_LEN] for k in ks),
-                    pack_u64(fidx[k] for k in ks))
-
-        sel = pick(local)
-        missing = set(self.add_refs(sel[0], sel[1], self.replica, sel[2]))
-        chosen = set(local)
-        rest = [k for k in range(len(idx)) if k not in chosen or idx[k] in missing]
-        return pick(rest)
+        dst: list[int] = []
+        src: list[int] = []
+        hs: list[bytes] = []
+        rest: list[int] = []
+        for k, i in enumerate(idx):
+            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
+            b = self._local.get(h)
+            if b is not None and self._written.get(b) != h:  # overwritten since: look again
+                b = self._local[h] = next((x for x, xh in self._written.items() if xh == h), None)
+                if b is None:
+                    del self._local[h]
+            if b is not None and self.geo.length(b) == self.geo.length(i) and b != i:
+                dst.append(i)
+                src.append(b)
+                hs.append(h)
+                self._written[i] = h
+            else:
+                rest.append(k)
+        if dst:
+            try:
+                self._log([wal.COPY, pack_u64(dst), b"".join(hs), pack_u64(src)])
+            except OSError as exc:
+                self._fail(exc)
+            n = sum(self.geo.length(i) for i in dst)
+            self._touched.extend(dst)
+            self._count(len(dst), n, dedup=n)
+        return (pack_u64(idx[k] for k in rest),
+                b"".join(hashes[k * HASH_LEN:(k + 1) * HASH_LEN] for k in rest),
+                pack_u64(fidx[k] for k in rest))
 
     def add_refs(self, indices: bytes, hashes: bytes, source: Replica | None,
                  from_indices: bytes) -> list[int]:
-        """Resolve references to content the receiver should hold; returns those it cannot.
+        """Resolve references to content the replica images hold; returns those it cannot.
 
         Each candidate is read and rehashed before use: a stale or wrong
-        reference is detected, never applied.
+        reference is detected, never applied. The data goes into the WAL, so
+        the epoch does not depend on the other image staying as it is.
         """
+        if source is self.replica:  # repeats within this epoch first: no image read
+            indices, hashes, from_indices = self.resolve_local(indices, hashes, from_indices)
         idx = self._indices(indices, hashes)
         fidx = unpack_u64(from_indices).tolist()
         if len(fidx) != len(idx):
             raise RemoteProtocolError("Ref: indices and from_indices differ in length")
-        if not idx:
-            return []
         got_idx: list[int] = []
         got_hash: list[bytes] = []
         got_data: list[bytes] = []
+        got_bytes = 0
         missing: list[int] = []
-        wal_fd = None
-        try:
-            for k, (i, f) in enumerate(zip(idx, fidx, strict=True)):
-                h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
-                n = self.geo.length(i)
-                data = None
-                loc = self._local.get(h) if source is self.replica else None
-                if loc is not None and loc[2] == n:
-                    if wal_fd is None:
-                        self._wal.flush()
-                        wal_fd = os.open(self._wal_path, os.O_RDONLY)
-                    data = self._local_block(wal_fd, loc)
-                elif source is not None and f < source.geometry.blocks:
-                    data = source.read_block(f)
-                if data is None or len(data) != n or block_hash(data) != h:
-                    missing.append(i)
-                    continue
-                got_idx.append(i)
-                got_hash.append(h)
-                got_data.append(data)
-        finally:
-            if wal_fd is not None:
-                os.close(wal_fd)
+        for k, (i, f) in enumerate(zip(idx, fidx, strict=True)):
+            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
+            n = self.geo.length(i)
+            data = source.read_block(f) if source is not None and f < source.geometry.blocks \
+                else None
+            if data is None or len(data) != n or block_hash(data) != h:
+                missing.append(i)
+                continue
+            got_idx.append(i)
+            got_hash.append(h)
+            got_data.append(data)
+            got_bytes += n
+            if got_bytes >= RAW_RECORD:
+                self._add_raw(got_idx, got_hash, got_data)
+                got_idx, got_hash, got_data, got_bytes = [], [], [], 0
         if got_idx:
-            raw = b"".join(got_data)
-            try:
-                self._log([wal.RAW, pack_u64(got_idx), b"".join(got_hash)], raw)
-            except OSError as exc:
-                self._fail(exc)
-            self._touched.extend(got_idx)
-            self._count(len(got_idx), len(raw), dedup=len(raw))
+            self._add_raw(got_idx, got_hash, got_data)
         return missing
 
-    def _local_block(self, wal_fd: int, loc: tuple[int, int, int]) -> bytes:
-        off, pos, n = loc
-        data = self._cache.get(off) or self._recent.get(off)
-        if data is None:
-            body, blob, _ = wal.read_record(wal_fd, off, self.epoch)
-            data = decompress(blob, body[3]) if body[0] == wal.DATA else blob
-            if len(self._recent) >= 4:  # a few records back: repeats cluster
-                del self._recent[next(iter(self._recent))]
-            self._recent[off] = data
-        return data[pos:pos + n]
+    def _add_raw(self, idx: list[int], hashes: list[bytes], data: list[bytes]) -> None:
+        raw = b"".join(data)
+        try:
+            self._log([wal.RAW, pack_u64(idx), b"".join(hashes)], raw)
+        except OSError as exc:
+            self._fail(exc)
+        self._touched.extend(idx)
+        for i, h in zip(idx, hashes, strict=True):
+            self._written[i] = h
+        self._count(len(idx), len(raw), dedup=len(raw))
 
     def add_wire(self, nbytes: int) -> None:
         self.counters["wire"] += nbytes

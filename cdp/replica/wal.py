@@ -11,6 +11,9 @@ appended while an epoch arrives, made durable with one fsync at commit::
         [DATA,   indices:u64[], hashes:16B[], raw_len]           zstd frame (verified wire data)
         [RAW,    indices:u64[], hashes:16B[]]                    block bytes (resolved references)
         [ZERO,   runs:(u64 start, u64 count)[]]                  -
+        [COPY,   indices:u64[], hashes:16B[], sources:u64[]]     -
+                 (block indices[i] gets the content that block sources[i]
+                  received earlier in this epoch: repeats within an epoch)
         [COMMIT, epoch, time, block_count, counters]             -
 
 Block data stays out of msgpack (the blob), so appending it costs one write,
@@ -37,7 +40,7 @@ from typing import Any
 import msgpack
 import xxhash
 
-BEGIN, DATA, RAW, ZERO, COMMIT = 1, 2, 3, 4, 5
+BEGIN, DATA, RAW, ZERO, COMMIT, COPY = 1, 2, 3, 4, 5, 6
 _HEAD = struct.Struct(">IIQ16s")
 MAX_RECORD = 1 << 30
 

@@ -6,6 +6,11 @@ on each wake-up (file event or timer) and streams the changed blocks as
 epochs. The scan runs in a thread; batches compress in a small pool (zstd
 releases the GIL, so both cores work); a bounded queue between them and the
 socket keeps memory flat whatever the change rate.
+
+Rate limits: every frame sent for a volume waits for that volume's token
+bucket, then for the source's (all volumes together); scan reads wait for
+the source's read bucket. A schedule of time-of-day windows sets the source
+caps; SIGHUP reloads the config file and applies what can change live.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cdp.blocks import Geometry
 from cdp.codec import zero_hash
-from cdp.config import SourceConfig
+from cdp.config import SourceConfig, load_source, reload_source
 from cdp.durable import atomic_write_json
 from cdp.errors import (
     PERMANENT_CODES,
@@ -53,6 +59,7 @@ from cdp.messages import (
     Welcome,
 )
 from cdp.protocol import SourceSession
+from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.scan import scan, volume_size, zero_map
 from cdp.tracker.watch import Watcher
@@ -63,6 +70,7 @@ log = logging.getLogger(__name__)
 FICLONE = 0x40049409
 HANDSHAKE_TIMEOUT = 30.0
 SAVE_EVERY = 60.0
+SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
 
 
 class _Cancelled(Exception):
@@ -84,9 +92,77 @@ class Source:
         self._stop = asyncio.Event()
         self.connected = False
         self.link: Link | None = None
+        self.net = TokenBucket(None)  # frames sent, all volumes together
+        self.reads = TokenBucket(None)  # scan reads, all volumes together
+        self.caps: Caps | None = None
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self._apply_schedule()
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- rate limits and reloading ---------------------------------------------
+
+    def _apply_schedule(self, now: datetime | None = None) -> None:
+        """Set the source caps from the window in force now; log when they change."""
+        cfg = self.cfg
+        caps = Schedule(cfg.rate_limit, cfg.read_limit, cfg.schedule).active(now or datetime.now())
+        if caps == self.caps:
+            return
+        first = self.caps is None
+        self.caps = caps
+        self.net.set_rate(caps.rate_limit)
+        self.reads.set_rate(caps.read_limit)
+        if first and caps == Caps(None, None, None):
+            return
+        log.info("rate limits now: network %s, scan reads %s (%s)", format_rate(caps.rate_limit),
+                 format_rate(caps.read_limit),
+                 f"window {caps.window}" if caps.window else "no window active")
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SCHEDULE_EVERY)
+            self._apply_schedule()
+
+    def reload(self) -> None:
+        """SIGHUP: reload the config file in the background."""
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reload(self) -> None:
+        async with self._reload_lock:
+            log.info("reloading %s (SIGHUP)", self.cfg.path)
+            try:
+                new = await asyncio.to_thread(load_source, self.cfg.path)
+            except CdpError as exc:
+                log.error("config reload failed, still running with the previous config: %s", exc)
+                return
+            plan = reload_source(self.cfg, new)
+            for line in plan.applied:
+                log.info("config reload: %s", line)
+            for line in plan.restart:
+                log.warning("config reload: %s: needs a restart; the running value stays", line)
+            if not plan.applied and not plan.restart:
+                log.info("config reload: nothing changed")
+            self.cfg = plan.cfg
+            for vs in self.volumes.values():
+                vc = plan.cfg.volume(vs.name)
+                if vc is not None:
+                    vs.configure(vc)
+            self._apply_schedule()
+            self._write_status()
+
+    async def _pace(self, vs: VolumeState, msg: Message) -> None:
+        """Wait until `msg` may go: the volume's cap first, then the source's."""
+        n = _wire_estimate(msg)
+        await take(vs.bucket, n)
+        await take(self.net, n)
+
+    async def _send(self, link: Link, vs: VolumeState, msg: Message) -> int:
+        await self._pace(vs, msg)
+        return await link.send(msg)
 
     # -- main loop -----------------------------------------------------------
 
@@ -110,6 +186,7 @@ class Source:
                         ", ".join(f.name for f in self.cfg.filesets))
         watcher.start()
         status = asyncio.create_task(self._status_loop())
+        schedule = asyncio.create_task(self._schedule_loop())
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
         host, port = self.cfg.receiver
         log.info("source started name=%s receiver=%s:%d volumes=%s", self.cfg.name, host, port,
@@ -143,6 +220,7 @@ class Source:
                     with contextlib.suppress(OSError):
                         vs.save()
             status.cancel()
+            schedule.cancel()
             self._write_status()
             self.pool.shutdown(wait=True, cancel_futures=True)
             log.info("source stopped")
@@ -251,6 +329,7 @@ class Source:
         goal = self.scan_goal.get(vs.name)
         if p is not None and goal and goal[0] == msg.epoch:
             vs.current_as_of = goal[1]
+            vs.confirmed_at = time.time()
             vs.seeded = True
             asyncio.get_running_loop().create_task(self._send_current(link, vs))
         if not vs.pending and time.time() - vs.saved_at > SAVE_EVERY:
@@ -259,6 +338,7 @@ class Source:
 
     async def _send_current(self, link: Link, vs: VolumeState) -> None:
         with contextlib.suppress(CdpError):
+            await self._pace(vs, Current(vs.name, vs.acked, vs.current_as_of))
             if vs.name in link.session.volumes and not link.session.volumes[vs.name].in_epoch:
                 await link.send(Current(vs.name, vs.acked, vs.current_as_of))
 
@@ -284,7 +364,7 @@ class Source:
                 vs.phase, vs.error = "failed", str(exc)
                 log.error("volume=%s: %s", vs.name, exc)
                 with contextlib.suppress(CdpError):
-                    await link.send(Error("tracker", str(exc), vs.name))
+                    await self._send(link, vs, Error("tracker", str(exc), vs.name))
             self.inbox.pop(vs.name, None)
             delay = retry.next()
             log.info("volume=%s: retrying in %.0fs", vs.name, delay)
@@ -298,7 +378,7 @@ class Source:
         vs.phase = "opening"
         self.remote_errors.pop(vs.name, None)
         self.inbox.pop(vs.name, None)
-        await link.send(Open(vs.name, geo.size, geo.block_size))
+        await self._send(link, vs, Open(vs.name, geo.size, geo.block_size))
         opened = await self._expect(vs, Opened)
         assert isinstance(opened, Opened)
         vs.error = ""
@@ -337,7 +417,7 @@ class Source:
             log.info("volume=%s: fetching the replica's block map (epoch %d, %d blocks)",
                      vs.name, opened.epoch, n)
             smap = bytearray()
-            await link.send(GetHashes(vs.name, 0, n, False))
+            await self._send(link, vs, GetHashes(vs.name, 0, n, False))
             while len(smap) < n * 16:
                 msg = await self._expect(vs, Hashes)
                 assert isinstance(msg, Hashes)
@@ -447,6 +527,9 @@ class Source:
             done = 0
             assert vs.geo is not None and vs.smap is not None
 
+            def throttle(n: int) -> None:
+                take_blocking(self.reads, n, cancel.is_set)
+
             def progress(n: int) -> None:
                 nonlocal done
                 done += n
@@ -459,7 +542,7 @@ class Source:
                 raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
             try:
                 for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress,
-                                              cancelled=cancel.is_set):
+                                              cancelled=cancel.is_set, throttle=throttle):
                     builder.add(block, h, content)
                 builder.commit()
             finally:
@@ -510,31 +593,35 @@ class Source:
                     await self.acked_event[vs.name].wait()
                 if vs.need is not None:
                     return
-                vs.stats["wire"] += await link.send(Begin(vs.name, op[1], op[2]))
+                vs.stats["wire"] += await self._send(link, vs, Begin(vs.name, op[1], op[2]))
             elif kind == "data":
                 msg = await asyncio.wrap_future(op[1])
                 vs.stats["compressed"] += len(msg.zdata)
-                n = await link.send(msg)
+                n = await self._send(link, vs, msg)
                 vs.stats["wire"] += n
                 vs.rate_window.append((time.time(), msg.raw_len))
             elif kind == "msg":
-                vs.stats["wire"] += await link.send(op[1])
+                vs.stats["wire"] += await self._send(link, vs, op[1])
             elif kind == "commit":
+                commit = Commit(vs.name, op[1], op[2])
+                await self._pace(vs, commit)
                 with vs.lock:
                     p = vs.pending.get(op[1])
                     if p is not None:
                         p.committed = True
-                vs.stats["wire"] += await link.send(Commit(vs.name, op[1], op[2]))
+                vs.stats["wire"] += await link.send(commit)
                 last_epoch = op[1]
             elif kind == "end":
                 if last_epoch is None and not vs.pending:
                     vs.current_as_of = capture  # nothing changed: the replica is current
+                    vs.confirmed_at = time.time()
                     vs.seeded = True
                     await self._send_current(link, vs)
                 elif last_epoch is not None:
                     self.scan_goal[vs.name] = (last_epoch, capture)
                     if last_epoch <= vs.acked and not vs.pending:
                         vs.current_as_of = capture
+                        vs.confirmed_at = time.time()
                         vs.seeded = True
                 return
 
@@ -558,7 +645,8 @@ class Source:
         with contextlib.suppress(OSError):
             atomic_write_json(self.cfg.state_dir / "status.json", {
                 "source": self.cfg.name, "connected": self.connected, "pid": os.getpid(),
-                "updated": time.time(),
+                "updated": time.time(), "rate_limit": self.net.rate, "read_limit": self.reads.rate,
+                "window": self.caps.window if self.caps else None,
                 "volumes": [vs.status() for vs in self.volumes.values()],
             }, sync=False)
 
@@ -567,14 +655,23 @@ class _Stopped(Exception):
     pass
 
 
+def _wire_estimate(msg: Message) -> int:
+    """About the size of msg's frame (a little more): what the rate limits count."""
+    n = 16
+    for v in vars(msg).values():
+        n += len(v) + 5 if isinstance(v, bytes | str) else 9
+    return n
+
+
 def run_source(cfg: SourceConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code."""
 
     async def main() -> None:
         src = Source(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, src.stop)
+        loop.add_signal_handler(signal.SIGHUP, src.reload)
         await src.run()
 
     asyncio.run(main())

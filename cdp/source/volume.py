@@ -29,6 +29,7 @@ from cdp.codec import HASH_LEN, compress
 from cdp.config import VolumeConfig
 from cdp.durable import atomic_write, atomic_write_json, read_json
 from cdp.messages import Data, Ref, Zero
+from cdp.ratelimit import TokenBucket
 
 MAX_REFS_PER_FRAME = 32768
 MAX_ZERO_RUNS_PER_FRAME = 65536
@@ -97,7 +98,8 @@ class VolumeState:
              "epochs", "scans", "needs"), 0)
         self.phase = "starting"
         self.progress = (0, 0)
-        self.current_as_of = 0.0
+        self.current_as_of = 0.0  # source time of the newest state the replica is known to hold
+        self.confirmed_at = 0.0  # when that became known (ack, or a scan that found nothing)
         self.last_ack = 0.0
         self.error = ""
         self.seeded = False
@@ -105,6 +107,12 @@ class VolumeState:
         self.need: int | None = None
         self.indexed = False  # smap's blocks are in the dedup index
         self.rate_window: list[tuple[float, int]] = []
+        self.bucket = TokenBucket(cfg.rate_limit)  # paces what is sent for this volume
+
+    def configure(self, cfg: VolumeConfig) -> None:
+        """Take a reloaded config (same volume, same path and geometry)."""
+        self.cfg = cfg
+        self.bucket.set_rate(cfg.rate_limit)
 
     # -- persistence ---------------------------------------------------------
 
@@ -199,11 +207,13 @@ class VolumeState:
             "acked_epoch": self.acked, "pending_epochs": len(self.pending),
             "replica_id": self.replica_id, "seeded": self.seeded,
             "progress_done": self.progress[0], "progress_total": self.progress[1],
-            "current_as_of": self.current_as_of, "lag": (now - self.current_as_of)
-            if self.current_as_of else None, "last_ack": self.last_ack, "rate": rate,
+            "current_as_of": self.current_as_of, "confirmed_at": self.confirmed_at,
+            "lag": (now - self.current_as_of) if self.current_as_of else None,
+            "last_ack": self.last_ack, "rate": rate,
             "error": self.error, "stats": dict(self.stats),
             "size": self.geo.size if self.geo else 0,
             "block_size": self.geo.block_size if self.geo else self.cfg.block_size,
+            "rate_limit": self.bucket.rate,
         }
 
 

@@ -210,3 +210,23 @@ def test_two_sealed_epochs_replay_in_order(tmp_path: Path) -> None:
 def test_epoch_out_of_order_is_refused(rep: Replica) -> None:
     with pytest.raises(ReplicaError):
         rep.begin(3, 1.0)
+
+
+def test_repeat_within_epoch_survives_a_later_overwrite_of_its_source(tmp_path: Path) -> None:
+    """COPY records apply in WAL order: the copy sees the source as it was at that point."""
+    rng = random.Random(10)
+    a, b = rng.randbytes(BS), rng.randbytes(BS)
+    r = Replica.open(tmp_path, "v", GEO, create=True)
+    w = r.begin(1, 1.0)
+    add(w, [1], [a])
+    assert w.add_refs(pack_u64([5]), block_hash(a), r, pack_u64([1])) == []
+    add(w, [1], [b])  # block 1 changes again later in the same epoch
+    # a reference to content no longer at its first home is found where it still is
+    assert w.add_refs(pack_u64([7]), block_hash(a), r, pack_u64([1])) == []
+    w.seal(w.blocks)
+    r.close()  # crash before apply: recovery replays the WAL
+    r = Replica.open(tmp_path, "v", GEO)
+    img = image(tmp_path)
+    assert img[BS:2 * BS] == b and img[5 * BS:6 * BS] == a and img[7 * BS:8 * BS] == a
+    assert r.rehash(0, GEO.blocks) == r.stored_hashes(0, GEO.blocks)
+    r.close()

@@ -1,0 +1,1 @@
+"""`cdp bench` and the demo's machinery: generated images, real daemons, measurements."""

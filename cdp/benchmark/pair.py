@@ -1,0 +1,129 @@
+"""A receiver and a source as real processes on loopback, with one volume, for measuring."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, reset_peak, stop_all, wait_port
+from cdp.durable import read_json
+
+
+@dataclass
+class Snapshot:
+    """Counters of both sides at one moment."""
+
+    at: float
+    counters: dict[str, int]
+    cpu_source: float
+    cpu_receiver: float
+
+
+class CdpPair:
+    """Writes configs for one volume, runs `cdp receiver` and `cdp source`, reads their state."""
+
+    VOLUME = "bench"
+
+    def __init__(self, root: Path, image: Path, *, source_extra: str = "",
+                 volume_extra: str = "", block_size: int = 65536) -> None:
+        self.root = root
+        self.image = image
+        self.port = free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        token = root / "bench.token"
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        (root / "receiver.toml").write_text(
+            f'[receiver]\nlisten = "127.0.0.1:{self.port}"\ndata_dir = "replicas"\n'
+            f'[[receiver.client]]\nname = "bench"\ntoken_file = "bench.token"\n'
+            f'volumes = ["{self.VOLUME}"]\n')
+        (root / "source.toml").write_text(
+            f'[source]\nname = "bench"\nreceiver = "127.0.0.1:{self.port}"\n'
+            f'token_file = "bench.token"\nstate_dir = "state"\nreconnect_min = "0.1s"\n'
+            f"{source_extra}\n"
+            f'[[volume]]\nname = "{self.VOLUME}"\npath = "{image}"\nmode = "scan"\n'
+            f'block_size = {block_size}\nscan_interval = "5s"\nmin_scan_interval = "0.02s"\n'
+            f"{volume_extra}\n")
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def replica(self) -> Path:
+        return self.root / "replicas" / self.VOLUME / "image"
+
+    def start(self, which: str) -> float:
+        """Start 'receiver' or 'source'; returns the time just before it was started."""
+        log = open(self.root / f"{which}.log", "ab")
+        t = time.time()
+        self.procs[which] = subprocess.Popen(
+            [sys.executable, "-m", "cdp", which, "-c", str(self.root / f"{which}.toml")],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        if which == "receiver":
+            wait_port(self.port, self.procs[which])
+        return t
+
+    def stop(self) -> list[int]:
+        return stop_all([p for p in (self.procs.get("receiver"), self.procs.get("source")) if p])
+
+    def check_alive(self) -> None:
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                raise RuntimeError(f"cdp {name} exited with status {p.returncode}; see "
+                                   f"{self.root / (name + '.log')}")
+
+    def state(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.root / "replicas" / self.VOLUME / "state.json")
+        except (OSError, ValueError):
+            return None
+
+    def source_status(self) -> dict[str, Any] | None:
+        try:
+            return read_json(self.root / "state" / "status.json")["volumes"][0]
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+
+    def rpo_point(self) -> float:
+        """The source time of the newest state the replica holds (0 if none yet)."""
+        st = self.state() or {}
+        try:
+            live = read_json(self.root / "replicas" / self.VOLUME / "status.json")
+        except (OSError, ValueError):
+            live = {}
+        return max(st.get("epoch_time", 0.0), live.get("current_as_of", 0.0))
+
+    def wait_current(self, since: float, timeout: float = 600) -> dict[str, Any]:
+        """Until the replica is current as of a scan that started after `since`; the state then."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.check_alive()
+            v = self.source_status()
+            if v and v.get("current_as_of", 0) >= since and not v.get("pending_epochs"):
+                st = self.state()
+                assert st is not None
+                # when the source knew: the ack of the last epoch, or the end of a scan that
+                # found nothing more (the price of knowing, in scan mode)
+                st["confirmed_at"] = v.get("confirmed_at", st["applied_at"])
+                return st
+            time.sleep(0.02)
+        raise RuntimeError(f"replica not current {timeout:.0f}s after the change")
+
+    def snapshot(self) -> Snapshot:
+        st = self.state() or {"counters": {}}
+        return Snapshot(time.time(), dict(st["counters"]), cpu_seconds(self.procs["source"].pid),
+                        cpu_seconds(self.procs["receiver"].pid))
+
+    def peaks(self) -> tuple[int, int]:
+        return peak_rss(self.procs["source"].pid), peak_rss(self.procs["receiver"].pid)
+
+    def reset_peaks(self) -> None:
+        for p in self.procs.values():
+            reset_peak(p.pid)

@@ -1,0 +1,87 @@
+"""Tables, JSON and a PNG chart of benchmark results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cdp.benchmark.runner import Result
+from cdp.errors import UsageError
+
+
+def ratios(results: list[Result]) -> dict[str, float]:
+    """rsync time / cdp time per scenario run by both (how many times faster cdp is)."""
+    by = {(r.scenario, r.tool): r for r in results}
+    return {s: by[(s, "rsync")].seconds / by[(s, "cdp")].seconds
+            for (s, t) in by if t == "cdp" and (s, "rsync") in by and by[(s, "cdp")].seconds > 0}
+
+
+def to_json(results: list[Result]) -> dict[str, Any]:
+    out = []
+    for r in results:
+        d = r.as_dict()
+        d["extra"] = {k: v for k, v in d["extra"].items() if k != "series"}
+        out.append(d)
+    return {"results": out, "speedup_vs_rsync": ratios(results),
+            "all_equal": all(r.equal for r in results)}
+
+
+def table(results: list[Result]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from cdp.units import format_bytes
+
+    sp = ratios(results)
+    t = Table(title="cdp bench (MB/s = 10^6 bytes/s of the scenario's data; CPU per GiB of volume)")
+    for col in ("scenario", "tool", "time", "MB/s", "wire", "compr.", "dedup", "CPU s/GiB src/rcv",
+                "peak MiB src/rcv", "equal", "vs rsync"):
+        t.add_column(col, no_wrap=True)
+    for r in results:
+        cs, cr = r.cpu_per_gib()
+        d = r.as_dict()
+        note = f"{sp[r.scenario]:.1f}x faster" if r.tool == "cdp" and r.scenario in sp else ""
+        if r.scenario == "steady":
+            note = (f"RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s at "
+                    f"{format_bytes(r.extra['rate'])}/s")
+        t.add_row(r.scenario, r.tool, f"{r.seconds:.2f}s", f"{r.mbps:.0f}", format_bytes(r.wire),
+                  f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "-",
+                  f"{d['dedup_ratio']:.2f}x" if d["dedup_ratio"] else "-",
+                  f"{cs:.2f} / {cr:.2f}",
+                  f"{r.peak_source / 2**20:.0f} / {r.peak_receiver / 2**20:.0f}",
+                  "yes" if r.equal else "NO", note)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    console.print(t)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'cdp[bench]'") from None
+    scen = [r.scenario for r in results if r.tool == "cdp" and r.scenario != "steady"]
+    steady = next((r for r in results if r.scenario == "steady"), None)
+    fig, axes = plt.subplots(1, 2 if steady else 1, figsize=(12 if steady else 7, 4.5))
+    ax = axes[0] if steady else axes
+    by = {(r.scenario, r.tool): r for r in results}
+    xs = range(len(scen))
+    for k, tool in enumerate(("cdp", "rsync")):
+        vals = [by[(s, tool)].seconds if (s, tool) in by else 0 for s in scen]
+        if any(vals):
+            ax.bar([x + k * 0.4 for x in xs], vals, 0.4, label=tool)
+    ax.set_xticks([x + 0.2 for x in xs], scen)
+    ax.set_ylabel("seconds (lower is better)")
+    ax.set_title("time to replicate")
+    ax.legend()
+    if steady:
+        series = steady.extra["series"]
+        axes[1].plot([s[0] for s in series], [s[1] for s in series])
+        axes[1].set_xlabel("seconds into the load")
+        axes[1].set_ylabel("RPO (s)")
+        axes[1].set_title(f"steady load: RPO over time (p99 {steady.extra['rpo_p99']:.2f}s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,206 @@
+"""`cdp bench`: reproducible scenarios with real processes on loopback, optionally beside rsync.
+
+Scenarios: seed (first full replication), incremental 1% and 10% (random
+blocks rewritten in place, then replicated), steady (a continuous write load,
+RPO sampled over time). Every result is checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdp.benchmark.data import BS, generate, rewrite, text_block
+from cdp.benchmark.pair import CdpPair, Snapshot
+from cdp.benchmark.rsync import RsyncDaemon, RsyncRun
+from cdp.blocks import Geometry
+from cdp.errors import UsageError
+from cdp.tracker.scan import hash_volume
+from cdp.units import format_bytes
+
+GIB = 1 << 30
+
+
+@dataclass
+class Result:
+    scenario: str
+    tool: str
+    seconds: float
+    image: int  # bytes of the volume kept in sync
+    changed: int  # bytes the scenario changed (the whole image for seed)
+    wire: int
+    cpu_source: float
+    cpu_receiver: float
+    peak_source: int
+    peak_receiver: int
+    equal: bool
+    data: int = 0
+    compressed: int = 0
+    dedup: int = 0
+    zero: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mbps(self) -> float:
+        """Logical MB/s: the bytes of the scenario (the image for a seed, the changes otherwise)."""
+        return self.changed / self.seconds / 1e6 if self.seconds > 0 else 0.0
+
+    def cpu_per_gib(self) -> tuple[float, float]:
+        """CPU seconds per GiB of volume kept in sync, each side."""
+        g = self.image / GIB
+        return self.cpu_source / g, self.cpu_receiver / g
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mbps"] = self.mbps
+        d["cpu_per_gib_source"], d["cpu_per_gib_receiver"] = self.cpu_per_gib()
+        d["compression_ratio"] = self.data / self.compressed if self.compressed else None
+        d["dedup_ratio"] = (self.data + self.dedup) / self.data if self.data else None
+        return d
+
+
+def _equal(a: Path, b: Path, size: int) -> bool:
+    geo = Geometry(size, BS)
+    return b.exists() and b.stat().st_size == size and hash_volume(a, geo) == hash_volume(b, geo)
+
+
+def _cdp_result(name: str, pair: CdpPair, before: Snapshot, seconds: float, image: Path,
+                size: int, changed: int) -> Result:
+    after = pair.snapshot()
+    c = {k: after.counters.get(k, 0) - before.counters.get(k, 0) for k in after.counters}
+    ps, pr = pair.peaks()
+    return Result(name, "cdp", seconds, size, changed, c.get("wire", 0),
+                  after.cpu_source - before.cpu_source, after.cpu_receiver - before.cpu_receiver,
+                  ps, pr, _equal(image, pair.replica, size), c.get("data", 0),
+                  c.get("compressed", 0), c.get("dedup", 0), c.get("zero", 0))
+
+
+def _rsync_result(name: str, run: RsyncRun, image: Path, dest: Path, size: int,
+                  changed: int) -> Result:
+    return Result(name, "rsync", run.seconds, size, changed, run.wire, run.cpu_client,
+                  run.cpu_daemon, run.peak_client, run.peak_daemon, _equal(image, dest, size))
+
+
+def _steady(pair: CdpPair, image: Path, size: int, rate: int, seconds: float,
+            progress) -> Result:
+    """Write random blocks at `rate` bytes/s for `seconds`; sample the RPO as it goes."""
+    before = pair.snapshot()
+    pair.reset_peaks()
+    stop = threading.Event()
+    written = 0
+    rng = random.Random(99)
+    blocks = size // BS
+
+    def writer() -> None:
+        nonlocal written
+        t0 = time.monotonic()
+        with open(image, "r+b", buffering=0) as fh:
+            while not stop.is_set():
+                due = t0 + (written + BS) / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                fh.seek(rng.randrange(blocks) * BS)
+                fh.write(text_block(rng) if rng.random() < 0.5 else rng.randbytes(BS))
+                written += BS
+
+    samples: list[tuple[float, float]] = []
+    th = threading.Thread(target=writer, daemon=True)
+    start = time.time()
+    th.start()
+    while time.time() - start < seconds:
+        pair.check_alive()
+        now = time.time()
+        point = pair.rpo_point()
+        if point:
+            samples.append((now - start, max(0.0, now - point)))
+        progress(f"steady: {now - start:5.1f}/{seconds:.0f}s  written "
+                 f"{format_bytes(written)}  RPO {samples[-1][1] if samples else 0:.2f}s")
+        time.sleep(0.1)
+    stop.set()
+    th.join()
+    t_end = time.time()
+    pair.wait_current(t_end)
+    res = _cdp_result("steady", pair, before, t_end - start, image, size, written)
+    lags = sorted(s[1] for s in samples) or [0.0]
+    res.extra = {"rate": rate, "rpo_p50": statistics.median(lags),
+                 "rpo_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
+                 "rpo_max": lags[-1], "series": samples}
+    return res
+
+
+def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: list[str],
+              steady_rate: int, steady_seconds: float, workdir: Path | None, keep: bool,
+              progress) -> list[Result]:
+    made = workdir is None
+    root = Path(tempfile.mkdtemp(prefix="cdp-bench-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    pair: CdpPair | None = None
+    rs: RsyncDaemon | None = None
+    try:
+        img = root / "image.raw"
+        if image is not None:
+            if not image.is_file():
+                raise UsageError(f"--image {image}: not a regular file")
+            progress(f"copying {image} (the benchmark rewrites blocks of its own copy) ...")
+            shutil.copyfile(image, img)  # sparse-aware enough for a benchmark copy
+        else:
+            progress(f"generating a {format_bytes(size)} image ...")
+            generate(img, size)
+        size = img.stat().st_size
+        if size < BS * 16:
+            raise UsageError("the image is too small to benchmark (16 blocks at least)")
+        pair = CdpPair(root / "cdp", img)
+        pair.start("receiver")
+        if compare == "rsync":
+            rs = RsyncDaemon(root / "rsync")
+        dest = rs.dest / img.name if rs else None
+
+        if "seed" in scenarios or "incremental" in scenarios:
+            before = Snapshot(time.time(), {}, 0.0, 0.0)
+            progress("seed: cdp ...")
+            t0 = pair.start("source")
+            st = pair.wait_current(t0)
+            results.append(_cdp_result("seed", pair, before, st["confirmed_at"] - t0, img, size,
+                                       size))
+            if rs and dest:
+                progress("seed: rsync ...")
+                results.append(_rsync_result("seed", rs.run(img), img, dest, size, size))
+        else:
+            t0 = pair.start("source")
+            pair.wait_current(t0)
+
+        if "incremental" in scenarios:
+            for n, frac in enumerate((0.01, 0.10)):
+                name = f"incremental {frac:.0%}"
+                progress(f"{name}: cdp ...")
+                pair.reset_peaks()
+                before = pair.snapshot()
+                changed = rewrite(img, frac, seed=1000 + n)
+                t1 = time.time()
+                st = pair.wait_current(t1)
+                results.append(_cdp_result(name, pair, before, st["confirmed_at"] - t1, img,
+                                           size, changed))
+                if rs and dest:
+                    progress(f"{name}: rsync ...")
+                    results.append(_rsync_result(name, rs.run(img), img, dest, size, changed))
+
+        if "steady" in scenarios:
+            results.append(_steady(pair, img, size, steady_rate, steady_seconds, progress))
+    finally:
+        codes = pair.stop() if pair else []
+        if rs:
+            rs.stop()
+    if codes and any(c != 0 for c in codes):
+        raise RuntimeError(f"a daemon did not stop cleanly: exit codes {codes}; logs in {root}")
+    if made and not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return results
