@@ -106,7 +106,7 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
                                   'min_scan_interval = "0.2s"'))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         logs = {n: open(root / f"{n}.log", "wb") for n in ("receiver", "source")}
-        cmd = [sys.executable, "-m", "cdp"]
+        cmd = [sys.executable, "-P", "-m", "cdp"]  # -P: a folder named cdp in the cwd must not shadow us
         procs.append(subprocess.Popen([*cmd, "receiver", "-c", str(root / "receiver.toml")],
                                       stdout=logs["receiver"], stderr=subprocess.STDOUT, env=env))
         _wait_port(port, procs[0])

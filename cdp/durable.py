@@ -28,7 +28,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, sync: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:

@@ -305,5 +305,5 @@ class Schedule:
             if w.matches(when):
                 rate = self.rate_limit if w.rate_limit is INHERIT else w.rate_limit
                 read = self.read_limit if w.read_limit is INHERIT else w.read_limit
-                return Caps(rate, read, w.label or "window")  # type: ignore[arg-type]
+                return Caps(rate, read, w.label or "window")
         return Caps(self.rate_limit, self.read_limit, None)

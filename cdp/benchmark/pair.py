@@ -62,7 +62,7 @@ class CdpPair:
         log = open(self.root / f"{which}.log", "ab")
         t = time.time()
         self.procs[which] = subprocess.Popen(
-            [sys.executable, "-m", "cdp", which, "-c", str(self.root / f"{which}.toml")],
+            [sys.executable, "-P", "-m", "cdp", which, "-c", str(self.root / f"{which}.toml")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()

@@ -61,6 +61,7 @@ from cdp.messages import (
 from cdp.protocol import SourceSession
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
+from cdp.tracker.scan import CHUNK as SCAN_CHUNK
 from cdp.tracker.scan import scan, volume_size, zero_map
 from cdp.tracker.watch import Watcher
 from cdp.transport import Backoff, Link, client_tls
@@ -71,6 +72,8 @@ FICLONE = 0x40049409
 HANDSHAKE_TIMEOUT = 30.0
 SAVE_EVERY = 60.0
 SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
+PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most this long at the cap
+MIN_PACED_BATCH = 256 * 1024  # ...but Data frames no smaller than this (compression, overhead)
 
 
 class _Cancelled(Exception):
@@ -129,7 +132,13 @@ class Source:
         """SIGHUP: reload the config file in the background."""
         task = asyncio.get_running_loop().create_task(self._reload())
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("config reload failed (internal error), still running with the previous "
+                      "config: %r", exc, exc_info=exc)
 
     async def _reload(self) -> None:
         async with self._reload_lock:
@@ -200,8 +209,8 @@ class Source:
                 if not conn.done():
                     conn.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    exc = await asyncio.gather(conn, return_exceptions=True)
-                    err = exc[0] if exc else None
+                    results = await asyncio.gather(conn, return_exceptions=True)
+                    err = results[0] if results else None
                     if isinstance(err, BaseException) and not isinstance(
                             err, asyncio.CancelledError):
                         self._log_disconnect(err)
@@ -431,16 +440,25 @@ class Source:
                 raise ProtocolError(f"{vs.name}: receiver sent {len(smap) // 16} of {n} hashes")
         vs.adopt(opened.replica_id, opened.epoch, smap)
         vs.seeded = opened.epoch > 0
-        self._index_map(vs, opened.epoch)
+        if opened.epoch > 0:
+            self._index_map(vs, opened.epoch)
+        else:
+            vs.indexed = True  # a new replica holds nothing to refer to
 
     def _index_map(self, vs: VolumeState, epoch: int) -> None:
         """What the replica holds is available for references from every volume."""
         assert vs.geo is not None and vs.smap is not None
-        smap, zero = vs.smap, zero_hash(vs.geo.block_size)
-        for i in range(vs.geo.blocks):
-            h = bytes(smap[i * 16:(i + 1) * 16])
-            if h != zero and h != zero_hash(vs.geo.length(i)):
-                self.index.add(h, vs.name, i, epoch)
+        smap, zero = memoryview(vs.smap), zero_hash(vs.geo.block_size)
+        step = 4096
+        zeros = zero * step
+        for first in range(0, vs.geo.blocks, step):
+            n = min(step, vs.geo.blocks - first)
+            if smap[first * 16:(first + n) * 16] == zeros[:n * 16]:
+                continue  # a stretch of zero blocks (most of a sparse volume): nothing to index
+            for i in range(first, first + n):
+                h = bytes(smap[i * 16:(i + 1) * 16])
+                if h != zero and h != zero_hash(vs.geo.length(i)):
+                    self.index.add(h, vs.name, i, epoch)
         vs.indexed = True
 
     async def _run_hook(self, vs: VolumeState, cmd: str | None, phase: str) -> None:
@@ -509,6 +527,10 @@ class Source:
         assert vs.geo is not None
         vs.progress = (0, vs.geo.size)
         t0 = time.monotonic()
+        # under a cap, frames and reads are small enough to be paced smoothly
+        caps = [r for r in (vs.bucket.rate, self.net.rate) if r is not None]
+        batch = _paced(self.cfg.batch_bytes, min(caps) if caps else None, MIN_PACED_BATCH)
+        chunk = _paced(SCAN_CHUNK, self.reads.rate, vs.geo.block_size)
 
         def emit(op: tuple[Any, ...]) -> None:
             # room first (bounded memory), then a fire-once hand-off: an op is never queued twice
@@ -521,7 +543,7 @@ class Source:
 
         def work() -> None:
             builder = EpochBuilder(vs, self.volumes, self.index, self.pool, emit,
-                                   capture_time=capture, batch_bytes=self.cfg.batch_bytes,
+                                   capture_time=capture, batch_bytes=batch,
                                    max_epoch_bytes=self.cfg.max_epoch_bytes,
                                    level=self.cfg.compress_level)
             done = 0
@@ -541,7 +563,7 @@ class Source:
             except OSError as exc:
                 raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
             try:
-                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress,
+                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
                                               cancelled=cancel.is_set, throttle=throttle):
                     builder.add(block, h, content)
                 builder.commit()
@@ -653,6 +675,11 @@ class Source:
 
 class _Stopped(Exception):
     pass
+
+
+def _paced(size: int, rate: float | None, floor: int) -> int:
+    """`size`, or less under a cap: about PACE_SLICE seconds' worth, not below `floor`."""
+    return size if rate is None else min(size, max(floor, int(rate * PACE_SLICE)))
 
 
 def _wire_estimate(msg: Message) -> int:

@@ -121,13 +121,15 @@ class VolumeState:
         self.geo = geo
         try:
             meta = read_json(self.dir / "meta.json")
-            blob = (self.dir / "hashes").read_bytes()
+            if (meta.get("size"), meta.get("block_size")) != (geo.size, geo.block_size):
+                return
+            smap = bytearray(geo.blocks * HASH_LEN)  # read in place: one copy of the map
+            with open(self.dir / "hashes", "rb") as fh:
+                if fh.readinto(smap) != len(smap) or fh.read(1):
+                    return
         except (OSError, ValueError):
             return
-        if (meta.get("size"), meta.get("block_size")) != (geo.size, geo.block_size) or len(
-                blob) != geo.blocks * HASH_LEN:
-            return
-        self.smap = bytearray(blob)
+        self.smap = smap
         self.replica_id = str(meta.get("replica_id", ""))
         self.acked = int(meta.get("epoch", 0))
         self.seeded = bool(meta.get("seeded", False))
@@ -137,7 +139,7 @@ class VolumeState:
         if self.smap is None or self.geo is None or self.pending:
             return False
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / "hashes", bytes(self.smap))
+        atomic_write(self.dir / "hashes", memoryview(self.smap))  # no copy of the map
         atomic_write_json(self.dir / "meta.json", {
             "replica_id": self.replica_id, "epoch": self.acked, "size": self.geo.size,
             "block_size": self.geo.block_size, "seeded": self.seeded, "saved": time.time()})
