@@ -1,0 +1,52 @@
+"""`cdp bench`: real processes, rsync side by side, every result checked byte for byte."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+
+from tests.conftest import file_hash, make_image, run_cdp
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
+    png = tmp_path / "bench.png"
+    r = run_cdp("bench", "--size", "32MiB", "--compare", "rsync", "--steady-seconds", "3",
+                "--steady-rate", "4MiB", "--json", "--plot", png, "--dir", tmp_path / "w",
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["all_equal"] is True
+    got = {(x["scenario"], x["tool"]) for x in report["results"]}
+    for scen in ("seed", "incremental 1%", "incremental 10%"):
+        assert (scen, "cdp") in got and (scen, "rsync") in got
+        assert scen in report["speedup_vs_rsync"]
+    steady = next(x for x in report["results"] if x["scenario"] == "steady")
+    assert steady["extra"]["rpo_p99"] >= steady["extra"]["rpo_p50"] >= 0
+    for x in report["results"]:
+        assert x["seconds"] > 0 and x["cpu_source"] >= 0 and x["peak_receiver"] > 0
+        if x["tool"] == "cdp" and x["scenario"].startswith("incremental"):
+            # only the rewritten blocks cross the wire (compressed), never the whole image
+            assert 0 < x["wire"] < x["image"] / 4
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_on_a_users_image_leaves_it_untouched(tmp_path) -> None:
+    image = tmp_path / "mine.raw"
+    make_image(image, 8 << 20, random.Random(5))
+    before = file_hash(image)
+    r = run_cdp("bench", "--image", image, "--scenarios", "seed,incremental", "--json",
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["all_equal"] and {x["scenario"] for x in report["results"]} == {
+        "seed", "incremental 1%", "incremental 10%"}
+    assert file_hash(image) == before  # the benchmark rewrote its own copy
+
+
+def test_bench_refuses_unknown_scenarios() -> None:
+    r = run_cdp("bench", "--scenarios", "seed,warp")
+    assert r.returncode == 2 and "warp" in r.stderr
