@@ -20,7 +20,7 @@ def to_json(results: list[Result]) -> dict[str, Any]:
     out = []
     for r in results:
         d = r.as_dict()
-        d["extra"] = {k: v for k, v in d["extra"].items() if k != "series"}
+        d["extra"] = {k: v for k, v in d["extra"].items() if k not in ("series", "per_second")}
         out.append(d)
     return {"results": out, "speedup_vs_rsync": ratios(results),
             "all_equal": all(r.equal for r in results)}
@@ -41,6 +41,10 @@ def table(results: list[Result]) -> None:
         cs, cr = r.cpu_per_gib()
         d = r.as_dict()
         note = f"{sp[r.scenario]:.1f}x faster" if r.tool == "cdp" and r.scenario in sp else ""
+        if r.scenario == "rate cap" and r.extra.get("windows"):
+            note = (f"cap {format_bytes(r.extra['cap'])}/s: 5-s windows at "
+                    f"{r.extra['min_ratio']:.0%}-{r.extra['max_ratio']:.0%} of it "
+                    f"({r.extra['windows']} windows)")
         if r.scenario == "steady":
             note = (f"RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s at "
                     f"{format_bytes(r.extra['rate'])}/s")
@@ -63,7 +67,8 @@ def plot(results: list[Result], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'cdp[bench]'") from None
-    scen = [r.scenario for r in results if r.tool == "cdp" and r.scenario != "steady"]
+    scen = [r.scenario for r in results if r.tool == "cdp" and r.scenario not in ("steady",
+                                                                                  "rate cap")]
     steady = next((r for r in results if r.scenario == "steady"), None)
     fig, axes = plt.subplots(1, 2 if steady else 1, figsize=(12 if steady else 7, 4.5))
     ax = axes[0] if steady else axes

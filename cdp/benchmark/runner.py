@@ -136,9 +136,58 @@ def _steady(pair: CdpPair, image: Path, size: int, rate: int, seconds: float,
     return res
 
 
+def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
+              progress) -> Result:
+    """Seed a fresh replica under `rate_limit = cap`; wire throughput in every 5-second window."""
+    pair = CdpPair(root, image, source_extra=f"rate_limit = {cap}")
+    try:
+        pair.start("receiver")
+        t0 = pair.start("source")
+        samples: list[tuple[float, float]] = []  # (source's own clock, wire bytes sent)
+        last = None
+        while time.time() - t0 < seconds:
+            pair.check_alive()
+            v = pair.source_status()
+            try:
+                from cdp.durable import read_json
+                updated = read_json(root / "state" / "status.json")["updated"]
+            except (OSError, ValueError, KeyError):
+                updated = None
+            if v and updated and updated != last:
+                samples.append((updated, float(v["stats"]["wire"])))
+                last = updated
+                progress(f"rate cap: {updated - t0:5.1f}/{seconds:.0f}s  sent "
+                         f"{format_bytes(v['stats']['wire'])}")
+                if v.get("current_as_of", 0) >= t0 and not v.get("pending_epochs"):
+                    break  # the whole image went through before the time was up
+            time.sleep(0.2)
+        before = Snapshot(t0, {}, 0.0, 0.0)
+        res = _cdp_result("rate cap", pair, before, samples[-1][0] - t0 if samples else 0.0,
+                          image, size, int(samples[-1][1]) if samples else 0)
+        res.equal = True  # not a replication check: the run is cut short on purpose
+        # windows of 5 s between status samples, after the first second of start-up
+        rates = []
+        final = samples[-1][1] if samples else 0.0
+        busy = [x for x in samples if x[1] < final]  # while there was still data to send
+        for i, (ta, wa) in enumerate(busy):
+            if ta - t0 < 1.0:
+                continue
+            for tb, wb in busy[i + 1:]:
+                if tb - ta >= 5.0:
+                    rates.append((wb - wa) / (tb - ta))
+                    break
+        res.extra = {"cap": cap, "windows": len(rates),
+                     "min_ratio": min(rates) / cap if rates else None,
+                     "max_ratio": max(rates) / cap if rates else None,
+                     "per_second": [(round(t - t0, 2), w) for t, w in samples]}
+        return res
+    finally:
+        pair.stop()
+
+
 def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: list[str],
               steady_rate: int, steady_seconds: float, workdir: Path | None, keep: bool,
-              progress) -> list[Result]:
+              progress, rate_cap: int = 0, rate_seconds: float = 20.0) -> list[Result]:
     made = workdir is None
     root = Path(tempfile.mkdtemp(prefix="cdp-bench-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
@@ -195,6 +244,9 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
 
         if "steady" in scenarios:
             results.append(_steady(pair, img, size, steady_rate, steady_seconds, progress))
+        if rate_cap:
+            results.append(_rate_cap(root / "capped", img, size, rate_cap, rate_seconds,
+                                     progress))
     finally:
         codes = pair.stop() if pair else []
         if rs:

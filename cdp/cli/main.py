@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated: seed, incremental, steady (default: all)")
     s.add_argument("--steady-rate", default="32MiB", help="write rate of the steady load, per s")
     s.add_argument("--steady-seconds", type=float, default=15.0)
+    s.add_argument("--rate-cap", default=None,
+                   help="also seed under rate_limit = this (e.g. 50MiB) and report how well "
+                   "every 5-second window holds it")
+    s.add_argument("--rate-seconds", type=float, default=20.0,
+                   help="how long to run the capped seed (default 20)")
     s.add_argument("--plot", type=Path, help="write a PNG chart here (needs matplotlib)")
     s.add_argument("--dir", type=Path, help="work folder (default: a temp folder, removed)")
     s.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -154,8 +159,9 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         size = parse_size(args.size)
         rate = parse_size(args.steady_rate.removesuffix("/s"))
+        cap = parse_size(args.rate_cap.removesuffix("/s")) if args.rate_cap else 0
     except ValueError as exc:
-        raise ConfigError(f"--size/--steady-rate: {exc}") from None
+        raise ConfigError(f"--size/--steady-rate/--rate-cap: {exc}") from None
     quiet = args.json
 
     def progress(text: str) -> None:
@@ -165,7 +171,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     results = run_bench(size=size, image=args.image, compare=args.compare, scenarios=scenarios,
                         steady_rate=rate, steady_seconds=args.steady_seconds, workdir=args.dir,
-                        keep=args.keep, progress=progress)
+                        keep=args.keep, progress=progress, rate_cap=cap,
+                        rate_seconds=args.rate_seconds)
     if sys.stderr.isatty() and not quiet:
         print("\r\033[K", end="", file=sys.stderr)
     if args.plot:
