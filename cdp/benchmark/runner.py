@@ -168,10 +168,10 @@ def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
         # windows of 5 s between status samples, after the first second of start-up
         rates = []
         final = samples[-1][1] if samples else 0.0
-        busy = [x for x in samples if x[1] < final]  # while there was still data to send
+        # steady state: from a second after the first byte to a second before the last
+        # (start-up and the tail of the transfer fall short of a cap by nature, not by fault)
+        busy = [x for x in samples if 0 < x[1] < final][1:-1]
         for i, (ta, wa) in enumerate(busy):
-            if ta - t0 < 1.0:
-                continue
             for tb, wb in busy[i + 1:]:
                 if tb - ta >= 5.0:
                     rates.append((wb - wa) / (tb - ta))

@@ -37,6 +37,12 @@ state_dir = "state"
 # max_epoch_bytes = "64MiB"      # a longer scan is split into epochs of this size
 # compress_level = 1             # zstd level (-7..19)
 # workers = 2                    # compression threads
+# rate_limit = "200MiB/s"        # cap on what is sent, all volumes together ("unlimited")
+# read_limit = "unlimited"       # cap on scan reads, all volumes together
+# [[source.schedule]]            # other caps at certain times; the first match wins
+# days = "mon-fri"
+# hours = "08:00-18:00"
+# rate_limit = "50MiB/s"
 # [source.tls]
 # ca = "ca.crt"                  # verify the receiver against this CA
 # cert = "host1.crt"             # optional client certificate
@@ -51,6 +57,7 @@ mode = "scan"
 # pre_scan = "virsh domfsfreeze vm1"   # quiesce the guest before a scan ...
 # post_scan = "virsh domfsthaw vm1"    # ... and thaw it afterwards
 # snapshot = "reflink"           # scan a reflink copy (XFS/btrfs): consistent, short freeze
+# rate_limit = "20MiB/s"         # cap on what is sent for this volume
 """
 
 

@@ -58,7 +58,12 @@ def collect(path: Path) -> dict[str, Any]:
         if v.get("current_as_of"):
             v["lag"] = now - v["current_as_of"]
     return {"kind": "source", "running": running, "connected": running and data.get("connected"),
-            "volumes": data.get("volumes", [])}
+            "rate_limit": data.get("rate_limit"), "read_limit": data.get("read_limit"),
+            "window": data.get("window"), "volumes": data.get("volumes", [])}
+
+
+def _cap(rate: float | None) -> str:
+    return f"{_b(rate)}/s" if rate else "unlimited"
 
 
 def _b(n: float) -> str:
@@ -88,8 +93,12 @@ def render(report: dict[str, Any]) -> None:
                       _b(c["dedup"]), _b(c["zero"]), _b(c["compressed"]),
                       f"{_b(v['rate'])}/s", src)
     else:
+        caps = [f"send {_cap(report.get('rate_limit'))}", f"read {_cap(report.get('read_limit'))}"]
+        if report.get("window"):
+            caps.append(f"window {report['window']}")
+        t.caption = "limits: " + ", ".join(caps)
         for col in ("volume", "phase", "acked epoch", "pending", "lag (RPO)", "progress", "sent",
-                    "rate", "error"):
+                    "rate", "cap", "error"):
             t.add_column(col)
         for v in report["volumes"]:
             lag = f"{v['lag']:.1f}s" if v.get("lag") is not None else "-"
@@ -97,5 +106,6 @@ def render(report: dict[str, Any]) -> None:
                     if v.get("progress_total") else "-")
             t.add_row(v["volume"], v["phase"] if report["running"] else "not running",
                       str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
-                      _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", v["error"] or "")
+                      _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
+                      v["error"] or "")
     console.print(t)
