@@ -223,9 +223,8 @@ Emit = Callable[[tuple[Any, ...]], None]
 
 
 def make_data(volume: str, epoch: int, indices: list[int], hashes: list[bytes],
-              chunks: list[bytes], level: int) -> Data:
+              raw: bytearray, level: int) -> Data:
     """Build a Data message: runs in a worker thread (zstd releases the GIL)."""
-    raw = b"".join(chunks)
     return Data(volume, epoch, pack_u64(indices), b"".join(hashes), len(raw), compress(raw, level))
 
 
@@ -255,7 +254,7 @@ class EpochBuilder:
     def _reset_batches(self) -> None:
         self.d_idx: list[int] = []
         self.d_hash: list[bytes] = []
-        self.d_chunks: list[bytes] = []
+        self.d_buf = bytearray()  # the batch's blocks, copied once out of the read buffer
         self.d_bytes = 0
         self.zeros: list[int] = []
         self.refs: dict[str, list[tuple[int, bytes, int]]] = {}
@@ -290,7 +289,7 @@ class EpochBuilder:
             else:
                 self.d_idx.append(block)
                 self.d_hash.append(h)
-                self.d_chunks.append(bytes(content))
+                self.d_buf += content
                 self.d_bytes += n
                 st["data"] += n
                 self.index.add(h, self.vs.name, block, p.epoch)
@@ -326,9 +325,9 @@ class EpochBuilder:
             return
         assert self.cur is not None
         fut: Future[Data] = self.pool.submit(make_data, self.vs.name, self.cur.epoch, self.d_idx,
-                                             self.d_hash, self.d_chunks, self.level)
+                                             self.d_hash, self.d_buf, self.level)
         self.emit(("data", fut))
-        self.d_idx, self.d_hash, self.d_chunks, self.d_bytes = [], [], [], 0
+        self.d_idx, self.d_hash, self.d_buf, self.d_bytes = [], [], bytearray(), 0
 
     def _flush_zeros(self) -> None:
         if not self.zeros:
