@@ -182,9 +182,11 @@ class Receiver:
                     raise VolumeError(f"no replica of volume {msg.volume!r} yet", code="volume",
                                       volume=msg.volume)
                 async with self._open_lock:
-                    rep = self.replicas.get(msg.volume) or await asyncio.to_thread(
-                        Replica.open, self.cfg.data_dir, msg.volume, None, False)
-                    self.replicas[msg.volume] = rep
+                    rep = self.replicas.get(msg.volume)
+                    if rep is None:
+                        rep = await asyncio.to_thread(Replica.open, self.cfg.data_dir, msg.volume,
+                                                      None, False)
+                        self.replicas[msg.volume] = rep
             return rep
         async with self._open_lock:
             owner = self.owners.get(msg.volume)
@@ -315,11 +317,11 @@ class _Conn:
         elif isinstance(msg, Begin):
             # epoch e reuses the WAL file of e-2: that one must be applied first
             await self.settle(msg.volume, msg.epoch - 1)
-            rep = self.rx.replicas.get(msg.volume)
-            if rep is None:
+            current = self.rx.replicas.get(msg.volume)
+            if current is None:
                 raise VolumeError(f"replica {msg.volume!r} was closed after an error; reopen it",
                                   code="replica", volume=msg.volume)
-            self.writers[msg.volume] = await asyncio.to_thread(rep.begin, msg.epoch, msg.time)
+            self.writers[msg.volume] = await asyncio.to_thread(current.begin, msg.epoch, msg.time)
             self.missing[msg.volume] = []
         elif isinstance(msg, Data):
             w = self.writers[msg.volume]
@@ -340,9 +342,9 @@ class _Conn:
         elif isinstance(msg, Error):
             log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", s.client,
                         msg.volume, msg.code, msg.message)
-            w = self.writers.pop(msg.volume, None)
-            if w:
-                w.abort()
+            gone = self.writers.pop(msg.volume, None)
+            if gone:
+                gone.abort()
             self.missing.pop(msg.volume, None)
             if self.rx.owners.get(msg.volume) == id(self):
                 del self.rx.owners[msg.volume]
@@ -448,7 +450,7 @@ def read_status(data_dir: Path) -> list[dict[str, Any]]:
     """Per-volume state and live status from a receiver's data_dir (for `cdp status`)."""
     from cdp.durable import read_json
 
-    out = []
+    out: list[dict[str, Any]] = []
     if not data_dir.is_dir():
         return out
     for d in sorted(data_dir.iterdir()):

@@ -404,9 +404,11 @@ class EpochWriter:
             h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
             b = self._local.get(h)
             if b is not None and self._written.get(b) != h:  # overwritten since: look again
-                b = self._local[h] = next((x for x, xh in self._written.items() if xh == h), None)
+                b = next((x for x, xh in self._written.items() if xh == h), None)
                 if b is None:
                     del self._local[h]
+                else:
+                    self._local[h] = b
             if b is not None and self.geo.length(b) == self.geo.length(i) and b != i:
                 dst.append(i)
                 src.append(b)

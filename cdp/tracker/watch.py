@@ -41,7 +41,11 @@ class Watcher:
 
     def watch(self, path: Path, wake: Callable[[], None]) -> None:
         real = os.path.realpath(path)
-        self.targets[real] = lambda: self.loop.call_soon_threadsafe(wake)
+
+        def from_watchdog_thread() -> None:
+            self.loop.call_soon_threadsafe(wake)
+
+        self.targets[real] = from_watchdog_thread
         d = os.path.dirname(real)
         if d not in self._dirs and os.path.isdir(d):
             self._dirs.add(d)
