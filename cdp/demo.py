@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,17 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from cdp.benchmark.data import BS, generate, rewrite
+from cdp.benchmark.procs import free_port, stop_all, wait_port
 from cdp.blocks import Geometry
 from cdp.cli.init import init
 from cdp.durable import read_json
 from cdp.tracker.scan import hash_volume
 from cdp.units import format_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Progress:
@@ -109,7 +102,7 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
         cmd = [sys.executable, "-P", "-m", "cdp"]  # -P: a folder named cdp in the cwd must not shadow us
         procs.append(subprocess.Popen([*cmd, "receiver", "-c", str(root / "receiver.toml")],
                                       stdout=logs["receiver"], stderr=subprocess.STDOUT, env=env))
-        _wait_port(port, procs[0])
+        wait_port(port, procs[0])
         t0 = time.time()
         procs.append(subprocess.Popen([*cmd, "source", "-c", str(root / "source.toml")],
                                       stdout=logs["source"], stderr=subprocess.STDOUT, env=env))
@@ -148,10 +141,10 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
             "rpo_seconds": rounds[-1]["rpo"], "replica_equal": equal, "workdir": str(root),
         }
     except Exception as exc:  # the demo reports, it does not trace back
-        _stop(procs)
+        stop_all(procs)
         progress.done(f"demo failed: {exc} (logs in {root})")
         return 1
-    codes = _stop(procs)
+    codes = stop_all(procs)
     summary["daemon_exit_codes"] = codes
     if as_json:
         print(json.dumps(summary, indent=1))
@@ -161,33 +154,6 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
     if made and not keep and ok:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"receiver exited with status {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("receiver did not start listening")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> list[int]:
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(20))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            codes.append(p.wait())
-    return codes
 
 
 def _print_summary(s: dict[str, Any]) -> None:

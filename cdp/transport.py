@@ -82,15 +82,8 @@ class Link:
     async def receive(self, timeout: float | None = None) -> list[Message]:
         """The next messages; [] never means closed: TransportError does."""
         while True:
-            try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
-            except TimeoutError:
-                raise TransportError(f"{self.peer}: idle for {timeout:.0f}s, closing") from None
-            except (ConnectionError, OSError) as exc:
-                raise TransportError(f"connection to {self.peer} lost: {exc}") from None
-            if not data:
-                raise TransportError(f"{self.peer} closed the connection")
-            events = self.session.receive_data(data)
+            await self.fill(timeout)
+            events = self.session.receive_data(b"")
             if events:
                 return events
 

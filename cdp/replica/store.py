@@ -81,6 +81,7 @@ class Replica:
         self._lock_fd = lock_fd
         self.image_fd = os.open(path / "image", os.O_RDWR)
         self.hash_fd = os.open(path / "hashes", os.O_RDWR)
+        self.hashes_reserved = False
 
     # -- opening -------------------------------------------------------------
 
@@ -547,8 +548,13 @@ class EpochWriter:
         """
         geo = self.geo
         fd = self.replica.image_fd
-        need = SPACE_MARGIN
-        for start, count in runs(sorted(set(self._touched))):
+        spans = list(runs(sorted(set(self._touched))))
+        st = os.fstatvfs(fd)
+        free = st.f_bavail * st.f_frsize
+        if free >= SPACE_MARGIN + sum(c for _, c in spans) * geo.block_size:
+            return self._reserve_hashes()  # room even if every block were a hole: no need to look
+        need = SPACE_MARGIN  # tight: count only the holes (SEEK_HOLE is O(file) on some FS)
+        for start, count in spans:
             off, end = start * geo.block_size, min(geo.size, (start + count) * geo.block_size)
             while off < end:
                 try:
@@ -564,11 +570,15 @@ class EpochWriter:
                     data = end  # ENXIO: a hole up to the end of the file
                 need += min(data, end) - hole
                 off = data
-        st = os.fstatvfs(fd)
-        if st.f_bavail * st.f_frsize < need:
-            raise OSError(errno.ENOSPC, f"{need} bytes needed, "
-                          f"{st.f_bavail * st.f_frsize} free")
-        os.posix_fallocate(self.replica.hash_fd, 0, geo.blocks * HASH_LEN)
+        if free < need:
+            raise OSError(errno.ENOSPC, f"{need} bytes needed, {free} free")
+        self._reserve_hashes()
+
+    def _reserve_hashes(self) -> None:
+        """The hash map is small and written everywhere over time: allocate it once per open."""
+        if not self.replica.hashes_reserved:
+            os.posix_fallocate(self.replica.hash_fd, 0, self.geo.blocks * HASH_LEN)
+            self.replica.hashes_reserved = True
 
     def abort(self) -> None:
         """Drop the epoch: the WAL is emptied, the image was never touched."""

@@ -46,7 +46,6 @@ from cdp.messages import (
     Ack,
     Begin,
     Bye,
-    Challenge,
     Commit,
     Current,
     Error,
@@ -56,20 +55,18 @@ from cdp.messages import (
     Need,
     Open,
     Opened,
-    Welcome,
 )
-from cdp.protocol import SourceSession
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
+from cdp.source.connect import connect
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.scan import CHUNK as SCAN_CHUNK
 from cdp.tracker.scan import scan, volume_size, zero_map
 from cdp.tracker.watch import Watcher
-from cdp.transport import Backoff, Link, client_tls
+from cdp.transport import Backoff, Link
 from cdp.units import format_bytes
 
 log = logging.getLogger(__name__)
 FICLONE = 0x40049409
-HANDSHAKE_TIMEOUT = 30.0
 SAVE_EVERY = 60.0
 SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
 PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most this long at the cap
@@ -245,35 +242,8 @@ class Source:
         else:
             log.error("internal error: %r", err, exc_info=err)
 
-    async def _connect(self) -> Link:
-        host, port = self.cfg.receiver
-        ctx = client_tls(self.cfg.tls) if self.cfg.tls else None
-        server_hostname = (self.cfg.tls.server_name or host) if self.cfg.tls else None
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                host, port, ssl=ctx, server_hostname=server_hostname, limit=1 << 20), 15)
-        except (OSError, TimeoutError) as exc:
-            raise TransportError(f"cannot connect to receiver {host}:{port}: {exc}") from None
-        session = SourceSession(self.cfg.name, self.cfg.token, self.cfg.max_frame)
-        link = Link(session, reader, writer)
-        try:
-            await link.send_raw(session.start())
-            for want in (Challenge, Welcome):
-                msgs = await link.receive(HANDSHAKE_TIMEOUT)
-                msg = msgs[0]
-                if isinstance(msg, Error):
-                    raise RemoteError(msg.code, msg.message)
-                if not isinstance(msg, want):
-                    raise ProtocolError(f"expected {want.__name__}, got {type(msg).__name__}")
-                if want is Challenge:
-                    await link.send_raw(session.auth())
-        except BaseException:
-            await link.close()
-            raise
-        return link
-
     async def _connection(self, backoff: Backoff) -> None:
-        link = await self._connect()
+        link = await connect(self.cfg)
         self.link = link
         self.connected = True
         backoff.reset()

@@ -2,43 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from cdp.blocks import Geometry
 from cdp.config import SourceConfig
-from cdp.errors import ProtocolError, RemoteError, TransportError
-from cdp.messages import Challenge, Error, GetHashes, Hashes, Message, Open, Opened, Welcome
-from cdp.protocol import SourceSession
-from cdp.transport import Link, client_tls
-
-
-async def _connect(cfg: SourceConfig) -> Link:
-    host, port = cfg.receiver
-    ctx = client_tls(cfg.tls) if cfg.tls else None
-    name = (cfg.tls.server_name or host) if cfg.tls else None
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ctx, server_hostname=name, limit=1 << 20), 15)
-    except (OSError, TimeoutError) as exc:
-        raise TransportError(f"cannot connect to receiver {host}:{port}: {exc}") from None
-    session = SourceSession(cfg.name, cfg.token, cfg.max_frame)
-    link = Link(session, reader, writer)
-    await link.send_raw(session.start())
-    for want in (Challenge, Welcome):
-        msg = (await link.receive(30))[0]
-        if isinstance(msg, Error):
-            raise RemoteError(msg.code, msg.message)
-        if not isinstance(msg, want):
-            raise ProtocolError(f"expected {want.__name__}, got {type(msg).__name__}")
-        if want is Challenge:
-            await link.send_raw(session.auth())
-    return link
+from cdp.errors import RemoteError
+from cdp.messages import Error, GetHashes, Hashes, Message, Open, Opened
+from cdp.source.connect import connect
+from cdp.transport import Link
 
 
 async def replica_hashes(cfg: SourceConfig, volumes: dict[str, Geometry],
                          rehash: bool = True) -> dict[str, tuple[int, bytes] | str]:
     """Per volume: (replica epoch, block hashes read from the replica image), or an error text."""
-    link = await _connect(cfg)
+    link = await connect(cfg)
     out: dict[str, tuple[int, bytes] | str] = {}
     buf: list[Message] = []
 
