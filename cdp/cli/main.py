@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "bench", help="throughput benchmark with real processes on loopback, optionally vs rsync",
-        description="Seed, incremental (1%% and 10%% of blocks rewritten) and steady-load "
+        description="Seed, incremental (1% and 10% of blocks rewritten) and steady-load "
         "scenarios with a real receiver and source on 127.0.0.1; every result is checked byte "
         "for byte. --compare rsync runs rsync --inplace --no-whole-file -B 65536 against a "
         "local rsync daemon on the same data in the same run.")
