@@ -106,6 +106,7 @@ class SourceConfig:
     workers: int = 2
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    keepalive: float = 60.0  # send something at least this often (below the receiver's idle_timeout)
     dedup_index_entries: int = 4_000_000
     max_frame: int = 32 * 1024 * 1024
     rate_limit: float | None = None  # bytes per second sent, all volumes together; None: no cap
@@ -260,6 +261,13 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle)
 
 
+def _positive_duration(v: Any) -> float:
+    d = parse_duration(v)
+    if d <= 0:
+        raise ValueError("must be longer than zero")
+    return d
+
+
 def _range_size(v: Any, lo: int, hi: int) -> int:
     n = parse_size(v)
     if not lo <= n <= hi:
@@ -309,6 +317,7 @@ def load_source(path: str | Path) -> SourceConfig:
         workers=t.get("workers", _int(1, 64), default=2),
         reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),
         reconnect_max=t.get("reconnect_max", parse_duration, default=30.0),
+        keepalive=t.get("keepalive", _positive_duration, default=60.0),
         dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
         max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
         rate_limit=t.get("rate_limit", parse_rate, default=None),
@@ -405,7 +414,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
 # -- reloading a source config (SIGHUP) -----------------------------------------
 
 # What a running source applies on SIGHUP; every other change needs a restart.
-SOURCE_LIVE = frozenset({"rate_limit", "read_limit", "schedule", "window", "batch_bytes",
+SOURCE_LIVE = frozenset({"rate_limit", "read_limit", "schedule", "window", "batch_bytes", "keepalive",
                          "max_epoch_bytes", "compress_level"})
 VOLUME_LIVE = frozenset({"rate_limit", "scan_interval", "min_scan_interval", "pre_scan",
                          "post_scan", "snapshot"})

@@ -37,6 +37,7 @@ state_dir = "state"
 # max_epoch_bytes = "64MiB"      # a longer scan is split into epochs of this size
 # compress_level = 1             # zstd level (-7..19)
 # workers = 2                    # compression threads
+# keepalive = "60s"              # send something this often when idle (< receiver idle_timeout)
 # rate_limit = "200MiB/s"        # cap on what is sent, all volumes together ("unlimited")
 # read_limit = "unlimited"       # cap on scan reads, all volumes together
 # [[source.schedule]]            # other caps at certain times; the first match wins

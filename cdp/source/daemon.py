@@ -254,6 +254,7 @@ class Source:
                 for vs in self.volumes.values():
                     tg.create_task(self._volume(link, vs))
                 tg.create_task(self._stop_watch(link))
+                tg.create_task(self._keepalive(link))
         except* asyncio.CancelledError:
             raise
         except* _Stopped:
@@ -267,6 +268,26 @@ class Source:
                 if vs.phase not in ("failed",):
                     vs.phase = "disconnected"
             await link.close()
+
+    async def _keepalive(self, link: Link) -> None:
+        """When nothing else went out for a while, say Current for an idle volume.
+
+        Keeps the receiver from dropping a quiet connection (its idle_timeout)
+        when scans are rare; the receiver only records it if the epoch matches.
+        """
+        last = link.sent_bytes
+        while True:
+            await asyncio.sleep(self.cfg.keepalive)
+            if link.sent_bytes != last:
+                last = link.sent_bytes
+                continue
+            for vs in self.volumes.values():
+                open_vs = link.session.volumes.get(vs.name)
+                if open_vs is not None and not open_vs.in_epoch and vs.current_as_of:
+                    with contextlib.suppress(CdpError):
+                        await link.send(Current(vs.name, vs.acked, vs.current_as_of))
+                    break
+            last = link.sent_bytes
 
     async def _stop_watch(self, link: Link) -> None:
         await self._stop.wait()
