@@ -331,10 +331,24 @@ class Source:
             vs.current_as_of = goal[1]
             vs.confirmed_at = time.time()
             vs.seeded = True
-            asyncio.get_running_loop().create_task(self._send_current(link, vs))
+            self._spawn(self._send_current(link, vs))
         if not vs.pending and time.time() - vs.saved_at > SAVE_EVERY:
-            with contextlib.suppress(OSError):
-                vs.save()
+            vs.saved_at = time.time()  # one save at a time
+            self._spawn(asyncio.to_thread(self._save, vs))
+
+    def _spawn(self, coro: Any) -> None:
+        """A fire-and-forget task that is kept referenced until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    @staticmethod
+    def _save(vs: VolumeState) -> None:
+        try:
+            vs.save()
+        except OSError as exc:
+            log.warning("volume=%s: cannot save the block map (%s); a restart will fetch it "
+                        "from the receiver instead", vs.name, exc)
 
     async def _send_current(self, link: Link, vs: VolumeState) -> None:
         with contextlib.suppress(CdpError):

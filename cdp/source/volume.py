@@ -135,14 +135,23 @@ class VolumeState:
         self.seeded = bool(meta.get("seeded", False))
 
     def save(self) -> bool:
-        """Persist the map as of the acknowledged epoch; only when nothing is pending."""
-        if self.smap is None or self.geo is None or self.pending:
-            return False
+        """Persist the map as of the acknowledged epoch; only when nothing is pending.
+
+        The map is copied under the lock an epoch must take before it changes the
+        map (EpochBuilder._begin), so a scan starting meanwhile cannot leak
+        unacknowledged hashes into the saved file. Hashes are written before the
+        meta that names their epoch: a crash in between is a mismatch (the map
+        is fetched from the receiver), never a wrong map.
+        """
+        with self.lock:
+            if self.smap is None or self.geo is None or self.pending:
+                return False
+            snapshot = bytes(self.smap)
+            meta = {"replica_id": self.replica_id, "epoch": self.acked, "size": self.geo.size,
+                    "block_size": self.geo.block_size, "seeded": self.seeded}
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.dir / "hashes", memoryview(self.smap))  # no copy of the map
-        atomic_write_json(self.dir / "meta.json", {
-            "replica_id": self.replica_id, "epoch": self.acked, "size": self.geo.size,
-            "block_size": self.geo.block_size, "seeded": self.seeded, "saved": time.time()})
+        atomic_write(self.dir / "hashes", snapshot)
+        atomic_write_json(self.dir / "meta.json", {**meta, "saved": time.time()})
         self.saved_at = time.time()
         return True
 
