@@ -399,6 +399,8 @@ class _Conn:
         for t in prev:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await t
+        if self.rx.replicas.get(vol) is not w.replica:
+            return  # an earlier epoch failed and the replica was closed: reopening replays this
         t0 = time.monotonic()
         try:
             # shielded: once sealed, an epoch is applied even if the connection goes away

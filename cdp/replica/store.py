@@ -119,7 +119,15 @@ class Replica:
                 "blocks; if the volume really changed, move the old replica away first",
                 code="geometry", volume=volume)
         rep = cls(path, state, lock_fd)
-        rep._recover()
+        try:
+            rep._recover()
+        except OSError as exc:
+            rep.close()
+            if _is_enospc(exc):
+                raise DiskFullError(
+                    f"replica {volume!r} has a committed epoch to finish but the disk is full; "
+                    "free space and it is replayed on the next open") from None
+            raise ReplicaError(f"cannot recover replica {path}: {exc}") from None
         return rep
 
     @staticmethod
@@ -173,6 +181,8 @@ class Replica:
                 os.close(fd)
             except OSError:
                 pass
+        # a stale writer must fail (EBADF), never write through a recycled descriptor
+        self.image_fd = self.hash_fd = self._lock_fd = -1
 
     # -- reading -------------------------------------------------------------
 
@@ -451,8 +461,12 @@ class EpochWriter:
         for k, (i, f) in enumerate(zip(idx, fidx, strict=True)):
             h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
             n = self.geo.length(i)
-            data = source.read_block(f) if source is not None and f < source.geometry.blocks \
-                else None
+            data = None
+            if source is not None and f < source.geometry.blocks:
+                try:
+                    data = source.read_block(f)
+                except OSError:  # that replica went away (closed after an error): send data
+                    data = None
             if data is None or len(data) != n or block_hash(data) != h:
                 missing.append(i)
                 continue
