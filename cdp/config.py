@@ -234,6 +234,7 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     data_dir = t.get("data_dir", _path(base), default=base / "replicas")
     max_frame = t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20)
     idle = t.get("idle_timeout", parse_duration, default=300.0)
+    plaintext = t.get("allow_plaintext", _bool, default=False)
     tls = None
     if "tls" in t.data:
         tt = _Table(file, "receiver.tls", t.get("tls", lambda v: v))
@@ -258,7 +259,29 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     if len(set(names)) != len(names):
         raise t.err("client", "two clients have the same name")
     t.done()
+    if tls is None and not plaintext and not _loopback(listen[0]):
+        raise t.err("listen", f"{listen[0]} is not a loopback address and [receiver.tls] is not "
+                    "set: block data and names would cross the network in clear. Add "
+                    "[receiver.tls], or set allow_plaintext = true if the link is already "
+                    "protected (VPN, IPsec)")
     return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 def _positive_duration(v: Any) -> float:

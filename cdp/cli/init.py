@@ -14,7 +14,8 @@ RECEIVER = """\
 listen = "127.0.0.1:7400"        # host:port to accept sources on
 data_dir = "replicas"            # one folder per volume: replicas/<volume>/image is the replica
 # idle_timeout = "300s"          # drop connections silent for this long
-# [receiver.tls]                 # recommended on any non-loopback address
+# allow_plaintext = false        # beyond loopback, TLS is required unless this is true
+# [receiver.tls]                 # required on any non-loopback address
 # cert = "receiver.crt"
 # key = "receiver.key"
 # client_ca = "ca.crt"           # require client certificates signed by this CA
