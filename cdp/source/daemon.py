@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import signal
@@ -59,6 +57,7 @@ from cdp.messages import (
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
 from cdp.source.connect import connect
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
+from cdp.tracker.consistency import reflink_snapshot, run_hook
 from cdp.tracker.scan import CHUNK as SCAN_CHUNK
 from cdp.tracker.scan import scan, volume_size, zero_map
 from cdp.tracker.watch import Watcher
@@ -66,7 +65,6 @@ from cdp.transport import Backoff, Link
 from cdp.units import format_bytes
 
 log = logging.getLogger(__name__)
-FICLONE = 0x40049409
 SAVE_EVERY = 60.0
 SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
 PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most this long at the cap
@@ -466,60 +464,27 @@ class Source:
                     self.index.add(h, vs.name, i, epoch)
         vs.indexed = True
 
-    async def _run_hook(self, vs: VolumeState, cmd: str | None, phase: str) -> None:
-        if not cmd:
-            return
-        env = {**os.environ, "CDP_VOLUME": vs.name, "CDP_PATH": str(vs.cfg.path),
-               "CDP_PHASE": phase}
-        proc = await asyncio.create_subprocess_shell(cmd, env=env)
-        try:
-            rc = await asyncio.wait_for(proc.wait(), 300)
-        except TimeoutError:
-            proc.kill()
-            raise TrackerError(f"{phase} command timed out after 300s: {cmd}") from None
-        if rc != 0:
-            raise TrackerError(f"{phase} command failed with exit status {rc}: {cmd}")
-
-    def _snapshot(self, vs: VolumeState) -> Path:
-        """A reflink copy of the volume: scanned at leisure while the guest runs on."""
-        vs.dir.mkdir(parents=True, exist_ok=True)
-        snap = vs.dir / "snapshot"
-        src = os.open(vs.cfg.path, os.O_RDONLY)
-        try:
-            dst = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                fcntl.ioctl(dst, FICLONE, src)
-            finally:
-                os.close(dst)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                snap.unlink()
-            if exc.errno in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY):
-                raise TrackerError(
-                    f"snapshot = \"reflink\" needs a file system with reflinks (XFS, btrfs) and "
-                    f"state_dir on the same file system as {vs.cfg.path}; use snapshot = \"none\" "
-                    "with pre_scan/post_scan to quiesce instead") from None
-            raise TrackerError(f"reflink snapshot of {vs.cfg.path} failed: {exc}") from None
-        finally:
-            os.close(src)
-        return snap
-
     async def _scan_once(self, link: Link, vs: VolumeState) -> None:
         cfg = vs.cfg
         capture = time.time()
-        await self._run_hook(vs, cfg.pre_scan, "pre_scan")
+        await run_hook(cfg.pre_scan, "pre_scan", vs.name, cfg.path)
         path = cfg.path
+        snap = vs.dir / "snapshot"
+        thawed = False  # post_scan runs exactly once, whatever fails: a guest is never left frozen
         try:
             if cfg.snapshot == "reflink":
-                path = await asyncio.to_thread(self._snapshot, vs)
-                await self._run_hook(vs, cfg.post_scan, "post_scan")
+                try:
+                    path = await asyncio.to_thread(reflink_snapshot, cfg.path, snap)
+                finally:  # thaw right after the copy, whether it worked or not
+                    thawed = True
+                    await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
             await self._stream_scan(link, vs, path, capture)
         finally:
             if cfg.snapshot == "reflink":
                 with contextlib.suppress(OSError):
-                    (vs.dir / "snapshot").unlink()
-            elif cfg.post_scan:
-                await self._run_hook(vs, cfg.post_scan, "post_scan")
+                    snap.unlink()
+            if not thawed:
+                await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
 
     async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float) -> None:
         loop = asyncio.get_running_loop()

@@ -196,3 +196,20 @@ def test_stale_dedup_reference_is_detected_and_data_resent(cdp_env, daemons) -> 
     src.stop()
     rx.stop()
     shutil.rmtree(env.root / "images", ignore_errors=True)
+
+
+def test_guest_is_thawed_even_when_the_snapshot_fails(cdp_env, daemons, tmp_path: Path) -> None:
+    """pre_scan froze the guest; whatever happens to the reflink copy, post_scan must run."""
+    marks = tmp_path / "marks.txt"
+    env = cdp_env(volume_extra=(f'snapshot = "reflink"\npre_scan = "echo pre >> {marks}"\n'
+                                f'post_scan = "echo post >> {marks}"'))
+    make_image(env.source.images["vol1"], 1 << 20, random.Random(7))
+    rx = daemons.receiver(env)
+    src = daemons.source(env)
+    wait_for(lambda: marks.exists() and marks.read_text().count("pre") >= 2, 30,
+             what="two scan attempts")
+    src.stop()
+    rx.stop()
+    lines = marks.read_text().split()
+    pairs = lines[: len(lines) - len(lines) % 2]
+    assert pairs and pairs == ["pre", "post"] * (len(pairs) // 2), lines
