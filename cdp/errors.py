@@ -28,12 +28,6 @@ class UsageError(CdpError):
     exit_code = 2
 
 
-class CheckFailed(CdpError):
-    """A check (verify, drill) ran and found a difference."""
-
-    exit_code = 1
-
-
 class ProtocolError(CdpError):
     """Bytes or messages that break the protocol."""
 

@@ -100,7 +100,6 @@ class _Session:
         self.max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
         self.volumes: dict[str, _VolumeState] = {}
-        self.last_sizes: list[int] = []  # frame sizes of the events last returned
         self._deferred: list[VolumeError] = []
 
     def feed(self, data: bytes) -> None:
@@ -149,14 +148,12 @@ class _Session:
         self.feed(data)
         if self._deferred:
             raise self._deferred.pop(0)
-        events, sizes = [], []
-        for ev, size in self.events():
+        events: list[Message] = []
+        for ev, _ in self.events():
             if isinstance(ev, VolumeError):
                 self._deferred.append(ev)
             else:
                 events.append(ev)
-                sizes.append(size)
-        self.last_sizes = sizes
         if not events and self._deferred:
             raise self._deferred.pop(0)
         return events

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from cdp.config import SourceConfig
 from cdp.errors import ProtocolError, RemoteError, TransportError
-from cdp.messages import Challenge, Error, Welcome
+from cdp.messages import Challenge, Error, GetHashes, Hashes, Message, Welcome
 from cdp.protocol import SourceSession
 from cdp.transport import Link, client_tls
 
@@ -41,3 +42,26 @@ async def connect(cfg: SourceConfig) -> Link:
         await link.close()
         raise
     return link
+
+
+async def fetch_hashes(link: Link, volume: str, count: int, rehash: bool,
+                       next_msg: Callable[[], Awaitable[Message]]) -> bytearray:
+    """The replica's hashes of blocks [0, count), in order and complete, or ProtocolError.
+
+    next_msg() returns the next message for this volume and raises on an Error.
+    """
+    await link.send(GetHashes(volume, 0, count, rehash))
+    out = bytearray()
+    while len(out) < count * 16:
+        msg = await next_msg()
+        if not isinstance(msg, Hashes):
+            raise ProtocolError(f"{volume}: expected Hashes, got {type(msg).__name__}")
+        if msg.start * 16 != len(out):
+            raise ProtocolError(f"{volume}: Hashes out of order")
+        if not msg.hashes:
+            break
+        out += msg.hashes
+    link.session.hashes_done(volume)  # type: ignore[attr-defined]
+    if len(out) != count * 16:
+        raise ProtocolError(f"{volume}: receiver sent {len(out) // 16} of {count} hashes")
+    return out

@@ -55,7 +55,7 @@ from cdp.messages import (
     Opened,
 )
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
-from cdp.source.connect import connect
+from cdp.source.connect import connect, fetch_hashes
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.consistency import reflink_snapshot, run_hook
 from cdp.tracker.scan import CHUNK as SCAN_CHUNK
@@ -428,19 +428,9 @@ class Source:
         else:
             log.info("volume=%s: fetching the replica's block map (epoch %d, %d blocks)",
                      vs.name, opened.epoch, n)
-            smap = bytearray()
-            await self._send(link, vs, GetHashes(vs.name, 0, n, False))
-            while len(smap) < n * 16:
-                msg = await self._expect(vs, Hashes)
-                assert isinstance(msg, Hashes)
-                if msg.start * 16 != len(smap):
-                    raise ProtocolError(f"{vs.name}: Hashes out of order")
-                smap += msg.hashes
-                if not msg.hashes:
-                    break
-            link.session.hashes_done(vs.name)  # type: ignore[attr-defined]
-            if len(smap) != n * 16:
-                raise ProtocolError(f"{vs.name}: receiver sent {len(smap) // 16} of {n} hashes")
+            await self._pace(vs, GetHashes(vs.name, 0, n, False))
+            smap = await fetch_hashes(link, vs.name, n, False,
+                                      lambda: self._expect(vs, Hashes))
         vs.adopt(opened.replica_id, opened.epoch, smap)
         vs.seeded = opened.epoch > 0
         if opened.epoch > 0:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from cdp.blocks import Geometry
 from cdp.config import SourceConfig
 from cdp.errors import RemoteError
-from cdp.messages import Error, GetHashes, Hashes, Message, Open, Opened
-from cdp.source.connect import connect
+from cdp.messages import Error, Message, Open, Opened
+from cdp.source.connect import connect, fetch_hashes
 from cdp.transport import Link
 
 
@@ -23,6 +25,12 @@ async def replica_hashes(cfg: SourceConfig, volumes: dict[str, Geometry],
             buf.extend(m for m in msgs if getattr(m, "volume", volume) == volume)
         return buf.pop(0)
 
+    async def _hashes(volume: str) -> Message:
+        msg = await _next(link, volume)
+        if isinstance(msg, Error):
+            raise RemoteError(msg.code, msg.message, volume)
+        return msg
+
     try:
         for name, geo in volumes.items():
             await link.send(Open(name, geo.size, geo.block_size, True))
@@ -31,16 +39,7 @@ async def replica_hashes(cfg: SourceConfig, volumes: dict[str, Geometry],
                 out[name] = f"{msg.code}: {msg.message}"
                 continue
             assert isinstance(msg, Opened)
-            await link.send(GetHashes(name, 0, geo.blocks, rehash))
-            blob = bytearray()
-            while len(blob) < geo.blocks * 16:
-                h = await _next(link, name)
-                if isinstance(h, Error):
-                    raise RemoteError(h.code, h.message, name)
-                if not isinstance(h, Hashes) or not h.hashes:
-                    break
-                blob += h.hashes
-            link.session.hashes_done(name)  # type: ignore[attr-defined]
+            blob = await fetch_hashes(link, name, geo.blocks, rehash, partial(_hashes, name))
             out[name] = (msg.epoch, bytes(blob))
     finally:
         await link.close()
