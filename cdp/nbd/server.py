@@ -5,12 +5,16 @@ file I/O, blocking calls in `asyncio.to_thread`. Requests of one connection
 are executed in order, which keeps "write, then on_write" and "flush covers
 every completed write" trivially true.
 
-Hooks are where the CDP source plugs in: `on_write(offset, length)` runs after
-every change to the image has reached the file (WRITE, TRIM, WRITE_ZEROES) and
-before the client hears success, so a dirty range is recorded before the VM can
-rely on it; `on_flush()` runs after a FLUSH made the image durable. A hook that
-raises turns the request into an EIO reply: the client must not believe in a
-write that cdp did not track.
+A `ChangeTracker` is where the CDP source plugs in. `before_change(offset,
+length)` is awaited before a WRITE, TRIM or WRITE_ZEROES touches the file (the
+source makes the range dirty in its persistent map first, so a crash between
+the write and the capture can never lose track of it); `changed(offset,
+length)` runs after the change reached the file and before the client hears
+success (the source captures the blocks for the open epoch); `flushed()` is
+awaited after a FLUSH made the image durable and before the client hears
+success (the source cuts an epoch there). A hook that raises turns the request
+into an EIO reply: the client must not believe in a write that cdp did not
+track.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from cdp.durable import write_zeros
 from cdp.errors import CdpError
@@ -47,6 +51,16 @@ _ZERO_CHUNK = bytes(1 << 20)
 
 class NbdServerError(CdpError):
     """The NBD server could not open its image or bind its address."""
+
+
+class ChangeTracker(Protocol):
+    """What the server tells the CDP source about changes; see the module docstring."""
+
+    async def before_change(self, offset: int, length: int) -> None: ...
+
+    def changed(self, offset: int, length: int) -> None: ...
+
+    async def flushed(self) -> None: ...
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -94,16 +108,14 @@ class NbdServer:
         host: str | None = "127.0.0.1",
         port: int = 0,
         unix_path: Path | str | None = None,
-        on_write: Callable[[int, int], None] | None = None,
-        on_flush: Callable[[], None] | None = None,
+        tracker: ChangeTracker | None = None,
     ) -> None:
         self.image = Path(image)
         self.export = export
         self.host = host
         self.port = port
         self.unix_path = Path(unix_path) if unix_path is not None else None
-        self.on_write = on_write
-        self.on_flush = on_flush
+        self.tracker = tracker
         self.size = 0
         self._fd = -1
         self._servers: list[asyncio.Server] = []
@@ -217,20 +229,25 @@ class NbdServer:
         try:
             if isinstance(event, Read):
                 return 0, await asyncio.to_thread(_pread_exact, fd, event.length, event.offset)
+            tracker = self.tracker
             if isinstance(event, Write):
+                if tracker is not None:
+                    await tracker.before_change(event.offset, len(event.data))
                 await asyncio.to_thread(self._write, fd, event.data, event.offset, event.fua)
-                self._written(event.offset, len(event.data))
-            elif isinstance(event, WriteZeroes):
-                await asyncio.to_thread(self._zero, fd, event.offset, event.length, event.no_hole, event.fua)
-                self._written(event.offset, event.length)
-            elif isinstance(event, Trim):
+                if tracker is not None:
+                    tracker.changed(event.offset, len(event.data))
+            elif isinstance(event, (WriteZeroes, Trim)):
+                if tracker is not None:
+                    await tracker.before_change(event.offset, event.length)
                 # Trimmed contents are unspecified; zeroing them keeps source and replica equal.
-                await asyncio.to_thread(self._zero, fd, event.offset, event.length, False, event.fua)
-                self._written(event.offset, event.length)
+                no_hole = isinstance(event, WriteZeroes) and event.no_hole
+                await asyncio.to_thread(self._zero, fd, event.offset, event.length, no_hole, event.fua)
+                if tracker is not None:
+                    tracker.changed(event.offset, event.length)
             elif isinstance(event, Flush):
                 await asyncio.to_thread(os.fdatasync, fd)
-                if self.on_flush is not None:
-                    self.on_flush()
+                if tracker is not None:
+                    await tracker.flushed()
             return 0, b""
         except OSError as exc:
             log.warning("NBD %s failed: %s", type(event).__name__, exc)
@@ -253,7 +270,3 @@ class NbdServer:
             write_zeros(fd, offset, length)
         if fua:
             os.fdatasync(fd)
-
-    def _written(self, offset: int, length: int) -> None:
-        if self.on_write is not None:
-            self.on_write(offset, length)

@@ -51,16 +51,20 @@ def _serve(image: Path, export: str, unix_path: Path | None) -> Iterator[Running
     thread.start()
     holder: dict[str, Running] = {}
 
-    def on_write(offset: int, length: int) -> None:
-        with holder["r"].lock:
-            holder["r"].writes.append((offset, length))
+    class Tracker:
+        async def before_change(self, offset: int, length: int) -> None:
+            pass
 
-    def on_flush() -> None:
-        with holder["r"].lock:
-            holder["r"].flushes.append(1)
+        def changed(self, offset: int, length: int) -> None:
+            with holder["r"].lock:
+                holder["r"].writes.append((offset, length))
+
+        async def flushed(self) -> None:
+            with holder["r"].lock:
+                holder["r"].flushes.append(1)
 
     server = NbdServer(image, export=export, host=None if unix_path else "127.0.0.1", port=0,
-                       unix_path=unix_path, on_write=on_write, on_flush=on_flush)
+                       unix_path=unix_path, tracker=Tracker())
     fut: Future[None] = asyncio.run_coroutine_threadsafe(server.start(), loop)
     fut.result(timeout=scaled(10))
     if unix_path is not None:
