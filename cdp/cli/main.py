@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -13,6 +14,11 @@ from cdp.cli import logs
 from cdp.errors import CdpError, ConfigError
 
 log = logging.getLogger("cdp")
+
+# Verbs that live in their own module, cdp/cli/<name>.py, which exposes
+# `register(sub)`: it adds its parser(s) and sets `run=` (a function taking the
+# parsed args and returning the exit status) with `set_defaults`.
+MODULE_VERBS: tuple[str, ...] = ()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
     s.add_argument("--keep", action="store_true", help="keep the work folder")
     s.add_argument("--json", action="store_true")
+    for name in MODULE_VERBS:
+        importlib.import_module(f"cdp.cli.{name}").register(sub)
     return p
 
 
@@ -91,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "run", None) is not None:
+        return int(args.run(args))
     if args.verb == "init":
         from cdp.cli.init import init
         files = init(args.dir)
