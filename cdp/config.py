@@ -55,6 +55,35 @@ class ClientConfig:
 
 
 @dataclass(frozen=True)
+class KeepPolicy:
+    """How many snapshots an archive keeps (see cdp/archive/retention.py); all zero keeps all."""
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """One [[archive]] table: where snapshots of the replicas go, how often, how many are kept."""
+
+    name: str
+    repository: str  # an absolute directory path, or s3://bucket/prefix
+    endpoint: str | None = None
+    password_file: Path | None = None  # None: unencrypted (encrypt = false)
+    schedule: str = "manual"  # see cdp/archive/schedule.py
+    keep: KeepPolicy = KeepPolicy()
+    encrypt: bool = True
+    chunk_size: int = 4 * 1024 * 1024
+    pack_size: int = 32 * 1024 * 1024
+    volumes: tuple[str, ...] = ()  # empty: every volume of every client
+    compress_level: int = 3
+    uploads: int = 4  # packs uploaded at once
+
+
+@dataclass(frozen=True)
 class ReceiverConfig:
     path: Path
     listen: tuple[str, int]
@@ -63,9 +92,13 @@ class ReceiverConfig:
     tls: TlsServer | None = None
     max_frame: int = 32 * 1024 * 1024
     idle_timeout: float = 300.0
+    archives: tuple[ArchiveConfig, ...] = ()
 
     def client(self, name: str) -> ClientConfig | None:
         return next((c for c in self.clients if c.name == name), None)
+
+    def archive(self, name: str) -> ArchiveConfig | None:
+        return next((a for a in self.archives if a.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -81,6 +114,12 @@ class VolumeConfig:
     snapshot: str = "none"  # or "reflink"
     nbd_listen: str | None = None
     rate_limit: float | None = None  # bytes per second sent for this volume; None: no cap
+    # nbd mode: where the export is served, parsed from nbd_listen ("host:port" and/or "unix:PATH")
+    nbd_tcp: tuple[str, int] | None = None
+    nbd_unix: Path | None = None
+    epoch_interval: float = 1.0  # nbd mode: cut an epoch at least this often while writes come
+    capture_memory: int = 256 * 1024 * 1024  # nbd mode: captured data held before pull-ahead
+    dirty_region: int = 4 * 1024 * 1024  # nbd mode: granularity of the persistent dirty map
 
 
 @dataclass(frozen=True)
@@ -228,7 +267,7 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     file = Path(path).resolve()
     base = file.parent
     data = _load(file)
-    _top(file, data, {"receiver"})
+    _top(file, data, {"receiver", "archive"})
     t = _Table(file, "receiver", data.get("receiver", {}))
     listen = t.get("listen", lambda v: parse_hostport(_str(v)), default=("127.0.0.1", 7400))
     data_dir = t.get("data_dir", _path(base), default=base / "replicas")
@@ -264,7 +303,79 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
                     "set: block data and names would cross the network in clear. Add "
                     "[receiver.tls], or set allow_plaintext = true if the link is already "
                     "protected (VPN, IPsec)")
-    return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle)
+    archives = _archives(file, base, data.get("archive", []))
+    return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle,
+                          archives=archives)
+
+
+def _archives(file: Path, base: Path, raw: Any) -> tuple[ArchiveConfig, ...]:
+    """[[archive]] tables: repository, credentials, schedule, retention, chunk and pack sizes."""
+    from cdp.archive.schedule import parse_schedule
+
+    if not isinstance(raw, list):
+        raise ConfigError(f"{file}: archive: must be an array of tables: [[archive]]")
+    out: list[ArchiveConfig] = []
+    for i, ra in enumerate(raw):
+        at = _Table(file, f"archive[{i}]", ra)
+        name = at.get("name", _name, required=True)
+        repo = at.get("repository", lambda v: _repository(base, _str(v)), required=True)
+        encrypt = at.get("encrypt", _bool, default=True)
+        pw = at.get("password_file", _str, default=None)
+        keep_raw = at.get("keep", lambda v: v, default={})
+        kt = _Table(file, f"archive[{i}].keep", keep_raw)
+        keep = KeepPolicy(**{k: kt.get(k, _int(0, 1_000_000), default=0)
+                             for k in ("last", "hourly", "daily", "weekly", "monthly")})
+        kt.done()
+        a = ArchiveConfig(
+            name=name, repository=repo,
+            endpoint=at.get("endpoint", _str, default=None),
+            password_file=None if pw in (None, "none") else _path(base)(pw),
+            schedule=at.get("schedule", lambda v: (parse_schedule(_str(v)), v)[1], default="manual"),
+            keep=keep, encrypt=encrypt,
+            chunk_size=at.get("chunk_size", _chunk_size, default=4 << 20),
+            pack_size=at.get("pack_size", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
+            volumes=at.get("volumes", _name_list, default=()),
+            compress_level=at.get("compress_level", _int(-7, 19), default=3),
+            uploads=at.get("uploads", _int(1, 32), default=4),
+        )
+        at.done()
+        if encrypt and a.password_file is None:
+            raise at.err("password_file", "is required while encrypt = true (a file holding the "
+                         "repository password; chmod 600)")
+        if not encrypt and pw not in (None, "none"):
+            raise at.err("password_file", 'must be "none" (or absent) when encrypt = false')
+        if not encrypt and repo.startswith("s3://"):
+            raise at.err("encrypt", "an S3 repository must be encrypted; encrypt = false is only "
+                         "allowed for a local directory")
+        if a.endpoint is not None and not repo.startswith("s3://"):
+            raise at.err("endpoint", "only applies to an s3:// repository")
+        if a.pack_size < a.chunk_size:
+            raise at.err("pack_size", "must be at least chunk_size")
+        if any(o.name == name for o in out):
+            raise at.err("name", f"archive {name!r} is defined twice")
+        out.append(a)
+    return tuple(out)
+
+
+def _repository(base: Path, v: str) -> str:
+    if v.startswith("s3://"):
+        if not v[5:].split("/", 1)[0]:
+            raise ValueError("expected s3://bucket/prefix")
+        return v.rstrip("/")
+    if v.startswith("file://"):
+        v = v[7:]
+        if not v.startswith("/"):
+            raise ValueError("a file:// URL needs an absolute path: file:///path")
+    elif "://" in v:
+        raise ValueError("expected a directory path, file:///path or s3://bucket/prefix")
+    return str(_path(base)(v))
+
+
+def _chunk_size(v: Any) -> int:
+    n = parse_size(v)
+    if n < 64 * 1024 or n > 64 * 1024 * 1024 or n & (n - 1):
+        raise ValueError("chunk size must be a power of two from 64KiB to 64MiB")
+    return n
 
 
 def _bool(v: Any) -> bool:
@@ -396,11 +507,46 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         snapshot=vt.get("snapshot", _choice("none", "reflink"), default="none"),
         nbd_listen=vt.get("nbd_listen", _str, default=None),
         rate_limit=vt.get("rate_limit", parse_rate, default=None),
+        epoch_interval=vt.get("epoch_interval", parse_duration, default=1.0),
+        capture_memory=vt.get("capture_memory", lambda v: _range_size(v, 1 << 20, 1 << 40),
+                              default=256 * 1024 * 1024),
+        dirty_region=vt.get("dirty_region", lambda v: _range_size(v, 64 << 10, 1 << 30),
+                            default=4 * 1024 * 1024),
     )
     vt.done()
     if vol.mode == "nbd":
-        raise vt.err("mode", "nbd mode is not available in this version yet; use mode = \"scan\"")
+        if vol.nbd_listen is None:
+            raise vt.err("nbd_listen", "nbd mode needs an address to serve the volume on, e.g. "
+                         "nbd_listen = \"127.0.0.1:10809\" or \"unix:vm1-disk0.sock\"")
+        tcp, unix = _nbd_listen(vt, base, vol.nbd_listen)
+        if vol.dirty_region % vol.block_size:
+            raise vt.err("dirty_region", f"must be a multiple of block_size ({vol.block_size})")
+        if vol.epoch_interval <= 0:
+            raise vt.err("epoch_interval", "must be positive, e.g. \"1s\"")
+        vol = replace(vol, nbd_tcp=tcp, nbd_unix=unix)
     return vol
+
+
+def _nbd_listen(vt: _Table, base: Path, text: str) -> tuple[tuple[str, int] | None, Path | None]:
+    """"host:port", "unix:PATH" or both separated by a comma."""
+    tcp: tuple[str, int] | None = None
+    unix: Path | None = None
+    for part in (p.strip() for p in text.split(",")):
+        if part.startswith("unix:"):
+            if unix is not None or not part[5:]:
+                raise vt.err("nbd_listen", "give one non-empty unix:PATH")
+            unix = Path(part[5:]) if Path(part[5:]).is_absolute() else base / part[5:]
+        else:
+            if tcp is not None:
+                raise vt.err("nbd_listen", "give one host:port")
+            try:
+                tcp = parse_hostport(part)
+            except ValueError as exc:
+                raise vt.err("nbd_listen", str(exc)) from None
+            if not _loopback(tcp[0]):
+                raise vt.err("nbd_listen", f"{tcp[0]} is not a loopback address: the export carries "
+                             "the VM's disk unencrypted; serve it on 127.0.0.1 or a unix: socket")
+    return tcp, unix
 
 
 def _schedule(file: Path, t: _Table) -> tuple[Window, ...]:

@@ -23,6 +23,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,8 @@ from cdp.messages import (
 )
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
 from cdp.source.connect import connect, fetch_hashes
+from cdp.source.nbdmode import NbdExport, Producer, nbd_session
+from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.consistency import reflink_snapshot, run_hook
 from cdp.tracker.scan import CHUNK as SCAN_CHUNK
@@ -71,8 +74,6 @@ PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most thi
 MIN_PACED_BATCH = 256 * 1024  # ...but Data frames no smaller than this (compression, overhead)
 
 
-class _Cancelled(Exception):
-    pass
 
 
 class Source:
@@ -95,6 +96,7 @@ class Source:
         self.caps: Caps | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.nbd: dict[str, NbdExport] = {}  # nbd-mode volumes: server, journal, dirty map
         self._apply_schedule()
 
     def stop(self) -> None:
@@ -178,12 +180,16 @@ class Source:
             self.wake[name] = asyncio.Event()
             self.acked_event[name] = asyncio.Event()
             self.scan_cancel[name] = threading.Event()
-            watcher.watch(vs.cfg.path, self.wake[name].set)
+            if vs.cfg.mode == "scan":
+                watcher.watch(vs.cfg.path, self.wake[name].set)
             try:
                 size = volume_size(vs.cfg.path)
                 vs.load(Geometry(size, vs.cfg.block_size))
+                if vs.cfg.mode == "nbd":
+                    export = self.nbd[name] = NbdExport(vs, vs.dir)
+                    await export.start()
             except TrackerError as exc:
-                vs.error = str(exc)
+                vs.error, vs.phase = str(exc), "failed"
                 log.error("volume=%s: %s", name, exc)
         if self.cfg.filesets:
             log.warning("file sets are configured but not replicated by this version: %s",
@@ -217,6 +223,8 @@ class Source:
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
             watcher.stop()
+            for export in self.nbd.values():
+                await export.stop()
             for name, vs in self.volumes.items():
                 self.scan_cancel[name].set()
                 if vs.smap is not None:
@@ -322,6 +330,9 @@ class Source:
 
     def _on_ack(self, link: Link, vs: VolumeState, msg: Ack) -> None:
         p = vs.acknowledged(msg.epoch)
+        export = self.nbd.get(vs.name)
+        if export is not None and export.journal is not None:
+            export.journal.acked(msg.epoch)
         vs.stats["epochs"] += 1
         self.acked_event[vs.name].set()
         goal = self.scan_goal.get(vs.name)
@@ -382,7 +393,8 @@ class Source:
             log.info("volume=%s: retrying in %.0fs", vs.name, delay)
             await asyncio.sleep(delay)
 
-    async def _volume_session(self, link: Link, vs: VolumeState) -> None:
+    async def _open(self, link: Link, vs: VolumeState) -> Opened:
+        """Open the volume on the receiver and make smap describe what the replica holds."""
         size = await asyncio.to_thread(volume_size, vs.cfg.path)
         geo = Geometry(size, vs.cfg.block_size)
         if vs.geo != geo:
@@ -400,6 +412,16 @@ class Source:
                 self._index_map(vs, opened.epoch)
         else:
             await self._fetch_map(link, vs, opened)
+        return opened
+
+    async def _volume_session(self, link: Link, vs: VolumeState) -> None:
+        if vs.cfg.mode == "nbd":
+            export = self.nbd.get(vs.name)
+            if export is None:
+                raise TrackerError(f"volume {vs.name} is not served over NBD: {vs.error or 'see the log'}")
+            await nbd_session(self, link, vs, export)
+            return
+        await self._open(link, vs)
         wake = self.wake[vs.name]
         first = True
         while True:
@@ -477,20 +499,58 @@ class Source:
                 await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
 
     async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float) -> None:
+        vs.phase = "scanning" if vs.seeded else "seeding"
+        vs.stats["scans"] += 1
+        assert vs.geo is not None
+        t0 = time.monotonic()
+        chunk = _paced(SCAN_CHUNK, self.reads.rate, vs.geo.block_size)
+
+        def produce(builder: EpochBuilder, progress: Callable[[int], None],
+                    cancelled: Callable[[], bool]) -> None:
+            assert vs.geo is not None and vs.smap is not None
+
+            def throttle(n: int) -> None:
+                take_blocking(self.reads, n, cancelled)
+
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
+            try:
+                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
+                                              cancelled=cancelled, throttle=throttle):
+                    builder.add(block, h, content)
+            finally:
+                os.close(fd)
+
+        await self.stream(link, vs, capture, produce)
+        if vs.need is None:
+            vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
+            dt = time.monotonic() - t0
+            log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 else logging.DEBUG,
+                    "volume=%s scan done in %.1fs (%s read)", vs.name, dt,
+                    format_bytes(vs.progress[0]))
+
+    async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
+                     split: bool = True, total: int | None = None) -> int | None:
+        """Run `produce` in a thread feeding an EpochBuilder; send what it builds as it comes.
+
+        Returns the last epoch committed (None if nothing changed). Raises
+        _Cancelled-free: a Need, an error or a shutdown ends it early (check
+        vs.need and the link). With split=False an epoch is never cut in two
+        (an NBD epoch must stay one state the guest had).
+        """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         room = threading.Semaphore(self.cfg.workers * 2 + 2)  # ops between scan and socket
         cancel = self.scan_cancel[vs.name]
         cancel.clear()
-        vs.phase = "scanning" if vs.seeded else "seeding"
-        vs.stats["scans"] += 1
         assert vs.geo is not None
-        vs.progress = (0, vs.geo.size)
-        t0 = time.monotonic()
+        vs.progress = (0, vs.geo.size if total is None else total)
         # under a cap, frames and reads are small enough to be paced smoothly
         caps = [r for r in (vs.bucket.rate, self.net.rate) if r is not None]
         batch = _paced(self.cfg.batch_bytes, min(caps) if caps else None, MIN_PACED_BATCH)
-        chunk = _paced(SCAN_CHUNK, self.reads.rate, vs.geo.block_size)
+        last: list[int] = []
 
         def emit(op: tuple[Any, ...]) -> None:
             # room first (bounded memory), then a fire-once hand-off: an op is never queued twice
@@ -499,36 +559,25 @@ class Source:
                     raise _Cancelled
             if cancel.is_set():
                 raise _Cancelled
+            if op[0] == "commit":
+                last.append(op[1])
             loop.call_soon_threadsafe(q.put_nowait, op)
 
         def work() -> None:
             builder = EpochBuilder(vs, self.volumes, self.index, self.pool, emit,
                                    capture_time=capture, batch_bytes=batch,
-                                   max_epoch_bytes=self.cfg.max_epoch_bytes,
+                                   max_epoch_bytes=self.cfg.max_epoch_bytes if split else 1 << 62,
                                    level=self.cfg.compress_level)
             done = 0
-            assert vs.geo is not None and vs.smap is not None
-
-            def throttle(n: int) -> None:
-                take_blocking(self.reads, n, cancel.is_set)
 
             def progress(n: int) -> None:
                 nonlocal done
                 done += n
-                vs.progress = (done, vs.geo.size)  # type: ignore[union-attr]
+                vs.progress = (done, vs.progress[1])
                 vs.stats["scanned"] += n
 
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
-            try:
-                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                              cancelled=cancel.is_set, throttle=throttle):
-                    builder.add(block, h, content)
-                builder.commit()
-            finally:
-                os.close(fd)
+            produce(builder, progress, cancel.is_set)
+            builder.commit()
             emit(("end",))
 
         scan_task = asyncio.ensure_future(asyncio.to_thread(work))
@@ -553,12 +602,7 @@ class Source:
                 await scan_task
             with contextlib.suppress(BaseException):
                 await sender
-        if vs.need is None:
-            vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
-            dt = time.monotonic() - t0
-            log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 else logging.DEBUG,
-                    "volume=%s scan done in %.1fs (%s read)", vs.name, dt,
-                    format_bytes(vs.progress[0]))
+        return last[-1] if last else None
 
     async def _send_ops(self, link: Link, vs: VolumeState, q: asyncio.Queue[tuple[Any, ...]],
                         room: threading.Semaphore, capture: float) -> None:

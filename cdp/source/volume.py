@@ -35,6 +35,10 @@ MAX_REFS_PER_FRAME = 32768
 MAX_ZERO_RUNS_PER_FRAME = 65536
 
 
+class Cancelled(Exception):
+    """A producer of changed blocks stops early (Need, error, shutdown)."""
+
+
 @dataclass
 class Pending:
     """An epoch sent (or being sent) and not yet acknowledged."""
@@ -108,6 +112,7 @@ class VolumeState:
         self.indexed = False  # smap's blocks are in the dedup index
         self.rate_window: list[tuple[float, int]] = []
         self.bucket = TokenBucket(cfg.rate_limit)  # paces what is sent for this volume
+        self.status_extra: Callable[[], dict[str, Any]] | None = None  # mode-specific status
 
     def configure(self, cfg: VolumeConfig) -> None:
         """Take a reloaded config (same volume, same path and geometry)."""
@@ -224,7 +229,8 @@ class VolumeState:
             "error": self.error, "stats": dict(self.stats),
             "size": self.geo.size if self.geo else 0,
             "block_size": self.geo.block_size if self.geo else self.cfg.block_size,
-            "rate_limit": self.bucket.rate,
+            "rate_limit": self.bucket.rate, "mode": self.cfg.mode,
+            **(self.status_extra() if self.status_extra is not None else {}),
         }
 
 

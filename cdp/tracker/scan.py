@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 from cdp.blocks import Geometry, block_spans, data_extents
@@ -64,8 +64,7 @@ def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], N
             "resizing the replica too (a resized volume is a new volume)")
     bs = geo.block_size
     chunk = max(bs, chunk - chunk % bs)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
+    view = memoryview(bytearray(chunk))
     zfull = zero_hash(bs)
     smv = memoryview(smap)
     pos = 0  # next block not yet covered
@@ -74,31 +73,64 @@ def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], N
             yield from _holes(geo, smv, pos, first, zfull)
             if progress:
                 progress(min(geo.size, first * bs) - pos * bs)
-        b = first
-        end = first + count
-        while b < end:
-            if cancelled and cancelled():
-                return
-            nblocks = min(end - b, chunk // bs)
-            off = b * bs
-            want = min(geo.size, (b + nblocks) * bs) - off
-            if throttle:
-                throttle(want)
-            got = os.preadv(fd, [view[:want]], off)
-            if got < want:  # the file shrank under us: the rest reads as zero
-                buf[got:want] = bytes(want - got)
-            p = 0
-            for i in range(b, b + nblocks):
-                n = bs if i < geo.blocks - 1 else geo.length(i)
-                blk = view[p:p + n]
-                h = block_hash(blk)
-                if smv[i * HASH_LEN:(i + 1) * HASH_LEN] != h:
-                    yield i, h, (None if h == (zfull if n == bs else zero_hash(n)) else blk)
-                p += n
-            if progress:
-                progress(want)
-            b += nblocks
-        pos = end
+        if not (yield from _read_span(fd, geo, smv, view, first, first + count, progress=progress,
+                                      cancelled=cancelled, throttle=throttle)):
+            return
+        pos = first + count
+
+
+def scan_spans(fd: int, geo: Geometry, smap: bytearray, spans: list[tuple[int, int]], *,
+               progress: Callable[[int], None] | None = None,
+               cancelled: Callable[[], bool] | None = None, chunk: int = CHUNK,
+               throttle: Callable[[int], None] | None = None) -> Iterator[Change]:
+    """Like scan(), over the given (first block, count) runs only: every block is read.
+
+    The NBD tracker uses it to compare the dirty regions of a volume with the
+    replica, where holes are rare and the runs small.
+    """
+    bs = geo.block_size
+    chunk = max(bs, chunk - chunk % bs)
+    view = memoryview(bytearray(chunk))
+    smv = memoryview(smap)
+    for first, count in spans:
+        if not (yield from _read_span(fd, geo, smv, view, first, min(geo.blocks, first + count),
+                                      progress=progress, cancelled=cancelled, throttle=throttle)):
+            return
+
+
+def _read_span(fd: int, geo: Geometry, smv: memoryview, view: memoryview, b: int, end: int, *,
+               progress: Callable[[int], None] | None, cancelled: Callable[[], bool] | None,
+               throttle: Callable[[int], None] | None) -> Generator[Change, None, bool]:
+    """Read blocks [b, end) in chunks of len(view); yield those whose hash differs from smv.
+
+    Returns False if cancelled (the caller stops), True when the span is done.
+    """
+    bs = geo.block_size
+    zfull = zero_hash(bs)
+    per_chunk = len(view) // bs
+    while b < end:
+        if cancelled and cancelled():
+            return False
+        nblocks = min(end - b, per_chunk)
+        off = b * bs
+        want = min(geo.size, (b + nblocks) * bs) - off
+        if throttle:
+            throttle(want)
+        got = os.preadv(fd, [view[:want]], off)
+        if got < want:  # the file shrank under us: the rest reads as zero
+            view[got:want] = bytes(want - got)
+        p = 0
+        for i in range(b, b + nblocks):
+            n = bs if i < geo.blocks - 1 else geo.length(i)
+            blk = view[p:p + n]
+            h = block_hash(blk)
+            if smv[i * HASH_LEN:(i + 1) * HASH_LEN] != h:
+                yield i, h, (None if h == (zfull if n == bs else zero_hash(n)) else blk)
+            p += n
+        if progress:
+            progress(want)
+        b += nblocks
+    return True
 
 
 def _holes(geo: Geometry, smv: memoryview, start: int, end: int, zfull: bytes) -> Iterator[Change]:

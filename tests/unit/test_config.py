@@ -549,13 +549,38 @@ def test_source_volume_must_be_array_of_tables(cfg_dir):
     assert "volume" in config_error(load_source, source_with(cfg_dir, text))
 
 
-def test_nbd_mode_refused_clearly(cfg_dir):
-    path = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "127.0.0.1:10809"\n')
-    msg = config_error(load_source, path)
-    assert str(path.resolve()) in msg
-    assert "volume[0].mode" in msg
-    assert "nbd" in msg
-    assert 'mode = "scan"' in msg
+def test_nbd_mode_parses_listen_addresses(cfg_dir):
+    path = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "127.0.0.1:10809, unix:vm.sock"\n'
+                       'epoch_interval = "250ms"\ncapture_memory = "64MiB"\ndirty_region = "1MiB"\n')
+    vol = load_source(path).volumes[0]
+    assert vol.mode == "nbd"
+    assert vol.nbd_tcp == ("127.0.0.1", 10809)
+    assert vol.nbd_unix == cfg_dir.resolve() / "vm.sock"
+    assert (vol.epoch_interval, vol.capture_memory, vol.dirty_region) == (0.25, 64 << 20, 1 << 20)
+
+
+def test_nbd_mode_needs_an_address(cfg_dir):
+    msg = config_error(load_source, source_with(cfg_dir, SOURCE + 'mode = "nbd"\n'))
+    assert "volume[0].nbd_listen" in msg
+    assert "127.0.0.1:10809" in msg
+
+
+@pytest.mark.parametrize("listen,words", [
+    ('"0.0.0.0:10809"', "loopback"),
+    ('"127.0.0.1"', "nbd_listen"),
+    ('"unix:"', "unix:PATH"),
+    ('"127.0.0.1:1,127.0.0.1:2"', "one host:port"),
+])
+def test_nbd_listen_checked(cfg_dir, listen, words):
+    msg = config_error(load_source, source_with(cfg_dir, SOURCE + f'mode = "nbd"\nnbd_listen = {listen}\n'))
+    assert "volume[0].nbd_listen" in msg
+    assert words in msg
+
+
+def test_nbd_dirty_region_must_hold_whole_blocks(cfg_dir):
+    path = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "unix:s"\nblock_size = "128KiB"\n'
+                       'dirty_region = "192KiB"\n')
+    assert "volume[0].dirty_region" in config_error(load_source, path)
 
 
 @pytest.mark.parametrize("mode", ['"fast"', '"SCAN"', "1", '""'])

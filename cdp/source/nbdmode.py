@@ -1,0 +1,228 @@
+"""Volumes in nbd mode: the source serves the disk over NBD and replicates every write.
+
+`NbdExport` owns what lives as long as the source process: the NBD server
+(in-process, on the source's event loop), the write journal it feeds and
+the persistent dirty map under it. The guest keeps its disk whether or not
+the receiver is reachable.
+
+`nbd_session` is the per-connection sender: it opens the volume on the
+receiver, then asks the journal for work. A resync unit (after a start, a
+reconnect, a Need or a pull-ahead) compares the dirty regions with the
+replica and is closed at a cut; a captured unit is the content of the
+changed blocks at a cut, sent as one epoch, never split, so every epoch the
+receiver applies is a state the guest had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TypeVar
+
+from cdp.blocks import Geometry, runs
+from cdp.codec import HASH_LEN, block_hash, zero_hash
+from cdp.errors import RemoteError, TrackerError
+from cdp.messages import Opened
+from cdp.nbd.server import NbdServer, NbdServerError
+from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
+from cdp.tracker.dirtymap import DirtyMap
+from cdp.tracker.journal import Captured, Resync, WriteJournal
+from cdp.tracker.scan import scan, scan_spans, volume_size
+from cdp.transport import Link
+from cdp.units import format_bytes
+
+log = logging.getLogger(__name__)
+IDLE_CURRENT_EVERY = 2.0  # seconds between "the replica is current" notes while the guest is idle
+T = TypeVar("T")
+Producer = Callable[[EpochBuilder, Callable[[int], None], Callable[[], bool]], None]
+
+
+class Source(Protocol):
+    """What an nbd session uses of the source daemon (cdp.source.daemon.Source)."""
+
+    index: DedupIndex
+    remote_errors: dict[str, RemoteError]
+
+    async def _open(self, link: Link, vs: VolumeState) -> Opened: ...
+
+    async def _send_current(self, link: Link, vs: VolumeState) -> None: ...
+
+    async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
+                     split: bool = True, total: int | None = None) -> int | None: ...
+
+
+class NbdExport:
+    """The NBD server, write journal and dirty map of one volume."""
+
+    def __init__(self, vs: VolumeState, state_dir_volume: os.PathLike[str] | str) -> None:
+        self.vs = vs
+        self.dir = state_dir_volume
+        self.server: NbdServer | None = None
+        self.journal: WriteJournal | None = None
+        self.dirty: DirtyMap | None = None
+        self._fd = -1
+
+    async def start(self) -> None:
+        """Open the dirty map and the image, then serve; TrackerError if anything fails."""
+        cfg = self.vs.cfg
+        size = volume_size(cfg.path)
+        geo = Geometry(size, cfg.block_size)
+        self.dirty = DirtyMap(self.vs.dir / "dirty", size, cfg.dirty_region)
+        try:
+            self.dirty.open()
+            self._fd = os.open(cfg.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise TrackerError(f"cannot open the dirty map or the image of {cfg.name}: {exc}") from exc
+        if not self.dirty.trusted:
+            log.info("volume=%s: no dirty map from an earlier run; the first resync compares "
+                     "the whole volume with the replica", cfg.name)
+        self.journal = WriteJournal(cfg.name, geo, self._fd, self.dirty,
+                                    capture_memory=cfg.capture_memory,
+                                    epoch_interval=cfg.epoch_interval)
+        host, port = cfg.nbd_tcp if cfg.nbd_tcp else (None, 0)
+        self.server = NbdServer(cfg.path, export=cfg.name, host=host, port=port,
+                                unix_path=cfg.nbd_unix, tracker=self.journal)
+        try:
+            await self.server.start()
+        except NbdServerError as exc:
+            raise TrackerError(str(exc)) from exc
+        self.journal.start()
+        self.vs.status_extra = self.status
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.journal is not None:
+            await self.journal.stop()
+        if self.dirty is not None:
+            self.dirty.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.journal is not None:
+            out["nbd"] = self.journal.status()
+        if self.server is not None:
+            out["nbd"]["listen"] = self.vs.cfg.nbd_listen
+        return out
+
+
+async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExport) -> None:
+    """Send the journal's units over one connection, until an error ends it."""
+    journal = export.journal
+    if journal is None:
+        raise TrackerError(f"volume {vs.name} is not being served over NBD (see the log)")
+    opened = await src._open(link, vs)
+    journal.requeue(everything=opened.epoch == 0)
+    last_current = 0.0
+    while True:
+        if (err := src.remote_errors.pop(vs.name, None)) is not None:
+            raise err
+        if vs.need is not None:
+            vs.undo_from(vs.need, src.index)
+            vs.need = None
+            journal.requeue()
+        unit = await journal.take(timeout=1.0)
+        if unit is None:
+            now = time.time()
+            if (journal.mode == "capture" and not journal.open and not journal.sealed
+                    and not vs.pending and now - last_current >= IDLE_CURRENT_EVERY):
+                vs.phase = "idle"
+                vs.current_as_of = now  # nothing written since the last acknowledged cut
+                vs.confirmed_at = now
+                last_current = now
+                await src._send_current(link, vs)
+            continue
+        if isinstance(unit, Resync):
+            last = await _resync(src, link, vs, journal, unit)
+        else:
+            last = await _captured(src, link, vs, unit)
+        if vs.need is None and vs.name in link.session.volumes:
+            journal.unit_done(unit.seq, last)
+
+
+async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) -> int | None:
+    vs.phase = "sending"
+
+    def produce(builder: EpochBuilder, progress: Callable[[int], None],
+                cancelled: Callable[[], bool]) -> None:
+        assert vs.smap is not None
+        smap = vs.smap
+        for b in sorted(unit.blocks):
+            if cancelled():
+                raise Cancelled
+            content = unit.blocks[b]
+            h = block_hash(content)
+            progress(len(content))
+            if smap[b * HASH_LEN:(b + 1) * HASH_LEN] != h:
+                builder.add(b, h, None if h == zero_hash(len(content)) else memoryview(content))
+
+    return await src.stream(link, vs, unit.time, produce, split=False, total=unit.nbytes)
+
+
+async def _resync(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
+                  unit: Resync) -> int | None:
+    vs.phase = "resync" if vs.seeded else "seeding"
+    loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
+    path = vs.cfg.path
+
+    def on_loop(fn: Callable[[], Coroutine[Any, Any, T]], cancelled: Callable[[], bool]) -> T:
+        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(), loop)
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if cancelled():
+                    fut.cancel()
+                    raise Cancelled from None
+            except concurrent.futures.CancelledError:
+                raise Cancelled from None
+
+    async def more() -> list[int] | None:
+        return journal.next_pass()
+
+    def produce(builder: EpochBuilder, progress: Callable[[int], None],
+                cancelled: Callable[[], bool]) -> None:
+        assert vs.geo is not None and vs.smap is not None
+        geo, smap = vs.geo, vs.smap
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
+        try:
+            it = (scan(fd, geo, smap, progress=progress, cancelled=cancelled) if unit.spans is None
+                  else scan_spans(fd, geo, smap, unit.spans, progress=progress, cancelled=cancelled))
+            for b, h, content in it:
+                builder.add(b, h, content)
+            while True:  # blocks written while we read: again, until few enough for the cut
+                if cancelled():
+                    raise Cancelled
+                blocks = on_loop(more, cancelled)
+                if blocks is None:
+                    break
+                for b, h, content in scan_spans(fd, geo, smap, list(runs(blocks)), cancelled=cancelled):
+                    builder.add(b, h, content)
+        finally:
+            os.close(fd)
+        when, contents = on_loop(journal.finish, cancelled)
+        for b in sorted(contents):
+            blk = contents[b]
+            h = block_hash(blk)
+            if smap[b * HASH_LEN:(b + 1) * HASH_LEN] != h:
+                builder.add(b, h, None if h == zero_hash(len(blk)) else memoryview(blk))
+        builder.time = when  # later epochs of this unit carry the closing cut's time
+
+    last = await src.stream(link, vs, unit.time, produce)
+    dt = time.monotonic() - t0
+    if vs.need is None:
+        log.info("volume=%s %s done in %.1fs (%s compared)", vs.name,
+                 "seed" if unit.spans is None and not vs.seeded else "resync", dt,
+                 format_bytes(vs.progress[0]))
+    return last

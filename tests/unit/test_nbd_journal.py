@@ -1,0 +1,266 @@
+"""The NBD tracker's persistent dirty map and write journal, driven without sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from cdp.blocks import Geometry
+from cdp.tracker.dirtymap import DirtyMap
+from cdp.tracker.journal import Captured, Resync, WriteJournal
+
+BS = 64 * 1024
+REGION = 4 * BS
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# -- dirty map -------------------------------------------------------------------
+
+
+def test_dirty_map_starts_all_dirty_without_a_file(tmp_path: Path) -> None:
+    m = DirtyMap(tmp_path / "dirty", 10 * REGION, REGION)
+    m.open()
+    assert not m.trusted
+    assert m.dirty_regions() == list(range(10))
+    m.close()
+
+
+def test_marks_are_durable_and_clears_persist(tmp_path: Path) -> None:
+    path = tmp_path / "dirty"
+    m = DirtyMap(path, 20 * REGION + 5, REGION)  # a partial last region
+    m.open()
+    m.clear(range(m.regions))
+    run(m.mark([3, 7]))
+    run(m.mark([3]))  # already set: no second sync
+    assert m.syncs == 1
+    m.close()
+    again = DirtyMap(path, 20 * REGION + 5, REGION)
+    again.open()
+    assert again.trusted
+    assert again.dirty_regions() == [3, 7]
+    again.clear([3])
+    again.close()
+    third = DirtyMap(path, 20 * REGION + 5, REGION)
+    third.open()
+    assert third.dirty_regions() == [7]
+    assert third.regions == 21
+
+
+@pytest.mark.parametrize("size,region", [(20 * REGION, 2 * REGION), (21 * REGION, REGION)])
+def test_a_map_of_other_geometry_is_not_trusted(tmp_path: Path, size: int, region: int) -> None:
+    m = DirtyMap(tmp_path / "dirty", 20 * REGION, REGION)
+    m.open()
+    m.clear(range(m.regions))
+    m.close()
+    other = DirtyMap(tmp_path / "dirty", size, region)
+    other.open()
+    assert not other.trusted
+    assert len(other.dirty_regions()) == other.regions
+
+
+def test_regions_of_a_range(tmp_path: Path) -> None:
+    m = DirtyMap(tmp_path / "dirty", 10 * REGION, REGION)
+    assert list(m.regions_of(0, 1)) == [0]
+    assert list(m.regions_of(REGION - 1, 2)) == [0, 1]
+    assert list(m.regions_of(3 * REGION, 2 * REGION)) == [3, 4]
+    assert list(m.regions_of(5, 0)) == []
+
+
+def test_concurrent_marks_share_syncs(tmp_path: Path) -> None:
+    m = DirtyMap(tmp_path / "dirty", 64 * REGION, REGION)
+    m.open()
+    m.clear(range(m.regions))
+
+    async def main() -> None:
+        await asyncio.gather(*(m.mark([r % 4]) for r in range(40)))
+
+    run(main())
+    assert m.dirty_regions() == [0, 1, 2, 3]
+    assert m.syncs <= 4
+
+
+# -- journal ---------------------------------------------------------------------
+
+
+class Volume:
+    """A file written the way the NBD server writes it: before_change, pwrite, changed."""
+
+    def __init__(self, tmp_path: Path, blocks: int = 32, capture_memory: int = 64 << 20,
+                 clean: bool = True) -> None:
+        self.path = tmp_path / "disk.raw"
+        self.size = blocks * BS
+        with open(self.path, "wb") as fh:
+            fh.truncate(self.size)
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.dirty = DirtyMap(tmp_path / "dirty", self.size, REGION)
+        self.dirty.open()
+        if clean:
+            self.dirty.clear(range(self.dirty.regions))
+        self.j = WriteJournal("v", Geometry(self.size, BS), self.fd, self.dirty,
+                              capture_memory=capture_memory, epoch_interval=3600)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self.j.before_change(offset, len(data))
+        os.pwrite(self.fd, data, offset)
+        self.j.changed(offset, len(data))
+
+    def image(self) -> bytes:
+        return os.pread(self.fd, self.size, 0)
+
+    def blocks_of(self, image: bytes, blocks: list[int]) -> dict[int, bytes]:
+        return {b: image[b * BS:(b + 1) * BS] for b in blocks}
+
+
+async def _close_initial_resync(v: Volume) -> None:
+    unit = await v.j.take(0)
+    assert isinstance(unit, Resync)
+    fin = asyncio.ensure_future(v.j.finish())
+    await asyncio.sleep(0)
+    v.j.cut()
+    await fin
+    v.j.unit_done(unit.seq, None)
+
+
+def test_after_start_the_journal_resyncs_dirty_regions_then_captures(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path, clean=False)
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync) and unit.spans is None  # every region dirty: whole volume
+        fin = asyncio.ensure_future(v.j.finish())
+        await asyncio.sleep(0)
+        await v.write(3 * BS + 100, b"x" * 10)  # while the resync reads: only noted
+        assert v.j.mode == "tracking" and v.j.touched == {3}
+        v.j.cut()
+        _when, contents = await fin
+        assert contents == v.blocks_of(v.image(), [3])
+        assert v.j.mode == "capture"
+
+    run(main())
+
+
+def test_a_cut_captures_the_state_at_that_instant(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.write(0, b"a" * BS)
+        await v.write(BS + 10, b"b" * 100)  # a partial block: the whole block is captured
+        await v.j.flushed()
+        at_cut = v.image()
+        await v.write(0, b"c" * BS)  # after the cut: must not leak into the sealed epoch
+        unit = await v.j.take(0)
+        assert isinstance(unit, Captured)
+        assert unit.blocks == v.blocks_of(at_cut, [0, 1])
+        assert unit.nbytes == 2 * BS
+        assert v.j.open == v.blocks_of(v.image(), [0])
+
+    run(main())
+
+
+def test_sealed_epochs_merge_into_the_later_state(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        rng = random.Random(5)
+        for _ in range(5):
+            for _ in range(4):
+                await v.write(rng.randrange(v.size - 4096), rng.randbytes(4096))
+            await v.j.flushed()
+        at_last_cut = v.image()
+        unit = await v.j.take(0)
+        assert isinstance(unit, Captured)
+        assert v.j.stats.merged == 4
+        assert unit.blocks == v.blocks_of(at_last_cut, sorted(unit.blocks))
+        assert await v.j.take(0) is None
+
+    run(main())
+
+
+def test_empty_flushes_cut_nothing(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.j.flushed()
+        await v.j.flushed()
+        assert await v.j.take(0) is None
+
+    run(main())
+
+
+def test_over_budget_falls_back_to_tracking_dirty_regions(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path, blocks=64, capture_memory=3 * BS)
+        await _close_initial_resync(v)
+        await v.write(0, b"a" * BS)
+        await v.j.flushed()
+        await v.write(40 * BS, b"b" * 3 * BS)  # over budget: captured content is dropped
+        assert v.j.mode == "tracking" and v.j.stats.fallbacks == 1
+        assert v.j.sealed == [] and v.j.open == {}
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync)
+        bpr = REGION // BS
+        assert unit.spans == [(0, bpr), (40, bpr)]  # regions 0 and 10: where the writes went
+
+    run(main())
+
+
+def test_regions_clear_only_when_every_unit_over_them_is_acknowledged(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.write(0, b"a" * 10)  # region 0, unit A
+        await v.j.flushed()
+        a = await v.j.take(0)
+        await v.write(REGION, b"b" * 10)  # region 1, unit B
+        await v.j.flushed()
+        b = await v.j.take(0)
+        assert isinstance(a, Captured) and isinstance(b, Captured)
+        await v.write(5, b"c")  # region 0 written again, in the open unit
+        v.j.unit_done(a.seq, 7)
+        v.j.unit_done(b.seq, 8)
+        v.j.acked(8)
+        assert v.dirty.dirty_regions() == [0]  # region 1 is replicated; region 0 has newer writes
+        await v.j.flushed()
+        c = await v.j.take(0)
+        assert isinstance(c, Captured)
+        v.j.unit_done(c.seq, None)  # nothing differed from the replica
+        assert v.dirty.dirty_regions() == []
+
+    run(main())
+
+
+def test_requeue_forgets_captures_and_resyncs_dirty_regions(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.write(9 * BS, b"z" * 10)
+        await v.j.flushed()
+        v.j.requeue()
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync)
+        assert unit.spans == [(8, 4)]
+        v.j.requeue(everything=True)
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync) and unit.spans is None
+
+    run(main())
+
+
+def test_many_writes_during_a_resync_ask_for_another_pass(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        v.j.pass_threshold = 2 * BS
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync)
+        for b in (1, 2, 3):
+            await v.write(b * BS, b"w")
+        assert v.j.next_pass() == [1, 2, 3]
+        assert v.j.next_pass() is None
+
+    run(main())
