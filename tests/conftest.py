@@ -152,6 +152,7 @@ class SourceFiles:
     toml: Path
     state_dir: Path
     images: dict[str, Path]
+    nbd_urls: dict[str, str] = field(default_factory=dict)  # nbd mode: volume -> nbd://... URL
 
     def status(self) -> dict[str, Any] | None:
         return read_json(self.state_dir / "status.json")
@@ -205,13 +206,15 @@ def write_env(root: Path, clients: dict[str, list[str]] | None = None, *,
               data_dir: Path | None = None, scan_interval: str = "1s",
               min_scan_interval: str = "0.1s", receiver_extra: str = "",
               source_extra: str = "", volume_extra: str = "",
-              receiver_addr: str | None = None, port: int | None = None) -> CdpEnv:
+              receiver_addr: str | None = None, port: int | None = None,
+              mode: str = "scan") -> CdpEnv:
     """Write receiver.toml, one source-<client>.toml per client and a 0600 token each.
 
     clients maps a client name to the volumes it may write and replicates
     (default: host1 -> [vol1]). Images live in root/images/<volume>.raw; the
     caller creates them. receiver_addr points the sources elsewhere (a proxy);
-    port is the receiver's (default: a free one).
+    port is the receiver's (default: a free one). mode "nbd" serves each volume
+    on a free loopback port (SourceFiles.nbd_urls).
     """
     clients = clients or {"host1": ["vol1"]}
     root.mkdir(parents=True, exist_ok=True)
@@ -231,17 +234,22 @@ def write_env(root: Path, clients: dict[str, list[str]] | None = None, *,
                f"volumes = {json.dumps(vols)}", ""]
         state_dir = root / f"state-{name}"
         images = {v: root / "images" / f"{v}.raw" for v in vols}
+        nbd_urls: dict[str, str] = {}
         src = ["[source]", f'name = "{name}"',
                f'receiver = "{receiver_addr or f"127.0.0.1:{port}"}"',
                f"token_file = {_toml_str(token)}", f"state_dir = {_toml_str(state_dir)}",
                'reconnect_min = "0.2s"', 'reconnect_max = "2s"', source_extra, ""]
         for v, img in images.items():
-            src += ["[[volume]]", f'name = "{v}"', f"path = {_toml_str(img)}", 'mode = "scan"',
+            src += ["[[volume]]", f'name = "{v}"', f"path = {_toml_str(img)}", f'mode = "{mode}"',
                     f'scan_interval = "{scan_interval}"',
                     f'min_scan_interval = "{min_scan_interval}"', volume_extra, ""]
+            if mode == "nbd":
+                nbd_port = free_port()
+                src.insert(-1, f'nbd_listen = "127.0.0.1:{nbd_port}"')
+                nbd_urls[v] = f"nbd://127.0.0.1:{nbd_port}/{v}"
         toml = root / f"source-{name}.toml"
         toml.write_text("\n".join(src))
-        env.sources[name] = SourceFiles(name, toml, state_dir, images)
+        env.sources[name] = SourceFiles(name, toml, state_dir, images, nbd_urls)
     (root / "images").mkdir(exist_ok=True)
     env.receiver_toml.write_text("\n".join(rx))
     return env
@@ -509,3 +517,8 @@ def run_cdp(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProc
     """`python -m cdp ARGS` to completion; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, "-m", "cdp", *map(str, args)], capture_output=True,
                           text=True, timeout=scaled(timeout), stdin=subprocess.DEVNULL)
+
+
+# -- archive tests: a SeaweedFS S3 server for the session (see archive_fixtures.py) --------------
+
+from archive_fixtures import s3_env, s3_server  # noqa: E402, F401

@@ -267,11 +267,11 @@ class WriteJournal:
 
     async def finish(self) -> tuple[float, dict[int, bytes]]:
         """Wait for the next cut; get its time and the content of blocks written since reading."""
-        loop = asyncio.get_running_loop()
-        self._finish = loop.create_future()
+        fut: asyncio.Future[tuple[float, dict[int, bytes]]] = asyncio.get_running_loop().create_future()
+        self._finish = fut
         if time.time() - self.last_cut >= self.epoch_interval:
-            self.cut()
-        return await self._finish
+            self.cut()  # resolves fut (and forgets it) right away
+        return await fut
 
     def unit_done(self, seq: int, last_epoch: int | None) -> None:
         """The sender committed a unit as epochs up to `last_epoch` (None: nothing differed)."""

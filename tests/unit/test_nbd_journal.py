@@ -264,3 +264,15 @@ def test_many_writes_during_a_resync_ask_for_another_pass(tmp_path: Path) -> Non
         assert v.j.next_pass() is None
 
     run(main())
+
+
+def test_finish_after_a_quiet_interval_closes_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        v.j.epoch_interval = 0.0  # the last cut is older than the interval: cut right away
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync)
+        _when, contents = await asyncio.wait_for(v.j.finish(), 5)
+        assert contents == {} and v.j.mode == "capture"
+
+    run(main())
