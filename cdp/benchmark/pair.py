@@ -31,10 +31,14 @@ class CdpPair:
     VOLUME = "bench"
 
     def __init__(self, root: Path, image: Path, *, source_extra: str = "",
-                 volume_extra: str = "", block_size: int = 65536) -> None:
+                 volume_extra: str = "", block_size: int = 65536, mode: str = "scan") -> None:
         self.root = root
         self.image = image
         self.port = free_port()
+        self.nbd_port = free_port() if mode == "nbd" else 0
+        if mode == "nbd":
+            volume_extra = (f'nbd_listen = "127.0.0.1:{self.nbd_port}, unix:nbd.sock"\n'
+                            f"{volume_extra}")
         root.mkdir(parents=True, exist_ok=True)
         token = root / "bench.token"
         fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -48,10 +52,19 @@ class CdpPair:
             f'[source]\nname = "bench"\nreceiver = "127.0.0.1:{self.port}"\n'
             f'token_file = "bench.token"\nstate_dir = "state"\nreconnect_min = "0.1s"\n'
             f"{source_extra}\n"
-            f'[[volume]]\nname = "{self.VOLUME}"\npath = "{image}"\nmode = "scan"\n'
+            f'[[volume]]\nname = "{self.VOLUME}"\npath = "{image}"\nmode = "{mode}"\n'
             f'block_size = {block_size}\nscan_interval = "5s"\nmin_scan_interval = "0.02s"\n'
             f"{volume_extra}\n")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.root / "nbd.sock"
+
+    @property
+    def nbd_url(self) -> str:
+        """The export over its Unix socket, as a local VM opens it."""
+        return f"nbd+unix:///{self.VOLUME}?socket={self.nbd_socket}"
 
     @property
     def replica(self) -> Path:

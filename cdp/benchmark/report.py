@@ -45,6 +45,15 @@ def table(results: list[Result]) -> None:
             note = (f"cap {format_bytes(r.extra['cap'])}/s: 5-s windows at "
                     f"{r.extra['min_ratio']:.0%}-{r.extra['max_ratio']:.0%} of it "
                     f"({r.extra['windows']} windows)")
+        if r.scenario.startswith("nbd ") and "iops" in r.extra:
+            note = f"{r.extra['iops']:.0f} IOPS"
+            if r.tool == "cdp":
+                if r.extra.get("of_baseline"):
+                    note += f", {r.extra['of_baseline']:.0%} of qemu-nbd"
+                note += (f", RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s, "
+                         f"caught up {r.extra['catch_up']:.2f}s after")
+        if r.scenario == "incremental 1% (nbd)" and r.tool == "cdp" and r.scenario in sp:
+            note = f"{sp[r.scenario]:.1f}x faster (writes took {r.extra['write_seconds']:.2f}s)"
         if r.scenario == "steady":
             note = (f"RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s at "
                     f"{format_bytes(r.extra['rate'])}/s")

@@ -2,7 +2,9 @@
 
 Scenarios: seed (first full replication), incremental 1% and 10% (random
 blocks rewritten in place, then replicated), steady (a continuous write load,
-RPO sampled over time). Every result is checked byte for byte.
+RPO sampled over time), nbd (write workloads through the source's NBD export
+beside plain qemu-nbd, and 1% rewritten through the export; see
+cdp/benchmark/nbd.py). Every result is checked byte for byte.
 """
 
 from __future__ import annotations
@@ -185,6 +187,56 @@ def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
         pair.stop()
 
 
+def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress) -> list[Result]:
+    """The nbd scenarios on a copy of the image (the scan pair never sees these writes)."""
+    from cdp.benchmark import nbd
+
+    if not nbd.have_tools():
+        raise UsageError("the nbd scenarios need qemu-img and qemu-nbd (Debian: qemu-utils)")
+    img = root / "nbd.raw"
+    shutil.copyfile(image, img)
+    baseline = nbd.run_baseline(root, img, progress)
+    results: list[Result] = []
+    for w in nbd.WORKLOADS:
+        n = w.count(size, nbd.BUDGET[w.name])
+        results.append(Result(f"nbd {w.name}", "qemu-nbd", baseline[w.name], size, n * w.block, 0,
+                              0.0, 0.0, 0, 0, True, extra={"iops": n / baseline[w.name]}))
+    pair = CdpPair(root / "cdp-nbd", img, mode="nbd")
+    try:
+        pair.start("receiver")
+        progress("nbd: seeding the replica of the export ...")
+        t0 = pair.start("source")
+        pair.wait_current(t0)
+
+        def result(name: str, p: CdpPair, before: Snapshot, seconds: float, changed: int,
+                   extra: dict[str, Any]) -> Result:
+            r = _cdp_result(name, p, before, seconds, img, size, changed)
+            r.extra = extra
+            return r
+
+        results += nbd.run_cdp_workloads(pair, size, baseline, progress, result)  # type: ignore[arg-type]
+        if rs is not None:
+            progress("incremental 1% (nbd): rsync seeds its copy first (not timed) ...")
+            rs.run(img)
+        progress("incremental 1% (nbd): cdp ...")
+        before = pair.snapshot()
+        pair.reset_peaks()
+        write_s, catch_up, changed = nbd.incremental(pair, size, 0.01, seed=77)
+        r = _cdp_result("incremental 1% (nbd)", pair, before, catch_up, img, size, changed)
+        r.extra = {"write_seconds": write_s}
+        results.append(r)
+        if rs is not None:
+            progress("incremental 1% (nbd): rsync ...")
+            results.append(_rsync_result("incremental 1% (nbd)", rs.run(img), img,
+                                         rs.dest / img.name, size, changed))
+    finally:
+        codes = pair.stop()
+    if any(c != 0 for c in codes):
+        raise RuntimeError(f"an nbd-mode daemon did not stop cleanly: exit codes {codes}")
+    img.unlink(missing_ok=True)
+    return results
+
+
 def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: list[str],
               steady_rate: int, steady_seconds: float, workdir: Path | None, keep: bool,
               progress, rate_cap: int = 0, rate_seconds: float = 20.0) -> list[Result]:
@@ -207,11 +259,15 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
         size = img.stat().st_size
         if size < BS * 16:
             raise UsageError("the image is too small to benchmark (16 blocks at least)")
-        pair = CdpPair(root / "cdp", img)
-        pair.start("receiver")
         if compare == "rsync":
             rs = RsyncDaemon(root / "rsync")
         dest = rs.dest / img.name if rs else None
+        if "nbd" in scenarios:
+            results += _nbd(root, img, size, rs, progress)
+        if not {"seed", "incremental", "steady"} & set(scenarios):
+            return results
+        pair = CdpPair(root / "cdp", img)
+        pair.start("receiver")
 
         if "seed" in scenarios or "incremental" in scenarios:
             before = Snapshot(time.time(), {}, 0.0, 0.0)
@@ -251,8 +307,8 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
         codes = pair.stop() if pair else []
         if rs:
             rs.stop()
+        if made and not keep and not any(c != 0 for c in codes):
+            shutil.rmtree(root, ignore_errors=True)
     if codes and any(c != 0 for c in codes):
         raise RuntimeError(f"a daemon did not stop cleanly: exit codes {codes}; logs in {root}")
-    if made and not keep:
-        shutil.rmtree(root, ignore_errors=True)
     return results

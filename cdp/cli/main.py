@@ -18,7 +18,7 @@ log = logging.getLogger("cdp")
 # Verbs that live in their own module, cdp/cli/<name>.py, which exposes
 # `register(sub)`: it adds its parser(s) and sets `run=` (a function taking the
 # parsed args and returning the exit status) with `set_defaults`.
-MODULE_VERBS: tuple[str, ...] = ()
+MODULE_VERBS: tuple[str, ...] = ("archive", "points", "failover")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--image", type=Path, help="benchmark a copy of this image instead")
     s.add_argument("--compare", choices=["rsync"], help="run rsync side by side")
     s.add_argument("--scenarios", default="seed,incremental,steady",
-                   help="comma-separated: seed, incremental, steady (default: all)")
+                   help="comma-separated: seed, incremental, steady, nbd (default: the first "
+                   "three; nbd runs write workloads through the NBD export beside qemu-nbd)")
     s.add_argument("--steady-rate", default="32MiB", help="write rate of the steady load, per s")
     s.add_argument("--steady-seconds", type=float, default=15.0)
     s.add_argument("--rate-cap", default=None,
@@ -163,7 +164,7 @@ def _bench(args: argparse.Namespace) -> int:
     from cdp.units import parse_size
 
     scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - {"seed", "incremental", "steady"}
+    unknown = set(scenarios) - {"seed", "incremental", "steady", "nbd"}
     if unknown:
         raise ConfigError(f"--scenarios: unknown {', '.join(sorted(unknown))}")
     try:

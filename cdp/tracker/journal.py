@@ -91,7 +91,8 @@ class WriteJournal:
     """Captures writes of one NBD-served volume and hands the sender consistent epochs."""
 
     def __init__(self, name: str, geo: Geometry, read_fd: int, dirty: DirtyMap, *,
-                 capture_memory: int, epoch_interval: float, pass_threshold: int = 32 << 20) -> None:
+                 capture_memory: int, epoch_interval: float, pass_threshold: int = 32 << 20,
+                 batch_delay: float = 0.02) -> None:
         if dirty.region % geo.block_size:
             raise ValueError("the dirty region size must be a multiple of the block size")
         self.name = name
@@ -101,6 +102,8 @@ class WriteJournal:
         self.capture_memory = capture_memory
         self.epoch_interval = epoch_interval
         self.pass_threshold = pass_threshold
+        self.batch_delay = min(batch_delay, epoch_interval)
+        self.first_write = 0.0  # when the open epoch got its first write
         self.mode = "tracking"  # until the first resync closes: after a start nothing is captured
         self.seq = 1  # the unit the next write belongs to
         self.open: dict[int, bytes] = {}
@@ -138,6 +141,9 @@ class WriteJournal:
         start = first * bs
         end = min(self.geo.size, (last + 1) * bs)
         data = _pread(self.fd, end - start, start)
+        if not self.open:
+            self.first_write = time.time()
+            self._ready.set()  # a free sender cuts this epoch after batch_delay
         for b in range(first, last + 1):
             lo = b * bs - start
             content = data[lo:lo + self.geo.length(b)]
@@ -212,19 +218,38 @@ class WriteJournal:
     # -- the sender's side --------------------------------------------------------
 
     async def take(self, timeout: float) -> Captured | Resync | None:
-        """The next unit of work, or None after `timeout` seconds with nothing to do."""
-        if not self._has_work():
+        """The next unit of work, or None after `timeout` seconds with nothing to do.
+
+        A sender that is free does not wait for the guest's next FLUSH: once the
+        open epoch is `batch_delay` old it is cut here and taken (any instant
+        between completed writes is a state the guest could have crashed in),
+        so the RPO is the time to send and apply, not the flush interval.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            if self.mode == "tracking" and self.resync_pending:
+                self.resync_pending = False
+                self.stats.resyncs += 1
+                self.touched = set()  # written so far: inside dirty regions, read below anyway
+                return Resync(self.seq, time.time(), self._dirty_spans())
+            if self.mode == "capture" and self.sealed:
+                return self._merge_sealed()
+            remaining = deadline - loop.time()
+            if self.mode == "capture" and self.open:
+                wait = self.first_write + self.batch_delay - time.time()
+                if wait <= 0:
+                    self.cut()
+                    continue
+                if remaining <= 0:
+                    return None
+                await asyncio.sleep(min(wait, remaining))
+                continue
+            if remaining <= 0:
+                return None
             self._ready.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
-        if self.mode == "tracking" and self.resync_pending:
-            self.resync_pending = False
-            self.stats.resyncs += 1
-            self.touched = set()  # written so far: inside dirty regions, read below anyway
-            return Resync(self.seq, time.time(), self._dirty_spans())
-        if self.mode == "capture" and self.sealed:
-            return self._merge_sealed()
-        return None
+                await asyncio.wait_for(self._ready.wait(), remaining)
 
     def _dirty_spans(self) -> list[tuple[int, int]] | None:
         regions = self.dirty.dirty_regions()
@@ -240,10 +265,6 @@ class WriteJournal:
             else:
                 spans.append((first, count))
         return spans
-
-    def _has_work(self) -> bool:
-        return (self.mode == "tracking" and self.resync_pending) or (
-            self.mode == "capture" and bool(self.sealed))
 
     def _merge_sealed(self) -> Captured:
         units = self.sealed

@@ -50,3 +50,24 @@ def test_bench_on_a_users_image_leaves_it_untouched(tmp_path) -> None:
 def test_bench_refuses_unknown_scenarios() -> None:
     r = run_cdp("bench", "--scenarios", "seed,warp")
     assert r.returncode == 2 and "warp" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("qemu-nbd") is None or shutil.which("rsync") is None,
+                    reason="qemu-nbd or rsync is not installed")
+def test_bench_nbd_scenarios_beside_qemu_nbd_and_rsync(tmp_path) -> None:
+    r = run_cdp("bench", "--size", "32MiB", "--scenarios", "nbd", "--compare", "rsync", "--json",
+                "--dir", tmp_path / "w", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(r.stdout)
+    assert report["all_equal"] is True
+    rows = {(x["scenario"], x["tool"]): x for x in report["results"]}
+    for w in ("4k random", "64k random", "1M sequential"):
+        base, ours = rows[(f"nbd {w}", "qemu-nbd")], rows[(f"nbd {w}", "cdp")]
+        assert base["extra"]["iops"] > 0 and ours["extra"]["iops"] > 0
+        assert ours["extra"]["of_baseline"] > 0
+        assert ours["extra"]["rpo_p99"] >= ours["extra"]["rpo_p50"] >= 0
+        assert ours["wire"] > 0  # the writes were replicated, not just served
+    inc = rows[("incremental 1% (nbd)", "cdp")]
+    assert 0 < inc["wire"] < inc["image"] / 4
+    assert ("incremental 1% (nbd)", "rsync") in rows
+    assert "incremental 1% (nbd)" in report["speedup_vs_rsync"]

@@ -276,3 +276,17 @@ def test_finish_after_a_quiet_interval_closes_at_once(tmp_path: Path) -> None:
         assert contents == {} and v.j.mode == "capture"
 
     run(main())
+
+
+def test_a_free_sender_cuts_the_open_epoch_without_waiting_for_a_flush(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        assert await v.j.take(0.05) is None  # nothing written: nothing to take
+        await v.write(2 * BS, b"q" * 512)
+        unit = await asyncio.wait_for(v.j.take(5), 10)
+        assert isinstance(unit, Captured)
+        assert unit.blocks == v.blocks_of(v.image(), [2])
+        assert v.j.open == {}
+
+    run(main())

@@ -1,0 +1,166 @@
+"""The nbd scenarios of `cdp bench`: the write path with replication on, beside plain qemu-nbd.
+
+Same workloads, same client (`qemu-img bench`), over a Unix socket as a local
+VM would open the disk, one after the other on this machine: first through
+`qemu-nbd` serving a copy of the image (the baseline:
+no replication at all), then through the cdp source's export with a real
+receiver applying every epoch. Reported: IOPS, MB/s, the share of
+qemu-nbd's throughput, and the RPO sampled while the load runs (how far the
+replica's newest state is behind the guest) and the catch-up time after it.
+
+"incremental 1% (nbd)" rewrites 1% of the blocks with the generated data mix
+through a small NBD client and times how long after the guest's last FLUSH
+the replica holds it: nothing needs scanning, so this is what to compare with
+rsync's incremental run on the same change.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdp.benchmark.data import BS, text_block
+from cdp.benchmark.nbdclient import NbdClient
+from cdp.benchmark.pair import CdpPair, Snapshot
+from cdp.benchmark.procs import stop_all
+from cdp.errors import UsageError
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    block: int
+    depth: int
+    sequential: bool
+    flush_every: int  # requests between FLUSHes
+
+    def count(self, size: int, budget: int) -> int:
+        return max(16, min(size, budget) // self.block)
+
+    def args(self, size: int, budget: int, pattern: int) -> list[str]:
+        step = self.block if self.sequential else self.block * 7919  # a prime stride: scattered
+        return ["-w", "-c", str(self.count(size, budget)), "-d", str(self.depth),
+                "-s", str(self.block), "-S", str(step), f"--pattern={pattern}",
+                f"--flush-interval={self.flush_every}"]
+
+
+WORKLOADS = (
+    Workload("4k random", 4096, 16, False, 4096),
+    Workload("64k random", 65536, 16, False, 256),
+    Workload("1M sequential", 1 << 20, 4, True, 16),
+)
+BUDGET = {"4k random": 64 << 20, "64k random": 256 << 20, "1M sequential": 512 << 20}
+
+
+def have_tools() -> bool:
+    return shutil.which("qemu-img") is not None and shutil.which("qemu-nbd") is not None
+
+
+def qemu_img_bench(url: str, args: list[str]) -> float:
+    """Seconds `qemu-img bench` reports for one run against an NBD URL."""
+    out = subprocess.run(["qemu-img", "bench", "-f", "raw", *args, url], capture_output=True,
+                         text=True, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"qemu-img bench failed: {out.stderr.strip() or out.stdout.strip()}")
+    m = re.search(r"Run completed in ([0-9.]+) seconds", out.stdout)
+    if not m:
+        raise RuntimeError(f"qemu-img bench said: {out.stdout.strip()}")
+    return float(m.group(1))
+
+
+def run_baseline(root: Path, image: Path, progress: Progress) -> dict[str, float]:
+    """Seconds per workload through qemu-nbd serving a plain copy of the image."""
+    copy = root / "qemu-nbd.raw"
+    shutil.copyfile(image, copy)
+    sock = root / "qemu-nbd.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "-k", str(sock), "-x", "bench",
+                             "--cache=writeback", str(copy)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 20
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("qemu-nbd did not start serving the baseline copy")
+            time.sleep(0.02)
+        size = copy.stat().st_size
+        out = {}
+        for i, w in enumerate(WORKLOADS):
+            progress(f"nbd {w.name}: qemu-nbd (baseline) ...")
+            out[w.name] = qemu_img_bench(f"nbd+unix:///bench?socket={sock}",
+                                         w.args(size, BUDGET[w.name], 0x30 + i))
+        return out
+    finally:
+        stop_all([proc])
+        copy.unlink(missing_ok=True)
+
+
+def _sample_rpo(pair: CdpPair, stop: threading.Event, samples: list[float]) -> None:
+    while not stop.is_set():
+        point = pair.rpo_point()
+        if point:
+            samples.append(max(0.0, time.time() - point))
+        stop.wait(0.05)
+
+
+def run_cdp_workloads(pair: CdpPair, size: int, baseline: dict[str, float], progress: Progress,
+                      result: Callable[..., object]) -> list[object]:
+    """Each workload through the cdp export with replication on; RPO sampled meanwhile."""
+    results = []
+    for i, w in enumerate(WORKLOADS):
+        progress(f"nbd {w.name}: cdp export, replicating ...")
+        before = pair.snapshot()
+        pair.reset_peaks()
+        samples: list[float] = []
+        stop = threading.Event()
+        th = threading.Thread(target=_sample_rpo, args=(pair, stop, samples), daemon=True)
+        th.start()
+        try:
+            seconds = qemu_img_bench(pair.nbd_url, w.args(size, BUDGET[w.name], 0x30 + i))
+            t_end = time.time()
+            pair.wait_current(t_end)
+            catch_up = time.time() - t_end
+        finally:
+            stop.set()
+            th.join()
+        n = w.count(size, BUDGET[w.name])
+        base = baseline.get(w.name)
+        lags = sorted(samples) or [0.0]
+        extra = {"iops": n / seconds, "ops": n, "block": w.block, "catch_up": catch_up,
+                 "rpo_p50": statistics.median(lags),
+                 "rpo_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))], "rpo_max": lags[-1],
+                 "baseline_seconds": base,
+                 "of_baseline": (base / seconds) if base else None}
+        results.append(result(f"nbd {w.name}", pair, before, seconds, n * w.block, extra))
+    return results
+
+
+def incremental(pair: CdpPair, size: int, fraction: float, seed: int) -> tuple[float, float, int]:
+    """Rewrite `fraction` of the blocks through the export; (write s, catch-up s, bytes)."""
+    rng = random.Random(seed)
+    blocks = size // BS
+    chosen = rng.sample(range(blocks), max(1, int(blocks * fraction)))
+    client = NbdClient(str(pair.nbd_socket), pair.VOLUME)
+    if client.size != size:
+        raise UsageError(f"the export is {client.size} bytes, expected {size}")
+    t0 = time.time()
+    for b in chosen:
+        client.write(b * BS, text_block(rng) if rng.random() < 0.5 else rng.randbytes(BS))
+    t_flush = time.time()
+    client.flush()
+    client.close()
+    pair.wait_current(t_flush)
+    return t_flush - t0, time.time() - t_flush, len(chosen) * BS
+
+
+def nbd_snapshot(pair: CdpPair) -> Snapshot:
+    return pair.snapshot()
