@@ -87,6 +87,7 @@ class VolumeConfig:
     epoch_interval: float = 1.0  # nbd mode: cut an epoch at least this often while writes come
     capture_memory: int = 256 * 1024 * 1024  # nbd mode: captured data held before pull-ahead
     dirty_region: int = 4 * 1024 * 1024  # nbd mode: granularity of the persistent dirty map
+    group: str | None = None  # nbd mode: volumes of one group cut their epochs together
 
 
 @dataclass(frozen=True)
@@ -407,6 +408,7 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
                               default=256 * 1024 * 1024),
         dirty_region=vt.get("dirty_region", lambda v: _range_size(v, 64 << 10, 1 << 30),
                             default=4 * 1024 * 1024),
+        group=vt.get("group", _name, default=None),
     )
     vt.done()
     if vol.mode == "nbd":
@@ -419,6 +421,8 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         if vol.epoch_interval <= 0:
             raise vt.err("epoch_interval", "must be positive, e.g. \"1s\"")
         vol = replace(vol, nbd_tcp=tcp, nbd_unix=unix)
+    elif vol.group is not None:
+        raise vt.err("group", "consistency groups need mode = \"nbd\" (a scan has no common instant)")
     return vol
 
 

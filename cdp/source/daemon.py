@@ -191,6 +191,15 @@ class Source:
             except TrackerError as exc:
                 vs.error, vs.phase = str(exc), "failed"
                 log.error("volume=%s: %s", name, exc)
+        groups: dict[str, list[NbdExport]] = {}
+        for name, export in self.nbd.items():
+            group = self.volumes[name].cfg.group
+            if group is not None and export.journal is not None:
+                groups.setdefault(group, []).append(export)
+        for members in groups.values():
+            journals = tuple(e.journal for e in members if e.journal is not None)
+            for j in journals:
+                j.group = journals
         if self.cfg.filesets:
             log.warning("file sets are configured but not replicated by this version: %s",
                         ", ".join(f.name for f in self.cfg.filesets))

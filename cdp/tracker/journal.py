@@ -104,6 +104,7 @@ class WriteJournal:
         self.pass_threshold = pass_threshold
         self.batch_delay = min(batch_delay, epoch_interval)
         self.first_write = 0.0  # when the open epoch got its first write
+        self.group: tuple[WriteJournal, ...] = ()  # consistency group members (self included)
         self.mode = "tracking"  # until the first resync closes: after a start nothing is captured
         self.seq = 1  # the unit the next write belongs to
         self.open: dict[int, bytes] = {}
@@ -160,8 +161,16 @@ class WriteJournal:
     # -- cutting ----------------------------------------------------------------
 
     def cut(self) -> None:
-        """A point the guest could have crashed at: seal the open epoch (or close a resync)."""
+        """A point the guest could have crashed at: seal the open epoch (or close a resync).
+
+        In a consistency group every member cuts at the same instant, with the
+        same time: the epochs of a multi-disk VM line up across its disks.
+        """
         now = time.time()
+        for j in self.group or (self,):
+            j._cut_at(now)
+
+    def _cut_at(self, now: float) -> None:
         self.last_cut = now
         if self.mode == "capture":
             if not self.open:

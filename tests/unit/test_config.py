@@ -675,3 +675,10 @@ def test_batch_bytes_at_most_half_max_frame(cfg_dir):
     msg = config_error(load_source, source_with(cfg_dir, text))
     assert "source.batch_bytes" in msg
     assert "max_frame" in msg
+
+
+def test_consistency_groups_need_nbd_mode(cfg_dir):
+    msg = config_error(load_source, source_with(cfg_dir, SOURCE + 'group = "vm1"\n'))
+    assert "volume[0].group" in msg and "nbd" in msg
+    ok = source_with(cfg_dir, SOURCE + 'group = "vm1"\nmode = "nbd"\nnbd_listen = "unix:s"\n')
+    assert load_source(ok).volumes[0].group == "vm1"

@@ -290,3 +290,22 @@ def test_a_free_sender_cuts_the_open_epoch_without_waiting_for_a_flush(tmp_path:
         assert v.j.open == {}
 
     run(main())
+
+
+def test_a_consistency_group_cuts_every_member_at_one_instant(tmp_path: Path) -> None:
+    async def main() -> None:
+        a, b = Volume(tmp_path / "a"), Volume(tmp_path / "b")
+        a.j.group = b.j.group = (a.j, b.j)
+        for v in (a, b):
+            await _close_initial_resync(v)
+        await a.write(0, b"log record 1")
+        await b.write(BS, b"data it points at")
+        await a.j.flushed()  # the guest flushed disk a: disk b is cut at the same instant
+        ua, ub = await a.j.take(0), await b.j.take(0)
+        assert isinstance(ua, Captured) and isinstance(ub, Captured)
+        assert ua.time == ub.time
+        assert set(ub.blocks) == {1}
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run(main())
