@@ -2,30 +2,36 @@
 
 The source will serve each protected volume to its VM over NBD so that every
 write passes through cdp (write intercept instead of rescanning the image).
-`protocol` is pure (bytes in, events out); `server` does the file and socket I/O.
+`protocol` is pure (bytes in, `events` out) and speaks the handshake, STARTTLS,
+structured replies and `base:allocation` block status; `server` does the file,
+socket and TLS I/O.
 """
 
 from __future__ import annotations
 
 from cdp.nbd.protocol import (
+    BlockStatus,
     Disconnect,
     Flush,
     NbdProtocolError,
     NbdServerSession,
     Negotiated,
     Read,
+    StartTls,
     Trim,
     Write,
     WriteZeroes,
 )
 
 __all__ = [
+    "BlockStatus",
     "Disconnect",
     "Flush",
     "NbdProtocolError",
     "NbdServerSession",
     "Negotiated",
     "Read",
+    "StartTls",
     "Trim",
     "Write",
     "WriteZeroes",

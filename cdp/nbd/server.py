@@ -1,9 +1,16 @@
 """Asyncio NBD server for one raw image file: pumps bytes through NbdServerSession.
 
-The session decides what is valid; this module only moves bytes and does the
-file I/O, blocking calls in `asyncio.to_thread`. Requests of one connection
-are executed in order, which keeps "write, then on_write" and "flush covers
-every completed write" trivially true.
+The session decides what is valid; this module only moves bytes, runs the TLS
+upgrade and does the file I/O. Each connection is an `asyncio.BufferedProtocol`
+that receives straight into the session's buffer (the payload of a WRITE is
+copied once, out of that buffer) plus one task that executes the decoded
+requests one after the other, in order, which keeps "write, then changed()"
+and "flush covers every completed write" trivially true. Reads and writes up to
+`inline_max` bytes run right on the event loop thread: a pread/pwrite that hits
+the page cache costs microseconds, far less than a hop to a worker thread
+(bench/NBD-FIGURES.md). Larger ones, FUA writes, fdatasync and zeroing go
+through `asyncio.to_thread`. The replies to everything one socket read
+delivered go out in one write.
 
 A `ChangeTracker` is where the CDP source plugs in. `before_change(offset,
 length)` is awaited before a WRITE, TRIM or WRITE_ZEROES touches the file (the
@@ -15,6 +22,9 @@ awaited after a FLUSH made the image durable and before the client hears
 success (the source cuts an epoch there). A hook that raises turns the request
 into an EIO reply: the client must not believe in a write that cdp did not
 track.
+
+BLOCK_STATUS (`base:allocation`) and all-zero READs are answered from the
+image's holes, found with lseek(SEEK_DATA/SEEK_HOLE).
 """
 
 from __future__ import annotations
@@ -25,12 +35,19 @@ import errno
 import logging
 import os
 import socket
+import ssl
+from collections import deque
 from pathlib import Path
 from typing import Protocol
 
 from cdp.durable import write_zeros
 from cdp.errors import CdpError
+from cdp.nbd.events import Request
 from cdp.nbd.protocol import (
+    MAX_EXTENTS,
+    STATE_HOLE,
+    STATE_ZERO,
+    BlockStatus,
     Disconnect,
     Event,
     Flush,
@@ -38,6 +55,7 @@ from cdp.nbd.protocol import (
     NbdServerSession,
     Negotiated,
     Read,
+    StartTls,
     Trim,
     Write,
     WriteZeroes,
@@ -45,7 +63,10 @@ from cdp.nbd.protocol import (
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 256 * 1024
+QUEUE_BYTES = 8 * 1024 * 1024  # WRITE payload received but not executed: stop reading above this
+QUEUE_EVENTS = 1024  # requests received but not executed: stop reading above this
+INLINE_MAX = 1024 * 1024  # reads/writes up to this size run on the loop thread
+TLS_HANDSHAKE_TIMEOUT = 30.0
 _ZERO_CHUNK = bytes(1 << 20)
 
 
@@ -64,7 +85,11 @@ class ChangeTracker(Protocol):
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)
+    if n == len(data):
+        return
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
@@ -72,7 +97,12 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    parts = []
+    first = os.pread(fd, length, offset)
+    if len(first) == length:
+        return first
+    parts = [first]
+    offset += len(first)
+    length -= len(first)
     while length > 0:
         chunk = os.pread(fd, length, offset)
         if not chunk:  # the file shrank under us: what lies past its end reads as zeros
@@ -93,11 +123,58 @@ def _write_zero_bytes(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
+def _next_data(fd: int, pos: int) -> int | None:
+    """Where data starts at or after pos; None past the last data; pos itself if lseek cannot tell."""
+    try:
+        return os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # nothing but hole from pos to the end of the file
+            return None
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here: all data
+            return pos
+        raise
+
+
+def is_hole(fd: int, offset: int, length: int) -> bool:
+    """The range holds no data at all (reads as zeros without reading)."""
+    start = _next_data(fd, offset)
+    return start is None or start >= offset + length
+
+
+def allocation_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+    """base:allocation extents (length, flags) covering [offset, offset+length): holes read as zero.
+
+    At most MAX_EXTENTS; the client asks again for the rest.
+    """
+    end = offset + length
+    pos = offset
+    out: list[tuple[int, int]] = []
+    while pos < end and len(out) < MAX_EXTENTS:
+        data = _next_data(fd, pos)
+        data = end if data is None else min(data, end)
+        if data > pos:
+            out.append((data - pos, STATE_HOLE | STATE_ZERO))
+            pos = data
+            continue
+        try:
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENXIO):
+                raise
+            hole = end
+        hole = max(hole, pos + 1)  # pos holds data, so the next hole lies beyond it
+        out.append((hole - pos, 0))
+        pos = hole
+    return out
+
+
 class NbdServer:
     """Serve one raw image file as one NBD export on TCP and/or a Unix socket.
 
     Use `await start()`, then `await close()` (or `async with`). Connections
     share the file descriptor; pread/pwrite at explicit offsets need no lock.
+    tls offers NBD_OPT_STARTTLS with this server-side context; tls_required
+    refuses to serve anything before it (the spec's FORCEDTLS mode).
     """
 
     def __init__(
@@ -109,18 +186,25 @@ class NbdServer:
         port: int = 0,
         unix_path: Path | str | None = None,
         tracker: ChangeTracker | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_required: bool = False,
+        inline_max: int = INLINE_MAX,
     ) -> None:
+        if tls_required and tls is None:
+            raise NbdServerError("NBD server told to require TLS but given no TLS context")
         self.image = Path(image)
         self.export = export
         self.host = host
         self.port = port
         self.unix_path = Path(unix_path) if unix_path is not None else None
         self.tracker = tracker
+        self.tls = tls
+        self.tls_required = tls_required
+        self.inline_max = inline_max
         self.size = 0
         self._fd = -1
         self._servers: list[asyncio.Server] = []
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._connections: set[_Connection] = set()
 
     async def __aenter__(self) -> NbdServer:
         await self.start()
@@ -145,29 +229,34 @@ class NbdServer:
         try:
             self._fd = os.open(self.image, os.O_RDWR | os.O_CLOEXEC)
             self.size = os.fstat(self._fd).st_size
+            loop = asyncio.get_running_loop()
             if self.host is not None:
-                self._servers.append(await asyncio.start_server(self._connection, self.host, self.port))
+                self._servers.append(await loop.create_server(
+                    lambda: _Connection(self), self.host, self.port))
             if self.unix_path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self.unix_path.unlink()
-                self._servers.append(await asyncio.start_unix_server(self._connection, self.unix_path))
+                self._servers.append(await loop.create_unix_server(
+                    lambda: _Connection(self), self.unix_path))
         except OSError as exc:
             await self.close()
             raise NbdServerError(f"cannot serve {self.image} over NBD: {exc}") from exc
-        log.info("serving %s (%d bytes) as NBD export %r on %s%s", self.image, self.size, self.export,
+        log.info("serving %s (%d bytes) as NBD export %r on %s%s%s", self.image, self.size, self.export,
                  f"{self.host}:{self.tcp_port}" if self.host is not None else "",
-                 f" {self.unix_path}" if self.unix_path is not None else "")
+                 f" {self.unix_path}" if self.unix_path is not None else "",
+                 " (TLS required)" if self.tls_required else " (TLS offered)" if self.tls else "")
 
     async def close(self) -> None:
         """Stop accepting, close connections, wait for their handlers, then close the image."""
         for server in self._servers:
             server.close()
-        for writer in list(self._writers):
-            writer.close()
+        for conn in list(self._connections):
+            conn.close()
         for server in self._servers:
             await server.wait_closed()
-        if self._handlers:
-            await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._connections:
+            await asyncio.gather(*(c.task for c in list(self._connections) if c.task is not None),
+                                 return_exceptions=True)
         self._servers.clear()
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -176,67 +265,46 @@ class NbdServer:
             os.close(self._fd)
             self._fd = -1
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        self._writers.add(writer)
-        peer = writer.get_extra_info("peername") or "unix"
-        session = NbdServerSession({self.export: self.size})
-        try:
-            await self._serve(session, reader, writer)
-        except NbdProtocolError as exc:
-            log.warning("NBD client %s broke the protocol: %s", peer, exc)
-            with contextlib.suppress(OSError):
-                writer.write(session.data_to_send())
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError) as exc:
-            log.info("NBD client %s went away: %s", peer, exc)
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(OSError, ConnectionError):
-                await writer.wait_closed()
-            self._handlers.discard(task)
+    def _blocks(self, event: Request) -> bool:
+        """The request will wait on a worker thread (so replies so far should go out first)."""
+        if isinstance(event, Write):
+            return event.fua or len(event.data) > self.inline_max
+        if isinstance(event, Read):
+            return event.length > self.inline_max
+        return True
 
-    async def _serve(self, session: NbdServerSession, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        writer.write(session.data_to_send())
-        await writer.drain()
-        while True:
-            data = await reader.read(READ_CHUNK)
-            if not data:
-                return
-            events = session.receive_data(data)
-            for event in events:
-                if isinstance(event, Disconnect):
-                    writer.write(session.data_to_send())
-                    await writer.drain()
-                    return
-                if isinstance(event, Negotiated):
-                    log.debug("NBD client negotiated export %r", event.export)
-                    continue
-                error, payload = await self._execute(event)
-                session.reply(event.cookie, error, payload)
-            out = session.data_to_send()
-            if out:
-                writer.write(out)
-                await writer.drain()
-
-    async def _execute(self, event: Event) -> tuple[int, bytes]:
-        """(errno, read data) for one request; OSError becomes its errno, a failing hook EIO."""
+    async def _execute(self, session: NbdServerSession, event: Request) -> None:
+        """Run one request and answer it; OSError becomes its errno, a failing hook EIO."""
         fd = self._fd
+        small = self.inline_max
         try:
-            if isinstance(event, Read):
-                return 0, await asyncio.to_thread(_pread_exact, fd, event.length, event.offset)
-            tracker = self.tracker
             if isinstance(event, Write):
+                tracker = self.tracker
                 if tracker is not None:
                     await tracker.before_change(event.offset, len(event.data))
-                await asyncio.to_thread(self._write, fd, event.data, event.offset, event.fua)
+                if len(event.data) <= small and not event.fua:
+                    _pwrite_all(fd, event.data, event.offset)
+                else:
+                    await asyncio.to_thread(self._write, fd, event.data, event.offset, event.fua)
                 if tracker is not None:
                     tracker.changed(event.offset, len(event.data))
-            elif isinstance(event, (WriteZeroes, Trim)):
+            elif isinstance(event, Read):
+                if is_hole(fd, event.offset, event.length):
+                    session.reply_hole(event.cookie)
+                    return
+                if event.length <= small:
+                    data = _pread_exact(fd, event.length, event.offset)
+                else:
+                    data = await asyncio.to_thread(_pread_exact, fd, event.length, event.offset)
+                session.reply(event.cookie, data=data)
+                return
+            elif isinstance(event, BlockStatus):
+                # Up to MAX_EXTENTS lseek pairs on a fragmented file: not for the loop thread.
+                extents = await asyncio.to_thread(allocation_extents, fd, event.offset, event.length)
+                session.reply_block_status(event.cookie, extents)
+                return
+            elif isinstance(event, WriteZeroes | Trim):
+                tracker = self.tracker
                 if tracker is not None:
                     await tracker.before_change(event.offset, event.length)
                 # Trimmed contents are unspecified; zeroing them keeps source and replica equal.
@@ -246,15 +314,15 @@ class NbdServer:
                     tracker.changed(event.offset, event.length)
             elif isinstance(event, Flush):
                 await asyncio.to_thread(os.fdatasync, fd)
-                if tracker is not None:
-                    await tracker.flushed()
-            return 0, b""
+                if self.tracker is not None:
+                    await self.tracker.flushed()
+            session.reply(event.cookie)
         except OSError as exc:
             log.warning("NBD %s failed: %s", type(event).__name__, exc)
-            return exc.errno or errno.EIO, b""
-        except Exception:
+            session.reply(event.cookie, exc.errno or errno.EIO, message=f"{type(event).__name__}: {exc}")
+        except Exception as exc:
             log.exception("NBD hook failed for %s", type(event).__name__)
-            return errno.EIO, b""
+            session.reply(event.cookie, errno.EIO, message=f"change tracking failed: {exc}")
 
     @staticmethod
     def _write(fd: int, data: bytes, offset: int, fua: bool) -> None:
@@ -270,3 +338,152 @@ class NbdServer:
             write_zeros(fd, offset, length)
         if fua:
             os.fdatasync(fd)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One client. The transport receives straight into the session's buffer; one task per
+    connection executes the decoded requests in order and writes the replies.
+
+    Reading stops while too much is queued (QUEUE_BYTES, QUEUE_EVENTS) and
+    resumes when the queue is empty, so a slow disk pushes back on the client.
+    """
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.session = NbdServerSession({server.export: server.size}, tls=server.tls is not None,
+                                        tls_required=server.tls_required)
+        self.transport: asyncio.Transport | None = None
+        self.peer: object = "unix"
+        self.task: asyncio.Task[None] | None = None
+        self.events: deque[Event] = deque()
+        self.queued_bytes = 0
+        self.violation: NbdProtocolError | None = None
+        self.finished = False  # EOF or connection lost: nothing more will arrive
+        self.reading_paused = False
+        self.wakeup = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    # --- transport callbacks (no awaiting here) -------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername") or "unix"
+        transport.write(self.session.data_to_send())
+        self.server._connections.add(self)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.session.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            events = self.session.buffer_updated(nbytes)
+        except NbdProtocolError as exc:
+            self.violation = exc
+            self._pause_reading()
+            events = []
+        for event in events:
+            if isinstance(event, Write):
+                self.queued_bytes += len(event.data)
+            elif isinstance(event, StartTls):
+                self._pause_reading()  # the client waits for our ACK; start_tls resumes
+        self.events.extend(events)
+        if self.queued_bytes > QUEUE_BYTES or len(self.events) > QUEUE_EVENTS:
+            self._pause_reading()
+        self.wakeup.set()
+
+    def eof_received(self) -> bool | None:
+        self.finished = True
+        self.wakeup.set()
+        # Stay half-open so requests already received still get their replies; the request
+        # loop closes. (asyncio's TLS transport cannot stay half-open and warns if asked.)
+        return not self.session.tls_active
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finished = True
+        self.wakeup.set()
+        self.writable.set()
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+            self.reading_paused = True
+
+    # --- the request loop -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._serve()
+        except (ssl.SSLError, TimeoutError) as exc:
+            log.warning("NBD client %s failed the TLS handshake: %s", self.peer, exc)
+        except OSError as exc:
+            log.info("NBD connection with %s failed: %s", self.peer, exc)
+        except Exception:
+            log.exception("NBD connection with %s failed", self.peer)
+        finally:
+            self.close()
+            self.server._connections.discard(self)
+
+    def _send(self) -> None:
+        out = self.session.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    async def _drain(self) -> None:
+        if not self.writable.is_set():
+            await self.writable.wait()
+
+    async def _serve(self) -> None:
+        session, server = self.session, self.server
+        while True:
+            while not self.events:
+                if self.violation is not None:
+                    log.warning("NBD client %s broke the protocol: %s", self.peer, self.violation)
+                    self._send()  # e.g. the EOVERFLOW answer to an oversized write
+                    return
+                if self.finished:
+                    return
+                self._send()  # option replies and in-band refusals come with no event
+                self.wakeup.clear()
+                if self.reading_paused and self.transport is not None:
+                    self.reading_paused = False
+                    self.transport.resume_reading()
+                await self.wakeup.wait()
+            event = self.events.popleft()
+            if isinstance(event, Write):
+                self.queued_bytes -= len(event.data)
+            if isinstance(event, Negotiated):
+                log.debug("NBD client %s negotiated export %r (structured replies %s, contexts %s)",
+                          self.peer, event.export, session.structured, session.meta_contexts)
+            elif isinstance(event, StartTls):
+                assert server.tls is not None and self.transport is not None  # session checked
+                self._send()
+                loop = asyncio.get_running_loop()
+                transport = await loop.start_tls(self.transport, self, server.tls, server_side=True,
+                                                 ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+                assert transport is not None
+                self.transport = transport
+                self.reading_paused = False  # start_tls resumes reading on the new transport
+            elif isinstance(event, Disconnect):
+                self._send()
+                await self._drain()
+                return
+            else:
+                if server._blocks(event):
+                    self._send()
+                await server._execute(session, event)
+            if not self.events:
+                self._send()
+                await self._drain()

@@ -7,6 +7,9 @@ tests can see what its hooks recorded; qemu runs as a separate process.
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
+import os
 import shutil
 import socket
 import struct
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,7 +49,8 @@ class Running:
             return list(self.writes)
 
 
-def _serve(image: Path, export: str, unix_path: Path | None) -> Iterator[Running]:
+def _serve(image: Path, export: str, unix_path: Path | None, **server_kwargs: Any) -> Iterator[Running]:
+    """NbdServer on its own loop thread with a recording tracker; server_kwargs go to NbdServer."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -64,7 +69,7 @@ def _serve(image: Path, export: str, unix_path: Path | None) -> Iterator[Running
                 holder["r"].flushes.append(1)
 
     server = NbdServer(image, export=export, host=None if unix_path else "127.0.0.1", port=0,
-                       unix_path=unix_path, tracker=Tracker())
+                       unix_path=unix_path, tracker=Tracker(), **server_kwargs)
     fut: Future[None] = asyncio.run_coroutine_threadsafe(server.start(), loop)
     fut.result(timeout=scaled(10))
     if unix_path is not None:
@@ -185,3 +190,34 @@ def test_garbage_client_does_not_hurt_the_server(nbd: Running) -> None:
         assert sock.recv(100) == b""  # the server hung up on the bad option magic
     qemu_io(nbd.url, "write -P 0x42 0 4k", "read -P 0x42 0 4k")
     assert nbd.dirty() == [(0, 4096)]
+
+
+def test_qemu_img_map_sees_holes(nbd: Running) -> None:
+    # qemu's client asks BLOCK_STATUS with REQ_ONE, one extent at a time.
+    qemu_io(nbd.url, "write -P 0x33 1M 64k", "write -P 0x44 6M 1M")
+    out = subprocess.run(["qemu-img", "map", "-f", "raw", "--output=json", nbd.url], check=True,
+                         capture_output=True, text=True, timeout=scaled(60)).stdout
+    got = [(e["start"], e["length"], e["data"]) for e in json.loads(out)]
+    assert got[0][0] == 0 and sum(length for _, length, _ in got) == SIZE
+    data = [(start, length) for start, length, is_data in got if is_data]
+    assert data == data_ranges(nbd.image), got  # what lseek says about the file itself
+    for written in [(MiB, 65536), (6 * MiB, MiB)]:
+        assert any(s <= written[0] and sum(written) <= s + n for s, n in data), (written, data)
+    assert all(e["zero"] for e in json.loads(out) if not e["data"])
+    assert got[0] == (0, MiB, False)
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """(offset, length) of the data (non-hole) runs of a file, straight from lseek."""
+    out = []
+    with open(path, "rb") as fh:
+        fd, size, pos = fh.fileno(), os.fstat(fh.fileno()).st_size, 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos - start))
+    return out

@@ -1,4 +1,8 @@
-"""The sans-I/O NBD server session: exact handshake bytes, option replies, requests split anywhere."""
+"""The sans-I/O NBD server session: exact handshake bytes, option replies, requests split anywhere.
+
+Structured replies, metadata contexts, block status and STARTTLS are in
+test_nbd_structured.py.
+"""
 
 from __future__ import annotations
 
@@ -143,7 +147,7 @@ def test_list() -> None:
     assert [r[1] for r in parse_opt_replies(s.data_to_send())] == [p.REP_ERR_INVALID]
 
 
-@pytest.mark.parametrize("opt", [p.OPT_STRUCTURED_REPLY, p.OPT_STARTTLS, 4, 9, 99, 0xFFFFFFFF])
+@pytest.mark.parametrize("opt", [p.OPT_STARTTLS, 4, 11, 99, 0xFFFFFFFF])
 def test_unsupported_options(opt: int) -> None:
     s = negotiating()
     assert s.receive_data(option(opt, b"xyz")) == []
@@ -247,12 +251,13 @@ def test_other_commands() -> None:
     (p.CMD_READ, 0, 0, 0, errno.EINVAL),
     (p.CMD_READ, 0, (32 << 20) + 1, 0, errno.EOVERFLOW),
     (p.CMD_READ, (1 << 64) - 1, 1, 0, errno.EINVAL),
-    (p.CMD_READ, 0, 1, p.CMD_FLAG_FUA, errno.EINVAL),
+    (p.CMD_READ, 0, 1, p.CMD_FLAG_DF, errno.EINVAL),  # DF needs structured replies
+    (p.CMD_READ, 0, 1, p.CMD_FLAG_NO_HOLE, errno.EINVAL),
     (p.CMD_TRIM, SIZE, 1, 0, errno.EINVAL),
     (p.CMD_TRIM, 0, 1, p.CMD_FLAG_NO_HOLE, errno.EINVAL),
     (p.CMD_WRITE_ZEROES, SIZE - 512, 1024, 0, errno.ENOSPC),
     (p.CMD_WRITE_ZEROES, 0, 1, 1 << 4, errno.EINVAL),  # FAST_ZERO was not negotiated
-    (p.CMD_FLUSH, 0, 0, p.CMD_FLAG_FUA, errno.EINVAL),
+    (p.CMD_FLUSH, 0, 0, p.CMD_FLAG_NO_HOLE, errno.EINVAL),
     (5, 0, 1, 0, errno.EINVAL),  # CACHE not advertised
     (7, 0, 1, 0, errno.EINVAL),  # BLOCK_STATUS without meta contexts
     (0xFFFF, 0, 1, 0, errno.EINVAL),
@@ -263,6 +268,15 @@ def test_refused_requests_are_answered_in_band(cmd: int, offset: int, length: in
     assert s.receive_data(request(cmd, 42, offset, length, flags)) == []
     assert simple_reply(s.data_to_send()) == (err, 42, b"")
     assert s.phase is Phase.TRANSMISSION and s.pending == frozenset()
+
+
+def test_fua_is_accepted_on_every_command() -> None:
+    # SEND_FUA is advertised, so the spec says the server MUST accept FUA on any command.
+    s = transmitting()
+    events = s.receive_data(request(p.CMD_READ, 1, 0, 8, p.CMD_FLAG_FUA)
+                            + request(p.CMD_FLUSH, 2, 0, 0, p.CMD_FLAG_FUA))
+    assert events == [Read(1, 0, 8), Flush(2)]
+    assert s.data_to_send() == b""
 
 
 def test_write_past_end_consumes_payload_and_says_enospc() -> None:
@@ -310,6 +324,11 @@ def test_reply_misuse_is_local_error() -> None:
     out = s.data_to_send()
     assert simple_reply(out[:16]) == (errno.EIO, 1, b"")
     assert simple_reply(out[16:]) == (errno.EIO, 2, b"")
+    s.receive_data(request(p.CMD_WRITE, 3, 0, 1, payload=b"x") + request(p.CMD_WRITE, 4, 0, 1, payload=b"y"))
+    s.reply(3, error=errno.EDQUOT)  # the spec: quota and file size errors are ENOSPC
+    s.reply(4, error=errno.EFBIG)
+    out = s.data_to_send()
+    assert [simple_reply(out[i:i + 16])[0] for i in (0, 16)] == [errno.ENOSPC, errno.ENOSPC]
 
 
 def test_reply_before_transmission() -> None:
@@ -323,3 +342,55 @@ def test_bad_exports_refused() -> None:
         NbdServerSession({"x" * 5000: 1})
     with pytest.raises(LocalProtocolError):
         NbdServerSession({"x": -1})
+
+
+# --- zero-copy reception (get_buffer / buffer_updated) ------------------------------------------
+
+
+def feed_via_buffer(s: NbdServerSession, stream: bytes, sizes: list[int]) -> list[object]:
+    """Deliver stream like asyncio.BufferedProtocol would, at most sizes[i] bytes per call."""
+    events: list[object] = []
+    pos, i = 0, 0
+    while pos < len(stream):
+        view = s.get_buffer(-1)
+        n = min(len(view), sizes[i % len(sizes)], len(stream) - pos)
+        view[:n] = stream[pos:pos + n]
+        events += s.buffer_updated(n)
+        pos += n
+        i += 1
+    return events
+
+
+def test_buffer_reception_matches_receive_data() -> None:
+    payloads = [bytes([i]) * (i * 1000 + 1) for i in range(1, 40)]
+    stream = struct.pack(">I", 3) + option(p.OPT_GO, go_data(b"disk"))
+    for i, payload in enumerate(payloads):
+        stream += request(p.CMD_WRITE, i, i * 4096, len(payload), payload=payload)
+        stream += request(p.CMD_READ, 1000 + i, 0, 512)
+    reference = NbdServerSession({"disk": SIZE})
+    expected = reference.receive_data(stream)
+    assert len(expected) == 1 + 2 * len(payloads)
+    for sizes in ([1, 999, 13], [7, 300, 5000], [65536], [1 << 20]):
+        s = NbdServerSession({"disk": SIZE})
+        assert feed_via_buffer(s, stream, sizes) == expected
+
+
+def test_buffer_grows_for_a_large_write_and_shrinks_after() -> None:
+    big = p.RECV_BUFFER_MAX + 12345
+    s = NbdServerSession({"disk": 2 * big}, max_request=2 * big)
+    payload = bytes(range(256)) * (big // 256) + b"x" * (big % 256)
+    stream = struct.pack(">I", 3) + option(p.OPT_GO, go_data(b"disk"))
+    header = request(p.CMD_WRITE, 9, 0, len(payload))
+    assert len(s.get_buffer(-1)) >= p.MIN_RECV_ROOM
+    assert feed_via_buffer(s, stream + header + payload[:1000], [1 << 16]) == [Negotiated("disk", 2 * big)]
+    # The rest of the payload fits in one offered buffer: one recv_into could take it all.
+    assert len(s.get_buffer(-1)) >= len(payload) - 1000
+    assert feed_via_buffer(s, payload[1000:], [1 << 30]) == [Write(9, 0, payload)]
+    assert len(s.get_buffer(-1)) <= p.RECV_BUFFER_MAX
+
+
+def test_buffer_updated_past_the_offer_is_a_local_error() -> None:
+    s = NbdServerSession({"disk": SIZE})
+    view = s.get_buffer(-1)
+    with pytest.raises(LocalProtocolError):
+        s.buffer_updated(len(view) + 1)
