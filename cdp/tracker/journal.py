@@ -92,7 +92,7 @@ class WriteJournal:
 
     def __init__(self, name: str, geo: Geometry, read_fd: int, dirty: DirtyMap, *,
                  capture_memory: int, epoch_interval: float, pass_threshold: int = 32 << 20,
-                 batch_delay: float = 0.02) -> None:
+                 batch_delay: float = 0.02, hot_seconds: float = 10.0, hot_max: int = 1024) -> None:
         if dirty.region % geo.block_size:
             raise ValueError("the dirty region size must be a multiple of the block size")
         self.name = name
@@ -105,6 +105,9 @@ class WriteJournal:
         self.batch_delay = min(batch_delay, epoch_interval)
         self.first_write = 0.0  # when the open epoch got its first write
         self.group: tuple[WriteJournal, ...] = ()  # consistency group members (self included)
+        self.cooling: dict[int, float] = {}  # replicated regions still marked on disk: since when
+        self.hot_seconds = hot_seconds
+        self.hot_max = hot_max
         self.mode = "tracking"  # until the first resync closes: after a start nothing is captured
         self.seq = 1  # the unit the next write belongs to
         self.open: dict[int, bytes] = {}
@@ -134,6 +137,7 @@ class WriteJournal:
         self.stats.writes += 1
         for r in self.dirty.regions_of(offset, length):
             self.region_seq[r] = self.seq
+            self.cooling.pop(r, None)
         bs = self.geo.block_size
         first, last = offset // bs, min(self.geo.blocks - 1, (offset + length - 1) // bs)
         if self.mode == "tracking":
@@ -320,10 +324,27 @@ class WriteJournal:
             done = self.units.pop(0).seq
         if not done:
             return
-        clean = [r for r, s in self.region_seq.items() if s <= done]
-        for r in clean:
+        now = time.time()
+        for r in [r for r, s in self.region_seq.items() if s <= done]:
             del self.region_seq[r]
-        self.dirty.clear(clean)
+            self.cooling[r] = now  # replicated: cleared on disk once it stays quiet a while
+
+    def _cool(self, now: float) -> None:
+        """Clear regions that stayed replicated and quiet for `hot_seconds` (or are too many).
+
+        Like DRBD's activity log: a region written again soon after it was
+        replicated is still marked on disk, so that write costs no fdatasync.
+        """
+        if not self.cooling:
+            return
+        old = [r for r, t in self.cooling.items() if now - t >= self.hot_seconds]
+        excess = len(self.cooling) - len(old) - self.hot_max
+        if excess > 0:
+            young = sorted((t, r) for r, t in self.cooling.items() if now - t < self.hot_seconds)
+            old += [r for _, r in young[:excess]]
+        for r in old:
+            del self.cooling[r]
+        self.dirty.clear(old)
 
     # -- interval cuts -------------------------------------------------------------
 
@@ -337,14 +358,18 @@ class WriteJournal:
                 await self._ticker
         if self._finish is not None and not self._finish.done():
             self._finish.cancel()
+        self.dirty.clear(list(self.cooling))  # a clean stop leaves only what is not replicated
+        self.cooling.clear()
 
     async def _tick(self) -> None:
         step = max(0.01, self.epoch_interval / 4)
         while True:
             await asyncio.sleep(step)
-            due = time.time() - self.last_cut >= self.epoch_interval
+            now = time.time()
+            due = now - self.last_cut >= self.epoch_interval
             if due and (self.open or (self._finish is not None and not self._finish.done())):
                 self.cut()
+            self._cool(now)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -369,6 +394,7 @@ class WriteJournal:
         return {
             "mode": self.mode, "open_bytes": self.open_bytes, "backlog_bytes": self.sealed_bytes,
             "backlog_epochs": len(self.sealed), "dirty_regions": len(self.region_seq),
+            "hot_regions": len(self.cooling),
             "touched_blocks": len(self.touched), "cuts": self.stats.cuts,
             "merged": self.stats.merged, "fallbacks": self.stats.fallbacks,
             "resyncs": self.stats.resyncs, "writes": self.stats.writes,

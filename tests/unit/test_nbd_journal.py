@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -225,11 +226,14 @@ def test_regions_clear_only_when_every_unit_over_them_is_acknowledged(tmp_path: 
         v.j.unit_done(a.seq, 7)
         v.j.unit_done(b.seq, 8)
         v.j.acked(8)
-        assert v.dirty.dirty_regions() == [0]  # region 1 is replicated; region 0 has newer writes
+        assert set(v.j.cooling) == {1}  # region 1 is replicated; region 0 has newer writes
+        v.j._cool(time.time() + v.j.hot_seconds)
+        assert v.dirty.dirty_regions() == [0]
         await v.j.flushed()
         c = await v.j.take(0)
         assert isinstance(c, Captured)
         v.j.unit_done(c.seq, None)  # nothing differed from the replica
+        v.j._cool(time.time() + v.j.hot_seconds)
         assert v.dirty.dirty_regions() == []
 
     run(main())
@@ -308,4 +312,29 @@ def test_a_consistency_group_cuts_every_member_at_one_instant(tmp_path: Path) ->
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    run(main())
+
+
+def test_a_hot_region_written_again_costs_no_sync(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.write(0, b"a")
+        await v.j.flushed()
+        u = await v.j.take(0)
+        assert isinstance(u, Captured)
+        v.j.unit_done(u.seq, 1)
+        v.j.acked(1)
+        syncs = v.dirty.syncs
+        await v.write(10, b"b")  # replicated but still marked: no fdatasync on this write
+        assert v.dirty.syncs == syncs and 0 not in v.j.cooling
+        v.j.hot_max = 0
+        await v.j.flushed()
+        u = await v.j.take(0)
+        assert isinstance(u, Captured)
+        v.j.unit_done(u.seq, 2)
+        v.j.acked(2)
+        v.j._cool(time.time())  # over hot_max: cleared at once
+        assert v.dirty.dirty_regions() == []
+
     run(main())
