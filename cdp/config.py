@@ -48,10 +48,51 @@ class TlsClient:
 
 
 @dataclass(frozen=True)
+class KeepConfig:
+    """Recovery-point retention: points younger than max_age, journal at most max_bytes.
+
+    None means no bound; 0 for either turns the journal off (no points kept).
+    """
+
+    max_age: float | None = 24 * 3600.0
+    max_bytes: int | None = 10 * 1024**3
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     name: str
     token: bytes
     volumes: tuple[str, ...]
+    keep: KeepConfig | None = None  # overrides [receiver] keep_points* for these volumes
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """How many snapshots an archive keeps (see cdp/archive/retention.py); all zero keeps all."""
+
+    last: int = 0
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    """One [[archive]] table: where snapshots of the replicas go, how often, how many are kept."""
+
+    name: str
+    repository: str  # an absolute directory path, or s3://bucket/prefix
+    endpoint: str | None = None
+    password_file: Path | None = None  # None: unencrypted (encrypt = false)
+    schedule: str = "manual"  # see cdp/archive/schedule.py
+    keep: KeepPolicy = KeepPolicy()
+    encrypt: bool = True
+    chunk_size: int = 4 * 1024 * 1024
+    pack_size: int = 32 * 1024 * 1024
+    volumes: tuple[str, ...] = ()  # empty: every volume of every client
+    compress_level: int = 3
+    uploads: int = 4  # packs uploaded at once
 
 
 @dataclass(frozen=True)
@@ -63,9 +104,28 @@ class ReceiverConfig:
     tls: TlsServer | None = None
     max_frame: int = 32 * 1024 * 1024
     idle_timeout: float = 300.0
+    archives: tuple[ArchiveConfig, ...] = ()
+    keep: KeepConfig = KeepConfig()
+    volume_keep: tuple[tuple[str, KeepConfig], ...] = ()  # [[receiver.volume]] overrides
+    drill_format: str = "auto"  # failover test clones: "qcow2", "raw" or "auto" (qcow2 if qemu-img)
+    drill_dir: Path | None = None  # where clones go; None: <data_dir>/.drills
 
     def client(self, name: str) -> ClientConfig | None:
         return next((c for c in self.clients if c.name == name), None)
+
+    def keep_for(self, volume: str) -> KeepConfig:
+        """Retention of one volume: its [[receiver.volume]] entry, else its client's, else the
+        receiver's."""
+        for name, keep in self.volume_keep:
+            if name == volume:
+                return keep
+        for c in self.clients:
+            if volume in c.volumes and c.keep is not None:
+                return c.keep
+        return self.keep
+
+    def archive(self, name: str) -> ArchiveConfig | None:
+        return next((a for a in self.archives if a.name == name), None)
 
 
 @dataclass(frozen=True)
@@ -235,13 +295,24 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     file = Path(path).resolve()
     base = file.parent
     data = _load(file)
-    _top(file, data, {"receiver"})
+    _top(file, data, {"receiver", "archive"})
     t = _Table(file, "receiver", data.get("receiver", {}))
     listen = t.get("listen", lambda v: parse_hostport(_str(v)), default=("127.0.0.1", 7400))
     data_dir = t.get("data_dir", _path(base), default=base / "replicas")
     max_frame = t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20)
     idle = t.get("idle_timeout", parse_duration, default=300.0)
     plaintext = t.get("allow_plaintext", _bool, default=False)
+    keep = _keep(t, KeepConfig())
+    drill_format = t.get("drill_format", _choice("auto", "qcow2", "raw"), default="auto")
+    drill_dir = t.get("drill_dir", _path(base), default=None)
+    raw_vols = t.get("volume", lambda v: v, default=[])
+    if not isinstance(raw_vols, list):
+        raise t.err("volume", "must be an array of tables: [[receiver.volume]]")
+    volume_keep = []
+    for i, rv in enumerate(raw_vols):
+        vt = _Table(file, f"receiver.volume[{i}]", rv)
+        volume_keep.append((vt.get("name", _name, required=True), _keep(vt, keep)))
+        vt.done()
     tls = None
     if "tls" in t.data:
         tt = _Table(file, "receiver.tls", t.get("tls", lambda v: v))
@@ -260,8 +331,10 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
         name = ct.get("name", _name, required=True)
         tf = ct.get("token_file", _path(base), required=True)
         vols = ct.get("volumes", _name_list, required=True)
+        ckeep = _keep(ct, keep) if {"keep_points", "keep_points_size"} & set(ct.data) else None
         ct.done()
-        clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols))
+        clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols,
+                                    ckeep))
     names = [c.name for c in clients]
     if len(set(names)) != len(names):
         raise t.err("client", "two clients have the same name")
@@ -271,7 +344,92 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
                     "set: block data and names would cross the network in clear. Add "
                     "[receiver.tls], or set allow_plaintext = true if the link is already "
                     "protected (VPN, IPsec)")
-    return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle)
+    archives = _archives(file, base, data.get("archive", []))
+    return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle,
+                          archives=archives, keep=keep, volume_keep=tuple(volume_keep),
+                          drill_format=drill_format, drill_dir=drill_dir)
+
+
+def _keep(t: _Table, inherit: KeepConfig) -> KeepConfig:
+    """keep_points (a duration or "forever") and keep_points_size (a size or "unlimited")."""
+    def age(v: Any) -> float | None:
+        return None if v in ("forever", "unlimited") else parse_duration(v)
+
+    def size(v: Any) -> int | None:
+        return None if v == "unlimited" else parse_size(v)
+
+    return KeepConfig(t.get("keep_points", age, default=inherit.max_age),
+                      t.get("keep_points_size", size, default=inherit.max_bytes))
+
+
+def _archives(file: Path, base: Path, raw: Any) -> tuple[ArchiveConfig, ...]:
+    """[[archive]] tables: repository, credentials, schedule, retention, chunk and pack sizes."""
+    from cdp.archive.schedule import parse_schedule
+
+    if not isinstance(raw, list):
+        raise ConfigError(f"{file}: archive: must be an array of tables: [[archive]]")
+    out: list[ArchiveConfig] = []
+    for i, ra in enumerate(raw):
+        at = _Table(file, f"archive[{i}]", ra)
+        name = at.get("name", _name, required=True)
+        repo = at.get("repository", lambda v: _repository(base, _str(v)), required=True)
+        encrypt = at.get("encrypt", _bool, default=True)
+        pw = at.get("password_file", _str, default=None)
+        keep_raw = at.get("keep", lambda v: v, default={})
+        kt = _Table(file, f"archive[{i}].keep", keep_raw)
+        keep = KeepPolicy(**{k: kt.get(k, _int(0, 1_000_000), default=0)
+                             for k in ("last", "hourly", "daily", "weekly", "monthly")})
+        kt.done()
+        a = ArchiveConfig(
+            name=name, repository=repo,
+            endpoint=at.get("endpoint", _str, default=None),
+            password_file=None if pw in (None, "none") else _path(base)(pw),
+            schedule=at.get("schedule", lambda v: (parse_schedule(_str(v)), v)[1], default="manual"),
+            keep=keep, encrypt=encrypt,
+            chunk_size=at.get("chunk_size", _chunk_size, default=4 << 20),
+            pack_size=at.get("pack_size", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
+            volumes=at.get("volumes", _name_list, default=()),
+            compress_level=at.get("compress_level", _int(-7, 19), default=3),
+            uploads=at.get("uploads", _int(1, 32), default=4),
+        )
+        at.done()
+        if encrypt and a.password_file is None:
+            raise at.err("password_file", "is required while encrypt = true (a file holding the "
+                         "repository password; chmod 600)")
+        if not encrypt and pw not in (None, "none"):
+            raise at.err("password_file", 'must be "none" (or absent) when encrypt = false')
+        if not encrypt and repo.startswith("s3://"):
+            raise at.err("encrypt", "an S3 repository must be encrypted; encrypt = false is only "
+                         "allowed for a local directory")
+        if a.endpoint is not None and not repo.startswith("s3://"):
+            raise at.err("endpoint", "only applies to an s3:// repository")
+        if a.pack_size < a.chunk_size:
+            raise at.err("pack_size", "must be at least chunk_size")
+        if any(o.name == name for o in out):
+            raise at.err("name", f"archive {name!r} is defined twice")
+        out.append(a)
+    return tuple(out)
+
+
+def _repository(base: Path, v: str) -> str:
+    if v.startswith("s3://"):
+        if not v[5:].split("/", 1)[0]:
+            raise ValueError("expected s3://bucket/prefix")
+        return v.rstrip("/")
+    if v.startswith("file://"):
+        v = v[7:]
+        if not v.startswith("/"):
+            raise ValueError("a file:// URL needs an absolute path: file:///path")
+    elif "://" in v:
+        raise ValueError("expected a directory path, file:///path or s3://bucket/prefix")
+    return str(_path(base)(v))
+
+
+def _chunk_size(v: Any) -> int:
+    n = parse_size(v)
+    if n < 64 * 1024 or n > 64 * 1024 * 1024 or n & (n - 1):
+        raise ValueError("chunk size must be a power of two from 64KiB to 64MiB")
+    return n
 
 
 def _bool(v: Any) -> bool:

@@ -71,6 +71,16 @@ class DiskFullError(ReplicaError):
     wire_code = "disk_full"
 
 
+class PointError(CdpError):
+    """A recovery point that is not kept (or no longer); `cdp points` lists those that are."""
+
+    exit_code = 2
+
+
+class DrillError(CdpError):
+    """A failover drill or promote could not be done as asked (the message says why)."""
+
+
 class TrackerError(CdpError):
     """The source could not read or track a protected volume."""
 
@@ -81,6 +91,24 @@ class TransportError(CdpError):
     """The connection failed or was closed; the daemons reconnect with backoff."""
 
     wire_code = "transport"
+
+
+class ArchiveError(CdpError):
+    """An archive job could not do what was asked (I/O, a locked or damaged repository)."""
+
+
+class ArchiveAccessError(ArchiveError):
+    """The repository cannot be opened: missing, wrong password, unreachable; nothing was written."""
+
+    exit_code = 2
+
+
+class ArchiveCorruptError(ArchiveError):
+    """Repository data does not decrypt, decompress or hash as it should."""
+
+
+class ArchiveLockedError(ArchiveError):
+    """Another job holds the repository lock; try again when it has finished."""
 
 
 class RemoteError(CdpError):
@@ -96,4 +124,5 @@ class RemoteError(CdpError):
 
 # Error codes the receiver sends that mean "retrying will not help until the
 # operator changes something".
-PERMANENT_CODES = frozenset({"auth", "unauthorized", "geometry", "name", "config", "protocol"})
+PERMANENT_CODES = frozenset({"auth", "unauthorized", "geometry", "name", "config", "protocol",
+                             "promoted"})

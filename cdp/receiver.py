@@ -50,11 +50,14 @@ from cdp.messages import (
 )
 from cdp.protocol import ReceiverSession
 from cdp.replica import EpochWriter, Replica
+from cdp.replica.journal import Retention
+from cdp.replica.store import PROMOTED, promoted_message
 from cdp.transport import Link, server_tls
 
 log = logging.getLogger(__name__)
 HASHES_PER_FRAME = 65536
 STATUS_INTERVAL = 1.0
+PRUNE_INTERVAL = 60.0
 
 
 @dataclass
@@ -84,6 +87,7 @@ class Receiver:
         self._stop = asyncio.Event()
         self._conns: set[asyncio.Task[None]] = set()
         self._open_lock = asyncio.Lock()
+        self._by_id: dict[int, _Conn] = {}
         self.port = 0
 
     def _lookup(self, name: str) -> tuple[bytes, tuple[str, ...]] | None:
@@ -92,6 +96,17 @@ class Receiver:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def retention(self, volume: str) -> Retention:
+        keep = self.cfg.keep_for(volume)
+        return Retention(keep.max_age, keep.max_bytes)
+
+    def promoted(self, volume: str) -> VolumeError | None:
+        """The error to answer with if `cdp failover promote` took this volume over."""
+        path = self.cfg.data_dir / volume
+        if (path / PROMOTED).exists():
+            return VolumeError(promoted_message(volume, path), code="promoted", volume=volume)
+        return None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -128,9 +143,38 @@ class Receiver:
     # -- status --------------------------------------------------------------
 
     async def _status_loop(self) -> None:
+        last_prune = time.monotonic()
         while True:
             await asyncio.sleep(STATUS_INTERVAL)
+            await self._release_promoted()
             await asyncio.to_thread(self._write_status)
+            if time.monotonic() - last_prune >= PRUNE_INTERVAL:
+                last_prune = time.monotonic()  # age-based retention also while nothing arrives
+                for rep in list(self.replicas.values()):
+                    with contextlib.suppress(OSError, ValueError):
+                        await asyncio.to_thread(rep.journal.prune)
+
+    async def _release_promoted(self) -> None:
+        """Let go of volumes that `cdp failover promote` asked for: stop their source, let
+        sealed epochs finish, close the replica (promote waits for its lock)."""
+        for vol in list(self.replicas):
+            err = self.promoted(vol)
+            if err is None:
+                continue
+            if any(c.chain.get(vol) for c in self._by_id.values()):
+                continue  # sealed epochs are still applying: close after them
+            owner = self.owners.get(vol)
+            conn = self._by_id.get(owner) if owner is not None else None
+            if conn is not None:
+                if vol in conn.writers:
+                    continue  # an epoch is arriving: the next Begin is refused
+                with contextlib.suppress(CdpError):
+                    await conn.volume_failed(vol, err.wire_code, str(err))
+                await conn.settle(vol)
+            rep = self.replicas.pop(vol, None)
+            if rep is not None:
+                log.warning("volume promoted: replica closed, no more epochs volume=%s", vol)
+                await asyncio.to_thread(rep.close)
 
     def _write_status(self) -> None:
         now = time.time()
@@ -154,6 +198,7 @@ class Receiver:
         session = ReceiverSession(self._lookup, self.cfg.max_frame)
         link = Link(session, reader, writer)
         conn = _Conn(self, link)
+        self._by_id[id(conn)] = conn
         try:
             await conn.serve()
         except asyncio.CancelledError:
@@ -173,8 +218,14 @@ class Receiver:
             await conn.settle_all()  # sealed epochs finish applying
             await link.close()
             self._conns.discard(task)
+            self._by_id.pop(id(conn), None)
+            if conn.volumes_seen:  # tell `cdp status` and promote at once, not within a second
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self._write_status)
 
     async def open_replica(self, conn: _Conn, msg: Open) -> Replica:
+        if (err := self.promoted(msg.volume)) is not None:
+            raise err
         if msg.readonly:
             rep = self.replicas.get(msg.volume)
             if rep is None:
@@ -185,7 +236,7 @@ class Receiver:
                     rep = self.replicas.get(msg.volume)
                     if rep is None:
                         rep = await asyncio.to_thread(Replica.open, self.cfg.data_dir, msg.volume,
-                                                      None, False)
+                                                      None, False, self.retention(msg.volume))
                         self.replicas[msg.volume] = rep
             return rep
         async with self._open_lock:
@@ -208,7 +259,7 @@ class Receiver:
                                       f"block_size={msg.block_size}", code="geometry",
                                       volume=msg.volume)
                 rep = await asyncio.to_thread(Replica.open, self.cfg.data_dir, msg.volume, geo,
-                                              True)
+                                              True, self.retention(msg.volume))
                 self.replicas[msg.volume] = rep
             self.owners[msg.volume] = id(conn)
             self.live.setdefault(msg.volume, VolumeLive())
@@ -230,6 +281,7 @@ class _Conn:
         self.writers: dict[str, EpochWriter] = {}
         self.missing: dict[str, list[int]] = {}
         self.volumes: set[str] = set()
+        self.volumes_seen = False
         self.chain: dict[str, list[tuple[int, asyncio.Task[None]]]] = {}
 
     async def settle(self, volume: str, before: int | None = None) -> None:
@@ -307,6 +359,7 @@ class _Conn:
             rep = await self.rx.open_replica(self, msg)
             if not msg.readonly:
                 self.volumes.add(msg.volume)
+                self.volumes_seen = True
                 self.rx.live[msg.volume].client = s.client
                 self.rx.live[msg.volume].error = ""
             st = rep.state
@@ -317,6 +370,8 @@ class _Conn:
         elif isinstance(msg, Begin):
             # epoch e reuses the WAL file of e-2: that one must be applied first
             await self.settle(msg.volume, msg.epoch - 1)
+            if (err := self.rx.promoted(msg.volume)) is not None:
+                raise err
             current = self.rx.replicas.get(msg.volume)
             if current is None:
                 raise VolumeError(f"replica {msg.volume!r} was closed after an error; reopen it",
@@ -336,8 +391,8 @@ class _Conn:
         elif isinstance(msg, Commit):
             await self.commit(msg)
         elif isinstance(msg, Current):
-            rep = self.rx.replicas[msg.volume]
-            if msg.epoch == rep.state.epoch:
+            cur = self.rx.replicas.get(msg.volume)
+            if cur is not None and msg.epoch == cur.state.epoch:
                 self.rx.live[msg.volume].current_as_of = msg.time
         elif isinstance(msg, Error):
             log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", s.client,

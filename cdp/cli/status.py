@@ -46,6 +46,7 @@ def collect(path: Path) -> dict[str, Any]:
                 "wire_rate": live.get("wire_rate", 0.0) if fresh else 0.0,
                 "error": live.get("error", ""), "size": st["size"],
                 "block_size": st["block_size"], "counters": st["counters"],
+                **_window(cfg.data_dir / st["volume"], now),
             })
         return {"kind": "receiver", "data_dir": str(cfg.data_dir), "volumes": vols}
     cfg_s = load_source(path)
@@ -60,6 +61,23 @@ def collect(path: Path) -> dict[str, Any]:
     return {"kind": "source", "running": running, "connected": running and data.get("connected"),
             "rate_limit": data.get("rate_limit"), "read_limit": data.get("read_limit"),
             "window": data.get("window"), "volumes": data.get("volumes", [])}
+
+
+def _window(vol_dir: Path, now: float) -> dict[str, Any]:
+    """The recovery window: how many points, the oldest one, journal bytes; promoted or not."""
+    from cdp.errors import CdpError
+    from cdp.replica.journal import list_points
+
+    try:
+        pts = list_points(vol_dir)
+    except (CdpError, OSError, ValueError, KeyError):
+        pts = []
+    oldest = pts[0] if pts else None
+    return {"points": len(pts), "oldest_point_epoch": oldest.epoch if oldest else None,
+            "oldest_point_time": oldest.time if oldest else None,
+            "window": (now - oldest.time) if oldest and oldest.time else None,
+            "journal_bytes": sum(p.size for p in pts),
+            "promoted": (vol_dir / "promoted.json").exists()}
 
 
 def _cap(rate: float | None) -> str:
@@ -78,8 +96,8 @@ def render(report: dict[str, Any]) -> None:
     console = Console()
     t = Table(title=f"cdp {report['kind']} status")
     if report["kind"] == "receiver":
-        for col in ("volume", "epoch", "applied", "lag (RPO)", "logical", "wire", "dedup",
-                    "zero", "compressed", "rate", "source"):
+        for col in ("volume", "epoch", "applied", "lag (RPO)", "points (window)", "logical",
+                    "wire", "dedup", "zero", "compressed", "rate", "source"):
             t.add_column(col)
         for v in report["volumes"]:
             c = v["counters"]
@@ -89,7 +107,12 @@ def render(report: dict[str, Any]) -> None:
                 src += f" error: {v['error']}"
             applied = time.strftime("%H:%M:%S", time.localtime(v["applied_at"])) if v[
                 "applied_at"] else "-"
-            t.add_row(v["volume"], str(v["epoch"]), applied, lag, _b(c["logical"]), _b(c["wire"]),
+            if v.get("promoted"):
+                src = "PROMOTED (no more epochs) " + src
+            win = f"{v['points']} ({v['window'] / 3600:.1f}h)" if v.get("window") else str(
+                v.get("points", 0))
+            t.add_row(v["volume"], str(v["epoch"]), applied, lag, win, _b(c["logical"]),
+                      _b(c["wire"]),
                       _b(c["dedup"]), _b(c["zero"]), _b(c["compressed"]),
                       f"{_b(v['rate'])}/s", src)
     else:

@@ -10,14 +10,20 @@ Layout of ``<data_dir>/<volume>/``::
     state.json  geometry, replica id, last applied epoch and its source time,
                 cumulative counters; replaced atomically after each epoch
     lock        flock'd while a process has the replica open: nobody else writes it
+    journal/    undo files, one per epoch: the recovery points (see journal.py)
+    pins/ pins.lock   readers of earlier points (pointview.py) keep their undo files
+    promoted.json     present once `cdp failover promote` took the volume over:
+                the receiver accepts no more epochs for it
 
 Applying an epoch: every record goes to the WAL as it arrives; at commit the
 WAL is fsync'd and the space the epoch needs is reserved (seal: a full disk
 fails before the image is touched); then the records are applied to the image
 and the hash map, both are fsync'd, and only then the state file advances
-(apply). Epochs apply strictly in order. On open, WALs holding whole
-committed epochs next in line after the state are replayed (idempotent);
-anything else in them is discarded.
+(apply). Before the first block reaches the image, the journal saves what
+the epoch overwrites (an undo file, durable before any image write). Epochs
+apply strictly in order. On open, WALs holding whole committed epochs next
+in line after the state are replayed (idempotent; an undo file made before
+the crash is reused, see journal.py); anything else in them is discarded.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +45,7 @@ from cdp.blocks import Geometry, pack_u64, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
 from cdp.durable import atomic_write_json, fsync_dir, read_json, write_zeros
 from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
+from cdp.replica.journal import Journal, Retention, UndoFile, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +55,13 @@ MAX_BATCH_RAW = 64 * 1024 * 1024
 APPLY_CACHE = 32 * 1024 * 1024
 RAW_RECORD = 4 * 1024 * 1024
 SPACE_MARGIN = 1024 * 1024  # kept free beyond what an epoch needs (metadata, state)
+PROMOTED = "promoted.json"
+
+
+def promoted_message(volume: str, path: Path) -> str:
+    return (f"volume {volume!r} was promoted to a live disk (cdp failover promote, see "
+            f"{path / PROMOTED}); the receiver accepts no more epochs for it. To replicate it "
+            f"again, move {path} away (or fail back) and restart the source")
 
 
 @dataclass
@@ -67,6 +82,10 @@ class ReplicaState:
         return Geometry(self.size, self.block_size)
 
 
+class ReplicaBusy(ReplicaError):
+    """Another process (the receiver) has the replica open."""
+
+
 def _is_enospc(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -74,11 +93,13 @@ def _is_enospc(exc: OSError) -> bool:
 class Replica:
     """An open replica; holds its lock until close()."""
 
-    def __init__(self, path: Path, state: ReplicaState, lock_fd: int) -> None:
+    def __init__(self, path: Path, state: ReplicaState, lock_fd: int,
+                 retention: Retention | None = None) -> None:
         self.path = path
         self.state = state
         self.geometry = state.geometry
         self._lock_fd = lock_fd
+        self.journal = Journal(path, self.geometry, retention or Retention())
         self.image_fd = os.open(path / "image", os.O_RDWR)
         self.hash_fd = os.open(path / "hashes", os.O_RDWR)
         self.hashes_reserved = False
@@ -87,13 +108,17 @@ class Replica:
 
     @classmethod
     def open(cls, root: Path, volume: str, geometry: Geometry | None = None,
-             create: bool = False) -> Replica:
+             create: bool = False, retention: Retention | None = None,
+             promoting: bool = False) -> Replica:
         """Open (and recover) the replica of `volume`; create it if asked and absent.
 
         A geometry that disagrees with the replica's is refused: the volume
         was resized or replaced, and overwriting would destroy the replica.
+        A promoted volume is refused (only promote itself opens it).
         """
         path = root / volume
+        if not promoting and (path / PROMOTED).exists():
+            raise VolumeError(promoted_message(volume, path), code="promoted", volume=volume)
         try:
             if not path.exists():
                 if not create or geometry is None:
@@ -118,7 +143,7 @@ class Replica:
                 f"at the source but the replica is {state.size} bytes in {state.block_size}-byte "
                 "blocks; if the volume really changed, move the old replica away first",
                 code="geometry", volume=volume)
-        rep = cls(path, state, lock_fd)
+        rep = cls(path, state, lock_fd, retention)
         try:
             rep._recover()
         except OSError as exc:
@@ -156,7 +181,7 @@ class Replica:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ReplicaError(
+            raise ReplicaBusy(
                 f"replica {volume!r} is in use by another process (is a receiver running?)") from None
         return fd
 
@@ -166,14 +191,74 @@ class Replica:
     def _recover(self) -> None:
         logs = [p for p in (self.wal_path(0), self.wal_path(1))
                 if p.exists() and p.stat().st_size > 0]
-        if not logs:
-            return
-        found = {wal.committed_epoch(p): p for p in logs}
+        commits = {p: wal.commit_record(p) for p in logs}
+        found = {c[1]: p for p, c in commits.items() if c is not None}
+        self.journal.recover(self.state.epoch,
+                             {c[1]: fingerprint(c) for c in commits.values() if c is not None},
+                             self.restore)
         while (nxt := self.state.epoch + 1) in found:
             log.warning("replaying committed epoch volume=%s epoch=%d", self.state.volume, nxt)
-            self._apply(wal.read_log(found.pop(nxt)), None)
+            path = found.pop(nxt)
+
+            def records(p: Path = path) -> Iterator[wal.Record]:
+                return wal.read_log(p)
+
+            self._apply(records, None)
         for p in logs:
             wal.clear(p)
+        if self.journal.retention.enabled:
+            self.journal.journal_on()
+        self.journal.applied(self.state.epoch)
+
+    def restore(self, undo: UndoFile) -> None:
+        """Write back what an undo file saved (image and hash map), durably; idempotent."""
+        geo = self.geometry
+        for block, entry in sorted(undo.entries.items()):
+            if block >= geo.blocks:
+                raise ReplicaError(f"{undo.path}: block {block} is outside the volume")
+            n = geo.length(block)
+            if entry[1] == 0:
+                write_zeros(self.image_fd, geo.offset(block), n)
+                os.pwrite(self.hash_fd, NO_HASH, block * HASH_LEN)
+            else:
+                os.pwrite(self.image_fd, undo.read(entry, n), geo.offset(block))
+                os.pwrite(self.hash_fd, entry[2], block * HASH_LEN)
+        os.fdatasync(self.image_fd)
+        os.fdatasync(self.hash_fd)
+
+    def rollback(self, point: int) -> None:
+        """Take the image back to epoch `point` with the journal, newest epoch first.
+
+        Each step is durable before the next: restore epoch E's undo file,
+        then the state says E-1, then the file goes. A crash in between is
+        finished by the next open (an undo file newer than the state and
+        with no WAL is written back again, which is idempotent). The WALs
+        are emptied first so that nothing newer is replayed afterwards.
+        """
+        if point > self.state.epoch:
+            raise ReplicaError(f"{self.state.volume}: cannot roll back to epoch {point}, the "
+                               f"replica is at {self.state.epoch}")
+        for p in (self.wal_path(0), self.wal_path(1)):
+            wal.clear(p)
+        while self.state.epoch > point:
+            e = self.state.epoch
+            path = self.journal.path(e)
+            try:
+                undo = UndoFile(path)
+            except FileNotFoundError:
+                raise ReplicaError(f"{self.state.volume}: the undo record of epoch {e} is "
+                                   f"missing; cannot go back past epoch {e}") from None
+            try:
+                self.restore(undo)
+                base_time = float(undo.meta.get("base_time", 0.0))
+            finally:
+                undo.close()
+            new = ReplicaState(**{**asdict(self.state), "epoch": e - 1, "epoch_time": base_time,
+                                  "applied_at": time.time()})
+            atomic_write_json(self.path / "state.json", asdict(new))
+            self.state = new
+            os.unlink(path)
+        fsync_dir(self.journal.dir)
 
     def close(self) -> None:
         for fd in (self.image_fd, self.hash_fd, self._lock_fd):
@@ -216,11 +301,22 @@ class Replica:
 
     # -- applying ------------------------------------------------------------
 
-    def _apply(self, records: Iterable[wal.Record], cache: dict[int, bytes] | None) -> None:
-        """Apply a committed epoch's records to image and hash map, then advance the state."""
+    def _apply(self, records: Callable[[], Iterable[wal.Record]],
+               cache: dict[int, bytes] | None, bodies: Callable[[], Iterable[list]] | None = None,
+               ) -> None:
+        """Journal, then apply a committed epoch's records to image and hash map, then advance
+        the state. `records()` iterates the epoch (blobs included); `bodies()` its metadata."""
         geo = self.geometry
+        if self.journal.retention.enabled:
+            get_bodies = bodies or (lambda: (r.body for r in records()))
+            tail = deque(get_bodies(), maxlen=1)
+            last = tail[0] if tail else None
+            if last is None or last[0] != wal.COMMIT:
+                raise ReplicaError("WAL has no commit record")
+            self.journal.prepare(self.state.epoch + 1, last, get_bodies, self.image_fd,
+                                 self.hash_fd, asdict(self.state), self.restore)
         commit: list | None = None
-        for rec in records:
+        for rec in records():
             kind = rec.body[0]
             if kind in (wal.DATA, wal.RAW):
                 indices = unpack_u64(rec.body[1])
@@ -257,6 +353,7 @@ class Replica:
                               "applied_at": time.time(), "counters": counters})
         atomic_write_json(self.path / "state.json", asdict(new))
         self.state = new
+        self.journal.applied(new.epoch)
 
     def _copy_blocks(self, indices, hashes: bytes, sources) -> None:
         """Repeats within an epoch: the source block was written by an earlier record of it."""
@@ -521,7 +618,7 @@ class EpochWriter:
         rep = self.replica
         assert self._sealed
         try:
-            rep._apply(self._replay(), self._cache)
+            rep._apply(self._replay, self._cache, lambda: (b for _, b, _ in self._records))
         except OSError as exc:
             # The WAL holds the whole epoch: reopening the replica replays it.
             self._done = True

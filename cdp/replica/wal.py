@@ -146,6 +146,12 @@ def committed_epoch(path: str | os.PathLike[str]) -> int | None:
     Reads and checks every record but keeps none: memory stays flat whatever
     the epoch's size.
     """
+    commit = commit_record(path)
+    return None if commit is None else commit[1]
+
+
+def commit_record(path: str | os.PathLike[str]) -> list[Any] | None:
+    """The COMMIT record's body if the log holds one whole committed epoch, else None."""
     first = last = None
     try:
         for rec in read_log(path):
@@ -156,9 +162,9 @@ def committed_epoch(path: str | os.PathLike[str]) -> int | None:
         return None
     if first is None or last is None or last[0] != COMMIT:
         return None
-    if len(last) < 2 or first[1] != last[1]:
+    if len(last) < 3 or first[1] != last[1]:
         return None
-    return last[1]
+    return last
 
 
 def clear(path: str | os.PathLike[str]) -> None:

@@ -1,0 +1,1 @@
+"""Failover drills: clone a recovery point and check it boots; promote the replica to live."""

@@ -1,0 +1,128 @@
+"""`cdp failover promote`: make the replica the live disk, at a chosen recovery point.
+
+Steps, each safe to repeat (running promote again after a crash finishes it):
+
+1. refuse if the source is still connected (the receiver's status file),
+   unless forced; check the point is kept;
+2. write ``promoted.json`` with state "promoting": from then on the
+   receiver refuses the volume (Open and Begin answer the permanent error
+   "promoted"), stops the source's stream of it, lets sealed epochs land and
+   closes the replica;
+3. take the replica's lock (waits until the receiver let go), recover it,
+   roll the image back to the point with the journal (store.Replica.rollback),
+   drop the journal (the image is about to become a live disk);
+4. rewrite ``promoted.json`` with state "promoted": what was done, when.
+
+<data_dir>/<volume>/image is then a normal writable raw disk image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from cdp.durable import atomic_write_json, read_json
+from cdp.errors import DrillError, PointError, UsageError
+from cdp.replica.journal import Retention, list_points, live_pins, pins_locked
+from cdp.replica.store import PROMOTED, Replica, ReplicaBusy
+
+STATUS_FRESH = 5.0  # the receiver rewrites status.json every second
+
+
+def connected_source(vol_dir: Path, now: float | None = None) -> str | None:
+    """The client still streaming this volume per the receiver's status file, else None."""
+    now = time.time() if now is None else now
+    try:
+        st = read_json(vol_dir / "status.json")
+    except (OSError, ValueError):
+        return None
+    if st.get("connected") and now - float(st.get("updated", 0)) < STATUS_FRESH:
+        return str(st.get("client") or "a source")
+    return None
+
+
+def promote(data_dir: Path, volume: str, point: int | None = None, *, force: bool = False,
+            wait: float = 60.0) -> dict[str, Any]:
+    vol_dir = data_dir / volume
+    if not (vol_dir / "state.json").exists():
+        raise UsageError(f"no replica of volume {volume!r} in {data_dir}")
+    marker = vol_dir / PROMOTED
+    record: dict[str, Any] = {}
+    if marker.exists():
+        with contextlib.suppress(OSError, ValueError):
+            record = read_json(marker)
+        if record.get("state") == "promoted":
+            raise DrillError(f"volume {volume!r} was already promoted at epoch "
+                             f"{record.get('epoch')} ({marker}); its image is live")
+        if point is not None and record.get("point") not in (None, point):
+            raise UsageError(f"a promote to point {record.get('point')} was started and not "
+                             f"finished; run it again without --point {point} to finish it")
+        point = record.get("point", point)
+        resumed = True
+    else:
+        resumed = False
+        client = connected_source(vol_dir)
+        if client and not force:
+            raise DrillError(f"{client} is still connected and replicating {volume!r}: stop its "
+                             "source first (the production side may still be live), or pass "
+                             "--force to cut it off")
+        if point is not None and point not in {p.epoch for p in list_points(vol_dir)}:
+            raise PointError(f"point {point} of {volume!r} is not kept; `cdp points` lists them")
+        record = {"state": "promoting", "volume": volume, "point": point,
+                  "requested_at": time.time(), "forced": force}
+        atomic_write_json(marker, record)
+    try:
+        rep = _acquire(data_dir, volume, wait)
+    except DrillError:
+        if not resumed:
+            with contextlib.suppress(OSError):
+                os.unlink(marker)  # nothing was changed: the receiver may go on
+        raise
+    try:
+        before = rep.state.epoch
+        target = before if point is None else point
+        if target > before:
+            raise PointError(f"point {target} is newer than the replica (epoch {before})")
+        deadline = time.monotonic() + wait
+        while True:
+            with pins_locked(vol_dir):
+                readers = live_pins(vol_dir)
+                if not readers:
+                    rep.rollback(target)
+                    rep.journal.drop_all()
+                    shutil.rmtree(vol_dir / "pins", ignore_errors=True)
+                    break
+            if time.monotonic() > deadline:
+                raise DrillError(f"a reader of point(s) {sorted(set(readers))} (an archive job "
+                                 "or a drill) still has the replica open; retry when it ends")
+            time.sleep(0.2)
+        state = rep.state
+    finally:
+        rep.close()
+    image = vol_dir / "image"
+    os.chmod(image, 0o644)
+    done = {**record, "state": "promoted", "point": target, "epoch": state.epoch,
+            "point_time": state.epoch_time, "previous_epoch": before,
+            "rolled_back_epochs": before - state.epoch, "promoted_at": time.time(),
+            "image": str(image), "size": state.size}
+    atomic_write_json(marker, done)
+    return done
+
+
+def _acquire(data_dir: Path, volume: str, wait: float) -> Replica:
+    """Open the replica for promote once the receiver has let go of it."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return Replica.open(data_dir, volume, retention=Retention(None, None),
+                                promoting=True)
+        except ReplicaBusy:
+            if time.monotonic() > deadline:
+                raise DrillError(f"the receiver still holds replica {volume!r} after {wait:.0f}s; "
+                                 "is it an older cdp that does not know about promote? Stop it "
+                                 "and run promote again") from None
+            time.sleep(0.2)
