@@ -517,3 +517,8 @@ def run_cdp(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProc
     """`python -m cdp ARGS` to completion; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, "-m", "cdp", *map(str, args)], capture_output=True,
                           text=True, timeout=scaled(timeout), stdin=subprocess.DEVNULL)
+
+
+# -- archive tests: a SeaweedFS S3 server for the session (see archive_fixtures.py) --------------
+
+from archive_fixtures import s3_env, s3_server  # noqa: E402, F401
