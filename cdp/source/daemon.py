@@ -392,6 +392,11 @@ class Source:
             except RemoteError as exc:
                 vs.phase, vs.error = "failed", str(exc)
                 log.error("volume=%s stopped by the receiver: %s", vs.name, exc.remote_message)
+                if exc.code in PERMANENT_CODES:
+                    # e.g. promoted at the DR site: retrying cannot help; the other volumes go on
+                    log.error("volume=%s: not retrying (%s); fix it and restart the source",
+                              vs.name, exc.code)
+                    await asyncio.Event().wait()
             except TrackerError as exc:
                 vs.phase, vs.error = "failed", str(exc)
                 log.error("volume=%s: %s", vs.name, exc)
