@@ -29,7 +29,7 @@ from pathlib import Path
 
 from cdp.benchmark.data import BS, text_block
 from cdp.benchmark.nbdclient import NbdClient
-from cdp.benchmark.pair import CdpPair, Snapshot
+from cdp.benchmark.pair import CdpPair
 from cdp.benchmark.procs import stop_all
 from cdp.errors import UsageError
 
@@ -127,8 +127,7 @@ def run_cdp_workloads(pair: CdpPair, size: int, baseline: dict[str, float], prog
         try:
             seconds = qemu_img_bench(pair.nbd_url, w.args(size, BUDGET[w.name], 0x30 + i))
             t_end = time.time()
-            pair.wait_current(t_end)
-            catch_up = time.time() - t_end
+            catch_up = pair.wait_current(t_end)["confirmed_at"] - t_end  # when the source knew
         finally:
             stop.set()
             th.join()
@@ -158,9 +157,41 @@ def incremental(pair: CdpPair, size: int, fraction: float, seed: int) -> tuple[f
     t_flush = time.time()
     client.flush()
     client.close()
-    pair.wait_current(t_flush)
-    return t_flush - t0, time.time() - t_flush, len(chosen) * BS
+    st = pair.wait_current(t_flush)
+    return t_flush - t0, st["confirmed_at"] - t_flush, len(chosen) * BS
 
 
-def nbd_snapshot(pair: CdpPair) -> Snapshot:
-    return pair.snapshot()
+def steady(pair: CdpPair, size: int, rate: int, seconds: float,
+           progress: Progress) -> tuple[float, int, list[float]]:
+    """Write 64 KiB blocks of the data mix at `rate` bytes/s through the export for `seconds`,
+    flushing every 64 writes; sample the RPO. Returns (seconds, bytes written, lags)."""
+    rng = random.Random(31)
+    blocks = size // BS
+    client = NbdClient(str(pair.nbd_socket), pair.VOLUME)
+    samples: list[float] = []
+    stop = threading.Event()
+    th = threading.Thread(target=_sample_rpo, args=(pair, stop, samples), daemon=True)
+    written = n = 0
+    start = time.monotonic()
+    th.start()
+    try:
+        while time.monotonic() - start < seconds:
+            delay = start + (written + BS) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            client.write(rng.randrange(blocks) * BS,
+                         text_block(rng) if rng.random() < 0.5 else rng.randbytes(BS))
+            written += BS
+            n += 1
+            if n % 64 == 0:
+                client.flush()
+                progress(f"nbd steady: {time.monotonic() - start:5.1f}/{seconds:.0f}s, "
+                         f"RPO {samples[-1] if samples else 0:.2f}s")
+        client.flush()
+        client.close()
+        t_end = time.time()
+        pair.wait_current(t_end - 0.001)
+    finally:
+        stop.set()
+        th.join()
+    return time.monotonic() - start, written, samples

@@ -54,7 +54,7 @@ def table(results: list[Result]) -> None:
                          f"caught up {r.extra['catch_up']:.2f}s after")
         if r.scenario == "incremental 1% (nbd)" and r.tool == "cdp" and r.scenario in sp:
             note = f"{sp[r.scenario]:.1f}x faster (writes took {r.extra['write_seconds']:.2f}s)"
-        if r.scenario == "steady":
+        if r.scenario in ("steady", "nbd steady"):
             note = (f"RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s at "
                     f"{format_bytes(r.extra['rate'])}/s")
         t.add_row(r.scenario, r.tool, f"{r.seconds:.2f}s", f"{r.mbps:.0f}", format_bytes(r.wire),

@@ -187,7 +187,8 @@ def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
         pair.stop()
 
 
-def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress) -> list[Result]:
+def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress,
+         steady_rate: int, steady_seconds: float) -> list[Result]:
     """The nbd scenarios on a copy of the image (the scan pair never sees these writes)."""
     from cdp.benchmark import nbd
 
@@ -215,6 +216,15 @@ def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress) -
             return r
 
         results += nbd.run_cdp_workloads(pair, size, baseline, progress, result)  # type: ignore[arg-type]
+        progress("nbd steady ...")
+        before = pair.snapshot()
+        pair.reset_peaks()
+        secs, written, lags = nbd.steady(pair, size, steady_rate, steady_seconds, progress)
+        r = _cdp_result("nbd steady", pair, before, secs, img, size, written)
+        lags = sorted(lags) or [0.0]
+        r.extra = {"rate": steady_rate, "rpo_p50": statistics.median(lags),
+                   "rpo_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))], "rpo_max": lags[-1]}
+        results.append(r)
         if rs is not None:
             progress("incremental 1% (nbd): rsync seeds its copy first (not timed) ...")
             rs.run(img)
@@ -263,7 +273,7 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
             rs = RsyncDaemon(root / "rsync")
         dest = rs.dest / img.name if rs else None
         if "nbd" in scenarios:
-            results += _nbd(root, img, size, rs, progress)
+            results += _nbd(root, img, size, rs, progress, steady_rate, steady_seconds)
         if not {"seed", "incremental", "steady"} & set(scenarios):
             return results
         pair = CdpPair(root / "cdp", img)

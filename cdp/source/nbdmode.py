@@ -121,6 +121,7 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
     opened = await src._open(link, vs)
     journal.requeue(everything=opened.epoch == 0)
     last_current = 0.0
+    busy = True  # something was sent since the replica was last said to be current
     while True:
         if (err := src.remote_errors.pop(vs.name, None)) is not None:
             raise err
@@ -128,17 +129,20 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
             vs.undo_from(vs.need, src.index)
             vs.need = None
             journal.requeue()
-        unit = await journal.take(timeout=1.0)
+        # while epochs are in flight, look again soon: idleness is known once they are acked
+        unit = await journal.take(timeout=0.02 if vs.pending or busy else 1.0)
         if unit is None:
             now = time.time()
             if (journal.mode == "capture" and not journal.open and not journal.sealed
-                    and not vs.pending and now - last_current >= IDLE_CURRENT_EVERY):
+                    and not vs.pending and (busy or now - last_current >= IDLE_CURRENT_EVERY)):
                 vs.phase = "idle"
                 vs.current_as_of = now  # nothing written since the last acknowledged cut
                 vs.confirmed_at = now
                 last_current = now
+                busy = False
                 await src._send_current(link, vs)
             continue
+        busy = True
         if isinstance(unit, Resync):
             last = await _resync(src, link, vs, journal, unit)
         else:

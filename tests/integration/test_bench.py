@@ -56,7 +56,8 @@ def test_bench_refuses_unknown_scenarios() -> None:
                     reason="qemu-nbd or rsync is not installed")
 def test_bench_nbd_scenarios_beside_qemu_nbd_and_rsync(tmp_path) -> None:
     r = run_cdp("bench", "--size", "32MiB", "--scenarios", "nbd", "--compare", "rsync", "--json",
-                "--dir", tmp_path / "w", timeout=600)
+                "--steady-seconds", "3", "--steady-rate", "4MiB", "--dir", tmp_path / "w",
+                timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report["all_equal"] is True
@@ -67,6 +68,8 @@ def test_bench_nbd_scenarios_beside_qemu_nbd_and_rsync(tmp_path) -> None:
         assert ours["extra"]["of_baseline"] > 0
         assert ours["extra"]["rpo_p99"] >= ours["extra"]["rpo_p50"] >= 0
         assert ours["wire"] > 0  # the writes were replicated, not just served
+    steady = rows[("nbd steady", "cdp")]
+    assert steady["extra"]["rpo_p99"] >= steady["extra"]["rpo_p50"] >= 0 and steady["wire"] > 0
     inc = rows[("incremental 1% (nbd)", "cdp")]
     assert 0 < inc["wire"] < inc["image"] / 4
     assert ("incremental 1% (nbd)", "rsync") in rows
