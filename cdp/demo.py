@@ -3,6 +3,10 @@
 Generates an image with zero, text-like, random and repeated regions, seeds
 it to a receiver in a separate process, rewrites some blocks while the
 daemons run, waits for the replica to converge, and checks it hash for hash.
+Then, with replication still running, a failover drill clones the newest
+recovery point and checks it (RPO and RTO reported), and an archive job
+writes an encrypted, deduplicated snapshot of the replica to a local
+repository, which is verified. Each step runs the real `cdp` command.
 """
 
 from __future__ import annotations
@@ -79,6 +83,37 @@ def _wait_current(state_dir: Path, since: float, procs: list[subprocess.Popen[by
     raise RuntimeError(f"{label}: replica did not converge within {timeout:.0f}s")
 
 
+def _cdp_json(cmd: list[str], env: dict[str, str], *args: str | Path) -> dict[str, Any]:
+    """Run one `cdp ... --json` command; its JSON, or RuntimeError with its message."""
+    r = subprocess.run([*cmd, *map(str, args), "--json"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    try:
+        out: dict[str, Any] = json.loads(r.stdout)
+    except ValueError:
+        out = {}
+    if r.returncode not in (0, 1) or not out:
+        raise RuntimeError(f"cdp {' '.join(map(str, args[:2]))}: {r.stderr.strip() or r.stdout}")
+    return out
+
+
+def _archive(cmd: list[str], env: dict[str, str], root: Path) -> dict[str, Any]:
+    """Add a local encrypted repository to the receiver's config; init, run and verify it."""
+    password = root / "archive.pass"
+    fd = os.open(password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(os.urandom(24).hex() + "\n")
+    rx = root / "receiver.toml"
+    rx.write_text(rx.read_text() + '\n[[archive]]\nname = "offsite"\nrepository = "archive"\n'
+                  'password_file = "archive.pass"\nkeep = { last = 7, daily = 7 }\n')
+    _cdp_json(cmd, env, "archive", "init", "-c", rx)
+    run = _cdp_json(cmd, env, "archive", "run", "-c", rx)
+    verify = subprocess.run([*cmd, "archive", "verify", "-c", str(rx), "--read-data"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    return {"snapshot": run["snapshot"], "seconds": run["seconds"],
+            "stored": sum(v["stored_bytes"] for v in run["volumes"]),
+            "uploaded": run["bytes_uploaded"], "verified": verify.returncode == 0}
+
+
 def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool = False) -> int:
     made = workdir is None
     root = Path(tempfile.mkdtemp(prefix="cdp-demo-")) if workdir is None else workdir
@@ -125,6 +160,16 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
                            "rpo": time.time() - v["current_as_of"]})
             progress.done(f"incremental: {frac:.0%} of blocks rewritten, replica current "
                           f"{landed:.2f}s after the write")
+        progress.line("failover drill: cloning the newest recovery point and checking it ...")
+        drill = _cdp_json(cmd, env, "failover", "test", "-c", root / "receiver.toml", "vm1-disk0")
+        progress.done(f"failover drill: point {drill['point']['epoch']}, clone ready in "
+                      f"{drill['rto']:.2f}s (RTO), point age {drill['rpo']:.2f}s (RPO), checks "
+                      + ", ".join(f"{c['name']} {c['result']}" for c in drill["checks"]))
+        progress.line("archive: init, run, verify ...")
+        archive = _archive(cmd, env, root)
+        progress.done(f"archive: {format_bytes(archive['stored'])} stored for "
+                      f"{format_bytes(size)} in {archive['seconds']:.2f}s, verify "
+                      f"{'ok' if archive['verified'] else 'FAILED'}")
         geo = Geometry(size, BS)
         equal = hash_volume(image, geo) == hash_volume(root / "replicas" / "vm1-disk0" / "image",
                                                        geo)
@@ -139,6 +184,7 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
             "compression_ratio": c["data"] / c["compressed"] if c["compressed"] else None,
             "dedup_ratio": (c["data"] + c["dedup"]) / c["data"] if c["data"] else None,
             "rpo_seconds": rounds[-1]["rpo"], "replica_equal": equal, "workdir": str(root),
+            "drill": drill, "archive": archive,
         }
     except Exception as exc:  # the demo reports, it does not trace back
         stop_all(procs)
@@ -150,7 +196,7 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
         print(json.dumps(summary, indent=1))
     else:
         _print_summary(summary)
-    ok = equal and codes == [0, 0]
+    ok = equal and codes == [0, 0] and drill["ok"] and archive["verified"]
     if made and not keep and ok:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if ok else 1
@@ -179,6 +225,14 @@ def _print_summary(s: dict[str, Any]) -> None:
         t.add_row("dedup", f"{s['dedup_ratio']:.2f}x ({format_bytes(s['dedup'])} sent as references)")
     t.add_row("zero blocks", format_bytes(s["zero"]))
     t.add_row("RPO at the end", f"{s['rpo_seconds']:.2f}s")
+    d = s["drill"]
+    t.add_row("failover drill", f"point {d['point']['epoch']}: clone ready in {d['rto']:.2f}s "
+              f"(RTO), point {d['rpo']:.2f}s old (RPO); "
+              + ", ".join(f"{c['name']}: {c['result']}" for c in d["checks"]))
+    a = s["archive"]
+    t.add_row("archive", f"snapshot {a['snapshot'][:12]}, {format_bytes(a['stored'])} stored "
+              f"(encrypted, compressed) in {a['seconds']:.2f}s, verify --read-data "
+              f"{'ok' if a['verified'] else 'FAILED'}")
     t.add_row("replica equals source", "yes" if s["replica_equal"] else "NO")
     t.add_row("daemons stopped cleanly", "yes" if s["daemon_exit_codes"] == [0, 0] else
               f"no: {s['daemon_exit_codes']}")
