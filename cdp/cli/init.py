@@ -15,6 +15,9 @@ listen = "127.0.0.1:7400"        # host:port to accept sources on
 data_dir = "replicas"            # one folder per volume: replicas/<volume>/image is the replica
 # idle_timeout = "300s"          # drop connections silent for this long
 # allow_plaintext = false        # beyond loopback, TLS is required unless this is true
+# keep_points = "24h"            # recovery points kept ("forever"; 0 turns the journal off)
+# keep_points_size = "10GiB"     # ... and at most this much undo data ("unlimited")
+# drill_format = "auto"          # failover test clones: qcow2 overlay (qemu-img) or raw copy
 # [receiver.tls]                 # required on any non-loopback address
 # cert = "receiver.crt"
 # key = "receiver.key"
@@ -24,6 +27,18 @@ data_dir = "replicas"            # one folder per volume: replicas/<volume>/imag
 name = "host1"
 token_file = "host1.token"
 volumes = ["vm1-disk0"]
+
+# [[receiver.volume]]            # per-volume overrides
+# name = "vm1-disk0"
+# keep_points = "7d"
+
+# [[archive]]                    # offsite snapshots of the replicas (cdp archive init first)
+# name = "offsite"
+# repository = "archive"         # a directory, file:///path or s3://bucket/prefix
+# endpoint = "http://127.0.0.1:8333"   # S3-compatible endpoint; omit for AWS
+# password_file = "archive.pass" # chmod 600; keep a copy: nothing restores without it
+# schedule = "daily 02:00"       # hourly | "every 6h" | "weekly sun 03:00" | manual
+# keep = { last = 7, daily = 7, weekly = 4, monthly = 12 }
 """
 
 SOURCE = """\
@@ -60,6 +75,15 @@ mode = "scan"
 # post_scan = "virsh domfsthaw vm1"    # ... and thaw it afterwards
 # snapshot = "reflink"           # scan a reflink copy (XFS/btrfs): consistent, short freeze
 # rate_limit = "20MiB/s"         # cap on what is sent for this volume
+
+# [[volume]]                     # nbd mode: the VM opens its disk through cdp; every write,
+# name = "vm1-disk1"             # in order, epochs cut at the guest's flushes
+# path = "images/vm1-disk1.raw"
+# mode = "nbd"
+# nbd_listen = "unix:vm1-disk1.sock"   # and/or "127.0.0.1:10809"
+# epoch_interval = "1s"          # cut at least this often while writes come
+# capture_memory = "256MiB"      # captured data held before falling back to dirty tracking
+# group = "vm1"                  # disks of one VM: epochs cut at the same instant
 """
 
 
