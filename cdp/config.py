@@ -148,6 +148,7 @@ class VolumeConfig:
     capture_memory: int = 256 * 1024 * 1024  # nbd mode: captured data held before pull-ahead
     dirty_region: int = 4 * 1024 * 1024  # nbd mode: granularity of the persistent dirty map
     group: str | None = None  # nbd mode: volumes of one group cut their epochs together
+    nbd_tls: TlsServer | None = None  # nbd mode: clients must STARTTLS with this cert/key
 
 
 @dataclass(frozen=True)
@@ -568,12 +569,19 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
                             default=4 * 1024 * 1024),
         group=vt.get("group", _name, default=None),
     )
+    if "nbd_tls" in vt.data:
+        nt = _Table(file, f"volume[{i}].nbd_tls", vt.get("nbd_tls", lambda v: v))
+        vol = replace(vol, nbd_tls=TlsServer(
+            cert=nt.get("cert", _path(base), required=True),
+            key=nt.get("key", _path(base), required=True),
+            client_ca=nt.get("client_ca", _path(base), default=None)))
+        nt.done()
     vt.done()
     if vol.mode == "nbd":
         if vol.nbd_listen is None:
             raise vt.err("nbd_listen", "nbd mode needs an address to serve the volume on, e.g. "
                          "nbd_listen = \"127.0.0.1:10809\" or \"unix:vm1-disk0.sock\"")
-        tcp, unix = _nbd_listen(vt, base, vol.nbd_listen)
+        tcp, unix = _nbd_listen(vt, base, vol.nbd_listen, tls=vol.nbd_tls is not None)
         if vol.dirty_region % vol.block_size:
             raise vt.err("dirty_region", f"must be a multiple of block_size ({vol.block_size})")
         if vol.epoch_interval <= 0:
@@ -584,7 +592,8 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
     return vol
 
 
-def _nbd_listen(vt: _Table, base: Path, text: str) -> tuple[tuple[str, int] | None, Path | None]:
+def _nbd_listen(vt: _Table, base: Path, text: str,
+                tls: bool = False) -> tuple[tuple[str, int] | None, Path | None]:
     """"host:port", "unix:PATH" or both separated by a comma."""
     tcp: tuple[str, int] | None = None
     unix: Path | None = None
@@ -600,9 +609,10 @@ def _nbd_listen(vt: _Table, base: Path, text: str) -> tuple[tuple[str, int] | No
                 tcp = parse_hostport(part)
             except ValueError as exc:
                 raise vt.err("nbd_listen", str(exc)) from None
-            if not _loopback(tcp[0]):
-                raise vt.err("nbd_listen", f"{tcp[0]} is not a loopback address: the export carries "
-                             "the VM's disk unencrypted; serve it on 127.0.0.1 or a unix: socket")
+            if not _loopback(tcp[0]) and not tls:
+                raise vt.err("nbd_listen", f"{tcp[0]} is not a loopback address: the export would "
+                             "carry the VM's disk unencrypted; serve it on 127.0.0.1 or a unix: "
+                             "socket, or add [volume.nbd_tls] (cert, key, client_ca)")
     return tcp, unix
 
 

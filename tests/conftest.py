@@ -245,7 +245,7 @@ def write_env(root: Path, clients: dict[str, list[str]] | None = None, *,
                     f'min_scan_interval = "{min_scan_interval}"', volume_extra, ""]
             if mode == "nbd":
                 nbd_port = free_port()
-                src.insert(-1, f'nbd_listen = "127.0.0.1:{nbd_port}"')
+                src.insert(-2, f'nbd_listen = "127.0.0.1:{nbd_port}"')  # before volume_extra
                 nbd_urls[v] = f"nbd://127.0.0.1:{nbd_port}/{v}"
         toml = root / f"source-{name}.toml"
         toml.write_text("\n".join(src))

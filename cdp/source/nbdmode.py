@@ -19,20 +19,21 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol, TypeVar
 
 from cdp.blocks import Geometry, runs
 from cdp.codec import HASH_LEN, block_hash, zero_hash
-from cdp.errors import RemoteError, TrackerError
+from cdp.errors import ConfigError, RemoteError, TrackerError
 from cdp.messages import Opened
 from cdp.nbd.server import NbdServer, NbdServerError
 from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.journal import Captured, Resync, WriteJournal
 from cdp.tracker.scan import scan, scan_spans, volume_size
-from cdp.transport import Link
+from cdp.transport import Link, server_tls
 from cdp.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,14 @@ class NbdExport:
                                     capture_memory=cfg.capture_memory,
                                     epoch_interval=cfg.epoch_interval)
         host, port = cfg.nbd_tcp if cfg.nbd_tcp else (None, 0)
+        try:
+            tls = server_tls(cfg.nbd_tls) if cfg.nbd_tls is not None else None
+        except (ConfigError, OSError, ssl.SSLError) as exc:
+            raise TrackerError(f"volume {cfg.name}: cannot load the [volume.nbd_tls] certificate "
+                               f"or key: {exc}") from exc
         self.server = NbdServer(cfg.path, export=cfg.name, host=host, port=port,
-                                unix_path=cfg.nbd_unix, tracker=self.journal)
+                                unix_path=cfg.nbd_unix, tracker=self.journal, tls=tls,
+                                tls_required=tls is not None)
         try:
             await self.server.start()
         except NbdServerError as exc:

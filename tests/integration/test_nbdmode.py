@@ -253,3 +253,24 @@ def test_a_clean_restart_sends_nothing_again(cdp_env, daemons) -> None:
     src.start()
     converge(env, daemons)
     assert env.counters("vol1")["logical"] == logical  # the dirty map was clean
+
+
+def test_the_export_can_require_tls(cdp_env, daemons, tmp_path: Path) -> None:
+    from test_nbd_tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = (f'[volume.nbd_tls]\ncert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n'
+           f'client_ca = "{pki.ca}"\n')
+    env, url = start_nbd(cdp_env, daemons, 8 * MiB, volume_extra=tls)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    plain = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 4k", url], capture_output=True,
+                           text=True, timeout=scaled(60))
+    assert plain.returncode != 0  # no TLS, no disk
+    opts = (f"driver=raw,file.driver=nbd,file.host=127.0.0.1,file.port={port},file.export=vol1,"
+            "file.tls-creds=tls0")
+    r = subprocess.run(["qemu-io", "--object",
+                        f"tls-creds-x509,id=tls0,dir={pki.client_dir},endpoint=client",
+                        "-c", "write -P 0x5c 64k 1M", "-c", "flush", "--image-opts", opts],
+                       capture_output=True, text=True, timeout=scaled(60))
+    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
+    converge(env, daemons)

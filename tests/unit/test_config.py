@@ -682,3 +682,16 @@ def test_consistency_groups_need_nbd_mode(cfg_dir):
     assert "volume[0].group" in msg and "nbd" in msg
     ok = source_with(cfg_dir, SOURCE + 'group = "vm1"\nmode = "nbd"\nnbd_listen = "unix:s"\n')
     assert load_source(ok).volumes[0].group == "vm1"
+
+
+def test_nbd_tls_allows_a_non_loopback_export(cfg_dir):
+    for name in ("nbd.crt", "nbd.key"):
+        (cfg_dir / name).write_text("x")
+    path = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "0.0.0.0:10809"\n'
+                       '[volume.nbd_tls]\ncert = "nbd.crt"\nkey = "nbd.key"\n')
+    vol = load_source(path).volumes[0]
+    assert vol.nbd_tcp == ("0.0.0.0", 10809)
+    assert vol.nbd_tls is not None and vol.nbd_tls.cert == cfg_dir.resolve() / "nbd.crt"
+    bad = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "unix:s"\n[volume.nbd_tls]\n'
+                      'cert = "nbd.crt"\nkeys = "nbd.key"\n')
+    assert "volume[0].nbd_tls" in config_error(load_source, bad)
