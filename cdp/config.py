@@ -145,7 +145,8 @@ class VolumeConfig:
     nbd_tcp: tuple[str, int] | None = None
     nbd_unix: Path | None = None
     epoch_interval: float = 1.0  # nbd mode: cut an epoch at least this often while writes come
-    capture_memory: int = 256 * 1024 * 1024  # nbd mode: captured data held before pull-ahead
+    capture_memory: int = 256 * 1024 * 1024  # nbd mode: captured data held in memory ...
+    capture_disk: int = 1024 * 1024 * 1024  # ... then spilled to state_dir, then pull-ahead
     dirty_region: int = 4 * 1024 * 1024  # nbd mode: granularity of the persistent dirty map
     group: str | None = None  # nbd mode: volumes of one group cut their epochs together
     nbd_tls: TlsServer | None = None  # nbd mode: clients must STARTTLS with this cert/key
@@ -567,6 +568,8 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
                               default=256 * 1024 * 1024),
         dirty_region=vt.get("dirty_region", lambda v: _range_size(v, 64 << 10, 1 << 30),
                             default=4 * 1024 * 1024),
+        capture_disk=vt.get("capture_disk", lambda v: _range_size(v, 0, 1 << 50),
+                            default=1024 * 1024 * 1024),
         group=vt.get("group", _name, default=None),
     )
     if "nbd_tls" in vt.data:

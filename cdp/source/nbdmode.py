@@ -83,7 +83,8 @@ class NbdExport:
                      "the whole volume with the replica", cfg.name)
         self.journal = WriteJournal(cfg.name, geo, self._fd, self.dirty,
                                     capture_memory=cfg.capture_memory,
-                                    epoch_interval=cfg.epoch_interval)
+                                    epoch_interval=cfg.epoch_interval,
+                                    spill_dir=self.vs.dir / "spill", capture_disk=cfg.capture_disk)
         host, port = cfg.nbd_tcp if cfg.nbd_tcp else (None, 0)
         try:
             tls = server_tls(cfg.nbd_tls) if cfg.nbd_tls is not None else None
@@ -150,10 +151,13 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
                 await src._send_current(link, vs)
             continue
         busy = True
-        if isinstance(unit, Resync):
-            last = await _resync(src, link, vs, journal, unit)
-        else:
-            last = await _captured(src, link, vs, unit)
+        try:
+            if isinstance(unit, Resync):
+                last = await _resync(src, link, vs, journal, unit)
+            else:
+                last = await _captured(src, link, vs, unit)
+        finally:
+            journal.release(unit)
         if vs.need is None and vs.name in link.session.volumes:
             journal.unit_done(unit.seq, last)
 
@@ -165,10 +169,9 @@ async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) ->
                 cancelled: Callable[[], bool]) -> None:
         assert vs.smap is not None
         smap = vs.smap
-        for b in sorted(unit.blocks):
+        for b, content in unit.items():
             if cancelled():
                 raise Cancelled
-            content = unit.blocks[b]
             h = block_hash(content)
             progress(len(content))
             if smap[b * HASH_LEN:(b + 1) * HASH_LEN] != h:

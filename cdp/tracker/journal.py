@@ -37,7 +37,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cdp.blocks import Geometry
@@ -49,12 +51,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Captured:
-    """Blocks as they were at one cut (several consecutive cuts, once merged)."""
+    """Blocks as they were at one cut (several consecutive cuts, once merged).
+
+    A spilled unit keeps its blocks in a file instead (`spill`, with `order`
+    listing (block, length) in file order); read it with items().
+    """
 
     seq: int
     time: float
     blocks: dict[int, bytes]
     nbytes: int
+    spill: Path | None = None
+    order: list[tuple[int, int]] = field(default_factory=list)
+
+    def items(self) -> Iterator[tuple[int, bytes]]:
+        """(block, content) in block order; reads a spilled unit from its file (worker thread)."""
+        if self.spill is None:
+            for b in sorted(self.blocks):
+                yield b, self.blocks[b]
+            return
+        with open(self.spill, "rb") as fh:
+            for b, length in self.order:
+                yield b, fh.read(length)
 
 
 @dataclass
@@ -80,6 +98,7 @@ class _Unit:
 class JournalStats:
     cuts: int = 0
     merged: int = 0
+    spills: int = 0
     fallbacks: int = 0
     resyncs: int = 0
     captured_bytes: int = 0
@@ -92,7 +111,8 @@ class WriteJournal:
 
     def __init__(self, name: str, geo: Geometry, read_fd: int, dirty: DirtyMap, *,
                  capture_memory: int, epoch_interval: float, pass_threshold: int = 32 << 20,
-                 batch_delay: float = 0.02, hot_seconds: float = 10.0, hot_max: int = 1024) -> None:
+                 batch_delay: float = 0.02, hot_seconds: float = 10.0, hot_max: int = 1024,
+                 spill_dir: Path | None = None, capture_disk: int = 0) -> None:
         if dirty.region % geo.block_size:
             raise ValueError("the dirty region size must be a multiple of the block size")
         self.name = name
@@ -107,6 +127,12 @@ class WriteJournal:
         self.group: tuple[WriteJournal, ...] = ()  # consistency group members (self included)
         self.cooling: dict[int, float] = {}  # replicated regions still marked on disk: since when
         self.hot_seconds = hot_seconds
+        self.spill_dir = spill_dir
+        self.capture_disk = capture_disk if spill_dir is not None else 0
+        self.spilled_bytes = 0  # on disk: spilled units waiting or being sent
+        if spill_dir is not None:  # what a previous run spilled is covered by the dirty map
+            for old in spill_dir.glob("*"):
+                old.unlink(missing_ok=True)
         self.hot_max = hot_max
         self.mode = "tracking"  # until the first resync closes: after a start nothing is captured
         self.seq = 1  # the unit the next write belongs to
@@ -157,7 +183,7 @@ class WriteJournal:
             self.open[b] = content
         self.stats.captured_bytes += end - start
         if self.open_bytes + self.sealed_bytes > self.capture_memory:
-            self._fall_back()
+            self._spill()
 
     async def flushed(self) -> None:
         self.cut()
@@ -194,14 +220,67 @@ class WriteJournal:
             self.seq += 1  # later writes belong to the next unit
             self.stats.cuts += 1
 
+    def _spill(self) -> None:
+        """Over the memory budget: cut, then move the oldest captured epochs to the local log.
+
+        Only when the log is full too does the journal fall back to tracking
+        dirty blocks. The write happens here, on the loop (page cache, at most
+        `capture_memory` at once): the one guest write that crossed the budget
+        waits for it; nothing is fsync'd (after a crash the dirty map rules).
+        """
+        if self.capture_disk <= 0 or self.spill_dir is None:
+            self._fall_back()
+            return
+        if self.open:
+            self.cut()
+        for u in self.sealed:
+            if self.sealed_bytes <= self.capture_memory // 2:
+                break
+            if u.spill is not None:
+                continue
+            if self.spilled_bytes + u.nbytes > self.capture_disk:
+                self._fall_back()
+                return
+            path = self.spill_dir / f"{u.seq:012d}"
+            try:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as fh:
+                    order = []
+                    for b in sorted(u.blocks):
+                        fh.write(u.blocks[b])
+                        order.append((b, len(u.blocks[b])))
+            except OSError as exc:
+                log.warning("volume=%s: cannot spill to %s (%s)", self.name, path, exc)
+                path.unlink(missing_ok=True)
+                self._fall_back()
+                return
+            u.spill, u.order, u.blocks = path, order, {}
+            self.sealed_bytes -= u.nbytes
+            self.spilled_bytes += u.nbytes
+            self.stats.spills += 1
+        if self.sealed_bytes > self.capture_memory:
+            self._fall_back()
+
+    def release(self, unit: Captured | Resync) -> None:
+        """The sender is done with a unit: remove its spill file."""
+        if isinstance(unit, Captured) and unit.spill is not None:
+            unit.spill.unlink(missing_ok=True)
+            self.spilled_bytes -= unit.nbytes
+            unit.spill = None
+
+    def _drop_sealed(self) -> None:
+        for u in self.sealed:
+            self.release(u)
+        self.sealed, self.sealed_bytes = [], 0
+
     def _fall_back(self) -> None:
         """Drop captured content; the dirty map already says where to look (pull-ahead)."""
         self.stats.fallbacks += 1
         log.warning("volume=%s: the sender is %s behind; tracking dirty blocks instead of "
                     "capturing until it catches up", self.name,
-                    format_bytes(self.open_bytes + self.sealed_bytes))
+                    format_bytes(self.open_bytes + self.sealed_bytes + self.spilled_bytes))
         self.open, self.open_bytes = {}, 0
-        self.sealed, self.sealed_bytes = [], 0
+        self._drop_sealed()
         self.mode = "tracking"
         self.touched = set()
         self.resync_pending = True
@@ -221,7 +300,7 @@ class WriteJournal:
             self._finish.cancel()
         self._finish = None
         self.open, self.open_bytes = {}, 0
-        self.sealed, self.sealed_bytes = [], 0
+        self._drop_sealed()
         self.units.clear()
         self.mode = "tracking"
         self.touched = set()
@@ -280,8 +359,12 @@ class WriteJournal:
         return spans
 
     def _merge_sealed(self) -> Captured:
-        units = self.sealed
-        self.sealed, self.sealed_bytes = [], 0
+        """The oldest spilled unit alone, or every captured unit in memory up to the next spilled one."""
+        if self.sealed[0].spill is not None:
+            return self.sealed.pop(0)
+        n = next((i for i, u in enumerate(self.sealed) if u.spill is not None), len(self.sealed))
+        units, self.sealed = self.sealed[:n], self.sealed[n:]
+        self.sealed_bytes -= sum(u.nbytes for u in units)
         if len(units) == 1:
             return units[0]
         merged: dict[int, bytes] = {}
@@ -394,7 +477,8 @@ class WriteJournal:
         return {
             "mode": self.mode, "open_bytes": self.open_bytes, "backlog_bytes": self.sealed_bytes,
             "backlog_epochs": len(self.sealed), "dirty_regions": len(self.region_seq),
-            "hot_regions": len(self.cooling),
+            "hot_regions": len(self.cooling), "spilled_bytes": self.spilled_bytes,
+            "spills": self.stats.spills,
             "touched_blocks": len(self.touched), "cuts": self.stats.cuts,
             "merged": self.stats.merged, "fallbacks": self.stats.fallbacks,
             "resyncs": self.stats.resyncs, "writes": self.stats.writes,

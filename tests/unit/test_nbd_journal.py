@@ -94,7 +94,7 @@ class Volume:
     """A file written the way the NBD server writes it: before_change, pwrite, changed."""
 
     def __init__(self, tmp_path: Path, blocks: int = 32, capture_memory: int = 64 << 20,
-                 clean: bool = True) -> None:
+                 clean: bool = True, capture_disk: int = 0) -> None:
         self.path = tmp_path / "disk.raw"
         self.size = blocks * BS
         with open(self.path, "wb") as fh:
@@ -105,7 +105,8 @@ class Volume:
         if clean:
             self.dirty.clear(range(self.dirty.regions))
         self.j = WriteJournal("v", Geometry(self.size, BS), self.fd, self.dirty,
-                              capture_memory=capture_memory, epoch_interval=3600)
+                              capture_memory=capture_memory, epoch_interval=3600,
+                              spill_dir=tmp_path / "spill", capture_disk=capture_disk)
 
     async def write(self, offset: int, data: bytes) -> None:
         await self.j.before_change(offset, len(data))
@@ -336,5 +337,47 @@ def test_a_hot_region_written_again_costs_no_sync(tmp_path: Path) -> None:
         v.j.acked(2)
         v.j._cool(time.time())  # over hot_max: cleared at once
         assert v.dirty.dirty_regions() == []
+
+    run(main())
+
+
+def test_over_memory_epochs_spill_to_the_local_log_and_come_back_in_order(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path, blocks=64, capture_memory=4 * BS, capture_disk=64 * BS)
+        await _close_initial_resync(v)
+        states = []
+        rng = random.Random(3)
+        for i in range(6):  # six cuts of three blocks each: 18 blocks, over 4 in memory
+            for k in range(3):
+                await v.write((i * 3 + k) * BS + rng.randrange(BS - 10), rng.randbytes(10))
+            await v.j.flushed()
+            states.append(v.image())
+        assert v.j.mode == "capture" and v.j.stats.fallbacks == 0
+        assert v.j.stats.spills >= 3 and v.j.spilled_bytes > 0
+        assert any((tmp_path / "spill").iterdir())
+        seen = []
+        while (unit := await v.j.take(0)) is not None:
+            assert isinstance(unit, Captured)
+            got = dict(unit.items())
+            # each unit holds its blocks exactly as they were at its own cut
+            cut = next(st for st in states if all(st[b * BS:(b + 1) * BS] == c for b, c in got.items()))
+            seen.append(states.index(cut))
+            v.j.release(unit)
+        assert seen == sorted(seen) and seen[-1] == 5
+        assert v.j.spilled_bytes == 0 and not any((tmp_path / "spill").iterdir())
+
+    run(main())
+
+
+def test_a_full_local_log_falls_back_to_tracking_and_drops_its_files(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path, blocks=64, capture_memory=2 * BS, capture_disk=3 * BS)
+        await _close_initial_resync(v)
+        for i in range(12):
+            await v.write(i * BS, b"x" * 100)
+            await v.j.flushed()
+        assert v.j.mode == "tracking" and v.j.stats.fallbacks == 1
+        assert v.j.spilled_bytes == 0 and not any((tmp_path / "spill").iterdir())
+        assert isinstance(await v.j.take(0), Resync)
 
     run(main())
