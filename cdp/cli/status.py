@@ -127,7 +127,16 @@ def render(report: dict[str, Any]) -> None:
             lag = f"{v['lag']:.1f}s" if v.get("lag") is not None else "-"
             prog = (f"{100 * v['progress_done'] / v['progress_total']:.0f}%"
                     if v.get("progress_total") else "-")
-            t.add_row(v["volume"], v["phase"] if report["running"] else "not running",
+            phase = v["phase"] if report["running"] else "not running"
+            nbd = v.get("nbd")
+            if nbd and report["running"]:
+                # nbd volumes: capturing every write, or behind (spilling, tracking: pull-ahead)
+                phase += f" / {nbd['mode']}"
+                if nbd.get("spilled_bytes"):
+                    phase += f", {_b(nbd['spilled_bytes'])} spilled"
+                if nbd.get("backlog_bytes"):
+                    phase += f", {_b(nbd['backlog_bytes'])} queued"
+            t.add_row(v["volume"], phase,
                       str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
                       _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
                       v["error"] or "")

@@ -19,6 +19,7 @@ from conftest import (
     Daemons,
     assert_replica_equal,
     file_hash,
+    run_cdp,
     scaled,
     wait_converged,
     wait_for,
@@ -85,6 +86,8 @@ def test_qemu_io_writes_of_every_kind_replicate(cdp_env, daemons) -> None:
             "read -P 0x44 31M 1M")
     v = converge(env, daemons)
     assert v["mode"] == "nbd" and v["nbd"]["mode"] == "capture"
+    table = run_cdp("status", "-c", env.source.toml)
+    assert table.returncode == 0 and "capture" in table.stdout, table.stdout + table.stderr
     # unaligned writes across block boundaries, without a flush: cut at epoch_interval
     qemu_io(url, "write -P 0x55 65000 70000", "write -P 0x66 33554000 400")
     converge(env, daemons)
