@@ -94,6 +94,8 @@ def render(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # piped or logged: whole words rather than a terminal's width
+        console = Console(width=160)
     t = Table(title=f"cdp {report['kind']} status")
     if report["kind"] == "receiver":
         for col in ("volume", "epoch", "applied", "lag (RPO)", "points (window)", "logical",
