@@ -281,3 +281,34 @@ def test_the_export_can_require_tls(cdp_env, daemons, tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=scaled(60))
     assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, r.stdout + r.stderr
     converge(env, daemons)
+
+
+def test_bad_clients_leave_the_image_sound_and_replication_going(cdp_env, daemons) -> None:
+    import socket
+    import struct
+
+    from cdp.benchmark.nbdclient import NbdClient, NbdClientError
+
+    size = 8 * MiB
+    env, url = start_nbd(cdp_env, daemons, size)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    qemu_io(url, "write -P 0x21 0 1M", "flush")
+    # a write whose payload never fully arrives: the client vanishes mid-request
+    c = NbdClient(("127.0.0.1", port), "vol1")
+    c.sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 7, 2 * MiB, 65536) + b"\xee" * 1000)
+    c.sock.close()
+    # a write past the end is refused with an error reply, and the connection goes on
+    c = NbdClient(("127.0.0.1", port), "vol1")
+    with pytest.raises(NbdClientError):
+        c.write(size - 4096, b"x" * 8192)
+        c.flush()
+    c.sock.close()
+    # an unknown export and garbage instead of a handshake
+    with pytest.raises(NbdClientError):
+        NbdClient(("127.0.0.1", port), "no-such-volume")
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n" * 10)
+    s.close()
+    qemu_io(url, "read -P 0x21 0 1M", "read -P 0 2M 64k")  # nothing of the broken write landed
+    qemu_io(url, "write -P 0x22 4M 64k", "flush")
+    converge(env, daemons)
