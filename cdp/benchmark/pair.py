@@ -31,7 +31,7 @@ class CdpPair:
     VOLUME = "bench"
 
     def __init__(self, root: Path, image: Path, *, source_extra: str = "",
-                 volume_extra: str = "", block_size: int = 65536, mode: str = "scan") -> None:
+                 volume_extra: str = "", block_size: int | None = 65536, mode: str = "scan") -> None:
         self.root = root
         self.image = image
         self.port = free_port()
@@ -53,7 +53,8 @@ class CdpPair:
             f'token_file = "bench.token"\nstate_dir = "state"\nreconnect_min = "0.1s"\n'
             f"{source_extra}\n"
             f'[[volume]]\nname = "{self.VOLUME}"\npath = "{image}"\nmode = "{mode}"\n'
-            f'block_size = {block_size}\nscan_interval = "5s"\nmin_scan_interval = "0.02s"\n'
+            f'{f"block_size = {block_size}" if block_size else ""}\n'
+            'scan_interval = "5s"\nmin_scan_interval = "0.02s"\n'
             f"{volume_extra}\n")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 

@@ -202,7 +202,7 @@ def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress,
         n = w.count(size, nbd.BUDGET[w.name])
         results.append(Result(f"nbd {w.name}", "qemu-nbd", baseline[w.name], size, n * w.block, 0,
                               0.0, 0.0, 0, 0, True, extra={"iops": n / baseline[w.name]}))
-    pair = CdpPair(root / "cdp-nbd", img, mode="nbd")
+    pair = CdpPair(root / "cdp-nbd", img, mode="nbd", block_size=None)  # the nbd default
     try:
         pair.start("receiver")
         progress("nbd: seeding the replica of the export ...")

@@ -695,3 +695,9 @@ def test_nbd_tls_allows_a_non_loopback_export(cfg_dir):
     bad = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "unix:s"\n[volume.nbd_tls]\n'
                       'cert = "nbd.crt"\nkeys = "nbd.key"\n')
     assert "volume[0].nbd_tls" in config_error(load_source, bad)
+
+
+def test_nbd_volumes_default_to_16k_blocks(cfg_dir):
+    vol = load_source(source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "unix:s"\n')).volumes[0]
+    assert vol.block_size == 16 * 1024
+    assert load_source(source_with(cfg_dir, SOURCE)).volumes[0].block_size == 64 * 1024
