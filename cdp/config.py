@@ -65,6 +65,7 @@ class ClientConfig:
     token: bytes
     volumes: tuple[str, ...]
     keep: KeepConfig | None = None  # overrides [receiver] keep_points* for these volumes
+    filesets: tuple[str, ...] = ()  # file sets it may write (<data_dir>/_files/<name>/)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,10 @@ class ReceiverConfig:
     volume_keep: tuple[tuple[str, KeepConfig], ...] = ()  # [[receiver.volume]] overrides
     drill_format: str = "auto"  # failover test clones: "qcow2", "raw" or "auto" (qcow2 if qemu-img)
     drill_dir: Path | None = None  # where clones go; None: <data_dir>/.drills
+    metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint (cdp/metrics.py); None: off
+    status_listen: tuple[str, int] | None = None  # HTML status page (cdp/statuspage.py); None: off
+    max_connections: int = 64  # connections beyond this are refused
+    max_concurrent_archives: int = 1  # scheduled archive jobs run at once (the others queue)
 
     def client(self, name: str) -> ClientConfig | None:
         return next((c for c in self.clients if c.name == name), None)
@@ -156,7 +161,9 @@ class VolumeConfig:
 @dataclass(frozen=True)
 class FilesetConfig:
     name: str
-    paths: tuple[Path, ...]
+    paths: tuple[Path, ...]  # files or folders (folders: everything under them)
+    max_file_size: int = 16 * 1024 * 1024  # larger files are refused (logged), the rest go on
+    scan_interval: float = 10.0  # re-check this often, besides file-change events
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,8 @@ class SourceConfig:
     rate_limit: float | None = None  # bytes per second sent, all volumes together; None: no cap
     read_limit: float | None = None  # bytes per second read by scans, all volumes together
     schedule: tuple[Window, ...] = ()  # time-of-day windows with other caps; the first match wins
+    metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint (cdp/metrics.py); None: off
+    max_concurrent_scans: int = 2  # full scans and resyncs running at once; the others queue
 
     def volume(self, name: str) -> VolumeConfig | None:
         return next((v for v in self.volumes if v.name == name), None)
@@ -308,6 +317,10 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     keep = _keep(t, KeepConfig())
     drill_format = t.get("drill_format", _choice("auto", "qcow2", "raw"), default="auto")
     drill_dir = t.get("drill_dir", _path(base), default=None)
+    metrics_listen = t.get("metrics_listen", _http_listen, default=None)
+    status_listen = t.get("status_listen", _http_listen, default=None)
+    max_connections = t.get("max_connections", _int(1, 65536), default=64)
+    max_archives = t.get("max_concurrent_archives", _int(1, 64), default=1)
     raw_vols = t.get("volume", lambda v: v, default=[])
     if not isinstance(raw_vols, list):
         raise t.err("volume", "must be an array of tables: [[receiver.volume]]")
@@ -334,10 +347,11 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
         name = ct.get("name", _name, required=True)
         tf = ct.get("token_file", _path(base), required=True)
         vols = ct.get("volumes", _name_list, required=True)
+        csets = ct.get("filesets", _name_list, default=())
         ckeep = _keep(ct, keep) if {"keep_points", "keep_points_size"} & set(ct.data) else None
         ct.done()
         clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols,
-                                    ckeep))
+                                    ckeep, csets))
     names = [c.name for c in clients]
     if len(set(names)) != len(names):
         raise t.err("client", "two clients have the same name")
@@ -350,7 +364,10 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     archives = _archives(file, base, data.get("archive", []))
     return ReceiverConfig(file, listen, data_dir, tuple(clients), tls, max_frame, idle,
                           archives=archives, keep=keep, volume_keep=tuple(volume_keep),
-                          drill_format=drill_format, drill_dir=drill_dir)
+                          drill_format=drill_format, drill_dir=drill_dir,
+                          metrics_listen=metrics_listen, status_listen=status_listen,
+                          max_connections=max_connections,
+                          max_concurrent_archives=max_archives)
 
 
 def _keep(t: _Table, inherit: KeepConfig) -> KeepConfig:
@@ -452,6 +469,14 @@ def _loopback(host: str) -> bool:
         return False  # a host name: it may resolve anywhere
 
 
+def _http_listen(v: Any) -> tuple[str, int]:
+    """host:port of an HTTP endpoint (metrics, status page); port 0 picks a free one."""
+    text = _str(v)
+    if text.endswith(":0"):
+        return parse_hostport(text[:-1] + "1")[0], 0
+    return parse_hostport(text)
+
+
 def _positive_duration(v: Any) -> float:
     d = parse_duration(v)
     if d <= 0:
@@ -514,6 +539,8 @@ def load_source(path: str | Path) -> SourceConfig:
         rate_limit=t.get("rate_limit", parse_rate, default=None),
         read_limit=t.get("read_limit", parse_rate, default=None),
         schedule=_schedule(file, t),
+        metrics_listen=t.get("metrics_listen", _http_listen, default=None),
+        max_concurrent_scans=t.get("max_concurrent_scans", _int(1, 1024), default=2),
     )
     t.done()
     if opts["batch_bytes"] * 2 > opts["max_frame"]:
@@ -531,8 +558,10 @@ def load_source(path: str | Path) -> SourceConfig:
         ft = _Table(file, f"fileset[{i}]", rs)
         fname = ft.get("name", _name, required=True)
         paths = ft.get("paths", lambda v: tuple(_path(base)(x) for x in _list(v)), required=True)
+        fmax = ft.get("max_file_size", lambda v: _range_size(v, 1, 1 << 30), default=16 << 20)
+        fscan = ft.get("scan_interval", _positive_duration, default=10.0)
         ft.done()
-        filesets.append(FilesetConfig(fname, paths))
+        filesets.append(FilesetConfig(fname, paths, fmax, fscan))
     all_names = [v.name for v in volumes] + [f.name for f in filesets]
     dup = {n for n in all_names if all_names.count(n) > 1}
     if dup:

@@ -209,9 +209,118 @@ class Bye(Message):
     reason: str
 
 
+# -- file sets (type codes 40-49) ------------------------------------------------
+# Small files replicated whole on change, every version kept (cdp/replica/files.py).
+# `path` is relative to the set root: the source's absolute path without its
+# leading "/"; the receiver refuses "..", absolute paths, NUL and empty parts.
+
+
+@dataclass(frozen=True)
+class FileOpen(Message):
+    """Source -> receiver: start replicating file set `fileset`."""
+
+    TYPE = 40
+    fileset: str
+
+
+@dataclass(frozen=True)
+class FileOpened(Message):
+    """Receiver -> source: what the receiver holds, the latest version of each live file.
+
+    hashes: 16 bytes per path; modes: packed u64, one per path.
+    """
+
+    TYPE = 41
+    fileset: str
+    paths: list[str]
+    hashes: bytes
+    modes: bytes
+
+
+@dataclass(frozen=True)
+class FilePut(Message):
+    """Source -> receiver: a whole new version of one file, one zstd frame."""
+
+    TYPE = 42
+    fileset: str
+    path: str
+    hash: bytes
+    size: int
+    mtime: float
+    mode: int
+    time: float  # when the source read it
+    zdata: bytes
+
+
+@dataclass(frozen=True)
+class FileDelete(Message):
+    """Source -> receiver: the file is gone (noticed at `time`)."""
+
+    TYPE = 43
+    fileset: str
+    path: str
+    time: float
+
+
+@dataclass(frozen=True)
+class FileAck(Message):
+    """Receiver -> source: that version is stored durably as number `version`."""
+
+    TYPE = 44
+    fileset: str
+    path: str
+    version: int
+
+
+@dataclass(frozen=True)
+class FileError(Message):
+    """Receiver -> source: one file refused (path set), or the whole set (path '')."""
+
+    TYPE = 45
+    fileset: str
+    path: str
+    code: str
+    message: str
+
+
+# -- labelled recovery points (type codes 50-59) ----------------------------------
+
+
+@dataclass(frozen=True)
+class Label(Message):
+    """Source -> receiver: name the recovery point of acknowledged epoch `epoch` (a baseline)."""
+
+    TYPE = 50
+    volume: str
+    epoch: int
+    label: str
+
+
+@dataclass(frozen=True)
+class Labelled(Message):
+    """Receiver -> source: the label of `epoch` is recorded durably."""
+
+    TYPE = 51
+    volume: str
+    epoch: int
+    label: str
+
+
+MAX_LABEL = 128
+
+
+def valid_label(label: str) -> bool:
+    """A label names a point in `cdp points` and on command lines: 1-128 printable characters,
+    not all digits (an epoch number), no leading/trailing blanks."""
+    return (0 < len(label) <= MAX_LABEL and label.isprintable() and label == label.strip()
+            and not label.isdigit())
+
+
 ALL: tuple[type[Message], ...] = (
     Hello, Challenge, Auth, Welcome, Open, Opened, GetHashes, Hashes, Begin, Data, Zero,
     Ref, Commit, Need, Ack, Current, Error, Bye,
+    Label, Labelled,
+    FileOpen, FileOpened, FilePut, FileDelete, FileAck, FileError,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL}
 _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {

@@ -19,6 +19,20 @@ Per volume, once READY (the receiver's view; the source mirrors it)::
     source may begin epoch e+1 before e is answered (pipelining); answers come
     in epoch order.
 
+File sets (types 40-49), once READY; one request at a time per set::
+
+    FileOpen(set) -> FileOpened(set, manifest) | FileError(set, '')
+    open set: FilePut/FileDelete(path) -> FileAck(path) | FileError(path)
+    FileError(set, '') closes the set; FileOpen starts it again. The receiver
+    refuses sets not listed for the client (guarantee 4) and paths that are
+    absolute, hold '..', '.', empty parts or NUL (guarantee 3).
+
+Labels (types 50-59, `cdp checkpoint`): once epoch e of an open volume is
+acknowledged, the source may send Label(e, text); the receiver records it
+durably and answers Labelled(e, text). Labels are 1-128 printable characters,
+not only digits; anything else, or a Label for an unacknowledged epoch, is a
+protocol violation.
+
 Authentication: HMAC-SHA256 over both nonces and the client name, each side
 proving the token to the other; the token never crosses the wire and a fresh
 receiver nonce makes a replayed handshake useless.
@@ -47,9 +61,17 @@ from cdp.messages import (
     Current,
     Data,
     Error,
+    FileAck,
+    FileDelete,
+    FileError,
+    FileOpen,
+    FileOpened,
+    FilePut,
     GetHashes,
     Hashes,
     Hello,
+    Label,
+    Labelled,
     Message,
     Need,
     Open,
@@ -57,11 +79,32 @@ from cdp.messages import (
     Ref,
     Welcome,
     Zero,
+    valid_label,
 )
 
 NONCE_LEN = 32
 MAX_UNANSWERED = MAX_WINDOW  # committed epochs per volume awaiting Ack/Need
 EPOCH_MESSAGES = (Data, Zero, Ref)
+FILE_REQUESTS = (FilePut, FileDelete)
+FILE_ANSWERS = (FileAck, FileError)
+MAX_FILE_SIZE = 1 << 30  # no file version is larger, whatever the config says
+MAX_PATH = 4096
+
+
+def valid_file_path(path: str) -> bool:
+    """A path relative to a file set's root: no '/' at the start, no '..', '.', empty parts,
+    NUL or backslash; at most MAX_PATH characters."""
+    if not path or len(path) > MAX_PATH or "\0" in path or "\\" in path:
+        return False
+    return all(part not in ("", ".", "..") for part in path.split("/"))
+
+
+class FilesetError(VolumeError):
+    """A file set (path '') or one file of it refused; the connection and the rest go on."""
+
+    def __init__(self, message: str, *, code: str, fileset: str, path: str = "") -> None:
+        super().__init__(message, code=code, volume="")
+        self.fileset, self.path = fileset, path
 
 
 def source_mac(token: bytes, name: str, client_nonce: bytes, server_nonce: bytes) -> bytes:
@@ -202,6 +245,9 @@ class SourceSession(_Session):
         self._pending_hashes: dict[str, int] = {}
         self._readonly: set[str] = set()
         self._dropped: set[str] = set()  # volumes we sent an Error for: late answers are dropped
+        self._labels: set[tuple[str, int, str]] = set()  # Label sent, Labelled not yet received
+        self.filesets: dict[str, str | None] = {}  # open file sets -> the path awaiting an answer
+        self._pending_fileset: set[str] = set()
 
     def start(self) -> bytes:
         """The Hello frame that opens the conversation."""
@@ -258,6 +304,19 @@ class SourceSession(_Session):
                 vs.expected += 1
         elif isinstance(msg, Current):
             self._vol(msg.volume, False)
+        elif isinstance(msg, Label):
+            _check_label(self._vol(msg.volume, False), msg, LocalProtocolError)
+            self._labels.add((msg.volume, msg.epoch, msg.label))
+        elif isinstance(msg, FileOpen):
+            if msg.fileset in self.filesets or msg.fileset in self._pending_fileset:
+                raise LocalProtocolError(f"file set {msg.fileset!r} is already open")
+            self._pending_fileset.add(msg.fileset)
+        elif isinstance(msg, FILE_REQUESTS):
+            if msg.fileset not in self.filesets:
+                raise LocalProtocolError(f"file set {msg.fileset!r} is not open")
+            if self.filesets[msg.fileset] is not None:
+                raise LocalProtocolError(f"file set {msg.fileset!r}: one file at a time")
+            self.filesets[msg.fileset] = msg.path
         else:
             raise LocalProtocolError(f"a source does not send {type(msg).__name__}")
 
@@ -291,6 +350,28 @@ class SourceSession(_Session):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
         if getattr(msg, "volume", None) in self._dropped:
             return False
+        if isinstance(msg, FileOpened):
+            if msg.fileset not in self._pending_fileset:
+                raise RemoteProtocolError(f"FileOpened for {msg.fileset!r}, which we did not open")
+            if len(msg.hashes) != 16 * len(msg.paths) or len(msg.modes) != 8 * len(msg.paths):
+                raise RemoteProtocolError("FileOpened: hashes or modes do not match the paths")
+            if not all(valid_file_path(p) for p in msg.paths):
+                raise RemoteProtocolError("FileOpened: a path is not relative to the set")
+            self._pending_fileset.discard(msg.fileset)
+            self.filesets[msg.fileset] = None
+            return True
+        if isinstance(msg, FILE_ANSWERS):
+            if isinstance(msg, FileError) and not msg.path:
+                if msg.fileset not in self._pending_fileset and msg.fileset not in self.filesets:
+                    raise RemoteProtocolError(f"FileError for {msg.fileset!r}, which is not open")
+                self._pending_fileset.discard(msg.fileset)
+                self.filesets.pop(msg.fileset, None)
+                return True
+            if msg.fileset not in self.filesets or self.filesets[msg.fileset] != msg.path:
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} for {msg.fileset}/{msg.path}, which is not awaiting one")
+            self.filesets[msg.fileset] = None
+            return True
         if isinstance(msg, Error):
             self.volumes.pop(msg.volume, None)
             self._pending_open.discard(msg.volume)
@@ -321,6 +402,12 @@ class SourceSession(_Session):
                 vs.in_epoch = False
                 vs.expected = msg.epoch
             return True
+        if isinstance(msg, Labelled):
+            key = (msg.volume, msg.epoch, msg.label)
+            if key not in self._labels:
+                raise RemoteProtocolError(f"{msg.volume}: Labelled({msg.epoch}) that we did not ask for")
+            self._labels.discard(key)
+            return True
         raise RemoteProtocolError(f"a receiver does not send {type(msg).__name__}")
 
     def auth(self) -> bytes:
@@ -341,9 +428,12 @@ class ReceiverSession(_Session):
     """The receiver's end: challenges, authenticates, and polices every volume message."""
 
     def __init__(self, lookup: Lookup, max_frame: int = DEFAULT_MAX_FRAME,
-                 nonce: bytes | None = None) -> None:
+                 nonce: bytes | None = None,
+                 filesets: Callable[[str], tuple[str, ...]] | None = None) -> None:
         super().__init__(max_frame)
         self._lookup = lookup
+        self._filesets_of = filesets or (lambda client: ())
+        self.filesets: dict[str, str | None] = {}  # open file sets -> the path awaiting an answer
         self.nonce = nonce or os.urandom(NONCE_LEN)
         self.client = ""
         self._client_nonce = b""
@@ -352,6 +442,7 @@ class ReceiverSession(_Session):
         self._opening: set[str] = set()
         self.failed: set[str] = set()  # volumes stopped with an Error: their frames are dropped
         self._readonly: set[str] = set()
+        self._labels: set[tuple[str, int, str]] = set()  # Label received, Labelled not yet sent
 
     def _accept(self, msg: Message) -> bool:
         st = self.state
@@ -384,6 +475,8 @@ class ReceiverSession(_Session):
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
         if getattr(msg, "volume", None) in self.failed and not isinstance(msg, Open):
             return False  # frames already in flight for a volume we stopped
+        if isinstance(msg, FileOpen | FilePut | FileDelete):
+            return self._accept_file(msg)
         if isinstance(msg, Error):  # the source gives up on a volume (e.g. cannot read it)
             self.volumes.pop(msg.volume, None)
             self._opening.discard(msg.volume)
@@ -424,6 +517,12 @@ class ReceiverSession(_Session):
                     f"{msg.volume}: more than {MAX_UNANSWERED} epochs in flight; wait for acks")
             vs.in_epoch, vs.discarding = True, False
             return True
+        if isinstance(msg, Label):
+            _check_label(self._vol(msg.volume, True), msg, RemoteProtocolError)
+            if len(self._labels) >= MAX_UNANSWERED:
+                raise RemoteProtocolError(f"more than {MAX_UNANSWERED} labels awaiting an answer")
+            self._labels.add((msg.volume, msg.epoch, msg.label))
+            return True
         if isinstance(msg, EPOCH_MESSAGES) or isinstance(msg, Commit):
             vs = self._vol(msg.volume, True)
             if vs.discarding and msg.epoch >= vs.expected:
@@ -437,6 +536,39 @@ class ReceiverSession(_Session):
                 vs.expected = msg.epoch + 1
             return True
         raise RemoteProtocolError(f"a source does not send {type(msg).__name__}")
+
+    def _accept_file(self, msg: FileOpen | FilePut | FileDelete) -> bool:
+        name = msg.fileset
+        if isinstance(msg, FileOpen):
+            if not valid_name(name):
+                raise FilesetError(f"invalid file set name {name!r}", code="name", fileset=name)
+            if name not in self._filesets_of(self.client):
+                raise FilesetError(
+                    f"client {self.client!r} may not write file set {name!r} (add it to the "
+                    "client's filesets in the receiver config)", code="unauthorized",
+                    fileset=name)
+            if name in self.filesets:
+                raise RemoteProtocolError(f"file set {name!r} opened twice")
+            self.filesets[name] = None  # open once FileOpened is sent; requests wait for it
+            return True
+        if name not in self.filesets:
+            raise RemoteProtocolError(f"file set {name!r} is not open on this connection")
+        if self.filesets[name] is not None:
+            raise RemoteProtocolError(f"file set {name!r}: a second request before the answer")
+        if not msg.path:  # a FileError with path '' would close the whole set
+            raise RemoteProtocolError(f"file set {name!r}: {type(msg).__name__} without a path")
+        self.filesets[name] = msg.path
+        if not valid_file_path(msg.path):
+            raise FilesetError(f"file set {name!r}: refused path {msg.path!r} (absolute, '..', "
+                               "empty parts or NUL)", code="path", fileset=name, path=msg.path)
+        if isinstance(msg, FilePut):
+            if len(msg.hash) != 16:
+                raise FilesetError(f"{name}/{msg.path}: hash must be 16 bytes", code="protocol",
+                                   fileset=name, path=msg.path)
+            if msg.size > MAX_FILE_SIZE or msg.mode > 0o7777:
+                raise FilesetError(f"{name}/{msg.path}: size or mode out of range",
+                                   code="protocol", fileset=name, path=msg.path)
+        return True
 
     def reject(self, volume: str, epoch: int) -> None:
         """Epoch `epoch` will be answered with Need: drop its frames and later ones from now on.
@@ -464,6 +596,7 @@ class ReceiverSession(_Session):
                 self.volumes.pop(msg.volume, None)
                 self._opening.discard(msg.volume)
                 self.failed.add(msg.volume)
+                self._labels = {k for k in self._labels if k[0] != msg.volume}  # never answered
             else:
                 self.state = State.CLOSED
         elif isinstance(msg, Bye):
@@ -478,6 +611,22 @@ class ReceiverSession(_Session):
                                                     readonly=msg.volume in self._readonly)
         elif isinstance(msg, Hashes):
             self._vol(msg.volume, False)
+        elif isinstance(msg, Labelled):
+            key = (msg.volume, msg.epoch, msg.label)
+            if key not in self._labels:
+                raise LocalProtocolError(f"Labelled({msg.epoch}) without its Label")
+            self._labels.discard(key)
+        elif isinstance(msg, FileOpened):
+            if self.filesets.get(msg.fileset, "") is not None:
+                raise LocalProtocolError(f"FileOpened for {msg.fileset!r} without a FileOpen")
+        elif isinstance(msg, FILE_ANSWERS):
+            if isinstance(msg, FileError) and not msg.path:
+                self.filesets.pop(msg.fileset, None)
+            elif self.filesets.get(msg.fileset) != msg.path:
+                raise LocalProtocolError(f"{type(msg).__name__} for {msg.fileset}/{msg.path} "
+                                         "without its request")
+            else:
+                self.filesets[msg.fileset] = None
         elif isinstance(msg, Ack | Need):
             vs = self._vol(msg.volume, False)
             if not vs.committed or vs.committed[0] != msg.epoch:
@@ -496,3 +645,14 @@ class ReceiverSession(_Session):
         proof = receiver_proof(self._token, self.client, self._client_nonce, self.nonce)
         return self.send(Welcome(proof, list(self.allowed), self.max_frame))
 
+
+
+def _check_label(vs: _VolumeState, msg: Label, err: type[Exception]) -> None:
+    """A Label names an acknowledged epoch of a volume opened for writing, in a valid label."""
+    if vs.readonly:
+        raise err(f"{msg.volume}: opened read-only, cannot label")
+    if not valid_label(msg.label):
+        raise err(f"{msg.volume}: a label must be 1-128 printable characters, not only digits, "
+                  "without leading or trailing blanks")
+    if not 0 < msg.epoch < vs.expected or msg.epoch in vs.committed:
+        raise err(f"{msg.volume}: Label({msg.epoch}) names no acknowledged epoch")

@@ -29,6 +29,7 @@ from cdp.errors import (
     TransportError,
     VolumeError,
 )
+from cdp.frames import encode as encode_frame
 from cdp.messages import (
     Ack,
     Auth,
@@ -38,9 +39,17 @@ from cdp.messages import (
     Current,
     Data,
     Error,
+    FileAck,
+    FileDelete,
+    FileError,
+    FileOpen,
+    FileOpened,
+    FilePut,
     GetHashes,
     Hashes,
     Hello,
+    Label,
+    Labelled,
     Message,
     Need,
     Open,
@@ -48,10 +57,13 @@ from cdp.messages import (
     Ref,
     Zero,
 )
-from cdp.protocol import ReceiverSession
+from cdp.metrics import ReceiverMetrics
+from cdp.protocol import FilesetError, ReceiverSession
 from cdp.replica import EpochWriter, Replica
-from cdp.replica.journal import Retention
+from cdp.replica.files import FileSets
+from cdp.replica.journal import Retention, set_label
 from cdp.replica.store import PROMOTED, promoted_message
+from cdp.statuspage import StatusPage
 from cdp.transport import Link, server_tls
 
 log = logging.getLogger(__name__)
@@ -89,6 +101,13 @@ class Receiver:
         self._open_lock = asyncio.Lock()
         self._by_id: dict[int, _Conn] = {}
         self.port = 0
+        self.metrics = ReceiverMetrics(self)  # served when cfg.metrics_listen is set
+        self.page = StatusPage(self)  # served when cfg.status_listen is set
+        self.files = FileSets(cfg.data_dir)
+
+    def _filesets(self, name: str) -> tuple[str, ...]:
+        c = self.cfg.client(name)
+        return c.filesets if c else ()
 
     def _lookup(self, name: str) -> tuple[bytes, tuple[str, ...]] | None:
         c = self.cfg.client(name)
@@ -110,6 +129,8 @@ class Receiver:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.metrics.start(self.cfg.metrics_listen)
+        await self.page.start(self.cfg.status_listen)
         ctx = server_tls(self.cfg.tls) if self.cfg.tls else None
         host, port = self.cfg.listen
         try:
@@ -124,6 +145,7 @@ class Receiver:
         if ready:
             ready.set()
         status = asyncio.create_task(self._status_loop())
+        archives = asyncio.create_task(self._archive_loop()) if self.cfg.archives else None
         try:
             await self._stop.wait()
         finally:
@@ -135,10 +157,20 @@ class Receiver:
                 await asyncio.gather(*self._conns, return_exceptions=True)
             await server.wait_closed()
             status.cancel()
+            if archives is not None:
+                archives.cancel()
             self._write_status()
             for rep in self.replicas.values():
                 rep.close()
+            await self.metrics.close()
+            await self.page.close()
             log.info("receiver stopped")
+
+    async def _archive_loop(self) -> None:
+        """[[archive]] schedules: at most max_concurrent_archives jobs at once, queued fairly."""
+        from cdp.archive.scheduler import ArchiveScheduler
+
+        await ArchiveScheduler(self.cfg).run()
 
     # -- status --------------------------------------------------------------
 
@@ -194,8 +226,12 @@ class Receiver:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._conns) >= self.cfg.max_connections:
+            await self._refuse(writer)
+            return
         self._conns.add(task)
-        session = ReceiverSession(self._lookup, self.cfg.max_frame)
+        self.metrics.connections.inc()
+        session = ReceiverSession(self._lookup, self.cfg.max_frame, filesets=self._filesets)
         link = Link(session, reader, writer)
         conn = _Conn(self, link)
         self._by_id[id(conn)] = conn
@@ -204,13 +240,16 @@ class Receiver:
         except asyncio.CancelledError:
             await conn.say(Bye("receiver shutting down"))
         except (ProtocolError, AuthError) as exc:
+            self.metrics.error(exc.wire_code)
             log.warning("closing connection peer=%s client=%s: %s", link.peer,
                         session.client or "?", exc)
             await conn.say(Error(exc.wire_code, str(exc), ""))
         except TransportError as exc:
+            self.metrics.error(exc.wire_code)
             log.info("connection ended peer=%s client=%s: %s", link.peer, session.client or "?",
                      exc)
         except Exception:
+            self.metrics.error("internal")
             log.exception("internal error on connection peer=%s", link.peer)
             await conn.say(Error("internal", "internal error in the receiver; see its log", ""))
         finally:
@@ -222,6 +261,19 @@ class Receiver:
             if conn.volumes_seen:  # tell `cdp status` and promote at once, not within a second
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._write_status)
+
+    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
+        """Over max_connections: say why in one Error frame and close."""
+        self.metrics.error("refused")
+        log.warning("refusing a connection from %s: %d connections open (max_connections)",
+                    writer.get_extra_info("peername"), len(self._conns))
+        with contextlib.suppress(Exception):
+            writer.write(encode_frame(Error("busy", f"the receiver has {len(self._conns)} "
+                                            "connections open (max_connections); try later", "")))
+            await asyncio.wait_for(writer.drain(), 5)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 5)
 
     async def open_replica(self, conn: _Conn, msg: Open) -> Replica:
         if (err := self.promoted(msg.volume)) is not None:
@@ -315,6 +367,11 @@ class _Conn:
             # one message at a time: a decision on one (fail a volume, reject an
             # epoch) governs how the session judges the next
             for msg, size in self.session.events():
+                if isinstance(msg, FilesetError):  # a set it may not write, a path trick
+                    log.error("file refused client=%s fileset=%s path=%r code=%s: %s",
+                              self.session.client, msg.fileset, msg.path, msg.wire_code, msg)
+                    await self.link.send(FileError(msg.fileset, msg.path, msg.wire_code, str(msg)))
+                    continue
                 if isinstance(msg, VolumeError):  # e.g. an Open it may not make
                     await self.volume_failed(msg.volume, msg.wire_code, str(msg))
                     continue
@@ -337,6 +394,7 @@ class _Conn:
     async def volume_failed(self, vol: str, code: str, message: str) -> None:
         log.error("volume stopped client=%s volume=%s code=%s: %s", self.session.client, vol,
                   code, message)
+        self.rx.metrics.error(code)
         w = self.writers.pop(vol, None)
         if w:
             w.abort()
@@ -367,6 +425,8 @@ class _Conn:
             await self.link.send(Opened(msg.volume, st.replica_id, st.epoch, st.epoch_time))
         elif isinstance(msg, GetHashes):
             await self.send_hashes(msg)
+        elif isinstance(msg, FileOpen | FilePut | FileDelete):
+            await self.file_message(msg)
         elif isinstance(msg, Begin):
             # epoch e reuses the WAL file of e-2: that one must be applied first
             await self.settle(msg.volume, msg.epoch - 1)
@@ -390,6 +450,8 @@ class _Conn:
             await self.add_refs(msg, size)
         elif isinstance(msg, Commit):
             await self.commit(msg)
+        elif isinstance(msg, Label):
+            await self.label(msg)
         elif isinstance(msg, Current):
             cur = self.rx.replicas.get(msg.volume)
             if cur is not None and msg.epoch == cur.state.epoch:
@@ -404,6 +466,51 @@ class _Conn:
             if self.rx.owners.get(msg.volume) == id(self):
                 del self.rx.owners[msg.volume]
             self.volumes.discard(msg.volume)
+
+    async def file_message(self, msg: FileOpen | FilePut | FileDelete) -> None:
+        """File sets: answer with the manifest, or store a version durably, then FileAck."""
+        store = self.rx.files.open(msg.fileset)
+        if isinstance(msg, FileOpen):
+            live = [v for v in (await asyncio.to_thread(store.latest)).values() if not v.deleted]
+            if len(live) > 60000 or sum(len(v.path) + 32 for v in live) > self.rx.cfg.max_frame // 2:
+                why = (f"file set {msg.fileset!r} holds {len(live)} files: too many to list in "
+                        "one frame; split it into smaller sets")
+                log.error("file set refused client=%s: %s", self.session.client, why)
+                await self.link.send(FileError(msg.fileset, "", "too_many", why))
+                return
+            log.info("file set opened client=%s fileset=%s files=%d", self.session.client,
+                     msg.fileset, len(live))
+            await self.link.send(FileOpened(msg.fileset, [v.path for v in live],
+                                            b"".join(bytes.fromhex(v.hash) for v in live),
+                                            pack_u64(v.mode for v in live)))
+            return
+        try:
+            if isinstance(msg, FilePut):
+                n = await asyncio.to_thread(store.put, msg.path, msg.hash, msg.size, msg.mtime,
+                                            msg.mode, msg.time, msg.zdata)
+            else:
+                n = await asyncio.to_thread(store.delete, msg.path, msg.time)
+        except CdpError as exc:
+            log.error("file refused client=%s fileset=%s path=%r: %s", self.session.client,
+                      msg.fileset, msg.path, exc)
+            await self.link.send(FileError(msg.fileset, msg.path, exc.wire_code, str(exc)))
+            return
+        log.info("file %s client=%s fileset=%s path=%s version=%d",
+                 "stored" if isinstance(msg, FilePut) else "deleted", self.session.client,
+                 msg.fileset, msg.path, n)
+        await self.link.send(FileAck(msg.fileset, msg.path, n))
+
+    async def label(self, msg: Label) -> None:
+        """`cdp checkpoint`: name an applied epoch's point durably, then say so."""
+        await self.settle(msg.volume)
+        rep = self.rx.replicas.get(msg.volume)
+        if rep is None or msg.epoch > rep.state.epoch:
+            raise VolumeError(f"{msg.volume}: cannot label epoch {msg.epoch}: not applied here",
+                              code="label", volume=msg.volume)
+        await asyncio.to_thread(set_label, rep.path, msg.epoch, msg.label)
+        log.info("point labelled client=%s volume=%s epoch=%d label=%r", self.session.client,
+                 msg.volume, msg.epoch, msg.label)
+        await self.link.send(Labelled(msg.volume, msg.epoch, msg.label))
 
     async def add_refs(self, msg: Ref, size: int) -> None:
         w = self.writers[msg.volume]
@@ -467,6 +574,7 @@ class _Conn:
             with contextlib.suppress(CdpError):
                 await self.volume_failed(vol, exc.wire_code, str(exc))
             return
+        self.rx.metrics.applied(vol, time.monotonic() - t0)
         live = self.rx.live[vol]
         live.current_as_of = max(live.current_as_of, st.epoch_time)
         live.window.append((time.time(), w.counters["logical"], w.counters["wire"]))

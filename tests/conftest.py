@@ -522,3 +522,33 @@ def run_cdp(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProc
 # -- archive tests: a SeaweedFS S3 server for the session (see archive_fixtures.py) --------------
 
 from archive_fixtures import s3_env, s3_server  # noqa: E402, F401
+
+# -- file sets -------------------------------------------------------------------------------
+
+
+def add_fileset(env: CdpEnv, name: str, paths: list[Path], *, client: str | None = None,
+                allow: list[str] | None = None, extra: str = "") -> None:
+    """Add a [[fileset]] to a client's source config, and list it in the receiver config for
+    the clients in `allow` (default: that client) as `filesets = [...]`."""
+    sf = env.sources[client] if client else env.source
+    with open(sf.toml, "a") as fh:
+        fh.write("\n".join(["", "[[fileset]]", f'name = "{name}"',
+                            f"paths = [{', '.join(_toml_str(p) for p in paths)}]", extra, ""]))
+    lines = env.receiver_toml.read_text().split("\n")
+    for who in [sf.client] if allow is None else allow:
+        at = lines.index(f'name = "{who}"')
+        while not lines[at].startswith("volumes = "):
+            at += 1
+        if at + 1 < len(lines) and lines[at + 1].startswith("filesets = "):
+            have = json.loads(lines[at + 1].removeprefix("filesets = "))
+            lines[at + 1] = f"filesets = {json.dumps([*have, name])}"
+        else:
+            lines.insert(at + 1, f"filesets = {json.dumps([name])}")
+    env.receiver_toml.write_text("\n".join(lines))
+
+
+def files_list(env: CdpEnv, *args: str) -> Any:
+    """`cdp files list -c receiver.toml ARGS --json`, parsed; AssertionError if it fails."""
+    r = run_cdp("files", "list", "-c", env.receiver_toml, *args, "--json")
+    assert r.returncode == 0, f"cdp files list {args} exited {r.returncode}: {r.stderr}"
+    return json.loads(r.stdout)

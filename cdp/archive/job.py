@@ -80,6 +80,7 @@ class RunReport:
     packs_uploaded: int = 0
     bytes_uploaded: int = 0
     adopted_packs: int = 0  # packs of an interrupted run found and used
+    files: int = 0  # protected file-set files in the snapshot
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -285,8 +286,37 @@ async def _archive_volume(repo: Repository, up: _Uploader, name: str, view: Poin
     return snap, rep
 
 
+async def _archive_files(repo: Repository, up: _Uploader, data_dir: Path, opts: Options
+                         ) -> list[dict[str, Any]]:
+    """The newest version of every file of every protected file set, stored as chunks."""
+    from cdp.replica.files import FileSets, iter_latest
+
+    out: list[dict[str, Any]] = []
+    sets = FileSets(data_dir)
+    for name in sets.names():
+        store = sets.existing(name)
+        for v in iter_latest(store):
+            if v.deleted:
+                continue
+            data = await asyncio.to_thread(store.content, v)
+            ids = []
+            for off in range(0, max(len(data), 1), opts.chunk_size):
+                piece = data[off:off + opts.chunk_size]
+                cid = repo.keys.chunk_id(piece) if repo.keys.encrypted else xxhash.xxh3_128_digest(piece)
+                if not up.has(cid):
+                    blob = await asyncio.to_thread(encode_blob, repo.keys, cid, piece,
+                                                   opts.compress_level)
+                    await up.add(cid, blob, len(piece))
+                ids.append(cid)
+            out.append({"set": name, "path": v.path, "version": v.version, "time": v.time,
+                        "size": v.size, "mode": v.mode, "mtime": v.mtime, "hash": v.hash,
+                        "chunks": ids})
+    return out
+
+
 async def backup(repo: Repository, volumes: Sequence[tuple[str, Callable[[], PointReader]]],
-                 opts: Options, progress: Progress | None = None, *, lock_wait: float = 0.0) -> RunReport:
+                 opts: Options, progress: Progress | None = None, *, lock_wait: float = 0.0,
+                 data_dir: Path | None = None) -> RunReport:
     """Archive the given volumes into one snapshot (engine entry; the caller opened `repo`)."""
     t0 = time.monotonic()
     report = RunReport(repository=repo.url, archive=opts.archive)
@@ -306,6 +336,8 @@ async def backup(repo: Repository, volumes: Sequence[tuple[str, Callable[[], Poi
                     view.close()
                 snaps.append(snap)
                 report.volumes.append(vr)
+            files = await _archive_files(repo, up, data_dir, opts) if data_dir is not None else []
+            report.files = len(files)
             await up.finish()
         except BaseException:
             for t in list(up.tasks):
@@ -316,7 +348,7 @@ async def backup(repo: Repository, volumes: Sequence[tuple[str, Callable[[], Poi
         fresh = up.new_packs + [p for p in repo.orphans if p in repo.pack_entries]
         if fresh:
             await repo.write_index(dict.fromkeys(fresh))
-        manifest = Manifest(time.time(), socket.gethostname(), opts.archive, snaps)
+        manifest = Manifest(time.time(), socket.gethostname(), opts.archive, snaps, files=files)
         report.snapshot = await repo.write_snapshot(manifest)
     finally:
         await held.release()
@@ -373,7 +405,7 @@ def run_archive(cfg: ReceiverConfig, archive_name: str | None, volumes: Sequence
         jobs = [(n, (lambda n=n: open_view(cfg.data_dir, n))) for n in names]
         opts = Options.of(a)
         opts.use_hash_map = not full_read
-        return await backup(repo, jobs, opts, progress, lock_wait=lock_wait)
+        return await backup(repo, jobs, opts, progress, lock_wait=lock_wait, data_dir=cfg.data_dir)
 
     return run_sync(main())
 

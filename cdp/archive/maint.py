@@ -22,7 +22,6 @@ import cdp.archive.lock as locks
 import cdp.archive.pack as pack
 import cdp.archive.retention as retention
 from cdp.archive.backend import LocalBackend, ObjectMissing
-from cdp.archive.crypto import ZERO_ID
 from cdp.archive.job import Progress
 from cdp.archive.pack import PackWriter
 from cdp.archive.repo import Manifest, Repository, gather_limited
@@ -36,10 +35,8 @@ def _users(snaps: list[Manifest]) -> dict[bytes, list[str]]:
     """chunk id -> ["<snapshot short id>/<volume>", ...]."""
     out: dict[bytes, list[str]] = defaultdict(list)
     for s in snaps:
-        for v in s.volumes:
-            for cid in set(v.ids()):
-                if cid != ZERO_ID:
-                    out[cid].append(f"{s.short}/{v.volume}")
+        for what, cid in s.chunk_users():
+            out[cid].append(f"{s.short}/{what}")
     return out
 
 
@@ -214,15 +211,12 @@ def _live_packs(repo: Repository, kept: list[Manifest]) -> dict[str, set[bytes]]
                 holders[cid].append(p)
     need: dict[str, set[bytes]] = {}
     for s in kept:
-        for v in s.volumes:
-            for cid in set(v.ids()):
-                if cid == ZERO_ID:
-                    continue
-                hs = holders.get(cid)
-                if not hs:
-                    raise ArchiveError(f"snapshot {s.short} needs chunk {cid.hex()} which no pack "
-                                       "holds; prune stopped without deleting anything: run "
-                                       "`cdp archive verify`")
-                chosen = next((h for h in hs if h in need), hs[0])
-                need.setdefault(chosen, set()).add(cid)
+        for _what, cid in s.chunk_users():
+            hs = holders.get(cid)
+            if not hs:
+                raise ArchiveError(f"snapshot {s.short} needs chunk {cid.hex()} which no pack "
+                                   "holds; prune stopped without deleting anything: run "
+                                   "`cdp archive verify`")
+            chosen = next((h for h in hs if h in need), hs[0])
+            need.setdefault(chosen, set()).add(cid)
     return need

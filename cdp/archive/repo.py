@@ -23,7 +23,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -85,6 +85,9 @@ class Manifest:
     archive: str
     volumes: list[VolumeSnap]
     id: str = ""  # object name hash, filled in when read or written
+    # protected file sets, newest version of each file: {set, path, version, time, size, mode,
+    # mtime, hash (xxh3-128 hex of the content), chunks (ids, chunk_size bytes each but the last)}
+    files: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def short(self) -> str:
@@ -93,9 +96,20 @@ class Manifest:
     def volume(self, name: str) -> VolumeSnap | None:
         return next((v for v in self.volumes if v.volume == name), None)
 
+    def chunk_users(self) -> Iterator[tuple[str, bytes]]:
+        """(what, chunk id) for every stored chunk this snapshot needs: its volumes' and its files'."""
+        for v in self.volumes:
+            for cid in set(v.ids()):
+                if cid != ZERO_ID:
+                    yield v.volume, cid
+        for f in self.files:
+            for cid in f["chunks"]:
+                yield f"{f['set']}:{f['path']}", bytes(cid)
+
     def encode(self) -> bytes:
         return msgpack.packb({"v": FORMAT, "time": self.time, "hostname": self.hostname,
-                              "archive": self.archive, "volumes": [vars(v) for v in self.volumes]})
+                              "archive": self.archive, "volumes": [vars(v) for v in self.volumes],
+                              "files": self.files})
 
     @classmethod
     def decode(cls, raw: bytes, sid: str) -> Manifest:
@@ -105,7 +119,11 @@ class Manifest:
             for v in vols:
                 if len(v.chunks) % ID_LEN or v.count * v.chunk_size < v.size:
                     raise ValueError(f"volume {v.volume}: chunk list does not cover the volume")
-            return cls(float(d["time"]), str(d["hostname"]), str(d["archive"]), vols, sid)
+            files = list(d.get("files", []))
+            for f in files:
+                if not isinstance(f, dict) or not {"set", "path", "size", "chunks"} <= f.keys():
+                    raise ValueError("a file-set entry lacks set, path, size or chunks")
+            return cls(float(d["time"]), str(d["hostname"]), str(d["archive"]), vols, sid, files)
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
             raise ArchiveCorruptError(f"snapshot {sid[:8]}: manifest is malformed: {exc}") from None
 

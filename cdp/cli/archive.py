@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from cdp.archive.backend import drop_traceback
 from cdp.archive.backend import run_sync as _arun
 from cdp.config import ArchiveConfig, ReceiverConfig, load_receiver
-from cdp.errors import ConfigError
+from cdp.errors import ArchiveCorruptError, ConfigError
 from cdp.units import format_bytes, parse_duration
 
 
@@ -61,6 +62,13 @@ def register(sub: Any) -> None:
     s.add_argument("path")
     s.add_argument("--to", type=Path, required=True, help="destination file or existing directory")
     s.add_argument("--partition", type=int)
+    s = verb("files", "protected file-set files in a snapshot: list them, or restore one with --to",
+             _files)
+    s.add_argument("snapshot")
+    s.add_argument("fileset", nargs="?", help="only this file set")
+    s.add_argument("path", nargs="?", help="a file's path in the set (with --to: the one to restore)")
+    s.add_argument("--to", type=Path, help="restore PATH of FILESET to this file")
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
 
 
 def _load(args: argparse.Namespace) -> tuple[ReceiverConfig, ArchiveConfig]:
@@ -209,6 +217,59 @@ def _restore(args: argparse.Namespace) -> int:
         rep = _arun(main(progress))
     _out(args, rep, f"restored {rep['volume']} of snapshot {rep['snapshot'][:8]} to {rep['to']} "
          f"({format_bytes(rep['size'])}, {format_bytes(rep['zero_bytes'])} left as holes)")
+    return 0
+
+
+def _files(args: argparse.Namespace) -> int:
+    import xxhash
+
+    import cdp.archive.lock as locks
+    from cdp.archive.job import open_repo
+
+    _, a = _load(args)
+    if args.to is not None and (args.fileset is None or args.path is None):
+        raise ConfigError("--to restores one file: give FILESET and PATH too")
+    if args.to is not None and args.to.exists() and not args.force:
+        raise ConfigError(f"--to: {args.to} exists; add --force to overwrite it")
+
+    async def main() -> dict[str, Any]:
+        repo = await open_repo(a)
+        snap = await repo.find_snapshot(args.snapshot)
+        entries = [f for f in snap.files if (args.fileset is None or f["set"] == args.fileset)
+                   and (args.path is None or f["path"] == args.path.strip("/"))]
+        out: dict[str, Any] = {"snapshot": snap.id, "files": [
+            {k: v for k, v in f.items() if k != "chunks"} for f in entries]}
+        if args.to is None:
+            return out
+        if not entries:
+            raise ConfigError(f"snapshot {snap.short}: no file {args.path!r} in file set "
+                              f"{args.fileset!r}; `cdp archive files` lists them")
+        f = entries[0]
+        held = await locks.lock(repo, exclusive=False)  # prune must not delete under our feet
+        try:
+            await repo.load_index()
+            parts = [await repo.read_chunk(cid, min(a.chunk_size, f["size"])) for cid in f["chunks"]]
+        finally:
+            await held.release()
+        data = b"".join(parts)[:f["size"]]
+        if xxhash.xxh3_128_hexdigest(data) != f["hash"]:
+            raise ArchiveCorruptError(f"snapshot {snap.short}: {f['set']}/{f['path']} does not "
+                                      "match its hash; run `cdp archive verify --read-data`")
+        tmp = args.to.with_name(f".{args.to.name}.cdp-tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, f["mode"] & 0o7777)
+        os.replace(tmp, args.to)
+        out["restored"] = str(args.to)
+        return out
+
+    rep = _arun(main())
+    if args.to is not None:
+        _out(args, rep, f"restored {rep['files'][0]['set']}/{rep['files'][0]['path']} "
+             f"(version {rep['files'][0]['version']}) to {args.to}")
+    else:
+        _out(args, rep, "\n".join(f"{f['set']:<16} v{f['version']:<4} {f['size']:>10}  "
+                                  f"{_when(f['time'])}  {f['path']}" for f in rep["files"])
+             or "no file-set files in this snapshot")
     return 0
 
 

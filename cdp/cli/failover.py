@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
     t.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
     t.add_argument("volume")
     which = t.add_mutually_exclusive_group()
-    which.add_argument("--point", type=int, help="epoch of the point (default: the latest)")
+    which.add_argument("--point", help="epoch or label of the point (default: the latest)")
     which.add_argument("--at", help="the newest point captured at or before TIME (Unix time, "
                        "ISO date-time, or an age such as 2h)")
     t.add_argument("--check", action="append", default=[], metavar="CMD",
@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
         "left as a writable raw disk image; promoted.json in the volume folder records it.")
     p.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
     p.add_argument("volume")
-    p.add_argument("--point", type=int, help="epoch to go back to (default: the latest)")
+    p.add_argument("--point", help="epoch or label to go back to (default: the latest)")
     p.add_argument("--force", action="store_true", help="even if the source is connected")
     p.add_argument("--wait", type=float, default=60.0,
                    help="seconds to wait for the receiver to let go of the replica")
@@ -67,9 +67,10 @@ def run_test(args: argparse.Namespace) -> int:
     if args.check_timeout <= 0:
         raise UsageError("--check-timeout must be more than 0")
     at = parse_at(args.at) if args.at else None
+    point = _point(cfg.data_dir, args.volume, args.point)
     rep = run_drill(cfg.data_dir, args.volume, args.dir or cfg.drill_dir or
                     cfg.data_dir / ".drills", args.format or cfg.drill_format,
-                    point=args.point, at=at, commands=args.check, keep=args.keep,
+                    point=point, at=at, commands=args.check, keep=args.keep,
                     timeout=args.check_timeout)
     if args.json:
         print(json.dumps(rep.to_json(), indent=1))
@@ -93,7 +94,8 @@ def run_promote(args: argparse.Namespace) -> int:
 
     cfg = load_receiver(args.config)
     volume_dir(cfg.data_dir, args.volume)
-    rec = promote(cfg.data_dir, args.volume, args.point, force=args.force, wait=args.wait)
+    point = _point(cfg.data_dir, args.volume, args.point)
+    rec = promote(cfg.data_dir, args.volume, point, force=args.force, wait=args.wait)
     if args.json:
         print(json.dumps(rec, indent=1))
     else:
@@ -103,3 +105,10 @@ def run_promote(args: argparse.Namespace) -> int:
         print(f"the live disk: {rec['image']} (raw, {rec['size']} bytes)")
         print("the receiver accepts no more epochs for this volume")
     return 0
+
+
+def _point(data_dir: Path, volume: str, text: str | None) -> int | None:
+    """--point: an epoch number or a point's label (cdp checkpoint)."""
+    from cdp.replica.journal import resolve_point
+
+    return None if text is None else resolve_point(data_dir / volume, text)

@@ -18,6 +18,7 @@ data_dir = "replicas"            # one folder per volume: replicas/<volume>/imag
 # keep_points = "24h"            # recovery points kept ("forever"; 0 turns the journal off)
 # keep_points_size = "10GiB"     # ... and at most this much undo data ("unlimited")
 # drill_format = "auto"          # failover test clones: qcow2 overlay (qemu-img) or raw copy
+# max_concurrent_archives = 1    # scheduled [[archive]] jobs running at once
 # [receiver.tls]                 # required on any non-loopback address
 # cert = "receiver.crt"
 # key = "receiver.key"
@@ -27,6 +28,7 @@ data_dir = "replicas"            # one folder per volume: replicas/<volume>/imag
 name = "host1"
 token_file = "host1.token"
 volumes = ["vm1-disk0"]
+# filesets = ["vm1-config"]      # file sets this client may write
 
 # [[receiver.volume]]            # per-volume overrides
 # name = "vm1-disk0"
@@ -53,6 +55,7 @@ state_dir = "state"
 # max_epoch_bytes = "64MiB"      # a longer scan is split into epochs of this size
 # compress_level = 1             # zstd level (-7..19)
 # workers = 2                    # compression threads
+# max_concurrent_scans = 2       # full scans / nbd resyncs running at once, all volumes
 # keepalive = "60s"              # send something this often when idle (< receiver idle_timeout)
 # rate_limit = "200MiB/s"        # cap on what is sent, all volumes together ("unlimited")
 # read_limit = "unlimited"       # cap on scan reads, all volumes together
@@ -84,6 +87,11 @@ mode = "scan"
 # epoch_interval = "1s"          # cut at least this often while writes come
 # capture_memory = "256MiB"      # captured data held before falling back to dirty tracking
 # group = "vm1"                  # disks of one VM: epochs cut at the same instant
+
+# [[fileset]]                    # small files kept with every version (the receiver's client
+# name = "vm1-config"            # entry must list it in filesets)
+# paths = ["/etc/libvirt/qemu/vm1.xml", "/etc/libvirt/qemu/networks"]
+# max_file_size = "16MiB"
 """
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from cdp.config import load_receiver, valid_name
 from cdp.errors import UsageError
-from cdp.replica.journal import list_points
+from cdp.replica.journal import list_points, remove_label, resolve_point
 from cdp.units import format_bytes
 
 
@@ -21,6 +21,8 @@ def register(sub: Any) -> None:
                        "journal bytes only that point needs.")
     s.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
     s.add_argument("volume")
+    s.add_argument("--unlabel", metavar="EPOCH", help="remove the label of this point (an epoch "
+                   "or its label): retention may then drop it like any other")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=run)
 
@@ -63,6 +65,17 @@ def collect(data_dir: Path, volume: str) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_receiver(args.config)
+    if args.unlabel is not None:
+        vol_dir = volume_dir(cfg.data_dir, args.volume)
+        epoch = resolve_point(vol_dir, args.unlabel)
+        gone = remove_label(vol_dir, epoch)
+        if gone is None:
+            raise UsageError(f"point {epoch} of {args.volume!r} has no label")
+        if args.json:
+            print(json.dumps({"volume": args.volume, "epoch": epoch, "unlabelled": gone}))
+        else:
+            print(f"point {epoch} of {args.volume}: label {gone!r} removed")
+        return 0
     report = collect(cfg.data_dir, args.volume)
     if args.json:
         print(json.dumps(report, indent=1))

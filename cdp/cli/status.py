@@ -48,7 +48,10 @@ def collect(path: Path) -> dict[str, Any]:
                 "block_size": st["block_size"], "counters": st["counters"],
                 **_window(cfg.data_dir / st["volume"], now),
             })
-        return {"kind": "receiver", "data_dir": str(cfg.data_dir), "volumes": vols}
+        from cdp.archive.scheduler import read_state
+
+        return {"kind": "receiver", "data_dir": str(cfg.data_dir), "volumes": vols,
+                "archives": read_state(cfg.data_dir)}
     cfg_s = load_source(path)
     try:
         data = read_json(cfg_s.state_dir / "status.json")
@@ -142,4 +145,12 @@ def render(report: dict[str, Any]) -> None:
                       str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
                       _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
                       v["error"] or "")
+    arch = report.get("archives") or {}
+    if arch.get("archives") or arch.get("queue") or arch.get("running"):
+        runs = [f"{n} {time.strftime('%m-%d %H:%M', time.localtime(a['last_run']))} "
+                f"{'ok' if a.get('ok') else 'FAILED'}" for n, a in sorted(arch["archives"].items())
+                if a.get("last_run")]
+        t.caption = (f"archives: running {', '.join(arch.get('running', [])) or '-'}; queued "
+                     f"{', '.join(arch.get('queue', [])) or '-'}; last runs: "
+                     f"{'; '.join(runs) or '-'}")
     console.print(t)

@@ -31,6 +31,15 @@ Readers in other processes (pointview.py) pin the point they read: a pin is
 a file ``pins/<P>.<pid>.<nonce>`` they hold a shared flock on; retention
 never drops an undo file a live pin needs. ``pins.lock`` (flock'd briefly)
 orders pin creation against pruning.
+
+Labels (``cdp checkpoint``): ``labels.json`` beside ``journal/`` maps epoch
+numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T}}``; rewritten
+atomically under ``pins.lock``. (The undo files' own ``label`` meta field stays
+unset: undo files are immutable and a label can be removed.) A labelled point
+holds retention back like a pin: its undo files and every newer one are
+kept until ``cdp points --unlabel``. Keeping point L therefore costs every
+undo file after L, i.e. the old content of every block rewritten since L,
+once per epoch that rewrote it; see the README.
 """
 
 from __future__ import annotations
@@ -53,8 +62,8 @@ import xxhash
 
 from cdp.blocks import Geometry, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
-from cdp.durable import fsync_dir, read_json
-from cdp.errors import CdpError, ReplicaError
+from cdp.durable import atomic_write_json, fsync_dir, read_json
+from cdp.errors import CdpError, PointError, ReplicaError
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,7 @@ _TRAILER = struct.Struct(">8sQIQ16s")
 NO_HASH = bytes(HASH_LEN)
 READ_SPAN = 4 * 1024 * 1024  # old blocks are read in runs of at most this
 OFF = "OFF"  # present while the journal is switched off
+LABELS = "labels.json"
 DATA, RAW, ZERO, COPY = 2, 3, 4, 6  # WAL record kinds (wal.py), repeated to keep this module leaf
 
 
@@ -525,6 +535,9 @@ class Journal:
     def _unlink(self, drop: list[int]) -> list[int]:
         with pins_locked(self.vol_dir):
             floor = min_pin(self.vol_dir)
+            labelled = min(read_labels(self.vol_dir), default=None)
+            if labelled is not None and (floor is None or labelled < floor):
+                floor = labelled  # a labelled point keeps its undo files, like a reader's pin
             done = []
             for e in drop:
                 if floor is not None and e > floor:
@@ -595,6 +608,68 @@ def min_pin(vol_dir: Path) -> int | None:
     return min(live_pins(vol_dir), default=None)
 
 
+# -- labels: named points that outlive retention ------------------------------------------
+
+
+def read_labels(vol_dir: Path) -> dict[int, str]:
+    """epoch -> label of a replica folder ({} if none; an unreadable file counts as none)."""
+    try:
+        raw = read_json(vol_dir / LABELS)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.error("%s is unreadable (%s): labels are ignored until it is fixed",
+                  vol_dir / LABELS, exc)
+        return {}
+    out: dict[int, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                out[int(k)] = str(v["label"])
+    return out
+
+
+def _write_labels(vol_dir: Path, labels: dict[int, dict[str, Any]]) -> None:
+    atomic_write_json(vol_dir / LABELS, {str(e): v for e, v in sorted(labels.items())})
+
+
+def _load_label_records(vol_dir: Path) -> dict[int, dict[str, Any]]:
+    try:
+        raw = read_json(vol_dir / LABELS)
+    except FileNotFoundError:
+        return {}
+    return {int(k): dict(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None) -> None:
+    """Label point `epoch` durably; a label names one point (it moves from any other)."""
+    with pins_locked(vol_dir):
+        recs = {e: r for e, r in _load_label_records(vol_dir).items() if r.get("label") != label}
+        recs[epoch] = {"label": label, "time": time.time() if now is None else now}
+        _write_labels(vol_dir, recs)
+
+
+def remove_label(vol_dir: Path, epoch: int) -> str | None:
+    """Unlabel point `epoch`; returns the label it had (None: it had none)."""
+    with pins_locked(vol_dir):
+        recs = _load_label_records(vol_dir)
+        gone = recs.pop(epoch, None)
+        if gone is not None:
+            _write_labels(vol_dir, recs)
+    return None if gone is None else str(gone.get("label"))
+
+
+def resolve_point(vol_dir: Path, text: str) -> int:
+    """--point: an epoch number, or the label of a point; PointError if no point has it."""
+    if text.isdigit():
+        return int(text)
+    for epoch, label in read_labels(vol_dir).items():
+        if label == text:
+            return epoch
+    raise PointError(f"no point of {vol_dir.name} is labelled {text!r} (`cdp points` lists "
+                     "the labels)")
+
+
 # -- listing points (any process) -----------------------------------------------------
 
 
@@ -616,12 +691,13 @@ def list_points(vol_dir: Path) -> list[Point]:
             break  # dropped meanwhile, or damaged: older points are not readable
         chain.append((e, meta, size))
         e -= 1
-    points = [Point(n, float(st.get("epoch_time", 0.0)), 0, 0, st.get("label"), True)]
+    labels = read_labels(vol_dir)
+    points = [Point(n, float(st.get("epoch_time", 0.0)), 0, 0, labels.get(n), True)]
     keep = 0
     for e, meta, size in chain:
         keep += size
         points.append(Point(e - 1, float(meta.get("base_time", 0.0)), size, keep,
-                            meta.get("base_label")))
+                            labels.get(e - 1)))
     points.reverse()
     return points
 

@@ -50,13 +50,18 @@ from cdp.messages import (
     Error,
     GetHashes,
     Hashes,
+    Labelled,
     Message,
     Need,
     Open,
     Opened,
 )
+from cdp.metrics import SourceMetrics
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
 from cdp.source.connect import connect, fetch_hashes
+from cdp.source.control import Control, FairGate
+from cdp.source.filesets import REPLIES as FILE_REPLIES
+from cdp.source.filesets import FilesetSync
 from cdp.source.nbdmode import NbdExport, Producer, nbd_session
 from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
@@ -97,6 +102,10 @@ class Source:
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self.nbd: dict[str, NbdExport] = {}  # nbd-mode volumes: server, journal, dirty map
+        self.gate = FairGate(cfg.max_concurrent_scans)  # full scans and resyncs at once
+        self.control = Control(self, cfg.state_dir)  # `cdp checkpoint`
+        self.metrics = SourceMetrics(self)  # served when cfg.metrics_listen is set
+        self.files = FilesetSync(cfg.filesets)
         self._apply_schedule()
 
     def stop(self) -> None:
@@ -174,6 +183,7 @@ class Source:
 
     async def run(self) -> None:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        await self.metrics.start(self.cfg.metrics_listen)
         loop = asyncio.get_running_loop()
         watcher = Watcher(loop)
         for name, vs in self.volumes.items():
@@ -200,10 +210,9 @@ class Source:
             journals = tuple(e.journal for e in members if e.journal is not None)
             for j in journals:
                 j.group = journals
-        if self.cfg.filesets:
-            log.warning("file sets are configured but not replicated by this version: %s",
-                        ", ".join(f.name for f in self.cfg.filesets))
+        self.files.start(loop)
         watcher.start()
+        await self.control.start()
         status = asyncio.create_task(self._status_loop())
         schedule = asyncio.create_task(self._schedule_loop())
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
@@ -232,6 +241,8 @@ class Source:
                     await asyncio.wait_for(self._stop.wait(), delay)
         finally:
             watcher.stop()
+            await self.control.stop()
+            self.files.stop()
             for export in self.nbd.values():
                 await export.stop()
             for name, vs in self.volumes.items():
@@ -244,9 +255,11 @@ class Source:
             schedule.cancel()
             self._write_status()
             self.pool.shutdown(wait=True, cancel_futures=True)
+            await self.metrics.close()
             log.info("source stopped")
 
     def _log_disconnect(self, err: BaseException) -> None:
+        self.metrics.disconnected(err)
         if isinstance(err, AuthError | RemoteError) and (
                 isinstance(err, AuthError) or err.code in PERMANENT_CODES):
             log.error("receiver refused us: %s", err)
@@ -261,6 +274,7 @@ class Source:
         link = await connect(self.cfg)
         self.link = link
         self.connected = True
+        self.metrics.connections.inc()
         backoff.reset()
         log.info("connected to receiver %s", link.peer)
         try:
@@ -270,6 +284,7 @@ class Source:
                     tg.create_task(self._volume(link, vs))
                 tg.create_task(self._stop_watch(link))
                 tg.create_task(self._keepalive(link))
+                tg.create_task(self.files.run(link, self.net))
         except* asyncio.CancelledError:
             raise
         except* _Stopped:
@@ -317,12 +332,17 @@ class Source:
                     raise RemoteError(msg.code, msg.message)
                 if isinstance(msg, Bye):
                     raise TransportError(f"receiver closed the connection: {msg.reason}")
+                if isinstance(msg, FILE_REPLIES):
+                    self.files.deliver(msg)
+                    continue
                 vol = getattr(msg, "volume", "")
                 vs = self.volumes.get(vol)
                 if vs is None:
                     continue
                 if isinstance(msg, Ack):
                     self._on_ack(link, vs, msg)
+                elif isinstance(msg, Labelled):
+                    self.control.labelled(msg)
                 elif isinstance(msg, Need):
                     vs.need = msg.epoch
                     vs.stats["needs"] += 1
@@ -390,6 +410,7 @@ class Source:
             try:
                 await self._volume_session(link, vs)
             except RemoteError as exc:
+                self.metrics.error(f"remote_{exc.code}")
                 vs.phase, vs.error = "failed", str(exc)
                 log.error("volume=%s stopped by the receiver: %s", vs.name, exc.remote_message)
                 if exc.code in PERMANENT_CODES:
@@ -452,7 +473,8 @@ class Source:
                 # the receiver dropped epoch `need` and all later ones: roll back and rescan
                 vs.undo_from(vs.need, self.index)
                 vs.need = None
-            await self._scan_once(link, vs)
+            async with self.control.checkpoints(vs):  # `cdp checkpoint` requests this scan serves
+                await self._scan_once(link, vs)
 
     async def _fetch_map(self, link: Link, vs: VolumeState, opened: Opened) -> None:
         assert vs.geo is not None
@@ -491,6 +513,10 @@ class Source:
         vs.indexed = True
 
     async def _scan_once(self, link: Link, vs: VolumeState) -> None:
+        async with self.gate.slot(vs, "scan"):  # max_concurrent_scans, first come first served
+            await self._scan_now(link, vs)
+
+    async def _scan_now(self, link: Link, vs: VolumeState) -> None:
         cfg = vs.cfg
         capture = time.time()
         await run_hook(cfg.pre_scan, "pre_scan", vs.name, cfg.path)
@@ -688,6 +714,7 @@ class Source:
                 "updated": time.time(), "rate_limit": self.net.rate, "read_limit": self.reads.rate,
                 "window": self.caps.window if self.caps else None,
                 "volumes": [vs.status() for vs in self.volumes.values()],
+                "filesets": self.files.status(),
             }, sync=False)
 
 

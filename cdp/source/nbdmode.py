@@ -29,6 +29,7 @@ from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import ConfigError, RemoteError, TrackerError
 from cdp.messages import Opened
 from cdp.nbd.server import NbdServer, NbdServerError
+from cdp.source.control import FairGate
 from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.journal import Captured, Resync, WriteJournal
@@ -47,6 +48,7 @@ class Source(Protocol):
 
     index: DedupIndex
     remote_errors: dict[str, RemoteError]
+    gate: FairGate
 
     async def _open(self, link: Link, vs: VolumeState) -> Opened: ...
 
@@ -126,8 +128,12 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
     journal = export.journal
     if journal is None:
         raise TrackerError(f"volume {vs.name} is not being served over NBD (see the log)")
+    before = (vs.replica_id, vs.acked)
     opened = await src._open(link, vs)
-    journal.requeue(everything=opened.epoch == 0)
+    # resumed at or past what was acknowledged: the replica holds every acked epoch, so regions
+    # replicated since (hot) need no second look; otherwise (a fetched map) trust nothing
+    resumed = bool(before[0]) and vs.replica_id == before[0] and opened.epoch >= before[1]
+    journal.requeue(everything=opened.epoch == 0, trust_hot=resumed)
     last_current = 0.0
     busy = True  # something was sent since the replica was last said to be current
     while True:
@@ -182,6 +188,12 @@ async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) ->
 
 async def _resync(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
                   unit: Resync) -> int | None:
+    async with src.gate.slot(vs, "resync"):  # max_concurrent_scans, first come first served
+        return await _resync_now(src, link, vs, journal, unit)
+
+
+async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
+                      unit: Resync) -> int | None:
     vs.phase = "resync" if vs.seeded else "seeding"
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()

@@ -126,6 +126,7 @@ class WriteJournal:
         self.first_write = 0.0  # when the open epoch got its first write
         self.group: tuple[WriteJournal, ...] = ()  # consistency group members (self included)
         self.cooling: dict[int, float] = {}  # replicated regions still marked on disk: since when
+        self._skip_hot = False  # the next resync may skip hot regions (see requeue)
         self.hot_seconds = hot_seconds
         self.spill_dir = spill_dir
         self.capture_disk = capture_disk if spill_dir is not None else 0
@@ -286,12 +287,16 @@ class WriteJournal:
         self.resync_pending = True
         self._ready.set()
 
-    def requeue(self, everything: bool = False) -> None:
+    def requeue(self, everything: bool = False, trust_hot: bool = False) -> None:
         """Forget what was captured or sent and not acknowledged: resync the dirty regions.
 
         Used after a (re)connect and when the receiver dropped epochs. With
-        `everything` the whole volume is compared (a new replica).
+        `everything` the whole volume is compared (a new replica). With
+        `trust_hot` the replica is known to hold every acknowledged epoch (the
+        connection resumed where it left off), so hot regions, replicated and
+        not written since, are not read again.
         """
+        self._skip_hot = trust_hot and not everything
         if everything:
             self.dirty.set_all()
             for r in range(self.dirty.regions):
@@ -345,7 +350,9 @@ class WriteJournal:
 
     def _dirty_spans(self) -> list[tuple[int, int]] | None:
         regions = self.dirty.dirty_regions()
-        if len(regions) == self.dirty.regions:
+        if self._skip_hot:
+            regions = [r for r in regions if r not in self.cooling]
+        elif len(regions) == self.dirty.regions:
             return None
         bpr = self.dirty.region // self.geo.block_size
         spans: list[tuple[int, int]] = []

@@ -381,3 +381,32 @@ def test_a_full_local_log_falls_back_to_tracking_and_drops_its_files(tmp_path: P
         assert isinstance(await v.j.take(0), Resync)
 
     run(main())
+
+
+def test_a_resumed_connection_does_not_reread_hot_regions(tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.write(0, b"a")  # region 0: replicated, then hot
+        await v.write(REGION, b"b")  # region 1: sent, not acknowledged
+        await v.j.flushed()
+        u = await v.j.take(0)
+        assert isinstance(u, Captured)
+        v.j.unit_done(u.seq, 1)
+        await v.write(10, b"c")  # region 0 again... then replicated again
+        await v.j.flushed()
+        u2 = await v.j.take(0)
+        assert isinstance(u2, Captured)
+        v.j.unit_done(u2.seq, 2)
+        v.j.acked(2)
+        await v.write(REGION + 10, b"d")  # region 1 written again, not yet sent
+        assert 0 in v.j.cooling and 1 not in v.j.cooling
+        bpr = REGION // BS
+        v.j.requeue(trust_hot=True)
+        r = await v.j.take(0)
+        assert isinstance(r, Resync) and r.spans == [(bpr, bpr)]
+        v.j.requeue()  # a fetched map: hot regions are compared too
+        r = await v.j.take(0)
+        assert isinstance(r, Resync) and r.spans == [(0, 2 * bpr)]
+
+    run(main())

@@ -1,0 +1,444 @@
+"""Prometheus metrics for both daemons, and the small HTTP endpoint that serves them.
+
+Opt-in: ``metrics_listen = "127.0.0.1:9740"`` in ``[receiver]`` or ``[source]``.
+Each daemon owns one registry. Per-volume figures (lag, epochs, bytes, recovery
+window, queue depth, nbd pull-ahead state) are read at scrape time from the
+daemon's own objects by a custom collector: the scrape runs on the daemon's
+event loop (the endpoint is an asyncio handler), so it sees one consistent
+moment and costs nothing between scrapes. Event metrics (apply latency,
+errors by kind, connections) are ordinary counters and histograms bumped
+where the event happens.
+
+The daemons are passed in as plain objects (duck-typed): this module sits
+beside them, not under them, so it imports neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cdp.durable import read_json
+
+if TYPE_CHECKING:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+# prometheus_client itself is imported when a daemon starts, not by every `cdp` command
+
+log = logging.getLogger(__name__)
+
+Response = tuple[int, str, bytes]  # status, content type, body
+Route = Callable[[str], Response | Awaitable[Response]]  # called with the query string
+
+RECEIVER_BYTES = ("logical", "data", "compressed", "dedup", "zero", "wire")
+SOURCE_BYTES = ("scanned", "changed", "logical", "data", "compressed", "zero", "dedup", "wire")
+NBD_GAUGES = ("open_bytes", "backlog_bytes", "backlog_epochs", "dirty_regions", "hot_regions",
+              "touched_blocks")
+NBD_COUNTERS = ("cuts", "merged", "fallbacks", "resyncs", "writes", "map_syncs")
+PHASES = ("starting", "opening", "fetching map", "seeding", "scanning", "sending", "idle",
+          "resync", "disconnected", "failed")
+APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+# -- a minimal HTTP/1.1 endpoint on the daemon's event loop ------------------------------
+
+MAX_REQUEST = 8192
+REQUEST_TIMEOUT = 10.0
+MAX_CLIENTS = 16
+
+
+class HttpEndpoint:
+    """GET-only HTTP server for a few fixed paths; one request per connection.
+
+    Small on purpose: a bounded request head, a timeout, a cap on concurrent
+    clients; anything else gets 400/404/405 and the connection closes.
+    """
+
+    def __init__(self, name: str, routes: dict[str, Route]) -> None:
+        self.name = name
+        self.routes = routes
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._busy = 0
+
+    async def start(self, host: str, port: int) -> int:
+        from cdp.errors import CdpError
+
+        try:
+            self._server = await asyncio.start_server(self._client, host, port,
+                                                      limit=MAX_REQUEST)
+        except OSError as exc:
+            raise CdpError(f"cannot serve {self.name} on {host}:{port}: {exc.strerror}; is the "
+                           "port taken?") from None
+        self.port = self._server.sockets[0].getsockname()[1]
+        if not _loopback(host):
+            log.warning("%s served on %s:%d, beyond loopback: it has no authentication; "
+                        "restrict access with a firewall", self.name, host, self.port)
+        log.info("%s listening addr=http://%s:%d/", self.name, host, self.port)
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._busy += 1
+        try:
+            if self._busy > MAX_CLIENTS:
+                return
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                    ConnectionError):
+                return
+            status, ctype, body, head_only = await self._respond(head)
+            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                      405: "Method Not Allowed", 500: "Internal Server Error"}.get(status, "")
+            writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            if not head_only:
+                writer.write(body)
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        finally:
+            self._busy -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+
+    async def _respond(self, head: bytes) -> tuple[int, str, bytes, bool]:
+        text = "text/plain; charset=utf-8"
+        if len(head) > MAX_REQUEST:
+            return 400, text, b"request too large\n", False
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return 400, text, b"bad request\n", False
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return 405, text, b"only GET\n", False
+        path, _, query = target.partition("?")
+        route = self.routes.get(path)
+        if route is None:
+            return 404, text, b"not found\n", method == "HEAD"
+        try:
+            out = route(query)
+            if isinstance(out, Awaitable):
+                out = await out
+        except Exception:
+            log.exception("%s: internal error serving %s", self.name, path)
+            return 500, text, b"internal error; see the daemon's log\n", False
+        status, ctype, body = out
+        return status, ctype, body, method == "HEAD"
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- per-volume snapshots (also used by the status page) ---------------------------------
+
+
+def receiver_volumes(rx: Any, now: float | None = None) -> list[dict[str, Any]]:
+    """One dict per volume the receiver knows this run: state, lag, rates, recovery window."""
+    now = time.time() if now is None else now
+    out = []
+    for name in sorted(set(rx.replicas) | set(rx.live)):
+        rep = rx.replicas.get(name)
+        live = rx.live.get(name)
+        if rep is not None:
+            st = rep.state
+            state = {"epoch": st.epoch, "epoch_time": st.epoch_time, "applied_at": st.applied_at,
+                     "size": st.size, "block_size": st.block_size,
+                     "counters": dict(st.counters)}
+            points, oldest, jbytes = _journal_window(rep.journal)
+            points += 1  # the current state is a point too
+        else:  # closed after an error: what is on disk
+            try:
+                raw = read_json(Path(rx.cfg.data_dir) / name / "state.json")
+            except (OSError, ValueError):
+                continue
+            state = {k: raw.get(k, 0) for k in ("epoch", "epoch_time", "applied_at", "size",
+                                                "block_size")}
+            state["counters"] = dict(raw.get("counters", {}))
+            points, oldest, jbytes = 1, None, 0
+        as_of = max(state["epoch_time"], live.current_as_of if live else 0.0)
+        rate, wire_rate = live.rate(now) if live else (0.0, 0.0)
+        pending = sum(len(c.chain.get(name, ())) for c in list(rx._by_id.values()))
+        receiving = any(name in c.writers for c in list(rx._by_id.values()))
+        out.append({
+            "volume": name, **state, "current_as_of": as_of,
+            "lag": (now - as_of) if as_of else None,
+            "connected": name in rx.owners, "client": live.client if live else "",
+            "error": live.error if live else "", "rate": rate, "wire_rate": wire_rate,
+            "pending_epochs": pending, "receiving": receiving,
+            "points": points, "oldest_point_time": oldest,
+            "window": (now - oldest) if oldest else 0.0, "journal_bytes": jbytes,
+            "promoted": rx.promoted(name) is not None,
+        })
+    return out
+
+
+def _journal_window(journal: Any) -> tuple[int, float | None, int]:
+    """(undo files, base time of the oldest, their bytes) from the journal's in-memory index."""
+    lock = getattr(journal, "_mutex", None)
+    with lock if lock is not None else contextlib.nullcontext():
+        infos = dict(getattr(journal, "_infos", {}))
+    if not infos:
+        return 0, None, 0
+    oldest = min(infos)
+    return len(infos), infos[oldest][0] or None, sum(size for _, size in infos.values())
+
+
+# -- collectors ---------------------------------------------------------------------------
+
+
+class _Families:
+    """A collector that yields whatever `build` returns at scrape time."""
+
+    def __init__(self, build: Callable[[], Iterable[Metric]]) -> None:
+        self.build = build
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            yield from self.build()
+        except Exception:  # a scrape must never take the daemon down
+            log.exception("metrics: collecting failed")
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+    from prometheus_client.core import GaugeMetricFamily
+
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+    from prometheus_client.core import CounterMetricFamily
+
+    return CounterMetricFamily(name, doc, labels=labels)
+
+
+class _Base:
+    def __init__(self, daemon: Any, prefix: str) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.daemon = daemon
+        self.registry = CollectorRegistry(auto_describe=False)
+        ProcessCollector(registry=self.registry)
+        self.errors = Counter(f"{prefix}_errors", "Errors by kind (wire error code, 'protocol', "
+                              "'auth', 'transport', 'internal', 'refused')", ["kind"],
+                              registry=self.registry)
+        self.connections = Counter(f"{prefix}_connections", "Connections established",
+                                   registry=self.registry)
+        self.registry.register(_Families(self.families))
+        self.http: HttpEndpoint | None = None
+
+    def families(self) -> Iterable[Metric]:
+        return []
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind or "internal").inc()
+
+    def render(self, query: str = "") -> Response:
+        from prometheus_client import generate_latest
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+
+    async def start(self, listen: tuple[str, int] | None) -> None:
+        if listen is None:
+            return
+        self.http = HttpEndpoint("metrics", {"/metrics": self.render, "/": self.render})
+        await self.http.start(*listen)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+
+
+class ReceiverMetrics(_Base):
+    """cdp_receiver_* metrics of a running receiver (cdp.receiver.Receiver)."""
+
+    def __init__(self, rx: Any) -> None:
+        from prometheus_client import Gauge, Histogram
+
+        super().__init__(rx, "cdp_receiver")
+        self.apply_seconds = Histogram("cdp_receiver_apply_seconds", "Time to apply one sealed "
+                                       "epoch to the replica (fsync'd)", ["volume"],
+                                       buckets=APPLY_BUCKETS, registry=self.registry)
+        self.open_connections = Gauge("cdp_receiver_open_connections", "Connections open now",
+                                      registry=self.registry)
+        self.open_connections.set_function(lambda: len(rx._conns))
+
+    def applied(self, volume: str, seconds: float) -> None:
+        self.apply_seconds.labels(volume).observe(seconds)
+
+    def families(self) -> Iterable[Metric]:
+        vols = receiver_volumes(self.daemon)
+        f: dict[str, Any] = {
+            "epoch": _gauge("cdp_receiver_epoch", "Last epoch applied to the replica",
+                            ["volume"]),
+            "epochs": _counter("cdp_receiver_epochs_applied", "Epochs applied", ["volume"]),
+            "blocks": _counter("cdp_receiver_blocks_applied", "Blocks applied", ["volume"]),
+            "bytes": _counter("cdp_receiver_bytes", "Bytes received, by kind: logical (blocks "
+                              "changed), data (sent as data), compressed (their zstd size), "
+                              "dedup (resolved by reference), zero, wire (frames)",
+                              ["volume", "kind"]),
+            "lag": _gauge("cdp_receiver_lag_seconds", "RPO: age of the newest source state the "
+                          "replica is known to hold", ["volume"]),
+            "as_of": _gauge("cdp_receiver_current_as_of_timestamp_seconds", "Source time of the "
+                            "newest state the replica is known to hold", ["volume"]),
+            "applied_at": _gauge("cdp_receiver_last_apply_timestamp_seconds",
+                                 "When the last epoch was applied", ["volume"]),
+            "rate": _gauge("cdp_receiver_throughput_bytes_per_second", "Throughput over the "
+                           "last 10 s, logical or wire", ["volume", "kind"]),
+            "points": _gauge("cdp_receiver_recovery_points", "Recovery points kept (including "
+                             "the current state)", ["volume"]),
+            "window": _gauge("cdp_receiver_recovery_window_seconds", "Age of the oldest "
+                             "recovery point", ["volume"]),
+            "jbytes": _gauge("cdp_receiver_journal_bytes", "Bytes of undo files kept",
+                             ["volume"]),
+            "pending": _gauge("cdp_receiver_pending_epochs", "Sealed epochs waiting to be "
+                              "applied and acknowledged", ["volume"]),
+            "connected": _gauge("cdp_receiver_volume_connected", "1 while a source writes the "
+                                "volume", ["volume"]),
+            "failed": _gauge("cdp_receiver_volume_error", "1 if the volume's last session "
+                             "ended in an error", ["volume"]),
+            "promoted": _gauge("cdp_receiver_volume_promoted", "1 once the replica was "
+                               "promoted (no more epochs)", ["volume"]),
+            "size": _gauge("cdp_receiver_volume_size_bytes", "Volume size", ["volume"]),
+        }
+        for v in vols:
+            n = v["volume"]
+            c = v["counters"]
+            f["epoch"].add_metric([n], v["epoch"])
+            f["epochs"].add_metric([n], c.get("epochs", 0))
+            f["blocks"].add_metric([n], c.get("blocks", 0))
+            for kind in RECEIVER_BYTES:
+                f["bytes"].add_metric([n, kind], c.get(kind, 0))
+            if v["lag"] is not None:
+                f["lag"].add_metric([n], max(0.0, v["lag"]))
+                f["as_of"].add_metric([n], v["current_as_of"])
+            f["applied_at"].add_metric([n], v["applied_at"])
+            f["rate"].add_metric([n, "logical"], v["rate"])
+            f["rate"].add_metric([n, "wire"], v["wire_rate"])
+            f["points"].add_metric([n], v["points"])
+            f["window"].add_metric([n], v["window"])
+            f["jbytes"].add_metric([n], v["journal_bytes"])
+            f["pending"].add_metric([n], v["pending_epochs"])
+            f["connected"].add_metric([n], 1 if v["connected"] else 0)
+            f["failed"].add_metric([n], 1 if v["error"] else 0)
+            f["promoted"].add_metric([n], 1 if v["promoted"] else 0)
+            f["size"].add_metric([n], v["size"])
+        return f.values()
+
+
+class SourceMetrics(_Base):
+    """cdp_source_* metrics of a running source (cdp.source.daemon.Source)."""
+
+    def __init__(self, src: Any) -> None:
+        from prometheus_client import Gauge
+
+        super().__init__(src, "cdp_source")
+        self.connected = Gauge("cdp_source_connected", "1 while connected to the receiver",
+                               registry=self.registry)
+        self.connected.set_function(lambda: 1 if src.connected else 0)
+
+    def disconnected(self, err: BaseException) -> None:
+        """Count why a connection ended (see Source._log_disconnect)."""
+        from cdp.errors import CdpError, RemoteError, TransportError
+
+        if isinstance(err, RemoteError):
+            kind = f"remote_{err.code}"
+        elif isinstance(err, TransportError | OSError | TimeoutError):
+            kind = "transport"
+        elif isinstance(err, CdpError):
+            kind = err.wire_code
+        else:
+            kind = "internal"
+        self.error(kind)
+
+    def families(self) -> Iterable[Metric]:
+        src = self.daemon
+        now = time.time()
+        f: dict[str, Any] = {
+            "acked": _gauge("cdp_source_acked_epoch", "Last epoch the receiver acknowledged",
+                            ["volume"]),
+            "epochs": _counter("cdp_source_epochs_acked", "Epochs acknowledged this run",
+                               ["volume"]),
+            "pending": _gauge("cdp_source_pending_epochs", "Epochs sent or being built, not yet "
+                              "acknowledged", ["volume"]),
+            "lag": _gauge("cdp_source_lag_seconds", "RPO: age of the newest state the replica "
+                          "is known to hold", ["volume"]),
+            "bytes": _counter("cdp_source_bytes", "Bytes this run, by kind: scanned (read to "
+                              "find changes), changed, logical, data, compressed, zero, dedup, "
+                              "wire", ["volume", "kind"]),
+            "scans": _counter("cdp_source_scans", "Scans (or resyncs) started", ["volume"]),
+            "needs": _counter("cdp_source_needs", "Epochs re-sent because a reference could not "
+                              "be resolved", ["volume"]),
+            "rate": _gauge("cdp_source_throughput_bytes_per_second", "Logical bytes sent per "
+                           "second over the last 10 s", ["volume"]),
+            "progress": _gauge("cdp_source_progress_bytes", "Current scan or resync: bytes done",
+                               ["volume"]),
+            "total": _gauge("cdp_source_progress_total_bytes", "Current scan or resync: bytes "
+                            "to do", ["volume"]),
+            "phase": _gauge("cdp_source_volume_phase", "1 for the volume's current phase",
+                            ["volume", "phase"]),
+            "failed": _gauge("cdp_source_volume_error", "1 while the volume is stopped by an "
+                             "error", ["volume"]),
+            "nbd_mode": _gauge("cdp_source_nbd_mode", "nbd mode: 1 for the current mode "
+                               "(capture: every write kept; tracking: pull-ahead, only dirty "
+                               "regions kept)", ["volume", "mode"]),
+        }
+        nbd_g: dict[str, Any] = {
+            k: _gauge(f"cdp_source_nbd_{k}", f"nbd mode: {k.replace('_', ' ')}", ["volume"])
+            for k in NBD_GAUGES}
+        nbd_c: dict[str, Any] = {
+            k: _counter(f"cdp_source_nbd_{k}", f"nbd mode: {k.replace('_', ' ')}", ["volume"])
+            for k in NBD_COUNTERS}
+        for vs in list(src.volumes.values()):
+            st = vs.status()
+            n = st["volume"]
+            f["acked"].add_metric([n], st["acked_epoch"])
+            f["epochs"].add_metric([n], st["stats"].get("epochs", 0))
+            f["pending"].add_metric([n], st["pending_epochs"])
+            if st["current_as_of"]:
+                f["lag"].add_metric([n], max(0.0, now - st["current_as_of"]))
+            for kind in SOURCE_BYTES:
+                f["bytes"].add_metric([n, kind], st["stats"].get(kind, 0))
+            f["scans"].add_metric([n], st["stats"].get("scans", 0))
+            f["needs"].add_metric([n], st["stats"].get("needs", 0))
+            f["rate"].add_metric([n], st["rate"])
+            f["progress"].add_metric([n], st["progress_done"])
+            f["total"].add_metric([n], st["progress_total"])
+            phases = set(PHASES) | {st["phase"]}
+            for ph in sorted(phases):
+                f["phase"].add_metric([n, ph], 1 if ph == st["phase"] else 0)
+            f["failed"].add_metric([n], 1 if st["error"] else 0)
+            nbd = st.get("nbd")
+            if nbd:
+                for mode in ("capture", "tracking"):
+                    f["nbd_mode"].add_metric([n, mode], 1 if nbd.get("mode") == mode else 0)
+                for k in NBD_GAUGES:
+                    nbd_g[k].add_metric([n], nbd.get(k, 0))
+                for k in NBD_COUNTERS:
+                    nbd_c[k].add_metric([n], nbd.get(k, 0))
+        return [*f.values(), *nbd_g.values(), *nbd_c.values()]
