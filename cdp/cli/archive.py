@@ -51,17 +51,19 @@ def register(sub: Any) -> None:
     s.add_argument("volume")
     s.add_argument("--to", type=Path, required=True, help="image file (or block device) to write")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
-    s = verb("ls", "list files in an archived image (ext2/3/4, optionally partitioned)", _ls)
+    s = verb("ls", "list files in an archived image (ext2/3/4, FAT12/16/32 or NTFS; bare or in an "
+             "MBR/GPT partition)", _ls)
     s.add_argument("snapshot")
     s.add_argument("volume")
     s.add_argument("path", nargs="?", default="/")
-    s.add_argument("--partition", type=int, help="partition number (default: the first with ext)")
+    s.add_argument("--partition", type=int, help="partition number (default: the first with ext, else "
+                   "the first with FAT or NTFS, an EFI system partition last)")
     s = verb("get", "copy a file or directory out of an archived image", _get)
     s.add_argument("snapshot")
     s.add_argument("volume")
     s.add_argument("path")
     s.add_argument("--to", type=Path, required=True, help="destination file or existing directory")
-    s.add_argument("--partition", type=int)
+    s.add_argument("--partition", type=int, help="partition number (default: as for ls)")
     s = verb("files", "protected file-set files in a snapshot: list them, or restore one with --to",
              _files)
     s.add_argument("snapshot")
