@@ -22,7 +22,7 @@ from cdp.units import format_bytes, parse_duration
 
 def register(sub: Any) -> None:
     p = sub.add_parser("archive", help="offsite snapshots of the replicas: init, run, list, verify, "
-                       "prune, restore, ls, get")
+                       "prune, restore, ls, get, files")
     verbs = p.add_subparsers(dest="archive_verb", metavar="SUBVERB", required=True)
 
     def verb(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
