@@ -114,6 +114,8 @@ class ReceiverConfig:
     metrics_listen: tuple[str, int] | None = None  # Prometheus endpoint (cdp/metrics.py); None: off
     status_listen: tuple[str, int] | None = None  # HTML status page (cdp/statuspage.py); None: off
     max_connections: int = 64  # connections beyond this are refused
+    auth_timeout: float = 10.0  # a connection not authenticated by then is closed
+    max_unauthenticated_per_ip: int = 8  # more unauthenticated connections from one address: refused
     max_concurrent_archives: int = 1  # scheduled archive jobs run at once (the others queue)
 
     def client(self, name: str) -> ClientConfig | None:
@@ -184,6 +186,7 @@ class SourceConfig:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     keepalive: float = 60.0  # send something at least this often (below the receiver's idle_timeout)
+    dead_after: float = 180.0  # nothing received for this long, awaiting an answer: drop, reconnect
     dedup_index_entries: int = 4_000_000
     max_frame: int = 32 * 1024 * 1024
     rate_limit: float | None = None  # bytes per second sent, all volumes together; None: no cap
@@ -320,6 +323,8 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     metrics_listen = t.get("metrics_listen", _http_listen, default=None)
     status_listen = t.get("status_listen", _http_listen, default=None)
     max_connections = t.get("max_connections", _int(1, 65536), default=64)
+    auth_timeout = t.get("auth_timeout", _positive_duration, default=10.0)
+    max_unauth = t.get("max_unauthenticated_per_ip", _int(1, 65536), default=8)
     max_archives = t.get("max_concurrent_archives", _int(1, 64), default=1)
     raw_vols = t.get("volume", lambda v: v, default=[])
     if not isinstance(raw_vols, list):
@@ -367,7 +372,8 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
                           drill_format=drill_format, drill_dir=drill_dir,
                           metrics_listen=metrics_listen, status_listen=status_listen,
                           max_connections=max_connections,
-                          max_concurrent_archives=max_archives)
+                          max_concurrent_archives=max_archives, auth_timeout=auth_timeout,
+                          max_unauthenticated_per_ip=max_unauth)
 
 
 def _keep(t: _Table, inherit: KeepConfig) -> KeepConfig:
@@ -534,6 +540,7 @@ def load_source(path: str | Path) -> SourceConfig:
         reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),
         reconnect_max=t.get("reconnect_max", parse_duration, default=30.0),
         keepalive=t.get("keepalive", _positive_duration, default=60.0),
+        dead_after=t.get("dead_after", _positive_duration, default=None),
         dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
         max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
         rate_limit=t.get("rate_limit", parse_rate, default=None),
@@ -545,6 +552,12 @@ def load_source(path: str | Path) -> SourceConfig:
     t.done()
     if opts["batch_bytes"] * 2 > opts["max_frame"]:
         raise ConfigError(f"{file}: source.batch_bytes: must be at most half of max_frame")
+    if opts["dead_after"] is None:
+        opts["dead_after"] = 3 * opts["keepalive"]
+    elif opts["dead_after"] <= opts["keepalive"]:
+        raise t.err("dead_after", f"must be longer than keepalive ({opts['keepalive']:g}s): the "
+                    "receiver is asked for an answer after keepalive of silence, e.g. "
+                    "dead_after = 3 x keepalive")
 
     raw_vols = data.get("volume", [])
     if not isinstance(raw_vols, list):
@@ -686,7 +699,7 @@ def _choice(*options: str) -> Callable[[Any], str]:
 
 # What a running source applies on SIGHUP; every other change needs a restart.
 SOURCE_LIVE = frozenset({"rate_limit", "read_limit", "schedule", "window", "batch_bytes", "keepalive",
-                         "max_epoch_bytes", "compress_level"})
+                         "dead_after", "max_epoch_bytes", "compress_level"})
 VOLUME_LIVE = frozenset({"rate_limit", "scan_interval", "min_scan_interval", "pre_scan",
                          "post_scan", "snapshot"})
 

@@ -306,6 +306,25 @@ class Labelled(Message):
     label: str
 
 
+# -- link liveness (type codes 60-69) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    """Source -> receiver: answer with Pong(nonce), so I know the link is alive (dead_after)."""
+
+    TYPE = 60
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    """Receiver -> source: the answer to Ping(nonce), in the order the Pings came."""
+
+    TYPE = 61
+    nonce: int
+
+
 MAX_LABEL = 128
 
 
@@ -319,7 +338,7 @@ def valid_label(label: str) -> bool:
 ALL: tuple[type[Message], ...] = (
     Hello, Challenge, Auth, Welcome, Open, Opened, GetHashes, Hashes, Begin, Data, Zero,
     Ref, Commit, Need, Ack, Current, Error, Bye,
-    Label, Labelled,
+    Label, Labelled, Ping, Pong,
     FileOpen, FileOpened, FilePut, FileDelete, FileAck, FileError,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL}

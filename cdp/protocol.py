@@ -33,6 +33,10 @@ durably and answers Labelled(e, text). Labels are 1-128 printable characters,
 not only digits; anything else, or a Label for an unacknowledged epoch, is a
 protocol violation.
 
+Liveness (types 60-69): once READY, the source may send Ping(n) at any time; the
+receiver answers Pong(n), in order. At most MAX_UNANSWERED Pings await an answer;
+an unasked-for Pong is a protocol violation.
+
 Authentication: HMAC-SHA256 over both nonces and the client name, each side
 proving the token to the other; the token never crosses the wire and a fresh
 receiver nonce makes a replayed handshake useless.
@@ -76,6 +80,8 @@ from cdp.messages import (
     Need,
     Open,
     Opened,
+    Ping,
+    Pong,
     Ref,
     Welcome,
     Zero,
@@ -248,6 +254,7 @@ class SourceSession(_Session):
         self._labels: set[tuple[str, int, str]] = set()  # Label sent, Labelled not yet received
         self.filesets: dict[str, str | None] = {}  # open file sets -> the path awaiting an answer
         self._pending_fileset: set[str] = set()
+        self.pings: list[int] = []  # Ping sent, Pong not yet received, oldest first
 
     def start(self) -> bytes:
         """The Hello frame that opens the conversation."""
@@ -304,6 +311,10 @@ class SourceSession(_Session):
                 vs.expected += 1
         elif isinstance(msg, Current):
             self._vol(msg.volume, False)
+        elif isinstance(msg, Ping):
+            if len(self.pings) >= MAX_UNANSWERED:
+                raise LocalProtocolError(f"more than {MAX_UNANSWERED} Pings awaiting an answer")
+            self.pings.append(msg.nonce)
         elif isinstance(msg, Label):
             _check_label(self._vol(msg.volume, False), msg, LocalProtocolError)
             self._labels.add((msg.volume, msg.epoch, msg.label))
@@ -348,6 +359,11 @@ class SourceSession(_Session):
             return True
         if st is not State.READY:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
+        if isinstance(msg, Pong):
+            if not self.pings or self.pings[0] != msg.nonce:
+                raise RemoteProtocolError(f"Pong({msg.nonce}) that we did not ask for")
+            self.pings.pop(0)
+            return True
         if getattr(msg, "volume", None) in self._dropped:
             return False
         if isinstance(msg, FileOpened):
@@ -443,6 +459,7 @@ class ReceiverSession(_Session):
         self.failed: set[str] = set()  # volumes stopped with an Error: their frames are dropped
         self._readonly: set[str] = set()
         self._labels: set[tuple[str, int, str]] = set()  # Label received, Labelled not yet sent
+        self._pings: list[int] = []  # Ping received, Pong not yet sent, oldest first
 
     def _accept(self, msg: Message) -> bool:
         st = self.state
@@ -473,6 +490,11 @@ class ReceiverSession(_Session):
             return True
         if st is not State.READY:
             raise RemoteProtocolError(f"unexpected {type(msg).__name__} before authentication")
+        if isinstance(msg, Ping):
+            if len(self._pings) >= MAX_UNANSWERED:
+                raise RemoteProtocolError(f"more than {MAX_UNANSWERED} Pings awaiting an answer")
+            self._pings.append(msg.nonce)
+            return True
         if getattr(msg, "volume", None) in self.failed and not isinstance(msg, Open):
             return False  # frames already in flight for a volume we stopped
         if isinstance(msg, FileOpen | FilePut | FileDelete):
@@ -611,6 +633,10 @@ class ReceiverSession(_Session):
                                                     readonly=msg.volume in self._readonly)
         elif isinstance(msg, Hashes):
             self._vol(msg.volume, False)
+        elif isinstance(msg, Pong):
+            if not self._pings or self._pings[0] != msg.nonce:
+                raise LocalProtocolError(f"Pong({msg.nonce}) without its Ping")
+            self._pings.pop(0)
         elif isinstance(msg, Labelled):
             key = (msg.volume, msg.epoch, msg.label)
             if key not in self._labels:

@@ -54,11 +54,13 @@ from cdp.messages import (
     Need,
     Open,
     Opened,
+    Ping,
+    Pong,
     Ref,
     Zero,
 )
 from cdp.metrics import ReceiverMetrics
-from cdp.protocol import FilesetError, ReceiverSession
+from cdp.protocol import FilesetError, ReceiverSession, State
 from cdp.replica import EpochWriter, Replica
 from cdp.replica.files import FileSets
 from cdp.replica.journal import Retention, set_label
@@ -100,6 +102,8 @@ class Receiver:
         self._conns: set[asyncio.Task[None]] = set()
         self._open_lock = asyncio.Lock()
         self._by_id: dict[int, _Conn] = {}
+        self.unauthenticated: dict[str, int] = {}  # peer address -> connections not yet authenticated
+        self._refusals_logged = 0.0
         self.port = 0
         self.metrics = ReceiverMetrics(self)  # served when cfg.metrics_listen is set
         self.page = StatusPage(self)  # served when cfg.status_listen is set
@@ -134,8 +138,9 @@ class Receiver:
         ctx = server_tls(self.cfg.tls) if self.cfg.tls else None
         host, port = self.cfg.listen
         try:
-            server = await asyncio.start_server(self._handle, host, port, ssl=ctx,
-                                                limit=1 << 20)
+            server = await asyncio.start_server(
+                self._handle, host, port, ssl=ctx, limit=1 << 20,
+                ssl_handshake_timeout=self.cfg.auth_timeout if ctx else None)
         except OSError as exc:
             raise CdpError(f"cannot listen on {host}:{port}: {exc.strerror}; is another receiver "
                            "running, or is the address wrong?") from None
@@ -229,11 +234,17 @@ class Receiver:
         if len(self._conns) >= self.cfg.max_connections:
             await self._refuse(writer)
             return
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if self.unauthenticated.get(ip, 0) >= self.cfg.max_unauthenticated_per_ip:
+            await self._refuse(writer, ip)
+            return
         self._conns.add(task)
         self.metrics.connections.inc()
         session = ReceiverSession(self._lookup, self.cfg.max_frame, filesets=self._filesets)
         link = Link(session, reader, writer)
         conn = _Conn(self, link)
+        conn.unauthenticated_from(ip)
         self._by_id[id(conn)] = conn
         try:
             await conn.serve()
@@ -253,6 +264,7 @@ class Receiver:
             log.exception("internal error on connection peer=%s", link.peer)
             await conn.say(Error("internal", "internal error in the receiver; see its log", ""))
         finally:
+            conn.authenticated()
             conn.release()
             await conn.settle_all()  # sealed epochs finish applying
             await link.close()
@@ -262,14 +274,25 @@ class Receiver:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._write_status)
 
-    async def _refuse(self, writer: asyncio.StreamWriter) -> None:
-        """Over max_connections: say why in one Error frame and close."""
+    async def _refuse(self, writer: asyncio.StreamWriter, ip: str = "") -> None:
+        """Over max_connections (or max_unauthenticated_per_ip for `ip`): say why in one Error
+        frame and close."""
         self.metrics.error("refused")
-        log.warning("refusing a connection from %s: %d connections open (max_connections)",
-                    writer.get_extra_info("peername"), len(self._conns))
+        if not ip:
+            log.warning("refusing a connection from %s: %d connections open (max_connections)",
+                        writer.get_extra_info("peername"), len(self._conns))
+            why = f"the receiver has {len(self._conns)} connections open (max_connections)"
+        else:
+            now = time.monotonic()
+            if now - self._refusals_logged >= 10:  # a flood of them: one line per 10 s
+                self._refusals_logged = now
+                log.warning("refusing a connection from %s: %d connections from there are not "
+                            "authenticated yet (max_unauthenticated_per_ip)", ip,
+                            self.unauthenticated.get(ip, 0))
+            why = (f"{self.unauthenticated.get(ip, 0)} connections from {ip} are not "
+                   "authenticated yet (max_unauthenticated_per_ip)")
         with contextlib.suppress(Exception):
-            writer.write(encode_frame(Error("busy", f"the receiver has {len(self._conns)} "
-                                            "connections open (max_connections); try later", "")))
+            writer.write(encode_frame(Error("busy", f"{why}; try later", "")))
             await asyncio.wait_for(writer.drain(), 5)
         writer.close()
         with contextlib.suppress(Exception):
@@ -335,6 +358,21 @@ class _Conn:
         self.volumes: set[str] = set()
         self.volumes_seen = False
         self.chain: dict[str, list[tuple[int, asyncio.Task[None]]]] = {}
+        self.unauth_ip: str | None = None  # counted in rx.unauthenticated until authenticated
+
+    def unauthenticated_from(self, ip: str) -> None:
+        self.unauth_ip = ip
+        self.rx.unauthenticated[ip] = self.rx.unauthenticated.get(ip, 0) + 1
+
+    def authenticated(self) -> None:
+        """No longer counted as unauthenticated (authenticated, or gone)."""
+        ip, self.unauth_ip = self.unauth_ip, None
+        if ip is not None:
+            n = self.rx.unauthenticated.get(ip, 0) - 1
+            if n > 0:
+                self.rx.unauthenticated[ip] = n
+            else:
+                self.rx.unauthenticated.pop(ip, None)
 
     async def settle(self, volume: str, before: int | None = None) -> None:
         """Wait until answers for this volume's epochs (those < `before`) are done."""
@@ -362,8 +400,12 @@ class _Conn:
                 del self.rx.owners[v]
 
     async def serve(self) -> None:
+        auth_deadline = time.monotonic() + self.rx.cfg.auth_timeout
         while True:
-            await self.link.fill(self.rx.cfg.idle_timeout)
+            if self.session.state is State.READY:
+                await self.link.fill(self.rx.cfg.idle_timeout)
+            else:  # before authentication: auth_timeout from the start, whatever arrives
+                await self._fill_before(auth_deadline)
             # one message at a time: a decision on one (fail a volume, reject an
             # epoch) governs how the session judges the next
             for msg, size in self.session.events():
@@ -391,6 +433,15 @@ class _Conn:
                 except ReplicaError as exc:
                     await self.volume_failed(vol, exc.wire_code, str(exc))
 
+    async def _fill_before(self, deadline: float) -> None:
+        try:
+            await asyncio.wait_for(self.link.fill(None), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            why = (f"not authenticated within {self.rx.cfg.auth_timeout:g}s (auth_timeout), "
+                   "closing")
+            await self.say(Error("auth_timeout", why, ""))
+            raise TransportError(f"{self.link.peer}: {why}") from None
+
     async def volume_failed(self, vol: str, code: str, message: str) -> None:
         log.error("volume stopped client=%s volume=%s code=%s: %s", self.session.client, vol,
                   code, message)
@@ -413,6 +464,9 @@ class _Conn:
         elif isinstance(msg, Auth):
             log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
             await self.link.send_raw(s.welcome())
+            self.authenticated()
+        elif isinstance(msg, Ping):
+            await self.link.send(Pong(msg.nonce))
         elif isinstance(msg, Open):
             rep = await self.rx.open_replica(self, msg)
             if not msg.readonly:

@@ -7,9 +7,15 @@ Also here: TLS contexts from the config, and reconnect backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
 import random
+import socket
 import ssl
+import struct
+import termios
+import time
 
 from cdp.config import TlsClient, TlsServer
 from cdp.errors import ConfigError, TransportError
@@ -20,6 +26,28 @@ log = logging.getLogger(__name__)
 READ_SIZE = 1 << 20
 # Sockets keep at most this much unsent before drain() waits: bounded memory per link.
 WRITE_HIGH_WATER = 8 << 20
+# TCP keepalive on every link: the first probe after 30 s idle, then every 10 s; after 3
+# unanswered probes the kernel resets the connection (a peer gone without RST, a NAT that forgot
+# us). The source's dead_after (Ping/Pong) also covers what the kernel cannot see.
+TCP_KEEPALIVE = (30, 10, 3)  # TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT
+_OUTQ = getattr(termios, "TIOCOUTQ", None)  # Linux: SIOCOUTQ, bytes not yet acknowledged by the peer
+
+
+def tcp_keepalive(sock: socket.socket | None, idle: int = TCP_KEEPALIVE[0],
+                  interval: int = TCP_KEEPALIVE[1], count: int = TCP_KEEPALIVE[2]) -> bool:
+    """SO_KEEPALIVE on a TCP socket, with the timings where the platform has them."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        return False
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", count)):
+        opt = getattr(socket, name, None)
+        if opt is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, opt, value)
+    return True
 
 
 def server_tls(cfg: TlsServer) -> ssl.SSLContext:
@@ -57,10 +85,13 @@ class Link:
         self.reader = reader
         self.writer = writer
         self.sent_bytes = 0
+        self.written = 0  # bytes handed to the transport (sent_bytes: once drained)
+        self.received_at = time.monotonic()  # when bytes last arrived (the source's dead_after)
         self._lock = asyncio.Lock()
         transport = writer.transport
         if transport is not None:
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        tcp_keepalive(writer.get_extra_info("socket"))
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
@@ -73,6 +104,7 @@ class Link:
         async with self._lock:
             try:
                 self.writer.write(frame)
+                self.written += len(frame)
                 await self.writer.drain()
             except (ConnectionError, OSError) as exc:
                 raise TransportError(f"connection to {self.peer} lost: {exc}") from None
@@ -97,7 +129,21 @@ class Link:
             raise TransportError(f"connection to {self.peer} lost: {exc}") from None
         if not data:
             raise TransportError(f"{self.peer} closed the connection")
+        self.received_at = time.monotonic()
         self.session.feed(data)
+
+    def unacked(self) -> int:
+        """Of `written`, the bytes the peer has not acknowledged yet: still in our buffer, or in
+        the kernel's send queue (Linux; elsewhere only our buffer is known)."""
+        transport = self.writer.transport
+        n = transport.get_write_buffer_size() if transport is not None else 0
+        sock = self.writer.get_extra_info("socket")
+        if sock is None or _OUTQ is None:
+            return n
+        try:
+            return n + int(struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, bytes(4)))[0])
+        except (OSError, ValueError):
+            return n
 
     async def close(self) -> None:
         self.session.close()
@@ -105,7 +151,14 @@ class Link:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 5)
         except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
-            pass
+            self.abort()  # unsent data that cannot leave (a dead link): do not keep the socket
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is still unsent (a dead link)."""
+        transport = self.writer.transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.abort()
 
 
 class Backoff:

@@ -13,6 +13,8 @@ and every chunk is delayed by 0..`delay` seconds (latency, jitter).
 
 `calm()` stops the faults (delays too) so a test can wait for convergence;
 `faults` counts what was done, `connections` how many were accepted.
+`blackhole()` makes every live connection silently stop forwarding in both directions,
+without closing anything (a half-open link); new connections are forwarded as usual.
 """
 
 from __future__ import annotations
@@ -74,6 +76,16 @@ class FaultProxy:
                 c.stalled_until = 0.0
                 c.cut = False
 
+    def blackhole(self) -> int:
+        """Stop forwarding on every live connection, both ways, for good, closing nothing: a
+        NAT that forgot the connection, a peer gone without RST. Returns how many went dark."""
+        with self._lock:
+            live = [c for c in self._conns if not c.closed]
+        for c in live:
+            c.stalled_until = float("inf")
+        self.faults["blackhole"] += len(live)
+        return len(live)
+
     def close(self) -> None:
         self._stop.set()
         with contextlib.suppress(OSError):
@@ -93,6 +105,7 @@ class FaultProxy:
                 return
             try:
                 server = socket.create_connection(("127.0.0.1", self.target), 5)
+                server.settimeout(None)  # the 5 s were for connecting: a quiet receiver is no fault
             except OSError:
                 client.close()
                 continue

@@ -14,6 +14,9 @@ RECEIVER = """\
 listen = "127.0.0.1:7400"        # host:port to accept sources on
 data_dir = "replicas"            # one folder per volume: replicas/<volume>/image is the replica
 # idle_timeout = "300s"          # drop connections silent for this long
+# max_connections = 64           # more connections are refused with "busy"; sources retry
+# auth_timeout = "10s"           # close connections not authenticated by then
+# max_unauthenticated_per_ip = 8 # more not-yet-authenticated connections from one address: refused
 # allow_plaintext = false        # beyond loopback, TLS is required unless this is true
 # keep_points = "24h"            # recovery points kept ("forever"; 0 turns the journal off)
 # keep_points_size = "10GiB"     # ... and at most this much undo data ("unlimited")
@@ -57,6 +60,8 @@ state_dir = "state"
 # workers = 2                    # compression threads
 # max_concurrent_scans = 2       # full scans / nbd resyncs running at once, all volumes
 # keepalive = "60s"              # send something this often when idle (< receiver idle_timeout)
+# dead_after = "180s"            # nothing received this long while awaiting an answer: the link is
+#                                # dead (NAT timeout, peer gone): drop it and reconnect (3 x keepalive)
 # rate_limit = "200MiB/s"        # cap on what is sent, all volumes together ("unlimited")
 # read_limit = "unlimited"       # cap on scan reads, all volumes together
 # [[source.schedule]]            # other caps at certain times; the first match wins

@@ -55,8 +55,11 @@ from cdp.messages import (
     Need,
     Open,
     Opened,
+    Ping,
+    Pong,
 )
 from cdp.metrics import SourceMetrics
+from cdp.protocol import SourceSession
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
 from cdp.source.connect import connect, fetch_hashes
 from cdp.source.control import Control, FairGate
@@ -77,6 +80,7 @@ SAVE_EVERY = 60.0
 SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
 PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most this long at the cap
 MIN_PACED_BATCH = 256 * 1024  # ...but Data frames no smaller than this (compression, overhead)
+LINK_PROGRESS = 64 * 1024  # the link took this much since: alive, though the receiver is silent
 
 
 
@@ -96,6 +100,7 @@ class Source:
         self._stop = asyncio.Event()
         self.connected = False
         self.link: Link | None = None
+        self.pings = True  # False once an older receiver refused a Ping
         self.net = TokenBucket(None)  # frames sent, all volumes together
         self.reads = TokenBucket(None)  # scan reads, all volumes together
         self.caps: Caps | None = None
@@ -260,6 +265,11 @@ class Source:
 
     def _log_disconnect(self, err: BaseException) -> None:
         self.metrics.disconnected(err)
+        if isinstance(err, RemoteError) and f"unknown message type {Ping.TYPE}" in err.remote_message:
+            self.pings = False  # mixed versions while upgrading: go on without Ping
+            log.warning("the receiver does not know Ping (an older cdp): from now on a dead link "
+                        "is noticed only while epochs await acknowledgement; upgrade the receiver")
+            return
         if isinstance(err, AuthError | RemoteError) and (
                 isinstance(err, AuthError) or err.code in PERMANENT_CODES):
             log.error("receiver refused us: %s", err)
@@ -284,6 +294,7 @@ class Source:
                     tg.create_task(self._volume(link, vs))
                 tg.create_task(self._stop_watch(link))
                 tg.create_task(self._keepalive(link))
+                tg.create_task(self._watchdog(link))
                 tg.create_task(self.files.run(link, self.net))
         except* asyncio.CancelledError:
             raise
@@ -319,6 +330,48 @@ class Source:
                     break
             last = link.sent_bytes
 
+    async def _watchdog(self, link: Link) -> None:
+        """Dead links: after `keepalive` with nothing received, ask the receiver for an answer
+        (Ping); after `dead_after` with nothing received while an answer is awaited (a Pong, or
+        the acknowledgement of a pending epoch), drop the connection: the reconnect and the
+        resume take over. A half-open connection (a NAT that forgot it, a peer gone without a
+        RST) would otherwise hold pending epochs as long as TCP keeps retrying.
+
+        A link still taking data is not dead: while the peer keeps acknowledging our bytes at
+        the TCP level (a slow link; a Pong stuck behind megabytes of buffered data) the clock
+        does not run. Keepalives alone do not count (a few small frames)."""
+        session = link.session
+        assert isinstance(session, SourceSession)
+        nonce = 0
+        ping: asyncio.Task[int] | None = None
+        mark, moved_at = link.written - link.unacked(), time.monotonic()
+        try:
+            while True:
+                keepalive, dead_after = self.cfg.keepalive, self.cfg.dead_after  # SIGHUP may change
+                await asyncio.sleep(max(0.05, min(keepalive, dead_after - keepalive) / 4))
+                now = time.monotonic()
+                taken = link.written - link.unacked()  # acknowledged by the peer's TCP
+                if taken - mark >= LINK_PROGRESS:
+                    mark, moved_at = taken, now  # the link is taking our data
+                heard = now - link.received_at
+                silent = min(heard, now - moved_at)
+                awaiting = bool(session.pings) or any(vs.pending for vs in self.volumes.values())
+                if silent >= dead_after and awaiting:
+                    log.warning("dead link: nothing received from the receiver %s for %.0fs "
+                                "(dead_after %gs) while awaiting its answer; dropping the "
+                                "connection to reconnect", link.peer, heard, dead_after)
+                    link.abort()  # what is unsent cannot leave: do not wait for it
+                    raise TransportError(f"no answer from {link.peer} for {heard:.0f}s "
+                                         "(dead_after)")
+                if (heard >= keepalive and self.pings and not session.pings
+                        and (ping is None or ping.done())):
+                    nonce += 1
+                    ping = asyncio.create_task(link.send(Ping(nonce)))  # it may block: not here
+                    ping.add_done_callback(_quiet)
+        finally:
+            if ping is not None:
+                ping.cancel()
+
     async def _stop_watch(self, link: Link) -> None:
         await self._stop.wait()
         with contextlib.suppress(CdpError, TimeoutError):
@@ -335,6 +388,8 @@ class Source:
                 if isinstance(msg, FILE_REPLIES):
                     self.files.deliver(msg)
                     continue
+                if isinstance(msg, Pong):
+                    continue  # the link is alive: link.received_at says so
                 vol = getattr(msg, "volume", "")
                 vs = self.volumes.get(vol)
                 if vs is None:
@@ -720,6 +775,12 @@ class Source:
 
 class _Stopped(Exception):
     pass
+
+
+def _quiet(task: asyncio.Task[Any]) -> None:
+    """A fire-and-forget send: its failure shows elsewhere (the link is dropped)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _paced(size: int, rate: float | None, floor: int) -> int:
