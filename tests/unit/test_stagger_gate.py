@@ -23,7 +23,7 @@ def test_fifo_limit_and_queued_phase():
                 order.append(n)
                 running += 1
                 peak = max(peak, running)
-                await release.wait() if n in "ab" else asyncio.sleep(0.01)
+                await (release.wait() if n in "ab" else asyncio.sleep(0.01))
                 running -= 1
 
         tasks = []
