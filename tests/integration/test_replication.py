@@ -173,6 +173,38 @@ def test_receiver_downtime_then_converges(cdp_env, daemons):
     rx.stop()
 
 
+def test_source_restarted_while_receiver_down_then_both_killed_together(cdp_env, daemons):
+    size = 32 * MiB
+    env, image, rng, rx, src = _seed(cdp_env, daemons, size, seed=6)
+    base = env.counters(VOL)
+    rx.stop()
+    changed: set[int] = set()
+    changed.update(write_random_blocks(image, rng.sample(range(size // BS), 12), rng))
+    src.stop()  # the source restarts while the receiver is away
+    changed.update(write_random_blocks(image, rng.sample(range(size // BS), 12), rng))
+    src.start()
+    time.sleep(1.0)
+    assert src.running
+    t1 = time.time()
+    rx.start()
+    wait_converged(env, VOL, t1, src, rx, timeout=60)
+    assert_replica_equal(env, VOL)
+    # both die at once (a site power cut), more writes land, both come back together
+    changed.update(write_random_blocks(image, rng.sample(range(size // BS), 12), rng))
+    src.kill()
+    rx.kill()
+    changed.update(write_random_blocks(image, rng.sample(range(size // BS), 12), rng))
+    t2 = time.time()
+    rx.start()
+    src.start()
+    wait_converged(env, VOL, t2, src, rx, timeout=60)
+    assert_replica_equal(env, VOL)
+    c = env.counters(VOL)
+    assert c["wire"] - base["wire"] < size / 4  # never a whole-volume resend
+    src.stop()
+    rx.stop()
+
+
 def test_verify_equal_then_names_the_corrupted_block(cdp_env, daemons):
     size = 16 * MiB
     env, _image, _rng, rx, src = _seed(cdp_env, daemons, size, seed=5, zero=0.1)
