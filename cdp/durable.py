@@ -7,6 +7,7 @@ import ctypes.util
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +30,22 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> None:
-    """Replace `path` with `data` so that a crash leaves the old or the new file, never a mix."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Replace `path` with `data` so that a crash leaves the old or the new file, never a mix.
+
+    The temporary name is unique per process and thread, so concurrent writers of one
+    path never write into each other's temporary file (the last rename wins).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if sync:
         fsync_dir(path.parent)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import xxhash
 
 from cdp.codec import decompress
-from cdp.durable import fsync_dir
+from cdp.durable import atomic_write, fsync_dir
 from cdp.errors import CdpError, DiskFullError, ReplicaError, UsageError
 
 log = logging.getLogger(__name__)
@@ -174,17 +174,10 @@ def _store_error(exc: OSError, where: Path) -> ReplicaError:
 
 
 def _write_durably(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        atomic_write(dest, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise _store_error(exc, dest) from None
 
 
