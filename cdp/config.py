@@ -105,7 +105,7 @@ class ReceiverConfig:
     clients: tuple[ClientConfig, ...]
     tls: TlsServer | None = None
     max_frame: int = 32 * 1024 * 1024
-    idle_timeout: float = 300.0
+    idle_timeout: float = 10.0  # a source silent this long is gone (sources Ping every keepalive)
     archives: tuple[ArchiveConfig, ...] = ()
     keep: KeepConfig = KeepConfig()
     volume_keep: tuple[tuple[str, KeepConfig], ...] = ()  # [[receiver.volume]] overrides
@@ -184,9 +184,10 @@ class SourceConfig:
     compress_level: int = 1
     workers: int = 2
     reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    keepalive: float = 60.0  # send something at least this often (below the receiver's idle_timeout)
-    dead_after: float = 180.0  # nothing received for this long, awaiting an answer: drop, reconnect
+    reconnect_max: float = 5.0  # reconnect delays double from reconnect_min up to this (jittered)
+    retry_max: float = 10.0  # a volume the receiver refused for a while: retried at most this far apart
+    keepalive: float = 3.0  # Ping after this long without traffic (well below the receiver's idle_timeout)
+    dead_after: float = 10.0  # nothing received for this long, awaiting an answer: drop, reconnect
     dedup_index_entries: int = 4_000_000
     max_frame: int = 32 * 1024 * 1024
     rate_limit: float | None = None  # bytes per second sent, all volumes together; None: no cap
@@ -315,7 +316,7 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     listen = t.get("listen", lambda v: parse_hostport(_str(v)), default=("127.0.0.1", 7400))
     data_dir = t.get("data_dir", _path(base), default=base / "replicas")
     max_frame = t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20)
-    idle = t.get("idle_timeout", parse_duration, default=300.0)
+    idle = t.get("idle_timeout", _positive_duration, default=10.0)
     plaintext = t.get("allow_plaintext", _bool, default=False)
     keep = _keep(t, KeepConfig())
     drill_format = t.get("drill_format", _choice("auto", "qcow2", "raw"), default="auto")
@@ -538,8 +539,9 @@ def load_source(path: str | Path) -> SourceConfig:
         compress_level=t.get("compress_level", _int(-7, 19), default=1),
         workers=t.get("workers", _int(1, 64), default=2),
         reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),
-        reconnect_max=t.get("reconnect_max", parse_duration, default=30.0),
-        keepalive=t.get("keepalive", _positive_duration, default=60.0),
+        reconnect_max=t.get("reconnect_max", _positive_duration, default=5.0),
+        retry_max=t.get("retry_max", _positive_duration, default=10.0),
+        keepalive=t.get("keepalive", _positive_duration, default=3.0),
         dead_after=t.get("dead_after", _positive_duration, default=None),
         dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
         max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
@@ -552,8 +554,10 @@ def load_source(path: str | Path) -> SourceConfig:
     t.done()
     if opts["batch_bytes"] * 2 > opts["max_frame"]:
         raise ConfigError(f"{file}: source.batch_bytes: must be at most half of max_frame")
+    if opts["reconnect_max"] < opts["reconnect_min"]:
+        raise t.err("reconnect_max", f"must be at least reconnect_min ({opts['reconnect_min']:g}s)")
     if opts["dead_after"] is None:
-        opts["dead_after"] = 3 * opts["keepalive"]
+        opts["dead_after"] = max(10.0, 3 * opts["keepalive"])
     elif opts["dead_after"] <= opts["keepalive"]:
         raise t.err("dead_after", f"must be longer than keepalive ({opts['keepalive']:g}s): the "
                     "receiver is asked for an answer after keepalive of silence, e.g. "

@@ -278,7 +278,7 @@ class ReceiverMetrics(_Base):
     """cdp_receiver_* metrics of a running receiver (cdp.receiver.Receiver)."""
 
     def __init__(self, rx: Any) -> None:
-        from prometheus_client import Gauge, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         super().__init__(rx, "cdp_receiver")
         self.apply_seconds = Histogram("cdp_receiver_apply_seconds", "Time to apply one sealed "
@@ -287,6 +287,9 @@ class ReceiverMetrics(_Base):
         self.open_connections = Gauge("cdp_receiver_open_connections", "Connections open now",
                                       registry=self.registry)
         self.open_connections.set_function(lambda: len(rx._conns))
+        self.takeovers = Counter("cdp_receiver_takeovers", "Connections superseded by a new "
+                                 "connection of the same client (a reconnect after a link fault)",
+                                 registry=self.registry)
 
     def applied(self, volume: str, seconds: float) -> None:
         self.apply_seconds.labels(volume).observe(seconds)

@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 HASHES_PER_FRAME = 65536
 STATUS_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
+OPEN_ATTEMPTS = 50  # an Open waits this many rounds for earlier connections' epochs to land
 
 
 @dataclass
@@ -265,8 +266,9 @@ class Receiver:
             await conn.say(Error("internal", "internal error in the receiver; see its log", ""))
         finally:
             conn.authenticated()
-            conn.release()
-            await conn.settle_all()  # sealed epochs finish applying
+            conn.drop_writers()  # unsealed epochs are discarded
+            await conn.settle_all()  # sealed ones finish applying, still under this connection
+            conn.disown()  # only now may another connection open its volumes
             await link.close()
             self._conns.discard(task)
             self._by_id.pop(id(conn), None)
@@ -314,31 +316,65 @@ class Receiver:
                                                       None, False, self.retention(msg.volume))
                         self.replicas[msg.volume] = rep
             return rep
-        async with self._open_lock:
-            owner = self.owners.get(msg.volume)
-            if owner is not None and owner != id(conn):
-                raise VolumeError(f"volume {msg.volume!r} is already being written by another "
-                                  "connection", code="busy", volume=msg.volume)
-            rep = self.replicas.get(msg.volume)
-            geo = Geometry(msg.size, msg.block_size)
-            if rep is not None and (rep.geometry != geo):
-                raise VolumeError(
-                    f"volume {msg.volume!r} is {msg.size} bytes in {msg.block_size}-byte blocks at "
-                    f"the source but the replica is {rep.geometry.size} bytes in "
-                    f"{rep.geometry.block_size}-byte blocks; if the volume really changed, move "
-                    "the old replica away first", code="geometry", volume=msg.volume)
-            if rep is None:
-                if msg.block_size < 4096 or msg.block_size > 4 << 20 or (
-                        msg.block_size & (msg.block_size - 1)) or msg.size == 0:
-                    raise VolumeError(f"volume {msg.volume!r}: unusable geometry size={msg.size} "
-                                      f"block_size={msg.block_size}", code="geometry",
+        for attempt in range(OPEN_ATTEMPTS):
+            takeover: _Conn | None = None
+            async with self._open_lock:
+                owner = self.owners.get(msg.volume)
+                old = self._by_id.get(owner) if owner is not None and owner != id(conn) else None
+                if old is None:
+                    if owner is not None and owner != id(conn):
+                        del self.owners[msg.volume]  # a connection that is gone
+                    rep = await self._open_writable(msg)
+                    if rep.writers_idle():
+                        self.owners[msg.volume] = id(conn)
+                        self.live.setdefault(msg.volume, VolumeLive())
+                        return rep
+                elif old.session.client != conn.session.client:
+                    raise VolumeError(f"volume {msg.volume!r} is already being written by another "
+                                      f"client ({old.session.client})", code="busy",
                                       volume=msg.volume)
-                rep = await asyncio.to_thread(Replica.open, self.cfg.data_dir, msg.volume, geo,
-                                              True, self.retention(msg.volume))
-                self.replicas[msg.volume] = rep
-            self.owners[msg.volume] = id(conn)
-            self.live.setdefault(msg.volume, VolumeLive())
-            return rep
+                else:
+                    takeover = old
+            if takeover is not None:
+                # Session takeover, outside the lock (the old connection may be waiting on it):
+                # the same client reconnected, so its old connection is dead or about to be.
+                log.warning("session takeover client=%s volume=%s old_peer=%s new_peer=%s: the "
+                            "client reconnected; its old connection is closed and its sealed "
+                            "epochs finish first (if this keeps happening, two sources may be "
+                            "running with the same name)", conn.session.client, msg.volume,
+                            takeover.link.peer, conn.link.peer)
+                self.metrics.takeovers.inc()
+                await conn.await_fence(takeover, f"superseded by {conn.link.peer}")
+            else:
+                # epochs sealed by an earlier connection (or this one, before a volume error)
+                # are still applying: the replica's epoch is not final until they land
+                for other in list(self._by_id.values()):
+                    await other.settle(msg.volume)
+                if attempt:
+                    await asyncio.sleep(0.01 * attempt)
+        raise VolumeError(f"volume {msg.volume!r} still has an epoch in flight from an earlier "
+                          "connection; the source retries", code="busy", volume=msg.volume)
+
+    async def _open_writable(self, msg: Open) -> Replica:
+        """The replica to write `msg.volume` to, opened or created; under _open_lock."""
+        rep = self.replicas.get(msg.volume)
+        geo = Geometry(msg.size, msg.block_size)
+        if rep is not None and (rep.geometry != geo):
+            raise VolumeError(
+                f"volume {msg.volume!r} is {msg.size} bytes in {msg.block_size}-byte blocks at "
+                f"the source but the replica is {rep.geometry.size} bytes in "
+                f"{rep.geometry.block_size}-byte blocks; if the volume really changed, move "
+                "the old replica away first", code="geometry", volume=msg.volume)
+        if rep is None:
+            if msg.block_size < 4096 or msg.block_size > 4 << 20 or (
+                    msg.block_size & (msg.block_size - 1)) or msg.size == 0:
+                raise VolumeError(f"volume {msg.volume!r}: unusable geometry size={msg.size} "
+                                  f"block_size={msg.block_size}", code="geometry",
+                                  volume=msg.volume)
+            rep = await asyncio.to_thread(Replica.open, self.cfg.data_dir, msg.volume, geo,
+                                          True, self.retention(msg.volume))
+            self.replicas[msg.volume] = rep
+        return rep
 
 
 class _Conn:
@@ -359,6 +395,9 @@ class _Conn:
         self.volumes_seen = False
         self.chain: dict[str, list[tuple[int, asyncio.Task[None]]]] = {}
         self.unauth_ip: str | None = None  # counted in rx.unauthenticated until authenticated
+        self.turn = asyncio.Lock()  # held while one message is handled
+        self.fenced = asyncio.Event()  # superseded by a newer connection of the same client
+        self._fencing: asyncio.Task[None] | None = None
 
     def unauthenticated_from(self, ip: str) -> None:
         self.unauth_ip = ip
@@ -391,13 +430,46 @@ class _Conn:
         except (CdpError, TimeoutError, OSError):
             pass
 
-    def release(self) -> None:
+    def drop_writers(self) -> None:
+        """Abort the epochs being received (not sealed: nothing of them reached the image)."""
         for w in self.writers.values():
             w.abort()
         self.writers.clear()
+        self.missing.clear()
+
+    def disown(self) -> None:
         for v in self.volumes:
             if self.rx.owners.get(v) == id(self):
                 del self.rx.owners[v]
+
+    def fence(self, why: str) -> asyncio.Task[None]:
+        """Supersede this connection (a session takeover); the task ends once it holds nothing:
+        closed, its unsealed epochs discarded, its sealed ones applied, its volumes released."""
+        if self._fencing is None:
+            self._fencing = asyncio.create_task(self._fence(why))
+        return self._fencing
+
+    async def _fence(self, why: str) -> None:
+        self.fenced.set()
+        with contextlib.suppress(asyncio.TimeoutError, CdpError, OSError):
+            await asyncio.wait_for(self.link.send(Error("superseded", why, "")), 1)
+        self.link.abort()  # a send or read in progress fails at once
+        async with self.turn:  # the message being handled finishes (e.g. a seal in a thread)
+            self.drop_writers()
+        await self.settle_all()
+        self.disown()
+
+    async def await_fence(self, old: _Conn, why: str) -> None:
+        """Wait until `old` is fenced; give up if this connection is fenced meanwhile (two
+        connections of one client superseding each other must not wait on each other)."""
+        task = old.fence(why)
+        mine = asyncio.ensure_future(self.fenced.wait())
+        try:
+            await asyncio.wait({task, mine}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            mine.cancel()
+        if self.fenced.is_set():
+            raise TransportError(f"{self.link.peer}: superseded while taking over {old.link.peer}")
 
     async def serve(self) -> None:
         auth_deadline = time.monotonic() + self.rx.cfg.auth_timeout
@@ -409,29 +481,38 @@ class _Conn:
             # one message at a time: a decision on one (fail a volume, reject an
             # epoch) governs how the session judges the next
             for msg, size in self.session.events():
-                if isinstance(msg, FilesetError):  # a set it may not write, a path trick
-                    log.error("file refused client=%s fileset=%s path=%r code=%s: %s",
-                              self.session.client, msg.fileset, msg.path, msg.wire_code, msg)
-                    await self.link.send(FileError(msg.fileset, msg.path, msg.wire_code, str(msg)))
-                    continue
-                if isinstance(msg, VolumeError):  # e.g. an Open it may not make
-                    await self.volume_failed(msg.volume, msg.wire_code, str(msg))
-                    continue
-                if isinstance(msg, Bye):
-                    log.info("client said goodbye client=%s reason=%s", self.session.client,
-                             msg.reason)
-                    return
-                if isinstance(msg, Error) and not msg.volume:
-                    log.warning("client reported error client=%s code=%s: %s",
-                                self.session.client, msg.code, msg.message)
-                    return
-                vol = getattr(msg, "volume", "")
-                try:
-                    await self.dispatch(msg, size)
-                except VolumeError as exc:
-                    await self.volume_failed(exc.volume or vol, exc.wire_code, str(exc))
-                except ReplicaError as exc:
-                    await self.volume_failed(vol, exc.wire_code, str(exc))
+                async with self.turn:
+                    if self.fenced.is_set():
+                        raise TransportError(f"{self.link.peer}: superseded by a newer connection "
+                                             f"of client {self.session.client}")
+                    if await self._handle_event(msg, size):
+                        return
+
+    async def _handle_event(self, msg: Message | VolumeError, size: int) -> bool:
+        """One message; True when the connection should end."""
+        if isinstance(msg, FilesetError):  # a set it may not write, a path trick
+            log.error("file refused client=%s fileset=%s path=%r code=%s: %s",
+                      self.session.client, msg.fileset, msg.path, msg.wire_code, msg)
+            await self.link.send(FileError(msg.fileset, msg.path, msg.wire_code, str(msg)))
+            return False
+        if isinstance(msg, VolumeError):  # e.g. an Open it may not make
+            await self.volume_failed(msg.volume, msg.wire_code, str(msg))
+            return False
+        if isinstance(msg, Bye):
+            log.info("client said goodbye client=%s reason=%s", self.session.client, msg.reason)
+            return True
+        if isinstance(msg, Error) and not msg.volume:
+            log.warning("client reported error client=%s code=%s: %s",
+                        self.session.client, msg.code, msg.message)
+            return True
+        vol = getattr(msg, "volume", "")
+        try:
+            await self.dispatch(msg, size)
+        except VolumeError as exc:
+            await self.volume_failed(exc.volume or vol, exc.wire_code, str(exc))
+        except ReplicaError as exc:
+            await self.volume_failed(vol, exc.wire_code, str(exc))
+        return False
 
     async def _fill_before(self, deadline: float) -> None:
         try:

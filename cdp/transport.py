@@ -162,14 +162,19 @@ class Link:
 
 
 class Backoff:
-    """Exponential backoff with jitter between reconnect attempts."""
+    """Exponential backoff with jitter between reconnect attempts.
 
-    def __init__(self, low: float, high: float) -> None:
-        self.low, self.high = low, high
-        self.delay = low
+    The delay doubles from `low` up to `high` and each wait is drawn from [delay/2, delay]:
+    never above `high` (a healed link is retried within `high`), and many sources that lost
+    the same receiver do not come back in lockstep. reset() after a success."""
+
+    def __init__(self, low: float, high: float, rng: random.Random | None = None) -> None:
+        self.low, self.high = low, max(low, high)
+        self.delay = self.low
+        self._rng = rng or random.Random()
 
     def next(self) -> float:
-        d = self.delay * random.uniform(0.8, 1.2)
+        d = self.delay * self._rng.uniform(0.5, 1.0)
         self.delay = min(self.high, self.delay * 2)
         return d
 

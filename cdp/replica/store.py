@@ -33,6 +33,7 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import deque
@@ -86,6 +87,10 @@ class ReplicaBusy(ReplicaError):
     """Another process (the receiver) has the replica open."""
 
 
+class WriterConflict(ReplicaError):
+    """An epoch cannot begin: another is being received, or one is sealed and still applying."""
+
+
 def _is_enospc(exc: OSError) -> bool:
     return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -103,6 +108,12 @@ class Replica:
         self.image_fd = os.open(path / "image", os.O_RDWR)
         self.hash_fd = os.open(path / "hashes", os.O_RDWR)
         self.hashes_reserved = False
+        # One writer per volume, always: at most one epoch being received, and sealed epochs
+        # (durable in their WAL, not yet applied) are tracked so that no Begin reuses their WAL
+        # file or their number, whichever connection it comes from.
+        self._writers = threading.RLock()  # EpochWriter() may abort inside begin()
+        self._receiving: EpochWriter | None = None
+        self._sealed: set[int] = set()
 
     # -- opening -------------------------------------------------------------
 
@@ -293,11 +304,41 @@ class Replica:
         return b"".join(block_hash(self.read_block(i)) for i in range(start, start + count))
 
     def begin(self, epoch: int, when: float) -> EpochWriter:
-        """Start receiving `epoch`; the one before it may still be applying."""
-        if epoch not in (self.state.epoch + 1, self.state.epoch + 2):
-            raise ReplicaError(
-                f"{self.state.volume}: epoch {epoch} cannot follow {self.state.epoch}")
-        return EpochWriter(self, epoch, when)
+        """Start receiving `epoch`; the one before it may still be applying.
+
+        One writer per volume: refused while another epoch is being received (a second
+        connection must fence the first), and `epoch` must follow the newest epoch applied or
+        sealed, so it never shares a number or a WAL file with an epoch still to be applied.
+        """
+        with self._writers:
+            vol = self.state.volume
+            if self._receiving is not None:
+                raise WriterConflict(
+                    f"{vol}: epoch {self._receiving.epoch} is still being received; epoch {epoch} "
+                    "cannot begin until it is committed or aborted")
+            newest = max(self._sealed, default=self.state.epoch)
+            if epoch != newest + 1 or epoch > self.state.epoch + 2:
+                held = (f"epoch {self.state.epoch} applied"
+                        + (f", {sorted(self._sealed)} sealed and applying" if self._sealed else ""))
+                raise WriterConflict(f"{vol}: epoch {epoch} cannot follow ({held})")
+            w = EpochWriter(self, epoch, when)
+            self._receiving = w
+            return w
+
+    def writers_idle(self) -> bool:
+        """No epoch is being received and none is sealed but unapplied."""
+        with self._writers:
+            return self._receiving is None and not self._sealed
+
+    def _writer_ended(self, w: EpochWriter, sealed: bool, applied: bool) -> None:
+        """EpochWriter bookkeeping: receiving -> sealed -> applied (or aborted)."""
+        with self._writers:
+            if self._receiving is w:
+                self._receiving = None
+            if sealed and not applied:
+                self._sealed.add(w.epoch)
+            else:
+                self._sealed.discard(w.epoch)
 
     # -- applying ------------------------------------------------------------
 
@@ -612,6 +653,7 @@ class EpochWriter:
         except OSError as exc:
             self._fail(exc)
         self._sealed = True
+        self.replica._writer_ended(self, sealed=True, applied=False)
 
     def apply(self) -> ReplicaState:
         """Apply the sealed epoch (the one before it must be applied); returns the new state."""
@@ -620,7 +662,8 @@ class EpochWriter:
         try:
             rep._apply(self._replay, self._cache, lambda: (b for _, b, _ in self._records))
         except OSError as exc:
-            # The WAL holds the whole epoch: reopening the replica replays it.
+            # The WAL holds the whole epoch: reopening the replica replays it. Until then it
+            # stays counted as sealed: nothing may begin after it on this (closing) replica.
             self._done = True
             if _is_enospc(exc):
                 raise DiskFullError(
@@ -628,6 +671,7 @@ class EpochWriter:
                     "in the WAL and replayed when the replica is reopened") from None
             raise ReplicaError(f"{rep.state.volume}: apply failed: {exc}") from None
         self._done = True  # the WAL may stay: its epoch is now <= the state's, never replayed
+        rep._writer_ended(self, sealed=True, applied=True)
         return rep.state
 
     def _log(self, body: list, blob: bytes = b"") -> int:
@@ -696,6 +740,7 @@ class EpochWriter:
         if self._done or self._sealed:
             return  # a sealed epoch is durable: it is applied, or replayed on reopen
         self._done = True
+        self.replica._writer_ended(self, sealed=False, applied=False)
         try:
             self._wal.close()
         except (OSError, AttributeError):

@@ -313,13 +313,14 @@ class Source:
     async def _keepalive(self, link: Link) -> None:
         """When nothing else went out for a while, say Current for an idle volume.
 
-        Keeps the receiver from dropping a quiet connection (its idle_timeout)
-        when scans are rare; the receiver only records it if the epoch matches.
+        Only for a receiver that does not know Ping (an older cdp, see _watchdog): keeps it
+        from dropping a quiet connection (its idle_timeout) when scans are rare; the
+        receiver only records it if the epoch matches.
         """
         last = link.sent_bytes
         while True:
             await asyncio.sleep(self.cfg.keepalive)
-            if link.sent_bytes != last:
+            if self.pings or link.sent_bytes != last:
                 last = link.sent_bytes
                 continue
             for vs in self.volumes.values():
@@ -331,8 +332,9 @@ class Source:
             last = link.sent_bytes
 
     async def _watchdog(self, link: Link) -> None:
-        """Dead links: after `keepalive` with nothing received, ask the receiver for an answer
-        (Ping); after `dead_after` with nothing received while an answer is awaited (a Pong, or
+        """Dead links: after `keepalive` with nothing received or nothing sent, ask the
+        receiver for an answer (Ping: it also tells the receiver we are alive); after
+        `dead_after` with nothing received while an answer is awaited (a Pong, or
         the acknowledgement of a pending epoch), drop the connection: the reconnect and the
         resume take over. A half-open connection (a NAT that forgot it, a peer gone without a
         RST) would otherwise hold pending epochs as long as TCP keeps retrying.
@@ -345,6 +347,7 @@ class Source:
         nonce = 0
         ping: asyncio.Task[int] | None = None
         mark, moved_at = link.written - link.unacked(), time.monotonic()
+        written, wrote_at = link.written, time.monotonic()
         try:
             while True:
                 keepalive, dead_after = self.cfg.keepalive, self.cfg.dead_after  # SIGHUP may change
@@ -353,6 +356,8 @@ class Source:
                 taken = link.written - link.unacked()  # acknowledged by the peer's TCP
                 if taken - mark >= LINK_PROGRESS:
                     mark, moved_at = taken, now  # the link is taking our data
+                if link.written != written:
+                    written, wrote_at = link.written, now
                 heard = now - link.received_at
                 silent = min(heard, now - moved_at)
                 awaiting = bool(session.pings) or any(vs.pending for vs in self.volumes.values())
@@ -363,7 +368,8 @@ class Source:
                     link.abort()  # what is unsent cannot leave: do not wait for it
                     raise TransportError(f"no answer from {link.peer} for {heard:.0f}s "
                                          "(dead_after)")
-                if (heard >= keepalive and self.pings and not session.pings
+                quiet = max(heard, now - wrote_at)  # the receiver's idle_timeout needs our bytes
+                if (quiet >= keepalive and self.pings and not session.pings
                         and (ping is None or ping.done())):
                     nonce += 1
                     ping = asyncio.create_task(link.send(Ping(nonce)))  # it may block: not here
@@ -460,8 +466,9 @@ class Source:
     # -- per volume ----------------------------------------------------------
 
     async def _volume(self, link: Link, vs: VolumeState) -> None:
-        retry = Backoff(5.0, 300.0)
+        retry = Backoff(self.cfg.reconnect_min, self.cfg.retry_max)
         while True:
+            started, acked = time.monotonic(), vs.acked
             try:
                 await self._volume_session(link, vs)
             except RemoteError as exc:
@@ -479,8 +486,10 @@ class Source:
                 with contextlib.suppress(CdpError):
                     await self._send(link, vs, Error("tracker", str(exc), vs.name))
             self.inbox.pop(vs.name, None)
+            if vs.acked != acked or time.monotonic() - started >= self.cfg.retry_max:
+                retry.reset()  # it worked for a while: a new fault starts from the short delay
             delay = retry.next()
-            log.info("volume=%s: retrying in %.0fs", vs.name, delay)
+            log.info("volume=%s: retrying in %.1fs", vs.name, delay)
             await asyncio.sleep(delay)
 
     async def _open(self, link: Link, vs: VolumeState) -> Opened:

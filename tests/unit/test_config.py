@@ -108,7 +108,7 @@ def test_receiver_defaults(cfg_dir):
     assert cfg.data_dir == cfg_dir.resolve() / "replicas"
     assert cfg.clients == ()
     assert cfg.max_frame == 32 * 1024 * 1024
-    assert cfg.idle_timeout == 300.0
+    assert cfg.idle_timeout == 10.0  # a silent source is noticed within seconds
 
 
 def test_receiver_relative_paths_use_config_folder_not_cwd(cfg_dir, tmp_path, monkeypatch):
@@ -701,3 +701,25 @@ def test_nbd_volumes_default_to_16k_blocks(cfg_dir):
     vol = load_source(source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "unix:s"\n')).volumes[0]
     assert vol.block_size == 16 * 1024
     assert load_source(source_with(cfg_dir, SOURCE)).volumes[0].block_size == 64 * 1024
+
+
+def test_link_liveness_and_retry_defaults(cfg_dir):
+    """A silent peer is noticed within seconds and a healed link is retried within seconds."""
+    cfg = load_source(source_with(cfg_dir))
+    assert cfg.keepalive == 3.0
+    assert cfg.dead_after == 10.0
+    assert cfg.reconnect_min == 0.5
+    assert cfg.reconnect_max == 5.0
+    assert cfg.retry_max == 10.0
+    rx = load_receiver(receiver_with(cfg_dir))
+    assert cfg.keepalive * 3 <= rx.idle_timeout  # sources Ping well inside the receiver's limit
+    # a longer keepalive keeps dead_after three keepalives away, as before
+    cfg = load_source(source_with(cfg_dir, SOURCE.replace('state_dir = "state"',
+                                                          'state_dir = "state"\nkeepalive = "20s"')))
+    assert cfg.dead_after == 60.0
+
+
+def test_reconnect_max_below_min_is_refused(cfg_dir):
+    text = SOURCE.replace('state_dir = "state"', 'reconnect_min = "10s"\nreconnect_max = "2s"')
+    msg = config_error(load_source, source_with(cfg_dir, text))
+    assert "source.reconnect_max" in msg and "reconnect_min" in msg
