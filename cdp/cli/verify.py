@@ -1,12 +1,22 @@
-"""`cdp verify`: compare source volumes and their replicas block by block."""
+"""`cdp verify`: compare source volumes and their replicas block by block.
+
+`cdp verify --replica` runs at the receiver instead: it rehashes each replica
+image against the replica's own hash map (cdp/replica/check.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from cdp.blocks import Geometry
-from cdp.config import SourceConfig
+from cdp.config import ReceiverConfig, SourceConfig, valid_name
+from cdp.errors import UsageError
+from cdp.replica.check import CheckResult, check_replica, replica_dirs
 from cdp.source.inspect import replica_hashes
 from cdp.tracker.scan import hash_volume, volume_size
 
@@ -32,3 +42,69 @@ def verify(cfg: SourceConfig, names: list[str] | None = None) -> list[dict[str, 
         rep.update(equal=not diff, replica_epoch=epoch, differing=diff, error="")
         reports.append(rep)
     return reports
+
+
+def verify_replica(cfg: ReceiverConfig, names: list[str] | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> list[CheckResult]:
+    """Rehash the named replicas (default: every one in data_dir) against their hash maps.
+
+    Unknown names are a usage error before anything is read: a typo must not
+    pass as "nothing to check".
+    """
+    if names:
+        dirs = []
+        for name in dict.fromkeys(names):
+            if not valid_name(name) or not (cfg.data_dir / name / "state.json").is_file():
+                raise UsageError(f"no replica of volume {name!r} in {cfg.data_dir} (check the "
+                                 f"name and {cfg.path})")
+            dirs.append(cfg.data_dir / name)
+    else:
+        dirs = replica_dirs(cfg.data_dir)
+        if not dirs:
+            raise UsageError(f"no replicas in {cfg.data_dir} (data_dir of {cfg.path})")
+    return [check_replica(d, partial(progress, d.name) if progress else None) for d in dirs]
+
+
+def replica_line(r: CheckResult, shown: int = 20) -> str:
+    """One human line per volume (and the note, if any, on the next)."""
+    def listed(blocks: tuple[int, ...]) -> str:
+        more = f" and {len(blocks) - shown} more" if len(blocks) > shown else ""
+        return ", ".join(map(str, blocks[:shown])) + more
+
+    if r.skipped:
+        return f"{r.volume}: not checked: {r.skipped}"
+    if r.error:
+        return f"{r.volume}: cannot check: {r.error}"
+    epoch = f"epoch {r.epoch}" + (f" (now {r.epoch_end})" if r.epoch_end != r.epoch else "")
+    line = f"{r.volume}: {epoch}, {r.blocks} blocks checked, "
+    if r.differing:
+        n = len(r.differing)
+        line += f"{n} differing block{'s' if n != 1 else ''}: {listed(r.differing)}"
+    else:
+        line += "equal"
+    if r.changing:
+        line += (f"; {len(r.changing)} kept changing while re-read (being written, not "
+                 f"compared): {listed(r.changing)}")
+    return line + (f"\n  note: {r.note}" if r.note else "")
+
+
+@contextlib.contextmanager
+def replica_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich bar per volume on stderr when it is a terminal; nothing otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                  transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(volume: str, done: int, total: int) -> None:
+            if volume not in tasks:
+                tasks[volume] = bar.add_task(volume, total=total)
+            bar.update(tasks[volume], completed=done, total=total)
+
+        yield update

@@ -217,6 +217,10 @@ def test_verify_equal_then_names_the_corrupted_block(cdp_env, daemons):
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(r.stdout)
     assert rep[0]["volume"] == VOL and rep[0]["equal"] is True and rep[0]["differing"] == []
+    # the DR site's own check, beside the live receiver (which holds the replica's lock)
+    r = run_cdp("verify", "--replica", "-c", env.receiver_toml, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [(x["volume"], x["equal"]) for x in json.loads(r.stdout)] == [(VOL, True)]
 
     # Corrupt one block of the replica behind the receiver's back. Nothing
     # repairs it (the source only sends what changed at the source): verify must tell.
@@ -238,6 +242,9 @@ def test_verify_equal_then_names_the_corrupted_block(cdp_env, daemons):
     assert r.returncode == 1, r.stdout + r.stderr
     rep = json.loads(r.stdout)
     assert rep[0]["equal"] is False and rep[0]["differing"] == [bad]
+    r = run_cdp("verify", "--replica", "-c", env.receiver_toml)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.rstrip().endswith(f"1 differing block: {bad}"), r.stdout
     rx.stop()
 
 
