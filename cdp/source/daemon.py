@@ -270,6 +270,11 @@ class Source:
             log.warning("the receiver does not know Ping (an older cdp): from now on a dead link "
                         "is noticed only while epochs await acknowledgement; upgrade the receiver")
             return
+        if isinstance(err, RemoteError) and err.code == "superseded":
+            log.warning("the receiver closed this connection: a newer connection named %r took "
+                        "over its volumes (normal after a link fault; if it keeps happening, "
+                        "another source runs with the same name)", self.cfg.name)
+            return
         if isinstance(err, AuthError | RemoteError) and (
                 isinstance(err, AuthError) or err.code in PERMANENT_CODES):
             log.error("receiver refused us: %s", err)

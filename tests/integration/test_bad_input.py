@@ -176,7 +176,8 @@ def site(tmp_path_factory: pytest.TempPathFactory):
     """A receiver serving host1 (volume good, replicating) and host2 (volume static,
     seeded, its source stopped): host2's replica is the one attacked."""
     root = tmp_path_factory.mktemp("badinput")
-    env = write_env(root, {"host1": ["good"], "host2": ["static"]})
+    # host3 may write "good" too but runs no source: a second client of a busy volume
+    env = write_env(root, {"host1": ["good"], "host2": ["static"], "host3": ["good"]})
     rng = random.Random(21)
     make_image(env.sources["host1"].images["good"], SIZE, rng)
     make_image(env.sources["host2"].images["static"], SIZE, rng)
@@ -366,11 +367,28 @@ def test_open_with_another_geometry_than_the_replica(site):
 
 
 def test_second_writer_of_a_volume_is_refused(site):
-    c = site.client("host1")
+    """Another client allowed to write the volume gets `busy` while host1's source holds it."""
+    c = site.client("host3")
     c.send_msg(Open("good", SIZE, BS))  # the running source holds it
     err = c.expect_error()
     assert err.code == "busy" and err.volume == "good", err
+    assert "another client (host1)" in err.message
     c.close()
+    site.check_unharmed()
+
+
+def test_same_client_reconnecting_takes_the_volume_over(site):
+    """A second connection of host1 itself is a reconnect (session takeover): it gets the
+    volume at once; the real source then reconnects and takes it back, and goes on."""
+    c = site.client("host1")
+    c.send_msg(Open("good", SIZE, BS))
+    msg = c.recv()
+    assert isinstance(msg, Opened) and msg.volume == "good", msg
+    assert msg.epoch == site.env.replica_state("good")["epoch"]
+    err = c.expect_error(30)  # the source's reconnect supersedes this connection in turn
+    assert err.code == "superseded" and err.volume == "", err
+    c.close()
+    assert "session takeover client=host1 volume=good" in site.rx.log_text()
     site.check_unharmed()
 
 
