@@ -105,7 +105,7 @@ class ReceiverConfig:
     clients: tuple[ClientConfig, ...]
     tls: TlsServer | None = None
     max_frame: int = 32 * 1024 * 1024
-    idle_timeout: float = 10.0  # a source silent this long is gone (sources Ping every keepalive)
+    idle_timeout: float = 10.0  # a source silent this long is gone (sources Ping every keepalive, 2 s)
     archives: tuple[ArchiveConfig, ...] = ()
     keep: KeepConfig = KeepConfig()
     volume_keep: tuple[tuple[str, KeepConfig], ...] = ()  # [[receiver.volume]] overrides
@@ -186,8 +186,8 @@ class SourceConfig:
     reconnect_min: float = 0.5
     reconnect_max: float = 5.0  # reconnect delays double from reconnect_min up to this (jittered)
     retry_max: float = 10.0  # a volume the receiver refused for a while: retried at most this far apart
-    keepalive: float = 3.0  # Ping after this long without traffic (well below the receiver's idle_timeout)
-    dead_after: float = 10.0  # nothing received for this long, awaiting an answer: drop, reconnect
+    keepalive: float = 2.0  # Ping after this long without traffic (well below the receiver's idle_timeout)
+    dead_after: float = 6.0  # nothing received for this long, awaiting an answer: drop, reconnect
     dedup_index_entries: int = 4_000_000
     max_frame: int = 32 * 1024 * 1024
     rate_limit: float | None = None  # bytes per second sent, all volumes together; None: no cap
@@ -541,7 +541,7 @@ def load_source(path: str | Path) -> SourceConfig:
         reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),
         reconnect_max=t.get("reconnect_max", _positive_duration, default=5.0),
         retry_max=t.get("retry_max", _positive_duration, default=10.0),
-        keepalive=t.get("keepalive", _positive_duration, default=3.0),
+        keepalive=t.get("keepalive", _positive_duration, default=2.0),
         dead_after=t.get("dead_after", _positive_duration, default=None),
         dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
         max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
@@ -557,7 +557,7 @@ def load_source(path: str | Path) -> SourceConfig:
     if opts["reconnect_max"] < opts["reconnect_min"]:
         raise t.err("reconnect_max", f"must be at least reconnect_min ({opts['reconnect_min']:g}s)")
     if opts["dead_after"] is None:
-        opts["dead_after"] = max(10.0, 3 * opts["keepalive"])
+        opts["dead_after"] = 3 * opts["keepalive"]
     elif opts["dead_after"] <= opts["keepalive"]:
         raise t.err("dead_after", f"must be longer than keepalive ({opts['keepalive']:g}s): the "
                     "receiver is asked for an answer after keepalive of silence, e.g. "

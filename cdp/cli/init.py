@@ -13,7 +13,7 @@ RECEIVER = """\
 [receiver]
 listen = "127.0.0.1:7400"        # host:port to accept sources on
 data_dir = "replicas"            # one folder per volume: replicas/<volume>/image is the replica
-# idle_timeout = "10s"           # drop connections silent for this long (sources Ping every 3s)
+# idle_timeout = "10s"           # drop connections silent for this long (sources Ping every 2s)
 # max_connections = 64           # more connections are refused with "busy"; sources retry
 # auth_timeout = "10s"           # close connections not authenticated by then
 # max_unauthenticated_per_ip = 8 # more not-yet-authenticated connections from one address: refused
@@ -59,8 +59,8 @@ state_dir = "state"
 # compress_level = 1             # zstd level (-7..19)
 # workers = 2                    # compression threads
 # max_concurrent_scans = 2       # full scans / nbd resyncs running at once, all volumes
-# keepalive = "3s"               # Ping after this long without traffic (< receiver idle_timeout)
-# dead_after = "10s"             # nothing received this long while awaiting an answer: the link is
+# keepalive = "2s"               # Ping after this long without traffic (< receiver idle_timeout)
+# dead_after = "6s"              # nothing received this long while awaiting an answer: the link is
 #                                # dead (NAT timeout, peer gone): drop it and reconnect
 # reconnect_min = "0.5s"         # reconnect delays double from this...
 # reconnect_max = "5s"           # ...up to this (each drawn from [d/2, d])

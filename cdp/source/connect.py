@@ -11,8 +11,11 @@ from cdp.messages import Challenge, Error, GetHashes, Hashes, Message, Welcome
 from cdp.protocol import SourceSession
 from cdp.transport import Link, client_tls
 
-HANDSHAKE_TIMEOUT = 30.0
-CONNECT_TIMEOUT = 15.0
+# An attempt that hangs (a path that still black-holes new connections) must not hold up the
+# next one for long: TCP and TLS get CONNECT_TIMEOUT, the two tiny handshake round trips
+# HANDSHAKE_TIMEOUT each; then the backoff (at most reconnect_max) and a fresh attempt.
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 5.0
 
 
 async def connect(cfg: SourceConfig) -> Link:

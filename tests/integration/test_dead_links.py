@@ -110,13 +110,12 @@ def _source_toml(tmp_path: Path, extra: str) -> Path:
     return path
 
 
-def test_dead_after_defaults_to_ten_seconds_or_three_keepalives_and_must_exceed_it(
-        tmp_path: Path) -> None:
-    assert load_source(_source_toml(tmp_path, "")).dead_after == 10.0  # keepalive 3 s
+def test_dead_after_defaults_to_three_keepalives_and_must_exceed_it(tmp_path: Path) -> None:
+    assert load_source(_source_toml(tmp_path, "")).dead_after == 6.0  # keepalive 2 s
     assert load_source(_source_toml(tmp_path, 'keepalive = "10s"')).dead_after == 30.0
     cfg = load_source(_source_toml(tmp_path, 'keepalive = "10s"\ndead_after = "45s"'))
     assert (cfg.keepalive, cfg.dead_after) == (10.0, 45.0)
-    for bad in ('keepalive = "10s"\ndead_after = "10s"', 'dead_after = "3s"',
+    for bad in ('keepalive = "10s"\ndead_after = "10s"', 'dead_after = "2s"',
                 'dead_after = "0s"'):
         with pytest.raises(ConfigError, match=r"source\.dead_after"):
             load_source(_source_toml(tmp_path, bad))

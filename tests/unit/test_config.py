@@ -706,13 +706,13 @@ def test_nbd_volumes_default_to_16k_blocks(cfg_dir):
 def test_link_liveness_and_retry_defaults(cfg_dir):
     """A silent peer is noticed within seconds and a healed link is retried within seconds."""
     cfg = load_source(source_with(cfg_dir))
-    assert cfg.keepalive == 3.0
-    assert cfg.dead_after == 10.0
+    assert cfg.keepalive == 2.0
+    assert cfg.dead_after == 6.0  # three keepalives
     assert cfg.reconnect_min == 0.5
     assert cfg.reconnect_max == 5.0
     assert cfg.retry_max == 10.0
     rx = load_receiver(receiver_with(cfg_dir))
-    assert cfg.keepalive * 3 <= rx.idle_timeout  # sources Ping well inside the receiver's limit
+    assert cfg.keepalive * 4 <= rx.idle_timeout  # sources Ping well inside the receiver's limit
     # a longer keepalive keeps dead_after three keepalives away, as before
     cfg = load_source(source_with(cfg_dir, SOURCE.replace('state_dir = "state"',
                                                           'state_dir = "state"\nkeepalive = "20s"')))
