@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp.blocks import Geometry, pack_u64
+from cdp.blocks import Geometry, pack_u64, unpack_u64
+from cdp.codec import HASH_LEN
 from cdp.config import ReceiverConfig
 from cdp.durable import atomic_write_json
 from cdp.errors import (
@@ -658,9 +659,20 @@ class _Conn:
         src: Replica | None = None
         if msg.from_volume in self.session.allowed:
             src = self.rx.replicas.get(msg.from_volume)
-            # references read the image: let earlier epochs of that volume land first
-            await self.settle(msg.from_volume)
+        # Every candidate is rehashed before use, so reading the image while an earlier epoch
+        # applies is safe; only what it did not find waits for that epoch (which may be
+        # bringing the content) and is looked up again. Waiting up front would stop this
+        # connection's reads, and its Pongs, for as long as the apply takes.
         missing = await asyncio.to_thread(w.add_refs, rest[0], rest[1], src, rest[2])
+        if missing and src is not None and self.chain.get(msg.from_volume):
+            await self.settle(msg.from_volume)
+            again = set(missing)
+            idx, fidx = unpack_u64(rest[0]).tolist(), unpack_u64(rest[2]).tolist()
+            ks = [k for k, i in enumerate(idx) if i in again]
+            missing = await asyncio.to_thread(
+                w.add_refs, pack_u64(idx[k] for k in ks),
+                b"".join(rest[1][k * HASH_LEN:(k + 1) * HASH_LEN] for k in ks), src,
+                pack_u64(fidx[k] for k in ks))
         if missing:
             self.missing[msg.volume].extend(missing)
 

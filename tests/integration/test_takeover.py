@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,24 @@ from conftest import CdpEnv, read_json
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, zero_hash
 from cdp.config import load_receiver
-from cdp.messages import Ack, Begin, Challenge, Commit, Data, Error, Message, Open, Opened, Welcome
+from cdp.messages import (
+    Ack,
+    Begin,
+    Challenge,
+    Commit,
+    Data,
+    Error,
+    Message,
+    Open,
+    Opened,
+    Ping,
+    Pong,
+    Ref,
+    Welcome,
+)
 from cdp.protocol import SourceSession
 from cdp.receiver import Receiver
+from cdp.replica import EpochWriter
 from cdp.transport import Link
 
 VOL = "vol1"
@@ -204,3 +220,50 @@ def test_another_client_still_gets_busy(cdp_env: Callable[..., CdpEnv]) -> None:
         await two.link.close()
 
     run_with_receiver(env, body)
+
+
+def test_pings_are_answered_while_an_earlier_epoch_applies(cdp_env: Callable[..., CdpEnv],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow disk at the DR site must not look like a dead link: while epoch 1 is applying
+    (held here), references in epoch 2 to content already in the image are resolved and a Ping
+    is answered at once; the source's dead_after never runs out on a busy receiver."""
+    env = cdp_env()
+    gate = threading.Event()
+    real_apply = EpochWriter.apply
+
+    def slow_apply(self: EpochWriter) -> Any:
+        if self.epoch == 2:
+            assert gate.wait(60), "the test never released the apply"
+        return real_apply(self)
+
+    monkeypatch.setattr(EpochWriter, "apply", slow_apply)
+    rng = random.Random(4)
+
+    async def body(rx: Receiver, port: int) -> None:
+        c = await Client.connect(port, "host1", env.token("host1"))
+        assert isinstance(await c.open(), Opened)
+        first = blocks(rng, 16)
+        await c.epoch(1, first)
+        assert isinstance(await c.next(), Ack)
+        await c.epoch(2, blocks(rng, 64, 100))  # its apply is held
+        await c.link.send(Begin(VOL, 3, 3.0))
+        idx = [200, 201]
+        await c.link.send(Ref(VOL, 3, VOL, pack_u64(idx),
+                              block_hash(first[0]) + block_hash(first[1]), pack_u64([0, 1])))
+        await c.link.send(Ping(7))
+        pong = await c.next()
+        assert isinstance(pong, Pong) and pong.nonce == 7, pong
+        assert state_epoch(env.data_dir) == 1  # epoch 2 is still applying
+        await c.link.send(Commit(VOL, 3, len(idx)))
+        gate.set()
+        acks = [await c.next(), await c.next()]
+        assert [type(m) for m in acks] == [Ack, Ack] and [m.epoch for m in acks] == [2, 3], acks
+        agree(env.data_dir)
+        image = (env.data_dir / VOL / "image").read_bytes()
+        assert image[200 * BS:201 * BS] == first[0] and image[201 * BS:202 * BS] == first[1]
+        await c.link.close()
+
+    try:
+        run_with_receiver(env, body)
+    finally:
+        gate.set()
