@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import sys
@@ -108,3 +109,30 @@ def block_spans(extents: list[tuple[int, int]], geo: Geometry) -> list[tuple[int
         else:
             spans.append((first, last - first + 1))
     return spans
+
+
+def merge_runs(pairs: Iterable[int]) -> list[tuple[int, int]]:
+    """(start, count) pairs, flat, as sorted disjoint runs: overlapping and adjacent runs merge.
+
+    Zero runs come from a peer: however they repeat or overlap, what follows is O(runs)."""
+    it = iter(pairs)
+    spans = sorted(zip(it, it, strict=True))
+    out: list[tuple[int, int]] = []
+    for start, count in spans:
+        if out and start <= out[-1][0] + out[-1][1]:
+            s0, c0 = out[-1]
+            out[-1] = (s0, max(c0, start + count - s0))
+        elif count:
+            out.append((start, count))
+    return out
+
+
+def keys_in_runs(keys: list[int], merged: list[tuple[int, int]]) -> Iterator[int]:
+    """Of sorted `keys`, those inside sorted disjoint `merged` runs: one sweep, O(keys + runs)."""
+    k = 0
+    for start, count in merged:
+        end = start + count
+        k = bisect.bisect_left(keys, start, k)
+        while k < len(keys) and keys[k] < end:
+            yield keys[k]
+            k += 1

@@ -72,3 +72,33 @@ def decompress(blob: bytes, expected_len: int) -> bytes:
     if len(out) != expected_len:
         raise RemoteProtocolError(f"compressed data holds {len(out)} bytes, expected {expected_len}")
     return out
+
+
+def compressed_digest(blob: bytes, expected_len: int, chunk: int = 1 << 20) -> bytes:
+    """xxh3-128 of what `blob` decompresses to, which must be exactly `expected_len` bytes.
+
+    Streamed: memory stays at one chunk whatever the frame claims, so a small frame that
+    expands to a gigabyte costs time bounded by the caller's size limit, never memory.
+    """
+    try:
+        params = zstandard.get_frame_parameters(blob)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"compressed data is not a zstd frame: {exc}") from None
+    if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, expected_len):
+        raise RemoteProtocolError(
+            f"compressed data holds {params.content_size} bytes, expected {expected_len}")
+    h = xxhash.xxh3_128()
+    n = 0
+    try:
+        with _decompressor().stream_reader(blob, read_across_frames=False) as reader:
+            while part := reader.read(chunk):
+                n += len(part)
+                if n > expected_len:
+                    break
+                h.update(part)
+    except zstandard.ZstdError as exc:
+        raise RemoteProtocolError(f"corrupt compressed data: {exc}") from None
+    if n != expected_len:
+        raise RemoteProtocolError(f"compressed data holds {'more than ' if n > expected_len else ''}"
+                                  f"{n} bytes, expected {expected_len}")
+    return h.digest()

@@ -77,9 +77,10 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     raise OSError(err, os.strerror(err))
 
 
-def write_zeros(fd: int, offset: int, length: int) -> None:
-    """Zero a range: punch a hole where possible (keeps replicas sparse), else write zeros."""
-    if punch_hole(fd, offset, length):
+def write_zeros(fd: int, offset: int, length: int, punch: bool = True) -> None:
+    """Zero a range: punch a hole where possible (keeps replicas sparse), else write zeros
+    (always, with punch=False: space reserved ahead must stay allocated), in bounded chunks."""
+    if punch and punch_hole(fd, offset, length):
         return
     chunk = bytes(min(length, 1 << 20))
     while length > 0:

@@ -9,6 +9,7 @@ concatenated 16-byte digests: compact, and cheap to check.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -346,6 +347,7 @@ _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
     cls: tuple((f.name, str(f.type)) for f in fields(cls)) for cls in ALL  # type: ignore[arg-type]
 }
 MAX_STR = 4096
+MAX_FLOAT = 1e13  # seconds: year ~318000
 
 
 def to_wire(msg: Message) -> list[Any]:
@@ -360,7 +362,8 @@ def _check(cls: type[Message], name: str, kind: str, value: Any) -> Any:
     elif kind == "float":
         if type(value) is int:
             value = float(value)
-        ok = type(value) is float and value == value  # not NaN
+        # finite and within a few hundred millennia: times become sort keys, ages, RPOs
+        ok = type(value) is float and math.isfinite(value) and abs(value) < MAX_FLOAT
     elif kind == "str":
         ok = type(value) is str and len(value) <= MAX_STR
     elif kind == "bytes":

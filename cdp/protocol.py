@@ -89,6 +89,8 @@ from cdp.messages import (
 )
 
 NONCE_LEN = 32
+PREAUTH_MAX_FRAME = 4096  # receiver side, until authenticated
+MAX_ZERO_RUNS = 65536  # (start, count) pairs in one Zero frame: the receiver's work per frame is bounded
 MAX_UNANSWERED = MAX_WINDOW  # committed epochs per volume awaiting Ack/Need
 EPOCH_MESSAGES = (Data, Zero, Ref)
 FILE_REQUESTS = (FilePut, FileDelete)
@@ -447,6 +449,9 @@ class ReceiverSession(_Session):
                  nonce: bytes | None = None,
                  filesets: Callable[[str], tuple[str, ...]] | None = None) -> None:
         super().__init__(max_frame)
+        # Before authentication only Hello and Auth arrive, each a few dozen bytes: a stranger
+        # may not make us hold a max_frame buffer per connection. Raised once Welcome is sent.
+        self._decoder.max_frame = min(max_frame, PREAUTH_MAX_FRAME)
         self._lookup = lookup
         self._filesets_of = filesets or (lambda client: ())
         self.filesets: dict[str, str | None] = {}  # open file sets -> the path awaiting an answer
@@ -474,6 +479,8 @@ class ReceiverSession(_Session):
                     "run the same cdp version on both sides")
             if len(msg.nonce) != NONCE_LEN:
                 raise RemoteProtocolError("Hello nonce has the wrong length")
+            if not valid_name(msg.name):  # it reaches logs and status before authentication
+                raise RemoteProtocolError(f"invalid client name {msg.name[:64]!r}")
             self.client, self._client_nonce = msg.name, msg.nonce
             return True
         if isinstance(msg, Auth):
@@ -523,8 +530,10 @@ class ReceiverSession(_Session):
                 self._readonly.discard(msg.volume)
             return True
         if isinstance(msg, GetHashes | Current):
-            self._vol(msg.volume, True)
-            return not (isinstance(msg, Current) and self.volumes[msg.volume].discarding)
+            vs = self._vol(msg.volume, True)
+            if isinstance(msg, Current) and vs.readonly:
+                raise RemoteProtocolError(f"{msg.volume}: Current on a volume opened read-only")
+            return not (isinstance(msg, Current) and vs.discarding)
         if isinstance(msg, Begin):
             vs = self._vol(msg.volume, True)
             if vs.readonly:
@@ -552,6 +561,9 @@ class ReceiverSession(_Session):
             if not vs.in_epoch or msg.epoch != vs.expected:
                 raise RemoteProtocolError(
                     f"{msg.volume}: {type(msg).__name__}({msg.epoch}) outside its epoch")
+            if isinstance(msg, Zero) and len(msg.runs) > 16 * MAX_ZERO_RUNS:
+                raise RemoteProtocolError(f"{msg.volume}: Zero with {len(msg.runs) // 16} runs; at "
+                                          f"most {MAX_ZERO_RUNS} per frame")
             if isinstance(msg, Commit):
                 vs.in_epoch = False
                 vs.committed.append(msg.epoch)
@@ -611,6 +623,7 @@ class ReceiverSession(_Session):
             if st is not State.CHALLENGED or not self._token:
                 raise LocalProtocolError("Welcome only after a good Auth")
             self.state = State.READY
+            self._decoder.max_frame = self.max_frame
         elif isinstance(msg, Error):
             if msg.volume:
                 if st is not State.READY:

@@ -9,14 +9,17 @@ other processes out.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cdp.blocks import Geometry, pack_u64, unpack_u64
 from cdp.codec import HASH_LEN
@@ -73,6 +76,9 @@ log = logging.getLogger(__name__)
 HASHES_PER_FRAME = 65536
 STATUS_INTERVAL = 1.0
 PRUNE_INTERVAL = 60.0
+WORK_THREADS = 16
+PER_CLIENT_WORK = 4
+T = TypeVar("T")
 OPEN_ATTEMPTS = 50  # an Open waits this many rounds for earlier connections' epochs to land
 
 
@@ -110,6 +116,11 @@ class Receiver:
         self.metrics = ReceiverMetrics(self)  # served when cfg.metrics_listen is set
         self.page = StatusPage(self)  # served when cfg.status_listen is set
         self.files = FileSets(cfg.data_dir)
+        # Blocking work of connections (decompress, verify, WAL, apply) runs here, at most
+        # PER_CLIENT_WORK jobs of one client at a time: a client flooding work (many volumes,
+        # huge epochs) queues behind itself, not in front of the other clients.
+        self.pool = concurrent.futures.ThreadPoolExecutor(WORK_THREADS, thread_name_prefix="cdp-rx")
+        self._slots: dict[str, asyncio.Semaphore] = {}
 
     def _filesets(self, name: str) -> tuple[str, ...]:
         c = self.cfg.client(name)
@@ -121,6 +132,15 @@ class Receiver:
 
     def stop(self) -> None:
         self._stop.set()
+
+    async def work(self, client: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking `fn(*args)` in the pool within `client`'s share of it."""
+        slot = self._slots.get(client)
+        if slot is None:
+            slot = self._slots[client] = asyncio.Semaphore(PER_CLIENT_WORK)
+        async with slot:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.pool, functools.partial(fn, *args))
 
     def retention(self, volume: str) -> Retention:
         keep = self.cfg.keep_for(volume)
@@ -169,6 +189,7 @@ class Receiver:
             self._write_status()
             for rep in self.replicas.values():
                 rep.close()
+            self.pool.shutdown(wait=False, cancel_futures=True)
             await self.metrics.close()
             await self.page.close()
             log.info("receiver stopped")
@@ -443,6 +464,9 @@ class _Conn:
             if self.rx.owners.get(v) == id(self):
                 del self.rx.owners[v]
 
+    async def work(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self.rx.work(self.session.client, fn, *args)
+
     def fence(self, why: str) -> asyncio.Task[None]:
         """Supersede this connection (a session takeover); the task ends once it holds nothing:
         closed, its unsealed epochs discarded, its sealed ones applied, its volumes released."""
@@ -572,15 +596,15 @@ class _Conn:
             if current is None:
                 raise VolumeError(f"replica {msg.volume!r} was closed after an error; reopen it",
                                   code="replica", volume=msg.volume)
-            self.writers[msg.volume] = await asyncio.to_thread(current.begin, msg.epoch, msg.time)
+            self.writers[msg.volume] = await self.work(current.begin, msg.epoch, msg.time)
             self.missing[msg.volume] = []
         elif isinstance(msg, Data):
             w = self.writers[msg.volume]
-            await asyncio.to_thread(w.add_data, msg.indices, msg.hashes, msg.raw_len, msg.zdata)
+            await self.work(w.add_data, msg.indices, msg.hashes, msg.raw_len, msg.zdata)
             w.add_wire(size)
         elif isinstance(msg, Zero):
             w = self.writers[msg.volume]
-            await asyncio.to_thread(w.add_zero, msg.runs)
+            await self.work(w.add_zero, msg.runs)
             w.add_wire(size)
         elif isinstance(msg, Ref):
             await self.add_refs(msg, size)
@@ -590,8 +614,9 @@ class _Conn:
             await self.label(msg)
         elif isinstance(msg, Current):
             cur = self.rx.replicas.get(msg.volume)
-            if cur is not None and msg.epoch == cur.state.epoch:
-                self.rx.live[msg.volume].current_as_of = msg.time
+            live = self.rx.live.get(msg.volume)
+            if cur is not None and live is not None and msg.epoch == cur.state.epoch:
+                live.current_as_of = min(msg.time, time.time() + 60)  # not in the future
         elif isinstance(msg, Error):
             log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", s.client,
                         msg.volume, msg.code, msg.message)
@@ -607,7 +632,7 @@ class _Conn:
         """File sets: answer with the manifest, or store a version durably, then FileAck."""
         store = self.rx.files.open(msg.fileset)
         if isinstance(msg, FileOpen):
-            live = [v for v in (await asyncio.to_thread(store.latest)).values() if not v.deleted]
+            live = [v for v in (await self.work(store.latest)).values() if not v.deleted]
             if len(live) > 60000 or sum(len(v.path) + 32 for v in live) > self.rx.cfg.max_frame // 2:
                 why = (f"file set {msg.fileset!r} holds {len(live)} files: too many to list in "
                         "one frame; split it into smaller sets")
@@ -622,10 +647,10 @@ class _Conn:
             return
         try:
             if isinstance(msg, FilePut):
-                n = await asyncio.to_thread(store.put, msg.path, msg.hash, msg.size, msg.mtime,
-                                            msg.mode, msg.time, msg.zdata)
+                n = await self.work(store.put, msg.path, msg.hash, msg.size, msg.mtime,
+                                            msg.mode, msg.time, msg.zdata, self.rx.cfg.max_frame)
             else:
-                n = await asyncio.to_thread(store.delete, msg.path, msg.time)
+                n = await self.work(store.delete, msg.path, msg.time)
         except CdpError as exc:
             log.error("file refused client=%s fileset=%s path=%r: %s", self.session.client,
                       msg.fileset, msg.path, exc)
@@ -643,7 +668,7 @@ class _Conn:
         if rep is None or msg.epoch > rep.state.epoch:
             raise VolumeError(f"{msg.volume}: cannot label epoch {msg.epoch}: not applied here",
                               code="label", volume=msg.volume)
-        await asyncio.to_thread(set_label, rep.path, msg.epoch, msg.label)
+        await self.work(set_label, rep.path, msg.epoch, msg.label)
         log.info("point labelled client=%s volume=%s epoch=%d label=%r", self.session.client,
                  msg.volume, msg.epoch, msg.label)
         await self.link.send(Labelled(msg.volume, msg.epoch, msg.label))
@@ -653,7 +678,7 @@ class _Conn:
         w.add_wire(size)
         rest = (msg.indices, msg.hashes, msg.from_indices)
         if msg.from_volume == msg.volume:
-            rest = await asyncio.to_thread(w.resolve_local, *rest)
+            rest = await self.work(w.resolve_local, *rest)
             if not rest[0]:
                 return
         src: Replica | None = None
@@ -663,13 +688,13 @@ class _Conn:
         # applies is safe; only what it did not find waits for that epoch (which may be
         # bringing the content) and is looked up again. Waiting up front would stop this
         # connection's reads, and its Pongs, for as long as the apply takes.
-        missing = await asyncio.to_thread(w.add_refs, rest[0], rest[1], src, rest[2])
+        missing = await self.work(w.add_refs, rest[0], rest[1], src, rest[2])
         if missing and src is not None and self.chain.get(msg.from_volume):
             await self.settle(msg.from_volume)
             again = set(missing)
             idx, fidx = unpack_u64(rest[0]).tolist(), unpack_u64(rest[2]).tolist()
             ks = [k for k, i in enumerate(idx) if i in again]
-            missing = await asyncio.to_thread(
+            missing = await self.work(
                 w.add_refs, pack_u64(idx[k] for k in ks),
                 b"".join(rest[1][k * HASH_LEN:(k + 1) * HASH_LEN] for k in ks), src,
                 pack_u64(fidx[k] for k in ks))
@@ -688,7 +713,7 @@ class _Conn:
                      vol, msg.epoch, len(missing))
             answer = self._answer_need(vol, msg.epoch, missing, prev)
         else:
-            await asyncio.to_thread(w.seal, msg.blocks)
+            await self.work(w.seal, msg.blocks)
             answer = self._apply_and_ack(vol, msg, w, prev)
         task = asyncio.create_task(answer)
         chain = self.chain.setdefault(vol, [])
@@ -713,7 +738,7 @@ class _Conn:
         t0 = time.monotonic()
         try:
             # shielded: once sealed, an epoch is applied even if the connection goes away
-            st = await asyncio.shield(asyncio.to_thread(w.apply))
+            st = await asyncio.shield(self.work(w.apply))
         except ReplicaError as exc:
             rep = self.rx.replicas.pop(vol, None)
             if rep is not None:  # reopening replays the sealed epoch from the WAL
@@ -737,7 +762,7 @@ class _Conn:
         while True:
             n = min(HASHES_PER_FRAME, end - pos)
             fn = rep.rehash if msg.rehash else rep.stored_hashes
-            blob = await asyncio.to_thread(fn, pos, max(n, 0))
+            blob = await self.work(fn, pos, max(n, 0))
             await self.link.send(Hashes(msg.volume, pos, blob))
             pos += max(n, 0)
             if pos >= end:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import xxhash
 
-from cdp.codec import decompress
+from cdp.codec import compressed_digest, decompress
 from cdp.durable import atomic_write, fsync_dir
 from cdp.errors import CdpError, DiskFullError, ReplicaError, UsageError
 
@@ -52,6 +52,15 @@ class Version:
 
 class FileVersionError(CdpError):
     """A stored version does not check out (missing blob, wrong hash): the store needs repair."""
+
+
+class FileTooLarge(ReplicaError):
+    """A source sent a file bigger than this receiver takes; the file is refused, the set goes on."""
+
+    wire_code = "too_big"
+
+
+DEFAULT_MAX_FILE = 32 * 1024 * 1024  # the receiver's default max_frame: what one FilePut can carry
 
 
 def files_root(data_dir: Path) -> Path:
@@ -115,10 +124,18 @@ class FilesetStore:
     # -- writing (the receiver) ----------------------------------------------
 
     def put(self, path: str, digest: bytes, size: int, mtime: float, mode: int, when: float,
-            zdata: bytes) -> int:
-        """Store a new version after checking it; returns its number. Durable on return."""
-        data = decompress(zdata, size)  # RemoteProtocolError if it does not hold `size` bytes
-        if xxhash.xxh3_128_digest(data) != digest:
+            zdata: bytes, max_size: int = DEFAULT_MAX_FILE) -> int:
+        """Store a new version after checking it; returns its number. Durable on return.
+
+        The size a source claims is checked against `max_size` before anything is
+        decompressed, and the content is hashed as a stream: what is stored is the compressed
+        blob as it came, so a small frame claiming a huge file costs no memory."""
+        if size > max_size:
+            raise FileTooLarge(f"{self.name}/{path}: {size} bytes, over the receiver's limit of "
+                               f"{max_size} (its max_frame); the source's max_file_size should be "
+                               "below that")
+        # RemoteProtocolError if it does not hold exactly `size` bytes
+        if compressed_digest(zdata, size) != digest:
             raise ReplicaError(f"{self.name}/{path}: content does not match its hash; the "
                                "source will send it again")
         hexd = digest.hex()

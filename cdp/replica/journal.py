@@ -60,7 +60,7 @@ from typing import Any
 import msgpack
 import xxhash
 
-from cdp.blocks import Geometry, runs, unpack_u64
+from cdp.blocks import Geometry, keys_in_runs, merge_runs, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
 from cdp.durable import atomic_write_json, fsync_dir, read_json
 from cdp.errors import CdpError, PointError, ReplicaError
@@ -270,18 +270,12 @@ def epoch_changes(bodies: Iterable[list[Any]]) -> tuple[dict[int, bytes], list[t
             for k, i in enumerate(unpack_u64(body[1])):
                 new[i] = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
         elif kind == ZERO:
-            pairs = unpack_u64(body[1])
-            for start, count in zip(pairs[::2], pairs[1::2], strict=True):
-                zeros.append((start, count))
-                if count < len(new):
-                    for i in range(start, start + count):
-                        if i in new:
-                            new[i] = NO_HASH
-                else:
-                    for i in new:
-                        if start <= i < start + count:
-                            new[i] = NO_HASH
-    return new, zeros
+            merged = merge_runs(unpack_u64(body[1]))  # a peer's runs: O(runs), however they repeat
+            zeros.extend(merged)
+            if new:
+                for i in list(keys_in_runs(sorted(new), merged)):
+                    new[i] = NO_HASH
+    return new, merge_runs(x for run in zeros for x in run)
 
 
 def _is_zero(h: bytes, length: int) -> bool:
@@ -444,16 +438,19 @@ class Journal:
         w = UndoWriter(self.dir, epoch)
         try:
             zero_only = set()
-            for start, count in zeros:
-                old = os.pread(hash_fd, count * HASH_LEN, start * HASH_LEN)
-                old += bytes(count * HASH_LEN - len(old))
-                if old.count(0) == len(old):
-                    continue  # zero already: zeroing changes nothing
-                for k in range(count):
-                    i = start + k
-                    if i not in new and not _is_zero(old[k * HASH_LEN:(k + 1) * HASH_LEN],
-                                                     geo.length(i)):
-                        zero_only.add(i)
+            step = READ_SPAN // HASH_LEN
+            for run_start, run_count in zeros:  # the hash map in bounded slices
+                for start in range(run_start, run_start + run_count, step):
+                    count = min(step, run_start + run_count - start)
+                    old = os.pread(hash_fd, count * HASH_LEN, start * HASH_LEN)
+                    if not old.strip(b"\0"):
+                        continue  # zero already: zeroing changes nothing
+                    old += bytes(count * HASH_LEN - len(old))
+                    for k in range(count):
+                        i = start + k
+                        if i not in new and not _is_zero(old[k * HASH_LEN:(k + 1) * HASH_LEN],
+                                                         geo.length(i)):
+                            zero_only.add(i)
             blocks = sorted(set(new) | zero_only)
             for start, count in runs(blocks):
                 while count > 0:

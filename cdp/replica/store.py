@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cdp.replica.wal as wal
-from cdp.blocks import Geometry, pack_u64, runs, unpack_u64
+from cdp.blocks import Geometry, keys_in_runs, merge_runs, pack_u64, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
 from cdp.durable import atomic_write_json, fsync_dir, read_json, write_zeros
 from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
@@ -373,11 +373,10 @@ class Replica:
                 self._copy_blocks(unpack_u64(rec.body[1]), rec.body[2],
                                   unpack_u64(rec.body[3]))
             elif kind == wal.ZERO:
-                pairs = unpack_u64(rec.body[1])
-                for start, count in zip(pairs[::2], pairs[1::2], strict=True):
+                for start, count in merge_runs(unpack_u64(rec.body[1])):  # O(runs), not blocks
                     end = min(geo.size, (start + count) * geo.block_size)
                     write_zeros(self.image_fd, start * geo.block_size, end - start * geo.block_size)
-                    os.pwrite(self.hash_fd, bytes(count * HASH_LEN), start * HASH_LEN)
+                    write_zeros(self.hash_fd, start * HASH_LEN, count * HASH_LEN, punch=False)
             elif kind == wal.COMMIT:
                 commit = rec.body
             elif kind == wal.BEGIN and rec.body[1] != self.state.epoch + 1:
@@ -527,10 +526,9 @@ class EpochWriter:
             self._log([wal.ZERO, runs_blob])
         except OSError as exc:
             self._fail(exc)
-        for start, count in zip(pairs[::2], pairs[1::2], strict=True):
-            for i in range(start, start + count):
-                if i in self._written:  # zeroed after being written: no longer a copy source
-                    self._written[i] = NO_HASH
+        if self._written:  # zeroed after being written: no longer a copy source
+            for i in list(keys_in_runs(sorted(self._written), merge_runs(pairs))):
+                self._written[i] = NO_HASH
         self._count(total, logical, zero=logical)
 
     def resolve_local(self, indices: bytes, hashes: bytes,

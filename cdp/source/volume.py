@@ -29,10 +29,11 @@ from cdp.codec import HASH_LEN, compress
 from cdp.config import VolumeConfig
 from cdp.durable import atomic_write, atomic_write_json, read_json
 from cdp.messages import Data, Ref, Zero
+from cdp.protocol import MAX_ZERO_RUNS
 from cdp.ratelimit import TokenBucket
 
 MAX_REFS_PER_FRAME = 32768
-MAX_ZERO_RUNS_PER_FRAME = 65536
+MAX_ZERO_RUNS_PER_FRAME = MAX_ZERO_RUNS  # the receiver refuses more in one frame
 
 
 class Cancelled(Exception):

@@ -31,6 +31,7 @@ from cdp import messages
 from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
 from cdp.frames import HEADER, FrameDecoder, decode_payload, encode
 from cdp.messages import (
+    MAX_FLOAT,
     PROTOCOL_VERSION,
     Ack,
     Begin,
@@ -64,7 +65,9 @@ SMALL_FRAME = 4096  # sessions and decoders under fuzz use a small limit to reac
 
 FIELD_STRATEGIES = {
     "int": st.integers(0, 2**63 - 1),
-    "float": st.floats(allow_nan=False, allow_infinity=False),
+    # the wire takes finite times within MAX_FLOAT seconds (tests below: the rest is refused)
+    "float": st.floats(min_value=-MAX_FLOAT, max_value=MAX_FLOAT, exclude_min=True, exclude_max=True,
+                       allow_nan=False),
     "str": st.text(max_size=60),
     "bytes": st.binary(max_size=200),
     "bool": st.booleans(),
@@ -711,3 +714,10 @@ def test_sessions_agree(data):
         if conv.wire[side]:
             conv.deliver(side, len(conv.wire[side]))
 
+
+
+@given(st.floats().filter(lambda v: not (abs(v) < MAX_FLOAT)))
+def test_non_finite_or_absurd_times_are_refused(when: float) -> None:
+    frame = msgpack.packb([Begin.TYPE, "vm1", 1, when], use_bin_type=True)
+    with pytest.raises(RemoteProtocolError, match=r"Begin\.time"):
+        FrameDecoder().feed(struct.pack(">I", len(frame)) + frame)
