@@ -116,6 +116,7 @@ class ReceiverConfig:
     max_connections: int = 64  # connections beyond this are refused
     auth_timeout: float = 10.0  # a connection not authenticated by then is closed
     max_unauthenticated_per_ip: int = 8  # more unauthenticated connections from one address: refused
+    max_unauthenticated: int = 32  # in all; beyond it the busiest address loses its oldest one
     max_concurrent_archives: int = 1  # scheduled archive jobs run at once (the others queue)
 
     def client(self, name: str) -> ClientConfig | None:
@@ -326,6 +327,7 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     max_connections = t.get("max_connections", _int(1, 65536), default=64)
     auth_timeout = t.get("auth_timeout", _positive_duration, default=10.0)
     max_unauth = t.get("max_unauthenticated_per_ip", _int(1, 65536), default=8)
+    max_unauth_all = t.get("max_unauthenticated", _int(1, 65536), default=32)
     max_archives = t.get("max_concurrent_archives", _int(1, 64), default=1)
     raw_vols = t.get("volume", lambda v: v, default=[])
     if not isinstance(raw_vols, list):
@@ -374,7 +376,8 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
                           metrics_listen=metrics_listen, status_listen=status_listen,
                           max_connections=max_connections,
                           max_concurrent_archives=max_archives, auth_timeout=auth_timeout,
-                          max_unauthenticated_per_ip=max_unauth)
+                          max_unauthenticated_per_ip=max_unauth,
+                          max_unauthenticated=max_unauth_all)
 
 
 def _keep(t: _Table, inherit: KeepConfig) -> KeepConfig:

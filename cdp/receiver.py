@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,6 +101,24 @@ class VolumeLive:
         return sum(w[1] for w in self.window) / dt, sum(w[2] for w in self.window) / dt
 
 
+class _PausedStream(asyncio.StreamReaderProtocol):
+    """A stream that reads nothing until its handler resumes it: admission comes first, and
+    a TLS handshake started by the handler must see the client's first bytes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        super().connection_made(transport)
+
+
+@dataclass
+class _Pending:
+    """A connection not authenticated yet (TLS handshake included)."""
+
+    ip: str
+    since: float
+    writer: asyncio.StreamWriter
+
+
 class Receiver:
     def __init__(self, cfg: ReceiverConfig) -> None:
         self.cfg = cfg
@@ -111,7 +130,10 @@ class Receiver:
         self._open_lock = asyncio.Lock()
         self._by_id: dict[int, _Conn] = {}
         self.unauthenticated: dict[str, int] = {}  # peer address -> connections not yet authenticated
+        self._pending: dict[int, _Pending] = {}
+        self._tls: ssl.SSLContext | None = None
         self._refusals_logged = 0.0
+        self._evictions_logged = 0.0
         self.port = 0
         self.metrics = ReceiverMetrics(self)  # served when cfg.metrics_listen is set
         self.page = StatusPage(self)  # served when cfg.status_listen is set
@@ -157,12 +179,12 @@ class Receiver:
         self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
         await self.metrics.start(self.cfg.metrics_listen)
         await self.page.start(self.cfg.status_listen)
-        ctx = server_tls(self.cfg.tls) if self.cfg.tls else None
+        ctx = self._tls = server_tls(self.cfg.tls) if self.cfg.tls else None
         host, port = self.cfg.listen
-        try:
-            server = await asyncio.start_server(
-                self._handle, host, port, ssl=ctx, limit=1 << 20,
-                ssl_handshake_timeout=self.cfg.auth_timeout if ctx else None)
+        try:  # TLS starts in _handle, so that handshakes count as unauthenticated connections
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(
+                lambda: _PausedStream(asyncio.StreamReader(limit=1 << 20), self._handle), host, port)
         except OSError as exc:
             raise CdpError(f"cannot listen on {host}:{port}: {exc.strerror}; is another receiver "
                            "running, or is the address wrong?") from None
@@ -252,22 +274,54 @@ class Receiver:
     # -- connections ---------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: admission, TLS, authentication, then its messages.
+
+        Strangers cannot take the room of configured clients: connections not authenticated
+        yet (TLS handshake included) are capped per address and in all, and beyond the total
+        cap the one from the busiest address is dropped to admit the new one, so a flood from
+        other addresses cannot starve a source. max_connections counts authenticated ones."""
         task = asyncio.current_task()
         assert task is not None
-        if len(self._conns) >= self.cfg.max_connections:
-            await self._refuse(writer)
-            return
         peer = writer.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        if self.unauthenticated.get(ip, 0) >= self.cfg.max_unauthenticated_per_ip:
-            await self._refuse(writer, ip)
+        cfg = self.cfg
+        if len(self._conns) >= cfg.max_connections + cfg.max_unauthenticated:
+            await self._refuse(writer, f"the receiver has {len(self._conns)} connections open "
+                                       "(max_connections + max_unauthenticated)")
+            return
+        if self.unauthenticated.get(ip, 0) >= cfg.max_unauthenticated_per_ip:
+            await self._refuse(writer, f"{self.unauthenticated.get(ip, 0)} connections from {ip} are "
+                                       "not authenticated yet (max_unauthenticated_per_ip)", ip)
+            return
+        if len(self._pending) >= cfg.max_unauthenticated and not self._evict_unauthenticated(ip):
+            await self._refuse(writer, f"{len(self._pending)} connections are not authenticated "
+                                       "yet (max_unauthenticated)", ip)
             return
         self._conns.add(task)
         self.metrics.connections.inc()
+        pending = _Pending(ip, time.monotonic(), writer)
+        self._admit(pending)
+        try:
+            if self._tls is None:
+                writer.transport.resume_reading()  # type: ignore[attr-defined]
+            else:  # the client's first bytes are still unread: they go to the handshake
+                try:
+                    await asyncio.wait_for(writer.start_tls(self._tls), cfg.auth_timeout)
+                except (TimeoutError, ssl.SSLError, ConnectionError, OSError) as exc:
+                    self.metrics.error("tls")
+                    log.info("TLS handshake failed peer=%s: %s", ip, exc or type(exc).__name__)
+                    writer.transport.abort()
+                    return
+            await self._serve(reader, writer, pending)
+        finally:
+            self._authenticated(pending)
+            self._conns.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     pending: _Pending) -> None:
         session = ReceiverSession(self._lookup, self.cfg.max_frame, filesets=self._filesets)
         link = Link(session, reader, writer)
-        conn = _Conn(self, link)
-        conn.unauthenticated_from(ip)
+        conn = _Conn(self, link, pending)
         self._by_id[id(conn)] = conn
         try:
             await conn.serve()
@@ -287,34 +341,64 @@ class Receiver:
             log.exception("internal error on connection peer=%s", link.peer)
             await conn.say(Error("internal", "internal error in the receiver; see its log", ""))
         finally:
-            conn.authenticated()
+            self._authenticated(pending)
             conn.drop_writers()  # unsealed epochs are discarded
             await conn.settle_all()  # sealed ones finish applying, still under this connection
             conn.disown()  # only now may another connection open its volumes
             await link.close()
-            self._conns.discard(task)
             self._by_id.pop(id(conn), None)
             if conn.volumes_seen:  # tell `cdp status` and promote at once, not within a second
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._write_status)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, ip: str = "") -> None:
-        """Over max_connections (or max_unauthenticated_per_ip for `ip`): say why in one Error
-        frame and close."""
-        self.metrics.error("refused")
-        if not ip:
-            log.warning("refusing a connection from %s: %d connections open (max_connections)",
-                        writer.get_extra_info("peername"), len(self._conns))
-            why = f"the receiver has {len(self._conns)} connections open (max_connections)"
+    def _admit(self, p: _Pending) -> None:
+        self._pending[id(p)] = p
+        self.unauthenticated[p.ip] = self.unauthenticated.get(p.ip, 0) + 1
+
+    def _authenticated(self, p: _Pending) -> None:
+        """No longer counted as unauthenticated (authenticated, or gone); idempotent."""
+        if self._pending.pop(id(p), None) is None:
+            return
+        n = self.unauthenticated.get(p.ip, 0) - 1
+        if n > 0:
+            self.unauthenticated[p.ip] = n
         else:
-            now = time.monotonic()
-            if now - self._refusals_logged >= 10:  # a flood of them: one line per 10 s
+            self.unauthenticated.pop(p.ip, None)
+
+    def may_authenticate(self, p: _Pending) -> bool:
+        """Room for one more authenticated connection (max_connections)?"""
+        return len(self._conns) - len(self._pending) < self.cfg.max_connections
+
+    def _evict_unauthenticated(self, ip: str) -> bool:
+        """Make room for a connection from `ip`: drop the oldest unauthenticated connection of
+        the address holding the most of them, unless that is `ip` itself (then refuse it)."""
+        if not self._pending:
+            return False
+        counts = self.unauthenticated
+        busiest = max(counts, key=lambda a: (counts[a], a != ip))
+        if busiest == ip or counts.get(busiest, 0) <= counts.get(ip, 0):
+            return False
+        victim = min((p for p in self._pending.values() if p.ip == busiest), key=lambda p: p.since)
+        now = time.monotonic()
+        if now - self._evictions_logged >= 10:  # a flood of them: one line per 10 s
+            self._evictions_logged = now
+            log.warning("dropping an unauthenticated connection from %s (%d not authenticated "
+                        "from there) to admit one from %s (max_unauthenticated)", busiest,
+                        counts[busiest], ip)
+        self.metrics.error("evicted")
+        self._authenticated(victim)
+        with contextlib.suppress(Exception):
+            victim.writer.transport.abort()
+        return True
+
+    async def _refuse(self, writer: asyncio.StreamWriter, why: str, ip: str = "") -> None:
+        """No room: say why in one Error frame (in clear: no TLS yet) and close."""
+        self.metrics.error("refused")
+        now = time.monotonic()
+        if not ip or now - self._refusals_logged >= 10:  # a flood of them: one line per 10 s
+            if ip:
                 self._refusals_logged = now
-                log.warning("refusing a connection from %s: %d connections from there are not "
-                            "authenticated yet (max_unauthenticated_per_ip)", ip,
-                            self.unauthenticated.get(ip, 0))
-            why = (f"{self.unauthenticated.get(ip, 0)} connections from {ip} are not "
-                   "authenticated yet (max_unauthenticated_per_ip)")
+            log.warning("refusing a connection from %s: %s", writer.get_extra_info("peername"), why)
         with contextlib.suppress(Exception):
             writer.write(encode_frame(Error("busy", f"{why}; try later", "")))
             await asyncio.wait_for(writer.drain(), 5)
@@ -407,7 +491,7 @@ class _Conn:
     epoch order.
     """
 
-    def __init__(self, rx: Receiver, link: Link) -> None:
+    def __init__(self, rx: Receiver, link: Link, pending: _Pending) -> None:
         self.rx = rx
         self.link = link
         self.session: ReceiverSession = link.session  # type: ignore[assignment]
@@ -416,24 +500,10 @@ class _Conn:
         self.volumes: set[str] = set()
         self.volumes_seen = False
         self.chain: dict[str, list[tuple[int, asyncio.Task[None]]]] = {}
-        self.unauth_ip: str | None = None  # counted in rx.unauthenticated until authenticated
+        self.pending = pending  # counted by the receiver as unauthenticated until Auth
         self.turn = asyncio.Lock()  # held while one message is handled
         self.fenced = asyncio.Event()  # superseded by a newer connection of the same client
         self._fencing: asyncio.Task[None] | None = None
-
-    def unauthenticated_from(self, ip: str) -> None:
-        self.unauth_ip = ip
-        self.rx.unauthenticated[ip] = self.rx.unauthenticated.get(ip, 0) + 1
-
-    def authenticated(self) -> None:
-        """No longer counted as unauthenticated (authenticated, or gone)."""
-        ip, self.unauth_ip = self.unauth_ip, None
-        if ip is not None:
-            n = self.rx.unauthenticated.get(ip, 0) - 1
-            if n > 0:
-                self.rx.unauthenticated[ip] = n
-            else:
-                self.rx.unauthenticated.pop(ip, None)
 
     async def settle(self, volume: str, before: int | None = None) -> None:
         """Wait until answers for this volume's epochs (those < `before`) are done."""
@@ -497,7 +567,7 @@ class _Conn:
             raise TransportError(f"{self.link.peer}: superseded while taking over {old.link.peer}")
 
     async def serve(self) -> None:
-        auth_deadline = time.monotonic() + self.rx.cfg.auth_timeout
+        auth_deadline = self.pending.since + self.rx.cfg.auth_timeout  # TLS handshake included
         while True:
             if self.session.state is State.READY:
                 await self.link.fill(self.rx.cfg.idle_timeout)
@@ -568,9 +638,15 @@ class _Conn:
         if isinstance(msg, Hello):
             await self.link.send_raw(s.challenge())
         elif isinstance(msg, Auth):
+            if not self.rx.may_authenticate(self.pending):
+                why = (f"client {s.client} authenticated but {self.rx.cfg.max_connections} "
+                       "authenticated connections are open (max_connections)")
+                self.rx.metrics.error("refused")
+                await self.say(Error("busy", f"{why}; try later", ""))
+                raise TransportError(f"{self.link.peer}: {why}")
             log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
             await self.link.send_raw(s.welcome())
-            self.authenticated()
+            self.rx._authenticated(self.pending)
         elif isinstance(msg, Ping):
             await self.link.send(Pong(msg.nonce))
         elif isinstance(msg, Open):

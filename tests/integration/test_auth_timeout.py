@@ -150,3 +150,30 @@ def test_idle_connections_are_closed_and_capped_while_a_source_replicates(cdp_en
     assert rx.running
     src.stop()
     rx.stop()
+
+
+def test_tls_handshakes_count_as_unauthenticated(cdp_env, daemons, tmp_path: Path) -> None:
+    """With TLS, a connection that never starts its handshake is held like any other stranger:
+    capped per address (the rest refused in clear), closed after auth_timeout, and a real
+    source still gets in over TLS."""
+    from test_tls_hooks import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    env = cdp_env(receiver_extra=(f'auth_timeout = "{AUTH_TIMEOUT}s"\n'
+                                  f"max_unauthenticated_per_ip = {PER_IP}\n"
+                                  f'[receiver.tls]\ncert = "{pki["receiver_crt"]}"\n'
+                                  f'key = "{pki["receiver_key"]}"'),
+                  source_extra=f'[source.tls]\nca = "{pki["ca"]}"\nserver_name = "localhost"')
+    make_image(env.source.images[VOL], 4 * MiB, random.Random(3))
+    rx = daemons.receiver(env)
+    conns = [_idle(env.port) for _ in range(2 * PER_IP)]
+    with concurrent.futures.ThreadPoolExecutor(len(conns)) as pool:
+        closed = list(pool.map(_until_closed, [s for s, _ in conns]))
+    codes = [c for _, c in closed]
+    assert sum(1 for c in codes if c == ["busy"]) == PER_IP, codes  # refused at once, in clear
+    assert sum(1 for c in codes if c == []) == PER_IP, codes  # held, then dropped mid-handshake
+    wait_for(lambda: "TLS handshake failed" in rx.log_text(), 10, what="the handshake timeout")
+    since = time.time()
+    src = daemons.source(env)
+    wait_converged(env, VOL, since, src, rx, timeout=60)
+    assert_replica_equal(env, VOL)

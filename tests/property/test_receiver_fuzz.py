@@ -37,6 +37,7 @@ from conftest import (
     wait_converged,
     wait_for,
     write_env,
+    write_random_blocks,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,6 +51,7 @@ from cdp.messages import (
     Commit,
     Current,
     Data,
+    Error,
     FileDelete,
     FileOpen,
     FilePut,
@@ -332,42 +334,92 @@ def test_receiver_survives_hostile_connections(stand) -> None:
     src.stop()
 
 
-def test_extra_connections_are_refused(tmp_path: Path) -> None:
+def _idle_from(ip: str, port: int) -> socket.socket:
+    """A connection from another loopback address that never says anything."""
+    s = socket.socket()
+    s.bind((ip, 0))
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _answer(s: socket.socket, timeout: float = 5.0) -> bytes:
+    s.settimeout(timeout)
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := s.recv(4096):
+            data += chunk
+    return data
+
+
+def test_strangers_cannot_take_the_room_of_configured_clients(tmp_path: Path) -> None:
+    """Unauthenticated connections are capped per address and in all; at the total cap the
+    busiest address loses its oldest one, so a real source still gets in. max_connections
+    counts authenticated connections: one more is refused with `busy`."""
     mport = free_port()
-    env = write_env(tmp_path / "env", receiver_extra=f'max_connections = 3\n'
-                                                     f'metrics_listen = "127.0.0.1:{mport}"')
+    env = write_env(tmp_path / "env", {"host1": ["vol1"], "host2": ["vol2"]},
+                    receiver_extra=f"max_connections = 2\nmax_unauthenticated = 4\n"
+                                   f"max_unauthenticated_per_ip = 3\n"
+                                   f'metrics_listen = "127.0.0.1:{mport}"')
     ds = Daemons()
+    held: list[socket.socket] = []
     try:
         rx = ds.receiver(env)
         time.sleep(0.5)  # the start-up probe's connection is gone
-        held = [socket.create_connection(("127.0.0.1", env.port), 5) for _ in range(3)]
-        time.sleep(0.3)  # the receiver has accepted them
-
-        def refused() -> bytes:
-            with socket.create_connection(("127.0.0.1", env.port), 5) as s:
-                s.settimeout(5)
-                data = b""
-                with contextlib.suppress(OSError):
-                    while chunk := s.recv(4096):
-                        data += chunk
-                return data
-
-        answer = refused()
-        assert b"max_connections" in answer and b"busy" in answer
-        wait_for(lambda: "refusing a connection" in rx.log_text(), 10, what="the refusal logged")
+        held = [_idle_from("127.0.0.2", env.port) for _ in range(3)]
+        time.sleep(0.3)
+        with _idle_from("127.0.0.2", env.port) as s:  # a fourth from the same address
+            answer = _answer(s)
+        assert b"max_unauthenticated_per_ip" in answer and b"busy" in answer, answer
+        held.append(_idle_from("127.0.0.3", env.port))  # 4 of 4 in all now
+        time.sleep(0.3)
+        # a real source (127.0.0.1) is admitted: the oldest from 127.0.0.2 makes room
+        make_image(env.sources["host1"].images["vol1"], 4 * MiB, random.Random(2))
+        since = time.time()
+        src = ds.source(env, "host1")
+        wait_converged(env, "vol1", since, src, rx, client="host1")
+        assert _answer(held[0], 2) == b""  # dropped without a word
+        wait_for(lambda: "dropping an unauthenticated connection from 127.0.0.2" in rx.log_text(),
+                 10, what="the eviction logged")
+        # authenticated connections: host1's source and one raw host2 fill max_connections
+        one = socket.create_connection(("127.0.0.1", env.port), 5)
+        held.append(one)
+        assert handshake_as(one, "host2", env.token("host2")).allowed == ["vol2"]
+        two = socket.create_connection(("127.0.0.1", env.port), 5)
+        held.append(two)
+        sess = handshake_as(two, "host2", env.token("host2"))
+        assert sess.allowed == []
         with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10) as r:
             metrics = r.read().decode()
-        assert 'cdp_receiver_errors_total{kind="refused"} 1.0' in metrics
-        assert "cdp_receiver_open_connections 3.0" in metrics
-        # a slot frees up: a legitimate source gets in and replicates
-        for s in held:
-            s.close()
-        make_image(env.source.images["vol1"], 4 * MiB, random.Random(2))
+        assert 'cdp_receiver_errors_total{kind="evicted"} 1.0' in metrics
+        assert 'cdp_receiver_errors_total{kind="refused"} 2.0' in metrics  # per address, max_connections
+        wait_for(lambda: "authenticated connections are open (max_connections)" in rx.log_text(),
+                 10, what="the max_connections refusal logged")
+        write_random_blocks(env.sources["host1"].images["vol1"], range(3), random.Random(3))
         since = time.time()
-        src = ds.source(env)
-        wait_converged(env, "vol1", since, src, rx)
-        assert_replica_equal(env, "vol1")
+        wait_converged(env, "vol1", since, src, rx, client="host1")  # the source went on
+        assert_replica_equal(env, "vol1", env.sources["host1"].images["vol1"])
         src.stop()
         rx.stop()
     finally:
+        for s in held:
+            s.close()
         ds.cleanup()
+
+
+def handshake_as(sock: socket.socket, name: str, token: bytes) -> SourceSession:
+    """Hello/Auth as `name`; the session (allowed == [] unless Welcome came)."""
+    sess = SourceSession(name, token)
+    sock.sendall(sess.start())
+    got = recv_messages(sock, sess, 5)
+    assert got, "no Challenge"
+    sock.sendall(sess.auth())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and sess.allowed == []:
+        got = recv_messages(sock, sess, 5)
+        if not got:
+            break
+        if any(isinstance(m, Error) for m in got):
+            assert any(isinstance(m, Error) and m.code == "busy" and "max_connections" in m.message
+                       for m in got), got
+            break
+    return sess
