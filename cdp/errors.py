@@ -111,6 +111,14 @@ class ArchiveLockedError(ArchiveError):
     """Another job holds the repository lock; try again when it has finished."""
 
 
+class RestoreWriteError(CdpError):
+    """A restore could not write into its target (no space, no permission); the message names the path."""
+
+
+class UnsafeEntryError(RestoreWriteError):
+    """An entry from an untrusted image or file set cannot be written inside the target; it is skipped."""
+
+
 class RemoteError(CdpError):
     """The peer reported an error in an Error message."""
 

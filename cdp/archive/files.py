@@ -19,19 +19,20 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import io
-import os
 import posixpath
 import stat
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
 from cdp.errors import ArchiveError, UsageError
+from cdp.textsafe import printable
 
 KIND = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "chardev",
         stat.S_IFBLK: "blockdev", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 FILE_MODE, READONLY_MODE, DIR_MODE = 0o644, 0o444, 0o755
 NO_FS = "no ext2/3/4, FAT or NTFS file system found"
+SYMLINK_READ = 4096  # PATH_MAX: longer targets are refused when copying (cdp.safewrite)
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"  # GPT type of an EFI system partition (MBR: 0xEF)
 
 
@@ -49,6 +50,7 @@ class Node:
 
     type = "other"  # file, dir, symlink, other (ext adds chardev, blockdev, fifo, socket)
     mode = FILE_MODE  # permission bits only
+    ident: Any = None  # the entry's identity in its file system (inode, cluster, record) when known
 
     @property
     def size(self) -> int:
@@ -94,6 +96,7 @@ class ExtNode(Node):
         self.imode = int(inode.inode.i_mode)
         self.type = KIND.get(stat.S_IFMT(self.imode), "other")
         self.mode = stat.S_IMODE(self.imode)
+        self.ident = int(inode.inum)
 
     @property
     def size(self) -> int:
@@ -105,7 +108,11 @@ class ExtNode(Node):
 
     @property
     def target(self) -> str | None:
-        return str(self.native.link) if stat.S_ISLNK(self.imode) else None
+        if not stat.S_ISLNK(self.imode):
+            return None
+        # read at most one byte more than a target may hold: the size is the guest's to choose
+        with contextlib.closing(self.native.open()) as fh:
+            return bytes(fh.read(SYMLINK_READ)).decode(errors="surrogateescape")
 
     def children(self) -> list[tuple[str, Node]]:
         return [(n, ExtNode(c)) for n, c in sorted(self.native.listdir().items()) if n not in (".", "..")]
@@ -139,6 +146,8 @@ class FatNode(Node):
         is_dir = bool(dirent.is_directory())
         self.type = "dir" if is_dir else "file"
         self.mode = DIR_MODE if is_dir else READONLY_MODE if dirent.is_readonly() else FILE_MODE
+        if is_dir:
+            self.ident = dirent.cluster or None
 
     @property
     def size(self) -> int:
@@ -209,6 +218,7 @@ class NtfsNode(Node):
         else:
             self.type = "dir" if record.is_dir() else "file"
         self.attrs = self._std("file_attributes", 0)
+        self.ident = record.segment
         self.mode = (DIR_MODE if self.type == "dir" else
                      READONLY_MODE if self.attrs & NTFS_READONLY else FILE_MODE)
 
@@ -351,14 +361,15 @@ def open_fs(image: BinaryIO, partition: int | None = None) -> tuple[FileSystem, 
     return fs, None
 
 
-# -- listing and copying -------------------------------------------------------------------------------
+# -- listing (copying: cdp/archive/extract.py) ----------------------------------------------------------
 
 
-def _node(fs: FileSystem, path: str) -> Node:
+def find(fs: FileSystem, path: str) -> Node:
     try:
         return fs.get(str(PurePosixPath("/") / path))
     except (FileNotFoundError, NotADirectoryError):
-        raise UsageError(f"{path}: no such file or directory in the archived image") from None
+        raise UsageError(f"{printable(path)}: no such file or directory in the archived image; "
+                         "`cdp archive ls` lists what it holds") from None
 
 
 def _entry(name: str, node: Node) -> dict[str, Any]:
@@ -371,51 +382,7 @@ def _entry(name: str, node: Node) -> dict[str, Any]:
 
 def list_path(fs: FileSystem, path: str = "/") -> list[dict[str, Any]]:
     """The entries of a directory (or the one entry of a file), sorted by name."""
-    node = _node(fs, path)
+    node = find(fs, path)
     if node.type == "dir":
         return [_entry(n, c) for n, c in node.children()]
     return [_entry(PurePosixPath(path).name, node)]
-
-
-def get_path(fs: FileSystem, path: str, dest: Path) -> list[str]:
-    """Copy a file, symlink or directory tree out of the image to `dest`; returns what was written.
-
-    An existing directory as `dest` receives the item under its own name. Modes
-    and modification times are kept; ownership is not (files belong to the caller).
-    """
-    node = _node(fs, path)
-    name = PurePosixPath("/" + path).name or "root"
-    target = dest / name if dest.is_dir() else dest
-    written: list[str] = []
-    _copy(node, target, written, path)
-    return written
-
-
-def _copy(node: Node, target: Path, written: list[str], path: str) -> None:
-    try:
-        if node.type == "dir":
-            target.mkdir(exist_ok=True)
-            for n, child in node.children():
-                _copy(child, target / n, written, f"{path.rstrip('/')}/{n}")
-        elif node.type == "symlink":
-            os.symlink(node.target or "", target)
-            written.append(str(target))
-            return
-        elif node.type == "file":
-            try:
-                node.check_readable()
-            except ArchiveError as exc:
-                raise ArchiveError(f"{path}: {exc}") from None
-            tmp = target.with_name(f".{target.name}.cdp-get")
-            with open(tmp, "wb") as out, contextlib.closing(node.open()) as src:
-                while block := src.read(1 << 20):
-                    out.write(block)
-            os.replace(tmp, target)
-        else:
-            return  # devices, fifos, sockets, junctions: nothing to copy
-        os.chmod(target, node.mode)
-        ts = node.mtime
-        os.utime(target, (ts, ts))
-        written.append(str(target))
-    except OSError as exc:
-        raise ArchiveError(f"cannot write {target}: {exc.strerror or exc}") from None

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import io
 import os
+import secrets
 import stat
 import threading
 from collections.abc import Awaitable, Coroutine
@@ -66,9 +67,11 @@ async def _restore(repo: Repository, snap: Manifest, v: VolumeSnap, to: Path, pr
     is_dev = to.exists() and stat.S_ISBLK(to.stat().st_mode)
     if to.exists() and not is_dev and not force:
         raise UsageError(f"{to} exists; choose another path or pass --force to overwrite it")
-    target = to if is_dev else to.with_name(f".{to.name}.cdp-restore")
+    # a fresh temporary name, never a file or symlink someone else left in the folder
+    target = to if is_dev else to.with_name(f".{to.name}.{secrets.token_hex(6)}.cdp-restore")
+    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(target, os.O_WRONLY | (0 if is_dev else os.O_CREAT | os.O_TRUNC), 0o600)
+        fd = os.open(target, os.O_WRONLY | (0 if is_dev else flags), 0o600)
     except OSError as exc:
         raise ArchiveError(f"cannot write {to}: {exc.strerror}") from None
     written = zero = 0

@@ -7,17 +7,21 @@ import contextlib
 import datetime as dt
 import gc
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cdp.archive.backend import drop_traceback
 from cdp.archive.backend import run_sync as _arun
 from cdp.config import ArchiveConfig, ReceiverConfig, load_receiver
 from cdp.errors import ArchiveCorruptError, ConfigError
+from cdp.safewrite import Target, safe_mode
+from cdp.textsafe import printable
 from cdp.units import format_bytes, parse_duration
+
+PRESERVE_HELP = ("keep setuid, setgid and sticky bits (dropped by default: the files come from a "
+                 "system you may not trust)")
 
 
 def register(sub: Any) -> None:
@@ -58,19 +62,23 @@ def register(sub: Any) -> None:
     s.add_argument("path", nargs="?", default="/")
     s.add_argument("--partition", type=int, help="partition number (default: the first with ext, else "
                    "the first with FAT or NTFS, an EFI system partition last)")
-    s = verb("get", "copy a file or directory out of an archived image", _get)
+    s = verb("get", "copy a file or directory out of an archived image (entries with unsafe names, or "
+             "that would pass through a symlink, are skipped and named: exit 1)", _get)
     s.add_argument("snapshot")
     s.add_argument("volume")
     s.add_argument("path")
     s.add_argument("--to", type=Path, required=True, help="destination file or existing directory")
     s.add_argument("--partition", type=int, help="partition number (default: as for ls)")
+    s.add_argument("--preserve-special", action="store_true", help=PRESERVE_HELP)
     s = verb("files", "protected file-set files in a snapshot: list them, or restore one with --to",
              _files)
     s.add_argument("snapshot")
     s.add_argument("fileset", nargs="?", help="only this file set")
     s.add_argument("path", nargs="?", help="a file's path in the set (with --to: the one to restore)")
-    s.add_argument("--to", type=Path, help="restore PATH of FILESET to this file")
+    s.add_argument("--to", type=Path, help="restore PATH of FILESET to this file (or into this "
+                   "existing folder under its own name)")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    s.add_argument("--preserve-special", action="store_true", help=PRESERVE_HELP)
 
 
 def _load(args: argparse.Namespace) -> tuple[ReceiverConfig, ArchiveConfig]:
@@ -231,8 +239,8 @@ def _files(args: argparse.Namespace) -> int:
     _, a = _load(args)
     if args.to is not None and (args.fileset is None or args.path is None):
         raise ConfigError("--to restores one file: give FILESET and PATH too")
-    if args.to is not None and args.to.exists() and not args.force:
-        raise ConfigError(f"--to: {args.to} exists; add --force to overwrite it")
+    if args.to is not None and not args.to.is_dir() and args.to.exists() and not args.force:
+        raise ConfigError(f"--to: {printable(str(args.to))} exists; add --force to overwrite it")
 
     async def main() -> dict[str, Any]:
         repo = await open_repo(a)
@@ -244,9 +252,10 @@ def _files(args: argparse.Namespace) -> int:
         if args.to is None:
             return out
         if not entries:
-            raise ConfigError(f"snapshot {snap.short}: no file {args.path!r} in file set "
-                              f"{args.fileset!r}; `cdp archive files` lists them")
+            raise ConfigError(f"snapshot {snap.short}: no file {printable(repr(args.path))} in file set "
+                              f"{printable(repr(args.fileset))}; `cdp archive files` lists them")
         f = entries[0]
+        folder, name = _restore_target(args.to, str(f["path"]), args.force)
         held = await locks.lock(repo, exclusive=False)  # prune must not delete under our feet
         try:
             await repo.load_index()
@@ -255,24 +264,34 @@ def _files(args: argparse.Namespace) -> int:
             await held.release()
         data = b"".join(parts)[:f["size"]]
         if xxhash.xxh3_128_hexdigest(data) != f["hash"]:
-            raise ArchiveCorruptError(f"snapshot {snap.short}: {f['set']}/{f['path']} does not "
-                                      "match its hash; run `cdp archive verify --read-data`")
-        tmp = args.to.with_name(f".{args.to.name}.cdp-tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, f["mode"] & 0o7777)
-        os.replace(tmp, args.to)
-        out["restored"] = str(args.to)
+            raise ArchiveCorruptError(f"snapshot {snap.short}: {printable(f['set'])}/"
+                                      f"{printable(f['path'])} does not match its hash; run "
+                                      "`cdp archive verify --read-data`")
+        with Target.open(folder) as target:
+            target.write_file(name, [data], mode=safe_mode(int(f.get("mode", 0o644)), args.preserve_special),
+                              mtime=f.get("mtime"), sync=True)
+            out["restored"] = target.child(name)
         return out
 
     rep = _arun(main())
     if args.to is not None:
-        _out(args, rep, f"restored {rep['files'][0]['set']}/{rep['files'][0]['path']} "
-             f"(version {rep['files'][0]['version']}) to {args.to}")
+        f = rep["files"][0]
+        _out(args, rep, f"restored {printable(f['set'])}/{printable(f['path'])} (version {f['version']}) "
+             f"to {printable(rep['restored'])}")
     else:
-        _out(args, rep, "\n".join(f"{f['set']:<16} v{f['version']:<4} {f['size']:>10}  "
-                                  f"{_when(f['time'])}  {f['path']}" for f in rep["files"])
+        _out(args, rep, "\n".join(f"{printable(f['set']):<16} v{f['version']:<4} {f['size']:>10}  "
+                                  f"{_when(f['time'])}  {printable(f['path'])}" for f in rep["files"])
              or "no file-set files in this snapshot")
     return 0
+
+
+def _restore_target(to: Path, path: str, force: bool) -> tuple[Path, str]:
+    """(folder, name) to write a file-set file to: `to`, or its own name inside the folder `to`."""
+    folder, name = (to, PurePosixPath(path).name) if to.is_dir() else (to.parent, to.name)
+    with Target.open(folder) as target:
+        if target.exists(name) and not force:  # UnsafeEntryError for a name like ".."
+            raise ConfigError(f"--to: {printable(target.child(name))} exists; add --force to overwrite it")
+    return folder, name
 
 
 def _with_fs(args: argparse.Namespace, fn: Callable[[Any, int | None], Any]) -> Any:
@@ -302,18 +321,24 @@ def _ls(args: argparse.Namespace) -> int:
     from cdp.archive.files import list_path
 
     entries, part = _with_fs(args, lambda fs, part: (list_path(fs, args.path), part))
-    text = "\n".join(f"{e['type'][:4]:4} {e['mode']:>6} {e['size']:>12}  {_when(e['mtime'])}  {e['name']}"
-                     + (f" -> {e['target']}" if "target" in e else "") for e in entries)
+    # names come from the guest: escaped for the terminal (JSON escapes them itself)
+    text = "\n".join(f"{e['type'][:4]:4} {e['mode']:>6} {e['size']:>12}  {_when(e['mtime'])}  "
+                     f"{printable(e['name'])}"
+                     + (f" -> {printable(str(e['target']))}" if "target" in e else "") for e in entries)
     _out(args, {"path": args.path, "partition": part, "entries": entries}, text)
     return 0
 
 
 def _get(args: argparse.Namespace) -> int:
-    from cdp.archive.files import get_path
+    from cdp.archive.extract import get_path
 
     if not args.to.parent.is_dir():
-        raise ConfigError(f"--to: folder {args.to.parent} does not exist")
-    written = _with_fs(args, lambda fs, part: get_path(fs, args.path, args.to))
-    _out(args, {"path": args.path, "written": written},
-         f"wrote {len(written)} item(s) to {args.to}")
-    return 0
+        raise ConfigError(f"--to: folder {printable(str(args.to.parent))} does not exist")
+    done = _with_fs(args, lambda fs, part: get_path(fs, args.path, args.to,
+                                                    preserve_special=args.preserve_special))
+    for path, why in done.skipped:
+        print(f"cdp archive get: skipped {printable(path)}: {why}", file=sys.stderr)
+    _out(args, {"path": args.path, **done.to_json()},
+         f"wrote {len(done.written)} item(s) to {printable(str(args.to))}"
+         + (f"; skipped {len(done.skipped)} (named above)" if done.skipped else ""))
+    return 1 if done.skipped else 0

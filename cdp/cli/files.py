@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cdp.cli.points import fmt_time
 from cdp.config import load_receiver
-from cdp.errors import CdpError, UsageError
+from cdp.errors import UsageError
 from cdp.replica.files import FileSets, FilesetStore, Version, iter_latest
+from cdp.safewrite import Target, safe_mode
+from cdp.textsafe import printable
 from cdp.units import format_bytes
 
 
@@ -35,8 +36,9 @@ def register(sub: Any) -> None:
     r = fsub.add_parser(
         "restore", help="write one version of a file, byte for byte, to DEST",
         description="Writes the chosen version (default: the newest that is not a deletion) "
-        "to DEST with its mode and mtime, after checking its hash. Exit 2 for an unknown set, "
-        "path or version.")
+        "to DEST with its mode (less setuid, setgid and sticky unless --preserve-special) and "
+        "mtime, after checking its hash. Exit 2 for an unknown set, path or version; exit 1 when "
+        "the file's own name cannot be written safely into DEST (write it to a file path instead).")
     r.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
     r.add_argument("fileset")
     r.add_argument("path")
@@ -47,6 +49,8 @@ def register(sub: Any) -> None:
     r.add_argument("--to", type=Path, required=True, help="where to write it (a file path, "
                    "or an existing folder to write it into under its own name)")
     r.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    r.add_argument("--preserve-special", action="store_true", help="keep setuid, setgid and sticky "
+                   "bits (dropped by default: the file comes from a source you may not trust)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(run=run_restore)
 
@@ -58,8 +62,8 @@ def _sets(args: argparse.Namespace) -> FileSets:
 def _versions(store: FilesetStore, path: str) -> list[Version]:
     vs = store.versions(path.lstrip("/"))
     if not vs:
-        raise UsageError(f"file set {store.name!r} holds no file {path!r}; `cdp files list -c "
-                         f"CONFIG {store.name}` lists its files")
+        raise UsageError(f"file set {printable(repr(store.name))} holds no file {printable(repr(path))}; "
+                         f"`cdp files list -c CONFIG {printable(store.name)}` lists its files")
     return vs
 
 
@@ -83,7 +87,7 @@ def run_list(args: argparse.Namespace) -> int:
         elif not rows:
             print("no file sets replicated yet")
         for r in [] if args.json else rows:
-            print(f"{r['fileset']}: {r['files']} file(s), {r['deleted']} deleted, "
+            print(f"{printable(r['fileset'])}: {r['files']} file(s), {r['deleted']} deleted, "
                   f"{r['versions']} version(s)")
         return 0
     store = sets.existing(args.fileset)
@@ -105,7 +109,7 @@ def run_list(args: argparse.Namespace) -> int:
         return 0
     for v in latest:
         state = "deleted" if v.deleted else format_bytes(v.size)
-        print(f"/{v.path}  v{v.version}  {fmt_time(v.time)}  {state}")
+        print(f"/{printable(v.path)}  v{v.version}  {fmt_time(v.time)}  {state}")
     return 0
 
 
@@ -113,7 +117,7 @@ def _choose(vs: list[Version], args: argparse.Namespace) -> Version:
     if args.version is not None:
         v = next((v for v in vs if v.version == args.version), None)
         if v is None:
-            raise UsageError(f"{vs[0].path} has no version {args.version} (versions 1 to "
+            raise UsageError(f"{printable(vs[0].path)} has no version {args.version} (versions 1 to "
                              f"{len(vs)}; `cdp files list` shows them)")
         return v
     if args.at is not None:
@@ -122,12 +126,12 @@ def _choose(vs: list[Version], args: argparse.Namespace) -> Version:
         at = parse_at(args.at)
         older = [v for v in vs if v.time <= at]
         if not older:
-            raise UsageError(f"{vs[0].path} has no version read at or before {fmt_time(at)}; "
+            raise UsageError(f"{printable(vs[0].path)} has no version read at or before {fmt_time(at)}; "
                              f"the first is from {fmt_time(vs[0].time)}")
         return older[-1]
     live = [v for v in vs if not v.deleted]
     if not live:
-        raise UsageError(f"every version of {vs[0].path} is a deletion")
+        raise UsageError(f"every version of {printable(vs[0].path)} is a deletion")
     return live[-1]
 
 
@@ -136,27 +140,19 @@ def run_restore(args: argparse.Namespace) -> int:
     vs = _versions(store, args.path)
     v = _choose(vs, args)
     data = store.content(v)  # UsageError for a deletion, FileVersionError if damaged
-    dest: Path = args.to
-    if dest.is_dir():
-        dest = dest / Path(v.path).name
-    if dest.exists() and not args.force:
-        raise UsageError(f"{dest} exists; pass --force to overwrite it")
-    tmp = dest.with_name(f".{dest.name}.cdp-restore")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, v.mode)
-        os.utime(tmp, (v.mtime, v.mtime))
-        os.replace(tmp, dest)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CdpError(f"cannot write {dest}: {exc.strerror}") from None
-    out = {**_row(v), "fileset": store.name, "to": str(dest)}
+    # the stored path came from a source: inside a folder it is only ever its last name, checked
+    to: Path = args.to
+    folder, name = (to, PurePosixPath(v.path).name) if to.is_dir() else (to.parent, to.name)
+    with Target.open(folder) as target:
+        dest = target.child(name)
+        if target.exists(name) and not args.force:  # UnsafeEntryError (exit 1) for "..", "", ...
+            raise UsageError(f"{printable(dest)} exists; pass --force to overwrite it")
+        target.write_file(name, [data], mode=safe_mode(v.mode, args.preserve_special), mtime=v.mtime,
+                          sync=True)
+    out = {**_row(v), "fileset": store.name, "to": dest}
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        print(f"restored /{v.path} version {v.version} ({format_bytes(v.size)}, read "
-              f"{fmt_time(v.time)}) to {dest}")
+        print(f"restored /{printable(v.path)} version {v.version} ({format_bytes(v.size)}, read "
+              f"{fmt_time(v.time)}) to {printable(dest)}")
     return 0
