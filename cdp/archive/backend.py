@@ -7,7 +7,9 @@ the same conformance tests (tests/integration/test_archive_backends.py):
 - ``put`` is atomic: readers see the whole object or nothing (directory: temp + fsync +
   rename + directory fsync; S3: a single PUT); ``create=True`` fails with
   ObjectExists when the name is taken (``If-None-Match: *`` on S3, link(2) locally);
-- ``get``/``get_range`` raise ObjectMissing for an absent object;
+- ``get``/``get_range`` raise ObjectMissing for an absent object; ``get(name, limit=n)``
+  raises ObjectTooLarge, without reading it, for an object larger than n bytes (small
+  metadata objects come from an untrusted bucket and must not fill memory);
 - ``ls(prefix)`` gives every object under the prefix with size and modification time;
 - ``delete`` of an absent object is not an error.
 """
@@ -28,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from cdp.durable import fsync_dir
-from cdp.errors import ArchiveAccessError, ArchiveError
+from cdp.errors import ArchiveAccessError, ArchiveCorruptError, ArchiveError
 
 T = TypeVar("T")
 
@@ -41,6 +43,15 @@ class ObjectExists(ArchiveError):
     """A create-only put found the name taken."""
 
 
+class ObjectTooLarge(ArchiveCorruptError):
+    """An object is larger than anything cdp writes under its name: it was replaced."""
+
+
+def _too_large(url: str, name: str, size: int, limit: int) -> ObjectTooLarge:
+    return ObjectTooLarge(f"{url}: {name} is {size} bytes, more than the {limit} cdp ever writes "
+                          "there: it was not written by cdp; restore it from a copy")
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     name: str
@@ -51,7 +62,7 @@ class ObjectInfo:
 class Backend(Protocol):
     url: str
 
-    async def get(self, name: str) -> bytes: ...
+    async def get(self, name: str, *, limit: int | None = None) -> bytes: ...
     async def get_range(self, name: str, offset: int, length: int) -> bytes: ...
     async def put(self, name: str, data: bytes, *, create: bool = False) -> None: ...
     async def ls(self, prefix: str) -> list[ObjectInfo]: ...
@@ -76,17 +87,23 @@ class LocalBackend:
             return ObjectMissing(f"{self.url}: {name}: no such object")
         return ArchiveError(f"{self.url}: cannot {op} {name}: {exc.strerror or exc}")
 
-    async def get(self, name: str) -> bytes:
-        return await asyncio.to_thread(self._get, name, 0, -1)
+    async def get(self, name: str, *, limit: int | None = None) -> bytes:
+        return await asyncio.to_thread(self._get, name, 0, -1, limit)
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self._get, name, offset, length)
 
-    def _get(self, name: str, offset: int, length: int) -> bytes:
+    def _get(self, name: str, offset: int, length: int, limit: int | None = None) -> bytes:
         try:
             with open(self._path(name), "rb") as fh:
                 if length < 0:
-                    return fh.read()
+                    if limit is None:
+                        return fh.read()
+                    size = os.fstat(fh.fileno()).st_size
+                    data = fh.read(limit + 1) if size <= limit else b""
+                    if size > limit or len(data) > limit:
+                        raise _too_large(self.url, name, max(size, len(data)), limit)
+                    return data
                 data = os.pread(fh.fileno(), length, offset)
         except OSError as exc:
             raise self._err("read", name, exc) from None
@@ -218,14 +235,21 @@ class S3Backend:
                                       "check `endpoint` and the network")
         return ArchiveError(f"{self.where}: {op} {name} failed: {text[:300]}")
 
-    async def get(self, name: str) -> bytes:
+    async def get(self, name: str, *, limit: int | None = None) -> bytes:
         import obstore
 
         try:
             res = await obstore.get_async(self.store, name)
-            return bytes(await res.bytes_async())
+            if limit is not None and res.meta["size"] > limit:
+                raise _too_large(self.url, name, res.meta["size"], limit)
+            data = bytes(await res.bytes_async())
+        except ObjectTooLarge:
+            raise
         except Exception as exc:
             raise self._err("get", name, exc) from None
+        if limit is not None and len(data) > limit:
+            raise _too_large(self.url, name, len(data), limit)
+        return data
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         import obstore

@@ -108,8 +108,15 @@ def read_password(a: ArchiveConfig) -> bytes | None:
 
 
 async def open_repo(a: ArchiveConfig) -> Repository:
-    """Open the repository of an [[archive]] table (writes nothing)."""
-    return await Repository.open(open_backend(a.repository, a.endpoint), read_password(a))
+    """Open the repository of an [[archive]] table (writes nothing).
+
+    Whether it must be encrypted comes from this table (encrypt, password_file),
+    never from the repository, which whoever can write the bucket can change.
+    """
+    password = read_password(a)
+    if a.encrypt and password is None:
+        raise ConfigError(f"archive {a.name}: encrypt = true needs password_file")
+    return await Repository.open(open_backend(a.repository, a.endpoint), password)
 
 
 async def init_repo(a: ArchiveConfig, kdf_n: int | None = None) -> Repository:

@@ -4,12 +4,21 @@ Each holder writes its own object ``locks/<uuid>`` (sealed msgpack: host,
 pid, time, exclusive), then lists ``locks/``: if a live lock conflicts
 (an exclusive one, or any other when we want exclusivity) it removes its own
 and gives up, so two racing jobs may both back off but never both proceed.
-Holders refresh the time every REFRESH_EVERY while they hold it (a task
-beside the job); a lock is stale when it has not been refreshed for
+Holders rewrite their lock every REFRESH_EVERY while they hold it (a task
+beside the job); a lock is stale when it has not been rewritten for
 STALE_AFTER, or its process, on this host, is gone (a job killed with
 SIGKILL). Stale locks are ignored and removed. Verify and restore take the
 shared lock too, so prune never deletes what they are reading; ls/get do
 not (they write nothing and a prune under them fails them cleanly).
+
+Ages are measured on the backend's clock only: the modification time `ls`
+reports for a lock, against the one it reports for the lock we have just
+written (the backend's "now"). The `time` inside a lock is its holder's
+clock and is not trusted (it is still written, for older cdp versions): a
+holder whose clock lags would look stale at once and have prune delete under
+it, one whose clock runs ahead would never expire. A lock modified more than
+STALE_AFTER after our own was not written through this backend's clock
+(someone set its time) and is treated as stale.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ log = logging.getLogger(__name__)
 STALE_AFTER = 30 * 60.0
 REFRESH_EVERY = 5 * 60.0
 AAD = b"lock"
+LOCK_MAX = 1024  # a lock object is ~100 bytes
 
 
 @dataclass(frozen=True)
@@ -40,24 +50,25 @@ class LockInfo:
     name: str
     host: str
     pid: int
-    time: float
     exclusive: bool
+    age: float  # seconds since it was last written, on the backend's clock (negative: in the future)
 
-    def stale(self, now: float) -> bool:
-        if now - self.time > STALE_AFTER:
+    def stale(self) -> bool:
+        if not -STALE_AFTER <= self.age <= STALE_AFTER:
             return True
         if self.host == socket.gethostname():
             try:
                 os.kill(self.pid, 0)
             except ProcessLookupError:
                 return True
-            except PermissionError:
+            except (PermissionError, OverflowError, ValueError):
                 return False
         return False
 
     def describe(self) -> str:
         kind = "exclusive" if self.exclusive else "shared"
-        return f"{kind} lock of pid {self.pid} on {self.host}, {time.time() - self.time:.0f}s old"
+        host = "".join(c if c.isprintable() else "?" for c in self.host[:64])
+        return f"{kind} lock of pid {self.pid} on {host}, {self.age:.0f}s old"
 
 
 class Lock:
@@ -67,12 +78,13 @@ class Lock:
         self.repo = repo
         self.exclusive = exclusive
         self.name = f"locks/{uuid.uuid4().hex}"
-        self.stamp = 0.0
+        self.stamp = 0.0  # time.monotonic() of the last write
+        self.backend_now: float | None = None  # our lock's modification time when acquired
         self._keeper: asyncio.Task[None] | None = None
 
     async def _write(self) -> None:
-        self.stamp = time.time()
-        body = msgpack.packb({"host": socket.gethostname(), "pid": os.getpid(), "time": self.stamp,
+        self.stamp = time.monotonic()
+        body = msgpack.packb({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
                               "exclusive": self.exclusive})
         await self.repo.backend.put(self.name, self.repo.keys.seal(body, AAD))
 
@@ -92,11 +104,11 @@ class Lock:
             await asyncio.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
 
     async def _conflict(self) -> LockInfo | None:
-        now = time.time()
-        for info in await read_locks(self.repo):
+        self.backend_now, infos = await read_locks(self.repo, own=self.name)
+        for info in infos:
             if f"locks/{info.name}" == self.name:
                 continue
-            if info.stale(now):
+            if info.stale():
                 log.info("removing stale %s", info.describe())
                 await self.repo.backend.delete(f"locks/{info.name}")
                 continue
@@ -105,7 +117,7 @@ class Lock:
         return None
 
     async def refresh(self, force: bool = False) -> None:
-        if force or time.time() - self.stamp > REFRESH_EVERY:
+        if force or time.monotonic() - self.stamp > REFRESH_EVERY:
             await self._write()
 
     async def _keepalive(self) -> None:
@@ -131,20 +143,29 @@ class Lock:
         await self.release()
 
 
-async def read_locks(repo: Repository) -> list[LockInfo]:
+async def read_locks(repo: Repository, own: str | None = None) -> tuple[float | None, list[LockInfo]]:
+    """(the backend's now, every lock with its age); now is `own`'s modification time.
+
+    Without `own` in the listing there is no backend clock to read, and ages
+    fall back to our own clock.
+    """
+    listed = await repo.backend.ls("locks/")
+    now = next((o.mtime for o in listed if o.name == own), None)
+    ref = time.time() if now is None else now
     out = []
-    for o in await repo.backend.ls("locks/"):
+    for o in listed:
         name = o.name.rsplit("/", 1)[-1]
         try:
-            d = msgpack.unpackb(repo.keys.open(await repo.backend.get(o.name), AAD, "lock"), raw=False)
-            out.append(LockInfo(name, str(d["host"]), int(d["pid"]), float(d["time"]),
-                                bool(d["exclusive"])))
+            raw = repo.keys.open(await repo.backend.get(o.name, limit=LOCK_MAX), AAD, "lock")
+            d = msgpack.unpackb(raw, raw=False, max_str_len=LOCK_MAX, max_bin_len=LOCK_MAX)
+            out.append(LockInfo(name, str(d["host"]), int(d["pid"]), bool(d["exclusive"]), ref - o.mtime))
         except ObjectMissing:
             continue  # released meanwhile
-        except (ArchiveCorruptError, ValueError, TypeError, KeyError, msgpack.UnpackException):
+        except (ArchiveCorruptError, ValueError, TypeError, KeyError, OverflowError,
+                msgpack.UnpackException):
             # unreadable: treat as a live exclusive lock until it is old, as the safe choice
-            out.append(LockInfo(name, "?", 0, o.mtime, True))
-    return out
+            out.append(LockInfo(name, "?", 0, True, ref - o.mtime))
+    return now, out
 
 
 async def lock(repo: Repository, exclusive: bool, wait: float = 0.0) -> Lock:

@@ -21,7 +21,7 @@ from typing import Any
 import cdp.archive.lock as locks
 import cdp.archive.pack as pack
 import cdp.archive.retention as retention
-from cdp.archive.backend import LocalBackend, ObjectMissing
+from cdp.archive.backend import LocalBackend, ObjectMissing, ObjectTooLarge
 from cdp.archive.job import Progress
 from cdp.archive.pack import PackWriter
 from cdp.archive.repo import Manifest, Repository, gather_limited
@@ -29,6 +29,8 @@ from cdp.config import KeepPolicy
 from cdp.errors import ArchiveCorruptError, ArchiveError
 
 log = logging.getLogger(__name__)
+
+PACK_MAX = (1 << 30) + (256 << 20)  # pack_size's cap + one chunk + trailer: never read more
 
 
 def _users(snaps: list[Manifest]) -> dict[bytes, list[str]]:
@@ -100,9 +102,11 @@ async def _verify(repo: Repository, read_data: bool, progress: Progress | None) 
 
 async def _check_pack(repo: Repository, name: str) -> tuple[bool, list[tuple[bytes, str]]]:
     try:
-        data = await repo.backend.get(pack.pack_name(name))
+        data = await repo.backend.get(pack.pack_name(name), limit=PACK_MAX)
     except ObjectMissing:
         return False, [(cid, "pack is missing") for cid, _ in repo.pack_entries[name]]
+    except ObjectTooLarge:
+        return False, [(cid, "pack is larger than cdp writes") for cid, _ in repo.pack_entries[name]]
 
     def check() -> tuple[bool, list[tuple[bytes, str]]]:
         ok = hashlib.sha256(data).hexdigest() == name
@@ -124,11 +128,13 @@ async def prune(repo: Repository, policy: KeepPolicy, *, grace: float = 3600.0, 
 
     A live pack whose live chunks take less than `repack_below` of it has those
     chunks copied (sealed blobs as they are, each checked first) into new packs,
-    and goes with the unreferenced ones.
+    and goes with the unreferenced ones. Pack ages are judged on the backend's
+    clock (our lock's modification time), the clock that stamped the packs.
     """
-    now = time.time() if now is None else now
     held = await locks.lock(repo, exclusive=True, wait=lock_wait)
     try:
+        if now is None:
+            now = held.backend_now if held.backend_now is not None else time.time()
         snaps = await repo.snapshots()
         keep = retention.select([s.time for s in snaps], policy, tz)
         kept = [s for i, s in enumerate(snaps) if i in keep]
@@ -188,7 +194,7 @@ async def _repack(repo: Repository, packs: list[str], need: dict[str, set[bytes]
             writer = PackWriter(repo.keys)
 
     for p in packs:
-        data = await repo.backend.get(pack.pack_name(p))
+        data = await repo.backend.get(pack.pack_name(p), limit=PACK_MAX)
         for cid, e in repo.pack_entries[p]:
             if cid not in need[p]:
                 continue

@@ -2,7 +2,7 @@
 
 Layout (object names; the same in a directory and under an S3 prefix)::
 
-    config              msgpack, plain: format version, repository id, encrypted or not
+    config              msgpack, plain but authenticated (see RepoConfig)
     key                 the master key wrapped with the password (crypto.py); absent if unencrypted
     data/<xx>/<sha256>  pack files (pack.py), named by the hash of their content
     index/<sha256>      sealed msgpack {"packs": {pack: [[chunk id, offset, length, raw length]]}}
@@ -14,12 +14,27 @@ them, then the manifest that references their chunks. A pack that no index
 names (a run died before writing its index) is found by listing data/ and
 reading its trailer, so its chunks are used, not uploaded again. Prune
 deletes packs only after writing the index that no longer names them.
+
+Whoever can write the bucket is not trusted. The config object says whether
+the repository is encrypted and how (``params``: cipher, chunk-id scheme, pack
+format); receiver.toml says whether it must be. An open refuses, before it
+writes anything, a repository that is not encrypted when receiver.toml has
+encrypt = true, a config whose MAC (HMAC-SHA256 with a key derived from the
+master key) does not match, a key file of another repository, and parameters
+it does not know. Config format 1 (written before the MAC) is still read: all
+it says is checked anyway (encrypted must match receiver.toml, its id is
+bound to the key file by the key wrap, its parameters are those of format 1)
+and it is left as it is, so older cdp versions keep reading the repository.
+A bucket writer can still delete objects (verify reports what is missing)
+and roll objects back to older authentic versions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -32,14 +47,21 @@ import msgpack
 import cdp.archive.crypto as crypto
 import cdp.archive.pack as pack
 from cdp.archive.backend import Backend, LocalBackend, ObjectExists, ObjectMissing
-from cdp.archive.crypto import ID_LEN, ZERO_ID, Keys
+from cdp.archive.crypto import ID_LEN, ZERO_ID, Keys, TamperedError
 from cdp.archive.pack import Entry
 from cdp.errors import ArchiveAccessError, ArchiveCorruptError, ArchiveError, UsageError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 1  # of index files and manifests
+CONFIG_FORMAT = 2  # of the config object; 1 (no params, no MAC) is still read
+CONFIG_MAX = 4096  # a config is ~200 bytes
+SEALED_MAX = 1 << 30  # an index file or manifest; bounds what a replaced object can make us hold
+ENCRYPTED_PARAMS: dict[str, str | int] = {"cipher": "aes-256-gcm", "ids": "hmac-sha256-xxh3-128",
+                                          "pack": 1}
+PLAIN_PARAMS: dict[str, str | int] = {"cipher": "none", "ids": "xxh3-128", "pack": 1}
 READ_CONCURRENCY = 8
+HEX = "0123456789abcdef"
 T = TypeVar("T")
 
 
@@ -128,6 +150,74 @@ class Manifest:
             raise ArchiveCorruptError(f"snapshot {sid[:8]}: manifest is malformed: {exc}") from None
 
 
+@dataclass(frozen=True)
+class RepoConfig:
+    """The config object: msgpack map {v, id, encrypted, created, params, mac}.
+
+    `mac` = HMAC-SHA256(config key, signed()) for an encrypted repository and
+    None otherwise (there is no key to make one with, and nothing to protect).
+    Format 1 configs have only v, id, encrypted and created.
+    """
+
+    version: int
+    id: str
+    encrypted: bool
+    created: float
+    params: dict[str, str | int]
+    mac: bytes | None = None
+
+    def signed(self) -> bytes:
+        """The canonical bytes the MAC covers: every field but the MAC, in a fixed order."""
+        return msgpack.packb([b"cdp-archive config", self.version, self.id, self.encrypted,
+                              float(self.created), sorted(self.params.items())])
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"v": self.version, "id": self.id, "encrypted": self.encrypted,
+                              "created": self.created, "params": self.params, "mac": self.mac})
+
+
+def parse_config(raw: bytes, where: str) -> RepoConfig:
+    """A config object's fields, each type-checked (not yet authenticated: see Repository.open).
+
+    Malformed: ArchiveCorruptError; a format this cdp does not know: ArchiveAccessError.
+    """
+    try:
+        if len(raw) > CONFIG_MAX:
+            raise ValueError(f"{len(raw)} bytes, more than a config can be")
+        d = msgpack.unpackb(raw, raw=False, max_bin_len=CONFIG_MAX, max_str_len=CONFIG_MAX)
+        if not isinstance(d, dict):
+            raise ValueError("not a map")
+        version = d.get("v")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError("no format version")
+    except (ValueError, TypeError, OverflowError, msgpack.UnpackException) as exc:
+        raise ArchiveCorruptError(f"{where}: config is unreadable: {exc}") from None
+    if version not in (1, CONFIG_FORMAT):
+        raise ArchiveAccessError(f"{where}: repository format {version} is not supported by this cdp "
+                                 f"(knows 1-{CONFIG_FORMAT}); upgrade cdp")
+    try:
+        repo_id, encrypted, created = d.get("id"), d.get("encrypted"), d.get("created", 0.0)
+        if not isinstance(repo_id, str) or len(repo_id) != 32 or repo_id.strip(HEX):
+            raise ValueError("id is not a repository id (32 hex digits)")
+        if not isinstance(encrypted, bool):
+            raise ValueError("encrypted is not true or false")
+        if not isinstance(created, float | int) or isinstance(created, bool):
+            raise ValueError("created is not a time")
+        if version == 1:  # what format 1 means; it had no MAC
+            return RepoConfig(version, repo_id, encrypted, float(created),
+                              dict(ENCRYPTED_PARAMS if encrypted else PLAIN_PARAMS))
+        params, mac = d.get("params"), d.get("mac")
+        if not isinstance(params, dict) or len(params) > 16 or not all(
+                isinstance(k, str) and isinstance(v, str | int) and not isinstance(v, bool)
+                for k, v in params.items()):
+            raise ValueError("params is not a map of names to values")
+        if mac is not None and (not isinstance(mac, bytes) or len(mac) != 32):
+            raise ValueError("mac is not 32 bytes")
+        return RepoConfig(version, repo_id, encrypted, float(created), params, mac)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ArchiveCorruptError(f"{where}: config is unreadable: {exc}") from None
+
+
 class Repository:
     """An opened (unlocked) repository. Loads the index on demand."""
 
@@ -159,50 +249,80 @@ class Repository:
                 raise ArchiveAccessError(f"{backend.url}: cannot create: {exc.strerror}") from None
         if await backend.exists("config"):
             raise ArchiveAccessError(f"{backend.url}: a repository is already there; nothing changed")
+        if await backend.exists("key"):
+            raise ArchiveAccessError(
+                f"{backend.url}: a key file is there but no config (an interrupted init, or a "
+                "damaged repository whose key must not be overwritten); nothing changed: restore "
+                "`config`, or remove `key` if nothing else is there")
         repo_id = uuid.uuid4().hex
         keys = crypto.PLAIN
         if password is not None:
             key_file, keys = crypto.new_key_file(password, repo_id, n=kdf_n)
-            await backend.put("key", key_file)
-        cfg = msgpack.packb({"v": FORMAT, "id": repo_id, "encrypted": password is not None,
-                             "created": time.time()})
+            await backend.put("key", key_file, create=True)
+        cfg = RepoConfig(CONFIG_FORMAT, repo_id, password is not None, time.time(),
+                         dict(ENCRYPTED_PARAMS if password is not None else PLAIN_PARAMS))
+        if keys.encrypted:
+            cfg = dataclasses.replace(cfg, mac=keys.mac(cfg.signed()))
         try:
-            await backend.put("config", cfg, create=True)
+            await backend.put("config", cfg.encode(), create=True)
         except ObjectExists:
             raise ArchiveAccessError(f"{backend.url}: a repository is already there") from None
         return cls(backend, keys, repo_id)
 
     @classmethod
     async def open(cls, backend: Backend, password: bytes | None) -> Repository:
-        """Open and unlock; writes nothing. Missing, unreachable or wrong password: ArchiveAccessError."""
+        """Open and unlock; writes nothing. Missing, unreachable or wrong password: ArchiveAccessError.
+
+        `password` is None exactly when receiver.toml says encrypt = false; with
+        a password the repository must be encrypted, whatever its config says
+        (TamperedError otherwise), because the config is in the bucket.
+        """
         try:
-            raw = await backend.get("config")
+            raw = await backend.get("config", limit=CONFIG_MAX)
         except ObjectMissing:
             raise ArchiveAccessError(
                 f"{backend.url}: no archive repository here; create it with `cdp archive init`"
             ) from None
-        except ArchiveAccessError:
+        except (ArchiveAccessError, ArchiveCorruptError):
             raise
         except ArchiveError as exc:
             raise ArchiveAccessError(f"cannot open the repository: {exc}") from None
-        try:
-            cfg = msgpack.unpackb(raw, raw=False, max_bin_len=1024, max_str_len=1024)
-            repo_id, encrypted, version = str(cfg["id"]), bool(cfg["encrypted"]), int(cfg["v"])
-        except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
-            raise ArchiveCorruptError(f"{backend.url}: config is unreadable: {exc}") from None
-        if version != FORMAT:
-            raise ArchiveAccessError(f"{backend.url}: repository format {version} is not supported "
-                                     f"by this cdp (knows {FORMAT}); upgrade cdp")
-        if not encrypted:
-            return cls(backend, crypto.PLAIN, repo_id)
+        cfg = parse_config(raw, backend.url)
+        if not cfg.encrypted:
+            if password is not None:
+                raise TamperedError(
+                    f"{backend.url}: the repository's config says it is not encrypted, but receiver.toml "
+                    "has encrypt = true: refusing to store or read anything in clear text. cdp never "
+                    "makes an encrypted repository unencrypted, so someone who can write the repository "
+                    "has altered its config; nothing was written. Restore `config` from a copy, or "
+                    "create a new repository elsewhere")
+            cls._check_params(cfg, PLAIN_PARAMS, backend.url)
+            return cls(backend, crypto.PLAIN, cfg.id)
         if password is None:
             raise ArchiveAccessError(f"{backend.url}: the repository is encrypted; set password_file")
         try:
-            key_file = await backend.get("key")
+            key_file = await backend.get("key", limit=crypto.KEY_FILE_MAX)
         except ObjectMissing:
-            raise ArchiveCorruptError(f"{backend.url}: the key file is missing") from None
-        keys = await asyncio.to_thread(crypto.unlock, key_file, password, repo_id, backend.url)
-        return cls(backend, keys, repo_id)
+            raise ArchiveCorruptError(f"{backend.url}: the key file is missing; restore `key` from "
+                                      "your copy of it") from None
+        keys = await asyncio.to_thread(crypto.unlock, key_file, password, cfg.id, backend.url)
+        if cfg.version >= 2:
+            if cfg.mac is None or not hmac.compare_digest(cfg.mac, keys.mac(cfg.signed())):
+                raise TamperedError(
+                    f"{backend.url}: the repository's config does not authenticate with its key: "
+                    "someone who can write the repository altered it; nothing was written. Restore "
+                    "`config` from a copy")
+        else:
+            log.debug("%s: config format 1 (no MAC): encrypted, and bound to the key by its id",
+                      backend.url)
+        cls._check_params(cfg, ENCRYPTED_PARAMS, backend.url)
+        return cls(backend, keys, cfg.id)
+
+    @staticmethod
+    def _check_params(cfg: RepoConfig, known: dict[str, str | int], where: str) -> None:
+        if cfg.params != known:
+            raise ArchiveAccessError(f"{where}: the repository uses {cfg.params} where this cdp knows "
+                                     f"only {known}; upgrade cdp")
 
     # -- sealed objects ---------------------------------------------------------
 
@@ -213,7 +333,7 @@ class Repository:
         return name
 
     async def _get_sealed(self, prefix: str, name: str, aad: bytes, what: str) -> bytes:
-        blob = await self.backend.get(f"{prefix}/{name}")
+        blob = await self.backend.get(f"{prefix}/{name}", limit=SEALED_MAX)
         return self.keys.open(blob, aad, what)
 
     # -- index ------------------------------------------------------------------
