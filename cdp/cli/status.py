@@ -11,6 +11,7 @@ from cdp.config import load_receiver, load_source
 from cdp.durable import read_json
 from cdp.errors import ConfigError
 from cdp.receiver import read_status
+from cdp.textsafe import printable
 
 
 def config_kind(path: Path) -> str:
@@ -94,7 +95,11 @@ def _b(n: float) -> str:
 
 def render(report: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    def safe(text: str) -> str:  # errors carry what a peer said: no escapes, no rich markup
+        return escape(printable(text))
 
     console = Console()
     if not console.is_terminal:  # piped or logged: whole words rather than a terminal's width
@@ -109,7 +114,7 @@ def render(report: dict[str, Any]) -> None:
             lag = f"{v['lag']:.1f}s" if v["lag"] is not None else "-"
             src = (v["client"] + (" (connected)" if v["connected"] else "")) or "-"
             if v["error"]:
-                src += f" error: {v['error']}"
+                src += f" error: {safe(v['error'])}"
             applied = time.strftime("%H:%M:%S", time.localtime(v["applied_at"])) if v[
                 "applied_at"] else "-"
             if v.get("promoted"):
@@ -144,7 +149,7 @@ def render(report: dict[str, Any]) -> None:
             t.add_row(v["volume"], phase,
                       str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
                       _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
-                      v["error"] or "")
+                      safe(v["error"] or ""))
     arch = report.get("archives") or {}
     if arch.get("archives") or arch.get("queue") or arch.get("running"):
         runs = [f"{n} {time.strftime('%m-%d %H:%M', time.localtime(a['last_run']))} "

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 from test_protocol import Pair, ready
 
-from cdp.blocks import pack_u64
+from cdp.blocks import Geometry, pack_u64
 from cdp.cli.logs import LogfmtFormatter
 from cdp.errors import RemoteProtocolError
 from cdp.frames import encode
@@ -128,3 +128,26 @@ def test_more_runs_than_a_frame_may_carry_are_refused() -> None:
     too_many = encode(Zero("vm1", 1, pack_u64([0, 1] * (MAX_ZERO_RUNS + 1))))
     with pytest.raises(RemoteProtocolError, match="at most"):
         p.rcv.receive_data(too_many)
+
+
+def test_status_shows_peer_errors_escaped(tmp_path) -> None:
+    """An error text a peer chose reaches `cdp status`: no terminal escape, no rich markup."""
+    import json
+    import subprocess
+    import sys
+
+    from cdp.replica import Replica
+
+    data = tmp_path / "replicas"
+    Replica.open(data, "vol1", Geometry(1 << 20, 65536), create=True).close()
+    (data / "vol1" / "status.json").write_text(json.dumps({
+        "client": "host1", "connected": True, "current_as_of": 0, "rate": 0, "wire_rate": 0,
+        "error": "x\x1b[2J[bold red]forged[/] line\nnext", "updated": 0, "pid": 0}))
+    cfg = tmp_path / "receiver.toml"
+    cfg.write_text(f'[receiver]\ndata_dir = "{data}"\n')
+    out = subprocess.run([sys.executable, "-m", "cdp", "status", "-c", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout
+    assert "x\\x1b[2J[bold red]forged[/]" in out.stdout, out.stdout  # shown, not obeyed
+    assert "line\\nnext" in out.stdout, out.stdout  # one row, the newline visible
