@@ -159,6 +159,7 @@ class VolumeConfig:
     dirty_region: int = 4 * 1024 * 1024  # nbd mode: granularity of the persistent dirty map
     group: str | None = None  # nbd mode: volumes of one group cut their epochs together
     nbd_tls: TlsServer | None = None  # nbd mode: clients must STARTTLS with this cert/key
+    nbd_any_client: bool = False  # [volume.nbd_tls] allow_any_client: no client cert beyond loopback
 
 
 @dataclass(frozen=True)
@@ -629,7 +630,8 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         vol = replace(vol, nbd_tls=TlsServer(
             cert=nt.get("cert", _path(base), required=True),
             key=nt.get("key", _path(base), required=True),
-            client_ca=nt.get("client_ca", _path(base), default=None)))
+            client_ca=nt.get("client_ca", _path(base), default=None)),
+            nbd_any_client=nt.get("allow_any_client", _bool, default=False))
         nt.done()
     vt.done()
     if vol.mode == "nbd":
@@ -637,6 +639,13 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
             raise vt.err("nbd_listen", "nbd mode needs an address to serve the volume on, e.g. "
                          "nbd_listen = \"127.0.0.1:10809\" or \"unix:vm1-disk0.sock\"")
         tcp, unix = _nbd_listen(vt, base, vol.nbd_listen, tls=vol.nbd_tls is not None)
+        if (tcp is not None and not _loopback(tcp[0]) and vol.nbd_tls is not None
+                and vol.nbd_tls.client_ca is None and not vol.nbd_any_client):
+            raise ConfigError(
+                f"{file}: volume[{i}].nbd_tls.client_ca: is required because nbd_listen {tcp[0]} is "
+                "not a loopback address: without it any host that reaches the port can complete "
+                "TLS and read and write the disk; set client_ca to the CA that signs the "
+                "hypervisors' client certificates (or allow_any_client = true to accept that)")
         if vol.dirty_region % vol.block_size:
             raise vt.err("dirty_region", f"must be a multiple of block_size ({vol.block_size})")
         if vol.epoch_interval <= 0:

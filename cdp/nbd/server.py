@@ -19,9 +19,18 @@ the write and the capture can never lose track of it); `changed(offset,
 length)` runs after the change reached the file and before the client hears
 success (the source captures the blocks for the open epoch); `flushed()` is
 awaited after a FLUSH made the image durable and before the client hears
-success (the source cuts an epoch there). A hook that raises turns the request
-into an EIO reply: the client must not believe in a write that cdp did not
-track.
+success (the source cuts an epoch there). A tracker that also has
+`zeroed(offset, length)` hears TRIM and WRITE_ZEROES there instead of in
+`changed`, so it can keep them as extents without reading what they cleared
+(a kernel client trims up to 4 GiB at once). A hook that raises turns the
+request into an EIO reply: the client must not believe in a write that cdp did
+not track.
+
+Who may connect: beyond loopback the server insists on TLS with client
+certificates (an ssl context with CERT_REQUIRED) unless told `allow_any_client`.
+A Unix socket is created mode 0600 inside a private 0700 directory and renamed
+into place, so it is never more open than that; an existing path is replaced
+only when it is a stale socket of ours, never a symlink, a file or a live socket.
 
 BLOCK_STATUS (`base:allocation`) and all-zero READs are answered from the
 image's holes, found with lseek(SEEK_DATA/SEEK_HOLE).
@@ -32,13 +41,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import ssl
+import stat
+import tempfile
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cdp.durable import write_zeros
 from cdp.errors import CdpError
@@ -82,6 +95,88 @@ class ChangeTracker(Protocol):
     def changed(self, offset: int, length: int) -> None: ...
 
     async def flushed(self) -> None: ...
+
+
+@runtime_checkable
+class ZeroTracker(ChangeTracker, Protocol):
+    """A ChangeTracker that takes TRIM and WRITE_ZEROES as ranges (see the module docstring)."""
+
+    def zeroed(self, offset: int, length: int) -> None: ...
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach host (a host name other than localhost may resolve anywhere)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_existing(path: Path) -> None:
+    """NbdServerError unless path is free or a stale socket of ours (nobody accepts on it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise NbdServerError(f"{path} is a symlink; the NBD socket is never created through one: "
+                             "remove it, or point nbd_listen at a path in a folder only cdp writes")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NbdServerError(f"{path} exists and is not a socket; remove it or choose another "
+                             "unix: path for nbd_listen")
+    if st.st_uid != os.geteuid():
+        raise NbdServerError(f"{path} is a socket of user {st.st_uid}, not ours; remove it or choose "
+                             "another unix: path for nbd_listen")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # stale: left by a process that is gone
+    except OSError as exc:
+        raise NbdServerError(f"{path}: cannot tell whether another process serves it ({exc}); "
+                             "remove it if none does") from None
+    finally:
+        probe.close()
+    raise NbdServerError(f"another process serves {path} already; stop it or choose another path")
+
+
+def bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
+    """A Unix socket bound at path with mode 0600 from its first instant; its (dev, inode).
+
+    Bound inside a fresh 0700 directory next to path (whatever the umask, no
+    one else can reach it there), chmod'ed to 0600, then renamed over path:
+    rename never follows a symlink, and `_refuse_existing` runs just before it.
+    """
+    _refuse_existing(path)
+    parent = path.parent
+    try:
+        pst = os.stat(parent)
+    except FileNotFoundError:
+        raise NbdServerError(f"folder {parent} for the NBD socket does not exist: create it, owned "
+                             "by cdp's user and writable by no one else (e.g. mode 0750)") from None
+    if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
+        log.warning("%s is writable by every user: anyone could replace the NBD socket %s; use a "
+                    "folder only cdp writes (e.g. /run/cdp, mode 0700 or 0750)", parent, path.name)
+    tmpdir = tempfile.mkdtemp(prefix=".c", dir=parent)  # mode 0700
+    tmp = os.path.join(tmpdir, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        _refuse_existing(path)
+        os.rename(tmp, path)
+        st = os.lstat(path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
+    return sock, (st.st_dev, st.st_ino)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -174,7 +269,10 @@ class NbdServer:
     Use `await start()`, then `await close()` (or `async with`). Connections
     share the file descriptor; pread/pwrite at explicit offsets need no lock.
     tls offers NBD_OPT_STARTTLS with this server-side context; tls_required
-    refuses to serve anything before it (the spec's FORCEDTLS mode).
+    refuses to serve anything before it (the spec's FORCEDTLS mode). A host
+    beyond loopback needs tls_required with a context that requires client
+    certificates, or allow_any_client (any client that completes TLS may then
+    read and write the disk).
     """
 
     def __init__(
@@ -188,6 +286,7 @@ class NbdServer:
         tracker: ChangeTracker | None = None,
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
+        allow_any_client: bool = False,
         inline_max: int = INLINE_MAX,
     ) -> None:
         if tls_required and tls is None:
@@ -200,7 +299,12 @@ class NbdServer:
         self.tracker = tracker
         self.tls = tls
         self.tls_required = tls_required
+        self.allow_any_client = allow_any_client
         self.inline_max = inline_max
+        self._zeroed: Callable[[int, int], None] | None = (
+            tracker.zeroed if isinstance(tracker, ZeroTracker)
+            else tracker.changed if tracker is not None else None)
+        self._unix_id: tuple[int, int] | None = None  # (dev, inode) of the socket we created
         self.size = 0
         self._fd = -1
         self._servers: list[asyncio.Server] = []
@@ -226,6 +330,7 @@ class NbdServer:
         """Open the image and start listening; NbdServerError if either fails."""
         if self.host is None and self.unix_path is None:
             raise NbdServerError("NBD server needs a TCP host or a Unix socket path")
+        self._check_reach()
         try:
             self._fd = os.open(self.image, os.O_RDWR | os.O_CLOEXEC)
             self.size = os.fstat(self._fd).st_size
@@ -234,10 +339,11 @@ class NbdServer:
                 self._servers.append(await loop.create_server(
                     lambda: _Connection(self), self.host, self.port))
             if self.unix_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.unix_path.unlink()
-                self._servers.append(await loop.create_unix_server(
-                    lambda: _Connection(self), self.unix_path))
+                sock, self._unix_id = bind_unix(self.unix_path)
+                self._servers.append(await loop.create_unix_server(lambda: _Connection(self), sock=sock))
+        except NbdServerError:
+            await self.close()
+            raise
         except OSError as exc:
             await self.close()
             raise NbdServerError(f"cannot serve {self.image} over NBD: {exc}") from exc
@@ -245,6 +351,19 @@ class NbdServer:
                  f"{self.host}:{self.tcp_port}" if self.host is not None else "",
                  f" {self.unix_path}" if self.unix_path is not None else "",
                  " (TLS required)" if self.tls_required else " (TLS offered)" if self.tls else "")
+
+    def _check_reach(self) -> None:
+        """Beyond loopback, only clients with a certificate (or allow_any_client): else refuse."""
+        host, tls = self.host, self.tls
+        if host is None or is_loopback(host):
+            return
+        if tls is None or not self.tls_required:
+            raise NbdServerError(f"NBD export on {host} is reachable beyond this machine and TLS is "
+                                 "not required: serve it on 127.0.0.1 or a unix: socket, or add TLS")
+        if tls.verify_mode != ssl.CERT_REQUIRED and not self.allow_any_client:
+            raise NbdServerError(f"NBD export on {host} is reachable beyond this machine and "
+                                 "accepts clients without a certificate: set client_ca (or "
+                                 "allow_any_client, if any TLS client may use the disk)")
 
     async def close(self) -> None:
         """Stop accepting, close connections, wait for their handlers, then close the image."""
@@ -258,9 +377,12 @@ class NbdServer:
             await asyncio.gather(*(c.task for c in list(self._connections) if c.task is not None),
                                  return_exceptions=True)
         self._servers.clear()
-        if self.unix_path is not None:
+        if self.unix_path is not None and self._unix_id is not None:
             with contextlib.suppress(FileNotFoundError):
-                self.unix_path.unlink()
+                st = os.lstat(self.unix_path)
+                if (st.st_dev, st.st_ino) == self._unix_id:  # still ours: not another server's
+                    self.unix_path.unlink()
+            self._unix_id = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -310,8 +432,8 @@ class NbdServer:
                 # Trimmed contents are unspecified; zeroing them keeps source and replica equal.
                 no_hole = isinstance(event, WriteZeroes) and event.no_hole
                 await asyncio.to_thread(self._zero, fd, event.offset, event.length, no_hole, event.fua)
-                if tracker is not None:
-                    tracker.changed(event.offset, event.length)
+                if self._zeroed is not None:
+                    self._zeroed(event.offset, event.length)
             elif isinstance(event, Flush):
                 await asyncio.to_thread(os.fdatasync, fd)
                 if self.tracker is not None:

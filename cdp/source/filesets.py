@@ -21,12 +21,20 @@ of the set goes on, and the receiver keeps what it already holds):
   but a regular file; a symlink that points at a regular file inside the set is
   sent with that file's content under the link's own name. A path listed
   in `paths` itself is always followed (e.g. a config that is a symlink).
+
+Symlinks are resolved once, by the walk, and never again: a file is read by
+opening each component below the listed path it lies in with O_NOFOLLOW
+(the last one also O_NONBLOCK, so a FIFO swapped in cannot hang the read),
+then checked with fstat to be a regular file. A folder or file replaced by a
+symlink between the walk and the read is refused for that check, not
+followed: whoever can write inside a set cannot make cdp read outside it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -66,6 +74,7 @@ class Found:
     size: int
     mtime: float
     mode: int
+    root: str = ""  # the resolved listed path `real` lies in: read from there, never following links
 
 
 def wire_name(path: str) -> str:
@@ -107,6 +116,13 @@ def walk(fs: FilesetConfig) -> tuple[dict[str, Found], dict[str, str]]:
         except OSError as exc:
             refused[name] = f"cannot read it: {exc.strerror}"
             return
+        root = next((r for r in roots if _inside(real, [r])), None)
+        if root is None:  # a listed path (trusted), or something moved under the walk
+            real = os.path.realpath(real)
+            root = next((r for r in roots if _inside(real, [r])), None)
+            if root is None:
+                refused[name] = "it moved outside the file set while being looked at"
+                return
         kind = _kind(st.st_mode)
         if kind:
             refused[name] = f"it is {kind}, not a regular file: only regular files are replicated"
@@ -118,7 +134,7 @@ def walk(fs: FilesetConfig) -> tuple[dict[str, Found], dict[str, str]]:
             return
         found[name] = Found(name, real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                          st.st_ctime_ns, st.st_mode),
-                            st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode))
+                            st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), root)
 
     for entry in fs.paths:
         top = os.path.abspath(entry)
@@ -146,13 +162,42 @@ def _kind(mode: int) -> str:
     return "a special file"
 
 
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_below(root: str, real: str) -> int:
+    """Open real, which lies in root, one component at a time: a symlink on the way raises ELOOP.
+
+    root is a resolved path from the configuration, trusted as it stands.
+    """
+    rel = os.path.relpath(real, root) if real != root else ""
+    if not rel:
+        return os.open(root, _FILE_FLAGS)
+    parts = rel.split(os.sep)
+    if ".." in parts:
+        raise OSError(errno.EXDEV, "outside the file set")
+    dfd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, _DIR_FLAGS, dir_fd=dfd)
+            os.close(dfd)
+            dfd = nfd
+        return os.open(parts[-1], _FILE_FLAGS, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+
+
 def read_file(f: Found, limit: int) -> tuple[bytes, bytes, int] | str:
     """(content, hash, mode) of a regular file, or why it cannot be sent now."""
     try:
-        fd = os.open(f.real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = _open_below(f.root or f.real, f.real)
     except FileNotFoundError:
         return "gone"
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+            return ("it, or a folder on its way, was replaced by a symlink (or moved) since the "
+                    "set was walked; symlinks are never followed out of the set")
         return f"cannot read it: {exc.strerror}"
     try:
         st = os.fstat(fd)

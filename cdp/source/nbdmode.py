@@ -10,7 +10,9 @@ receiver, then asks the journal for work. A resync unit (after a start, a
 reconnect, a Need or a pull-ahead) compares the dirty regions with the
 replica and is closed at a cut; a captured unit is the content of the
 changed blocks at a cut, sent as one epoch, never split, so every epoch the
-receiver applies is a state the guest had.
+receiver applies is a state the guest had. Trimmed and zeroed blocks travel as
+zero runs (messages.Zero), never as data, and only where the replica does not
+hold zeros already.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from cdp.blocks import Geometry, runs
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import ConfigError, RemoteError, TrackerError
 from cdp.messages import Opened
-from cdp.nbd.server import NbdServer, NbdServerError
+from cdp.nbd.server import NbdServer, NbdServerError, is_loopback
 from cdp.source.control import FairGate
 from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.dirtymap import DirtyMap
+from cdp.tracker.extents import BlockRuns
 from cdp.tracker.journal import Captured, Resync, WriteJournal
 from cdp.tracker.scan import scan, scan_spans, volume_size
 from cdp.transport import Link, server_tls
@@ -93,9 +96,14 @@ class NbdExport:
         except (ConfigError, OSError, ssl.SSLError) as exc:
             raise TrackerError(f"volume {cfg.name}: cannot load the [volume.nbd_tls] certificate "
                                f"or key: {exc}") from exc
+        if (host is not None and not is_loopback(host) and cfg.nbd_tls is not None
+                and cfg.nbd_tls.client_ca is None and cfg.nbd_any_client):
+            log.warning("volume=%s: SECURITY: [volume.nbd_tls] allow_any_client = true: any host "
+                        "that reaches %s:%d and completes TLS can read and write this disk, with "
+                        "no client certificate; set client_ca to require one", cfg.name, host, port)
         self.server = NbdServer(cfg.path, export=cfg.name, host=host, port=port,
                                 unix_path=cfg.nbd_unix, tracker=self.journal, tls=tls,
-                                tls_required=tls is not None)
+                                tls_required=tls is not None, allow_any_client=cfg.nbd_any_client)
         try:
             await self.server.start()
         except NbdServerError as exc:
@@ -147,7 +155,7 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
         unit = await journal.take(timeout=0.02 if vs.pending or busy else 1.0)
         if unit is None:
             now = time.time()
-            if (journal.mode == "capture" and not journal.open and not journal.sealed
+            if (journal.mode == "capture" and not journal.has_open and not journal.sealed
                     and not vs.pending and (busy or now - last_current >= IDLE_CURRENT_EVERY)):
                 vs.phase = "idle"
                 vs.current_as_of = now  # nothing written since the last acknowledged cut
@@ -173,17 +181,48 @@ async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) ->
 
     def produce(builder: EpochBuilder, progress: Callable[[int], None],
                 cancelled: Callable[[], bool]) -> None:
-        assert vs.smap is not None
+        assert vs.smap is not None and vs.geo is not None
         smap = vs.smap
+        zfull = zero_hash(vs.geo.block_size)
+        _add_zero_runs(builder, vs.geo, smap, unit.zeros, cancelled)  # disjoint from the blocks
         for b, content in unit.items():
             if cancelled():
                 raise Cancelled
             h = block_hash(content)
             progress(len(content))
             if smap[b * HASH_LEN:(b + 1) * HASH_LEN] != h:
-                builder.add(b, h, None if h == zero_hash(len(content)) else memoryview(content))
+                zero = h == (zfull if len(content) == vs.geo.block_size else zero_hash(len(content)))
+                builder.add(b, h, None if zero else memoryview(content))
 
     return await src.stream(link, vs, unit.time, produce, split=False, total=unit.nbytes)
+
+
+def _add_zero_runs(builder: EpochBuilder, geo: Geometry, smap: bytearray, zeros: BlockRuns,
+                   cancelled: Callable[[], bool]) -> None:
+    """Add the blocks of the runs as zero blocks, except those the replica already holds as zeros.
+
+    Stretches already zero in smap are skipped 64Ki blocks at a time (one
+    compare), so trimming free space costs next to nothing; runs in a worker
+    thread, never on the event loop.
+    """
+    step = 65536
+    zfull = zero_hash(geo.block_size)
+    last = geo.blocks - 1
+    zlast = zero_hash(geo.length(last))
+    pattern = memoryview(zfull * step)
+    smv = memoryview(smap)
+    for start, end in zeros:
+        b = start
+        while b < end:
+            if cancelled():
+                raise Cancelled
+            n = min(step, end - b)
+            if smv[b * HASH_LEN:(b + n) * HASH_LEN] != pattern[:n * HASH_LEN]:
+                for i in range(b, b + n):
+                    z = zlast if i == last else zfull
+                    if smv[i * HASH_LEN:(i + 1) * HASH_LEN] != z:
+                        builder.add(i, z, None)
+            b += n
 
 
 async def _resync(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
@@ -237,12 +276,13 @@ async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJo
                     builder.add(b, h, content)
         finally:
             os.close(fd)
-        when, contents = on_loop(journal.finish, cancelled)
+        when, contents, zeros = on_loop(journal.finish, cancelled)
         for b in sorted(contents):
             blk = contents[b]
             h = block_hash(blk)
             if smap[b * HASH_LEN:(b + 1) * HASH_LEN] != h:
                 builder.add(b, h, None if h == zero_hash(len(blk)) else memoryview(blk))
+        _add_zero_runs(builder, geo, smap, zeros, cancelled)  # the latest change of these blocks
         builder.time = when  # later epochs of this unit carry the closing cut's time
 
     last = await src.stream(link, vs, unit.time, produce)

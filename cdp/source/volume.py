@@ -34,6 +34,7 @@ from cdp.ratelimit import TokenBucket
 
 MAX_REFS_PER_FRAME = 32768
 MAX_ZERO_RUNS_PER_FRAME = MAX_ZERO_RUNS  # the receiver refuses more in one frame
+MAX_BATCHED = 1 << 18  # blocks remembered per epoch to keep repeats in order; then batches flush
 
 
 class Cancelled(Exception):
@@ -265,6 +266,7 @@ class EpochBuilder:
         self.cur: Pending | None = None
         self.epoch_bytes = 0
         self.blocks = 0
+        self.batched: set[int] = set()  # blocks of this epoch that may sit in an unsent batch
         self._reset_batches()
 
     def _reset_batches(self) -> None:
@@ -289,6 +291,14 @@ class EpochBuilder:
 
     def add(self, block: int, h: bytes, content: memoryview | None) -> None:
         p = self.cur or self._begin()
+        if block in self.batched or len(self.batched) >= MAX_BATCHED:
+            # Batches go out as data, zeros, then references: a block added again (an NBD resync
+            # rereads what the guest changed meanwhile) must not be overtaken by its older self.
+            self._flush_data()
+            self._flush_zeros()
+            self._flush_refs()
+            self.batched.clear()
+        self.batched.add(block)
         n = self.geo.length(block)
         old = bytes(self.smap[block * HASH_LEN:(block + 1) * HASH_LEN])
         st = self.vs.stats
@@ -373,5 +383,6 @@ class EpochBuilder:
         self._flush_data()
         self._flush_zeros()
         self._flush_refs()
+        self.batched.clear()
         self.emit(("commit", self.cur.epoch, self.blocks))
         self.cur = None

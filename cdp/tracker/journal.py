@@ -6,7 +6,12 @@ has two modes:
 
 capture
     After a write reaches the image, the blocks it touched are read back
-    (from the page cache) into the *open* epoch. A FLUSH, or the epoch
+    (from the page cache) into the *open* epoch. A TRIM or WRITE_ZEROES is
+    never read: the whole blocks it covers become zero runs (extents) of the
+    epoch and only a partly covered block at either edge is read, so a 4 GiB
+    trim costs a few ints and no copying on the event loop. A block's latest
+    change wins: a write removes the block from the zero runs, a trim drops
+    captured content, so data and zero runs never overlap. A FLUSH, or the epoch
     interval running out, *cuts*: the open epoch is sealed as the state of
     those blocks at that instant, which is a state the guest really had
     (write-order fidelity). Sealed epochs wait for the sender; when it is
@@ -42,19 +47,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp.blocks import Geometry
+from cdp.blocks import Geometry, runs
 from cdp.tracker.dirtymap import DirtyMap
+from cdp.tracker.extents import BlockRuns
 from cdp.units import format_bytes
 
 log = logging.getLogger(__name__)
+RUN_COST = 64  # bytes of memory a zero run is charged against capture_memory
 
 
 @dataclass
 class Captured:
     """Blocks as they were at one cut (several consecutive cuts, once merged).
 
-    A spilled unit keeps its blocks in a file instead (`spill`, with `order`
-    listing (block, length) in file order); read it with items().
+    `blocks` holds content, `zeros` the runs of blocks that were all zero at
+    the cut (trims, write-zeroes); the two never overlap. `nbytes` counts the
+    content only. A spilled unit keeps its blocks in a file instead (`spill`,
+    with `order` listing (block, length) in file order; its zero runs stay in
+    memory); read it with items().
     """
 
     seq: int
@@ -63,6 +73,11 @@ class Captured:
     nbytes: int
     spill: Path | None = None
     order: list[tuple[int, int]] = field(default_factory=list)
+    zeros: BlockRuns = field(default_factory=BlockRuns)
+
+    def memory(self) -> int:
+        """What the unit holds in memory, as charged against capture_memory."""
+        return (0 if self.spill is not None else self.nbytes) + RUN_COST * len(self.zeros)
 
     def items(self) -> Iterator[tuple[int, bytes]]:
         """(block, content) in block order; reads a spilled unit from its file (worker thread)."""
@@ -102,6 +117,7 @@ class JournalStats:
     fallbacks: int = 0
     resyncs: int = 0
     captured_bytes: int = 0
+    zeroed_bytes: int = 0  # whole blocks trimmed or zeroed: kept as runs, never read
     writes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -138,10 +154,12 @@ class WriteJournal:
         self.mode = "tracking"  # until the first resync closes: after a start nothing is captured
         self.seq = 1  # the unit the next write belongs to
         self.open: dict[int, bytes] = {}
-        self.open_bytes = 0
+        self.open_bytes = 0  # content bytes in `open`
+        self.open_zeros = BlockRuns()  # blocks the open epoch zeroed (never overlaps `open`)
         self.sealed: list[Captured] = []
-        self.sealed_bytes = 0
+        self.sealed_bytes = 0  # memory held by sealed units (Captured.memory)
         self.touched: set[int] = set()  # tracking mode: blocks written since the resync began reading
+        self.touched_zeros = BlockRuns()  # tracking mode: blocks zeroed since then, not written after
         self.resync_pending = True
         self.region_seq: dict[int, int] = dict.fromkeys(dirty.dirty_regions(), 1)
         self.units: list[_Unit] = []
@@ -150,7 +168,7 @@ class WriteJournal:
         self.stats = JournalStats()
         self._ready = asyncio.Event()
         self._ready.set()
-        self._finish: asyncio.Future[tuple[float, dict[int, bytes]]] | None = None
+        self._finish: asyncio.Future[tuple[float, dict[int, bytes], BlockRuns]] | None = None
         self._ticker: asyncio.Task[None] | None = None
 
     # -- ChangeTracker (called by the NBD server) --------------------------------
@@ -159,23 +177,67 @@ class WriteJournal:
         await self.dirty.mark(self.dirty.regions_of(offset, length))
 
     def changed(self, offset: int, length: int) -> None:
+        """A WRITE reached the image: capture the blocks it touched (tracking mode: note them)."""
         if length <= 0:
             return
+        self._note(offset, length)
+        bs = self.geo.block_size
+        self._touch(offset // bs, min(self.geo.blocks - 1, (offset + length - 1) // bs))
+
+    def zeroed(self, offset: int, length: int) -> None:
+        """A TRIM or WRITE_ZEROES reached the image: whole blocks become a zero run, never read.
+
+        Only a block the range covers in part is read (at most one at each
+        edge): the rest of it still holds data. A range ending at the end of the
+        volume covers its short last block whole.
+        """
+        if length <= 0:
+            return
+        self._note(offset, length)
+        bs, blocks = self.geo.block_size, self.geo.blocks
+        end = min(offset + length, self.geo.size)
+        lo = -(-offset // bs)  # first block covered whole
+        hi = blocks if end >= self.geo.size else end // bs  # past the last one
+        if lo >= hi:  # no block covered whole: like a write
+            self._touch(offset // bs, min(blocks - 1, (end - 1) // bs))
+            return
+        self.stats.zeroed_bytes += min(self.geo.size, hi * bs) - lo * bs
+        if self.mode == "tracking":
+            self.touched.difference_update(_in_range(self.touched, lo, hi))  # zero is their latest
+            self.touched_zeros.add(lo, hi)  # known zero: nothing to read at the cut
+        else:
+            if not self.has_open:
+                self._opened()
+            self.open_bytes -= _drop_range(self.open, lo, hi)
+            self.open_zeros.add(lo, hi)
+        if offset < lo * bs:
+            self._touch(lo - 1, lo - 1, spill=False)
+        if hi < blocks and end > hi * bs:
+            self._touch(hi, hi, spill=False)
+        if self.mode == "capture" and self._over_budget():
+            self._spill()  # after the whole request: a cut never splits it
+
+    def _note(self, offset: int, length: int) -> None:
         self.stats.writes += 1
         for r in self.dirty.regions_of(offset, length):
             self.region_seq[r] = self.seq
             self.cooling.pop(r, None)
-        bs = self.geo.block_size
-        first, last = offset // bs, min(self.geo.blocks - 1, (offset + length - 1) // bs)
+
+    def _touch(self, first: int, last: int, spill: bool = True) -> None:
+        """Blocks first..last now hold data: capture their content (tracking mode: note them)."""
         if self.mode == "tracking":
             self.touched.update(range(first, last + 1))
+            if self.touched_zeros:
+                self.touched_zeros.remove(first, last + 1)
             return
+        bs = self.geo.block_size
         start = first * bs
         end = min(self.geo.size, (last + 1) * bs)
         data = _pread(self.fd, end - start, start)
-        if not self.open:
-            self.first_write = time.time()
-            self._ready.set()  # a free sender cuts this epoch after batch_delay
+        if not self.has_open:
+            self._opened()
+        if self.open_zeros:
+            self.open_zeros.remove(first, last + 1)
         for b in range(first, last + 1):
             lo = b * bs - start
             content = data[lo:lo + self.geo.length(b)]
@@ -183,8 +245,22 @@ class WriteJournal:
             self.open_bytes += len(content) - (len(old) if old is not None else 0)
             self.open[b] = content
         self.stats.captured_bytes += end - start
-        if self.open_bytes + self.sealed_bytes > self.capture_memory:
+        if spill and self._over_budget():
             self._spill()
+
+    def _opened(self) -> None:
+        """The first change of an epoch: a free sender cuts it after batch_delay."""
+        self.first_write = time.time()
+        self._ready.set()
+
+    @property
+    def has_open(self) -> bool:
+        """The open epoch holds a change (captured blocks or zero runs)."""
+        return bool(self.open) or bool(self.open_zeros)
+
+    def _over_budget(self) -> bool:
+        return (self.open_bytes + RUN_COST * len(self.open_zeros) + self.sealed_bytes
+                > self.capture_memory)
 
     async def flushed(self) -> None:
         self.cut()
@@ -204,19 +280,21 @@ class WriteJournal:
     def _cut_at(self, now: float) -> None:
         self.last_cut = now
         if self.mode == "capture":
-            if not self.open:
+            if not self.has_open:
                 return
-            self.sealed.append(Captured(self.seq, now, self.open, self.open_bytes))
-            self.sealed_bytes += self.open_bytes
-            self.open, self.open_bytes = {}, 0
+            unit = Captured(self.seq, now, self.open, self.open_bytes, zeros=self.open_zeros)
+            self.sealed.append(unit)
+            self.sealed_bytes += unit.memory()
+            self.open, self.open_bytes, self.open_zeros = {}, 0, BlockRuns()
             self.seq += 1
             self.stats.cuts += 1
             self._ready.set()
         elif self._finish is not None and not self._finish.done():
             contents = self._read_blocks(sorted(self.touched))
-            self.touched = set()
+            zeros = self.touched_zeros  # disjoint from touched: each block's latest change
+            self.touched, self.touched_zeros = set(), BlockRuns()
             self.mode = "capture"
-            self._finish.set_result((now, contents))
+            self._finish.set_result((now, contents, zeros))
             self._finish = None
             self.seq += 1  # later writes belong to the next unit
             self.stats.cuts += 1
@@ -232,12 +310,12 @@ class WriteJournal:
         if self.capture_disk <= 0 or self.spill_dir is None:
             self._fall_back()
             return
-        if self.open:
+        if self.has_open:
             self.cut()
         for u in self.sealed:
             if self.sealed_bytes <= self.capture_memory // 2:
                 break
-            if u.spill is not None:
+            if u.spill is not None or not u.blocks:  # zero runs only: nothing to write out
                 continue
             if self.spilled_bytes + u.nbytes > self.capture_disk:
                 self._fall_back()
@@ -280,10 +358,10 @@ class WriteJournal:
         log.warning("volume=%s: the sender is %s behind; tracking dirty blocks instead of "
                     "capturing until it catches up", self.name,
                     format_bytes(self.open_bytes + self.sealed_bytes + self.spilled_bytes))
-        self.open, self.open_bytes = {}, 0
+        self.open, self.open_bytes, self.open_zeros = {}, 0, BlockRuns()
         self._drop_sealed()
         self.mode = "tracking"
-        self.touched = set()
+        self.touched, self.touched_zeros = set(), BlockRuns()
         self.resync_pending = True
         self._ready.set()
 
@@ -304,11 +382,11 @@ class WriteJournal:
         if self._finish is not None and not self._finish.done():
             self._finish.cancel()
         self._finish = None
-        self.open, self.open_bytes = {}, 0
+        self.open, self.open_bytes, self.open_zeros = {}, 0, BlockRuns()
         self._drop_sealed()
         self.units.clear()
         self.mode = "tracking"
-        self.touched = set()
+        self.touched, self.touched_zeros = set(), BlockRuns()
         self.resync_pending = True
         self._ready.set()
 
@@ -328,12 +406,13 @@ class WriteJournal:
             if self.mode == "tracking" and self.resync_pending:
                 self.resync_pending = False
                 self.stats.resyncs += 1
-                self.touched = set()  # written so far: inside dirty regions, read below anyway
+                # written or zeroed so far: inside dirty regions, read below anyway
+                self.touched, self.touched_zeros = set(), BlockRuns()
                 return Resync(self.seq, time.time(), self._dirty_spans())
             if self.mode == "capture" and self.sealed:
                 return self._merge_sealed()
             remaining = deadline - loop.time()
-            if self.mode == "capture" and self.open:
+            if self.mode == "capture" and self.has_open:
                 wait = self.first_write + self.batch_delay - time.time()
                 if wait <= 0:
                     self.cut()
@@ -366,20 +445,33 @@ class WriteJournal:
         return spans
 
     def _merge_sealed(self) -> Captured:
-        """The oldest spilled unit alone, or every captured unit in memory up to the next spilled one."""
+        """The oldest spilled unit alone, or every captured unit in memory up to the next spilled one.
+
+        Merged in order, each block's latest change wins: a later zero run drops
+        earlier content, later content leaves the zero runs.
+        """
         if self.sealed[0].spill is not None:
-            return self.sealed.pop(0)
+            unit = self.sealed.pop(0)
+            self.sealed_bytes -= unit.memory()
+            return unit
         n = next((i for i, u in enumerate(self.sealed) if u.spill is not None), len(self.sealed))
         units, self.sealed = self.sealed[:n], self.sealed[n:]
-        self.sealed_bytes -= sum(u.nbytes for u in units)
+        self.sealed_bytes -= sum(u.memory() for u in units)
         if len(units) == 1:
             return units[0]
         merged: dict[int, bytes] = {}
+        zeros = BlockRuns()
         for u in units:
+            for start, end in u.zeros:
+                _drop_range(merged, start, end)
+                zeros.add(start, end)
+            if zeros:
+                for first, count in runs(sorted(u.blocks)):
+                    zeros.remove(first, first + count)
             merged.update(u.blocks)
         self.stats.merged += len(units) - 1
         return Captured(units[-1].seq, units[-1].time, merged,
-                        sum(len(v) for v in merged.values()))
+                        sum(len(v) for v in merged.values()), zeros=zeros)
 
     def next_pass(self) -> list[int] | None:
         """During a resync: blocks written meanwhile, if too many to read at the closing cut."""
@@ -389,9 +481,11 @@ class WriteJournal:
         self.touched = set()
         return blocks
 
-    async def finish(self) -> tuple[float, dict[int, bytes]]:
-        """Wait for the next cut; get its time and the content of blocks written since reading."""
-        fut: asyncio.Future[tuple[float, dict[int, bytes]]] = asyncio.get_running_loop().create_future()
+    async def finish(self) -> tuple[float, dict[int, bytes], BlockRuns]:
+        """Wait for the next cut; get its time, the content of blocks written since reading and
+        the runs of blocks zeroed since then (disjoint from that content)."""
+        fut: asyncio.Future[tuple[float, dict[int, bytes], BlockRuns]] = (
+            asyncio.get_running_loop().create_future())
         self._finish = fut
         if time.time() - self.last_cut >= self.epoch_interval:
             self.cut()  # resolves fut (and forgets it) right away
@@ -457,7 +551,7 @@ class WriteJournal:
             await asyncio.sleep(step)
             now = time.time()
             due = now - self.last_cut >= self.epoch_interval
-            if due and (self.open or (self._finish is not None and not self._finish.done())):
+            if due and (self.has_open or (self._finish is not None and not self._finish.done())):
                 self.cut()
             self._cool(now)
 
@@ -487,10 +581,25 @@ class WriteJournal:
             "hot_regions": len(self.cooling), "spilled_bytes": self.spilled_bytes,
             "spills": self.stats.spills,
             "touched_blocks": len(self.touched), "cuts": self.stats.cuts,
+            "zero_runs": len(self.open_zeros) + sum(len(u.zeros) for u in self.sealed),
+            "zeroed_bytes": self.stats.zeroed_bytes,
             "merged": self.stats.merged, "fallbacks": self.stats.fallbacks,
             "resyncs": self.stats.resyncs, "writes": self.stats.writes,
             "map_syncs": self.dirty.syncs,
         }
+
+
+def _in_range(blocks: dict[int, bytes] | set[int], start: int, end: int) -> list[int]:
+    """The blocks in [start, end), visiting the smaller of the range and the collection: a 4 GiB
+    trim over a few captured blocks, or a few trimmed blocks over a large capture, stays cheap."""
+    if end - start <= len(blocks):
+        return [b for b in range(start, end) if b in blocks]
+    return [b for b in blocks if start <= b < end]
+
+
+def _drop_range(blocks: dict[int, bytes], start: int, end: int) -> int:
+    """Remove the blocks in [start, end) from a capture; returns the bytes dropped."""
+    return sum(len(blocks.pop(b)) for b in _in_range(blocks, start, end))
 
 
 def _pread(fd: int, length: int, offset: int) -> bytes:

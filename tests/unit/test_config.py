@@ -685,10 +685,10 @@ def test_consistency_groups_need_nbd_mode(cfg_dir):
 
 
 def test_nbd_tls_allows_a_non_loopback_export(cfg_dir):
-    for name in ("nbd.crt", "nbd.key"):
+    for name in ("nbd.crt", "nbd.key", "ca.crt"):
         (cfg_dir / name).write_text("x")
     path = source_with(cfg_dir, SOURCE + 'mode = "nbd"\nnbd_listen = "0.0.0.0:10809"\n'
-                       '[volume.nbd_tls]\ncert = "nbd.crt"\nkey = "nbd.key"\n')
+                       '[volume.nbd_tls]\ncert = "nbd.crt"\nkey = "nbd.key"\nclient_ca = "ca.crt"\n')
     vol = load_source(path).volumes[0]
     assert vol.nbd_tcp == ("0.0.0.0", 10809)
     assert vol.nbd_tls is not None and vol.nbd_tls.cert == cfg_dir.resolve() / "nbd.crt"

@@ -140,7 +140,7 @@ def test_after_start_the_journal_resyncs_dirty_regions_then_captures(tmp_path: P
         await v.write(3 * BS + 100, b"x" * 10)  # while the resync reads: only noted
         assert v.j.mode == "tracking" and v.j.touched == {3}
         v.j.cut()
-        _when, contents = await fin
+        _when, contents, _zeros = await fin
         assert contents == v.blocks_of(v.image(), [3])
         assert v.j.mode == "capture"
 
@@ -277,7 +277,7 @@ def test_finish_after_a_quiet_interval_closes_at_once(tmp_path: Path) -> None:
         v.j.epoch_interval = 0.0  # the last cut is older than the interval: cut right away
         unit = await v.j.take(0)
         assert isinstance(unit, Resync)
-        _when, contents = await asyncio.wait_for(v.j.finish(), 5)
+        _when, contents, _zeros = await asyncio.wait_for(v.j.finish(), 5)
         assert contents == {} and v.j.mode == "capture"
 
     run(main())
