@@ -427,10 +427,18 @@ def wait_converged(env: CdpEnv, volume: str, since: float, src: Daemon | None = 
 
 
 def assert_replica_equal(env: CdpEnv, volume: str, image: Path | None = None) -> str:
-    """The replica image hashes like the source image; returns the hash."""
+    """The replica image hashes like the source image, and agrees with its own hash map
+    (what `cdp verify --replica` checks: a replica whose image is right but whose hash map is
+    not would mislead the next dedup or verify); returns the hash."""
+    from cdp.replica.check import check_replica
+
     image = image or env.source.images[volume]
     want, got = file_hash(image), file_hash(env.replica_image(volume))
     assert got == want, f"replica of {volume} differs from the source image"
+    res = check_replica(env.replica_dir(volume))
+    assert not res.error and not res.differing, (
+        f"replica of {volume}: image and hash map disagree at blocks {res.differing[:10]} "
+        f"{res.error}")
     return got
 
 
