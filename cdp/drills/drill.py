@@ -69,8 +69,11 @@ def choose_point(vol_dir: Path, point: int | None, at: float | None) -> Point:
     if at is not None:
         p = find_point(points, at)
         if p is None:
+            first = next((q for q in points if q.epoch > 0), None)
+            oldest = ("nothing is replicated yet" if first is None else
+                      f"the oldest is epoch {first.epoch}, captured {datetime.fromtimestamp(first.time)}")
             raise PointError(f"no point captured at or before {datetime.fromtimestamp(at)} is "
-                             f"kept (the oldest is epoch {points[0].epoch})")
+                             f"kept ({oldest}); give a later --at, or see `cdp points`")
         return p
     if point is None:
         return points[-1]

@@ -700,9 +700,13 @@ def list_points(vol_dir: Path) -> list[Point]:
 
 
 def find_point(points: list[Point], at: float) -> Point | None:
-    """The newest point captured at or before `at`."""
+    """The newest point captured at or before `at`.
+
+    Point 0 is the empty replica before the first epoch: nothing was captured, so it is
+    never the answer (`--at` before the first epoch finds no point).
+    """
     best = None
     for p in points:
-        if p.time <= at:
+        if p.epoch > 0 and p.time <= at:
             best = p
     return best
