@@ -75,7 +75,7 @@ def plot(results: list[Result], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'cdp[bench]'") from None
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (in cdp's environment)") from None
     scen = [r.scenario for r in results if r.tool == "cdp" and r.scenario not in ("steady",
                                                                                   "rate cap")]
     steady = next((r for r in results if r.scenario == "steady"), None)

@@ -142,7 +142,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'cdp[bench]'") from None
+        raise UsageError("--plot needs matplotlib: pip install matplotlib (in cdp's environment)") from None
     fig, ax = plt.subplots(figsize=(9, 4.5))
     w = report["window"]
     for f in [*report["volumes"], report["total"]]:

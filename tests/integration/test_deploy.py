@@ -143,7 +143,7 @@ def test_systemd_units_are_hardened_and_restart(tmp_path: Path) -> None:
     for name in ("cdp-receiver.service", "cdp-source.service", "cdp-archive@.service"):
         u = _unit(units / name)
         s = u["Service"]
-        assert s["ExecStart"].startswith("/usr/local/bin/cdp "), name
+        assert s["ExecStart"].startswith("/opt/cdp/bin/cdp "), name  # the venv of deploy/README.md
         assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict", name
         assert s.get("ReadWritePaths"), name
         assert s["PrivateTmp"] == "yes" and s["RestrictNamespaces"] == "yes", name
@@ -162,7 +162,7 @@ def test_systemd_units_are_hardened_and_restart(tmp_path: Path) -> None:
         out.mkdir()
         for f in units.iterdir():
             (out / f.name.replace("@.", "@x.")).write_text(
-                f.read_text().replace("/usr/local/bin/cdp", cdp))
+                f.read_text().replace("/opt/cdp/bin/cdp", cdp))
         r = subprocess.run([analyze, "verify", *map(str, sorted(out.iterdir()))],
                            capture_output=True, text=True, timeout=60)
         bad = [line for line in (r.stdout + r.stderr).splitlines()
