@@ -154,12 +154,18 @@ class Ref(Message):
 
 @dataclass(frozen=True)
 class Commit(Message):
-    """Source -> receiver: the epoch is complete; apply it atomically."""
+    """Source -> receiver: the epoch is complete; apply it atomically.
+
+    `until`: no write that finished after it (source clock) is in the epoch. Begin's time
+    is when its state was captured; a scan without a snapshot or quiesce hook reads over a
+    period and ends at `until`. 0 (an older source, which sends three fields): Begin's time.
+    """
 
     TYPE = 13
     volume: str
     epoch: int
     blocks: int
+    until: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -346,6 +352,8 @@ BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL}
 _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
     cls: tuple((f.name, str(f.type)) for f in fields(cls)) for cls in ALL  # type: ignore[arg-type]
 }
+# Fields added later, which an older peer leaves off the end: the message takes their default.
+_OPTIONAL: dict[type[Message], int] = {Commit: 1}
 MAX_STR = 4096
 MAX_FLOAT = 1e13  # seconds: year ~318000
 
@@ -388,8 +396,9 @@ def from_wire(obj: Any) -> Message:
     if cls is None:
         raise RemoteProtocolError(f"unknown message type {obj[0]}")
     spec = _FIELDS[cls]
-    if len(obj) != len(spec) + 1:
+    if not len(spec) - _OPTIONAL.get(cls, 0) <= len(obj) - 1 <= len(spec):
         raise RemoteProtocolError(
             f"{cls.__name__}: expected {len(spec)} fields, got {len(obj) - 1}")
+    spec = spec[:len(obj) - 1]
     values = [_check(cls, name, kind, v) for (name, kind), v in zip(spec, obj[1:], strict=True)]
     return cls(*values)

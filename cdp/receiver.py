@@ -789,7 +789,7 @@ class _Conn:
                      vol, msg.epoch, len(missing))
             answer = self._answer_need(vol, msg.epoch, missing, prev)
         else:
-            await self.work(w.seal, msg.blocks)
+            await self.work(w.seal, msg.blocks, msg.until)
             answer = self._apply_and_ack(vol, msg, w, prev)
         task = asyncio.create_task(answer)
         chain = self.chain.setdefault(vol, [])

@@ -55,7 +55,8 @@ def fmt_age(seconds: float) -> str:
 def collect(data_dir: Path, volume: str) -> dict[str, Any]:
     points = list_points(volume_dir(data_dir, volume))
     now = time.time()
-    rows = [{"epoch": p.epoch, "time": p.time, "age": now - p.time if p.time else None,
+    rows = [{"epoch": p.epoch, "time": p.time, "until": max(p.time, p.until),
+             "age": now - p.time if p.time else None,
              "size": p.size, "keep_bytes": p.keep_bytes, "label": p.label,
              "current": p.current} for p in points]
     return {"volume": volume, "data_dir": str(data_dir), "count": len(rows),

@@ -16,7 +16,9 @@ directory fsync'd: it exists whole or not at all)::
                            | 16-byte xxh3-128 of the old content)
                   frame length 0: the block was all zeros (hash = 16 zero bytes)
     meta          msgpack map: epoch, time, label, base_epoch, base_time,
-                  base_label, fingerprint (which WAL epoch it belongs to), ...
+                  base_until (point base_epoch holds no write that finished
+                  later at the source), base_label, fingerprint (which WAL
+                  epoch it belongs to), ...
     trailer       "CDPUNDO1" | u64 index offset | u32 count | u64 meta length
                   | 16-byte xxh3-128 of index + meta + these three numbers
 
@@ -98,11 +100,12 @@ class Point:
     """A recovery point: the replica as of `epoch`."""
 
     epoch: int
-    time: float  # the epoch's capture time at the source
+    time: float  # the epoch's capture time at the source: what finished before is in
     size: int  # journal bytes that only this point needs (dropping it frees them)
     keep_bytes: int  # journal bytes needed to read this point
     label: str | None = None
     current: bool = False
+    until: float = 0.0  # no write that finished after it at the source is in (0: `time`)
 
 
 def undo_name(epoch: int) -> str:
@@ -418,6 +421,7 @@ class Journal:
         meta = {"epoch": epoch, "time": float(commit[2]), "label": None,
                 "fingerprint": fp, "created": time.time(),
                 "base_epoch": base["epoch"], "base_time": base["epoch_time"],
+                "base_until": max(base["epoch_time"], base.get("epoch_until", 0.0)),
                 "base_label": base.get("label"), "size": self.geo.size,
                 "block_size": self.geo.block_size}
         new, zeros = epoch_changes(bodies())
@@ -689,24 +693,28 @@ def list_points(vol_dir: Path) -> list[Point]:
         chain.append((e, meta, size))
         e -= 1
     labels = read_labels(vol_dir)
-    points = [Point(n, float(st.get("epoch_time", 0.0)), 0, 0, labels.get(n), True)]
+    t = float(st.get("epoch_time", 0.0))
+    points = [Point(n, t, 0, 0, labels.get(n), True, max(t, float(st.get("epoch_until", 0.0))))]
     keep = 0
     for e, meta, size in chain:
         keep += size
-        points.append(Point(e - 1, float(meta.get("base_time", 0.0)), size, keep,
-                            labels.get(e - 1)))
+        t = float(meta.get("base_time", 0.0))
+        points.append(Point(e - 1, t, size, keep, labels.get(e - 1), False,
+                            max(t, float(meta.get("base_until", 0.0)))))
     points.reverse()
     return points
 
 
 def find_point(points: list[Point], at: float) -> Point | None:
-    """The newest point captured at or before `at`.
+    """The newest point captured at or before `at`: none of its writes finished after `at`.
 
-    Point 0 is the empty replica before the first epoch: nothing was captured, so it is
-    never the answer (`--at` before the first epoch finds no point).
+    A point read over a period (a scan without snapshot or quiesce hook) qualifies once its
+    reads ended (`until`), not at its start. Point 0 is the empty replica before the first
+    epoch: nothing was captured, so it is never the answer (`--at` before the first epoch
+    finds no point).
     """
     best = None
     for p in points:
-        if p.epoch > 0 and p.time <= at:
+        if p.epoch > 0 and max(p.time, p.until) <= at:
             best = p
     return best

@@ -74,6 +74,7 @@ class ReplicaState:
     created: float
     epoch: int = 0
     epoch_time: float = 0.0
+    epoch_until: float = 0.0  # no write that finished later at the source is in (0: epoch_time)
     applied_at: float = 0.0
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     format: int = 1
@@ -262,10 +263,11 @@ class Replica:
             try:
                 self.restore(undo)
                 base_time = float(undo.meta.get("base_time", 0.0))
+                base_until = float(undo.meta.get("base_until", 0.0))
             finally:
                 undo.close()
             new = ReplicaState(**{**asdict(self.state), "epoch": e - 1, "epoch_time": base_time,
-                                  "applied_at": time.time()})
+                                  "epoch_until": base_until, "applied_at": time.time()})
             atomic_write_json(self.path / "state.json", asdict(new))
             self.state = new
             os.unlink(path)
@@ -389,7 +391,9 @@ class Replica:
         st = self.state
         delta = commit[4] if len(commit) > 4 and isinstance(commit[4], dict) else {}
         counters = {k: st.counters.get(k, 0) + int(delta.get(k, 0)) for k in COUNTERS}
+        until = float(commit[5]) if len(commit) > 5 else 0.0  # older WALs: no until
         new = ReplicaState(**{**asdict(st), "epoch": commit[1], "epoch_time": commit[2],
+                              "epoch_until": max(float(commit[2]), until),
                               "applied_at": time.time(), "counters": counters})
         atomic_write_json(self.path / "state.json", asdict(new))
         self.state = new
@@ -636,15 +640,18 @@ class EpochWriter:
         self.seal(blocks)
         return self.apply()
 
-    def seal(self, blocks: int) -> None:
-        """Make the epoch durable in the WAL and reserve its space; the image is untouched."""
+    def seal(self, blocks: int, until: float = 0.0) -> None:
+        """Make the epoch durable in the WAL and reserve its space; the image is untouched.
+
+        `until`: no write that finished later at the source is in the epoch (0: its time)."""
         if blocks != self.blocks:
             self.abort()
             raise RemoteProtocolError(
                 f"Commit says {blocks} blocks but {self.blocks} arrived in epoch {self.epoch}")
         self.counters["epochs"] = 1
         try:
-            self._log([wal.COMMIT, self.epoch, self.time, blocks, self.counters])
+            self._log([wal.COMMIT, self.epoch, self.time, blocks, self.counters,
+                       max(self.time, until)])
             self._wal.sync()
             self._wal.close()
             self._reserve()

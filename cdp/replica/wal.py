@@ -14,7 +14,9 @@ appended while an epoch arrives, made durable with one fsync at commit::
         [COPY,   indices:u64[], hashes:16B[], sources:u64[]]     -
                  (block indices[i] gets the content that block sources[i]
                   received earlier in this epoch: repeats within an epoch)
-        [COMMIT, epoch, time, block_count, counters]             -
+        [COMMIT, epoch, time, block_count, counters, until]      -
+                 (until: no write that finished later at the source is in
+                  the epoch; absent in logs of older versions: time)
 
 Block data stays out of msgpack (the blob), so appending it costs one write,
 not a copy into a packer. The file is overwritten in place from offset 0 by

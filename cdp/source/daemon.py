@@ -586,20 +586,29 @@ class Source:
             await self._scan_now(link, vs)
 
     async def _scan_now(self, link: Link, vs: VolumeState) -> None:
+        """One scan. Its epochs carry two times (README, "Scans see torn state"): `capture`,
+        everything that finished before it is in, and `until`, nothing that finished after
+        it is. pre_scan quiesces until post_scan: both are the moment the hook returned (a
+        write it waited for is in). A reflink copy is one instant inside the copy call.
+        Otherwise the scan reads over a period: its start, and the end of each epoch's reads.
+        """
         cfg = vs.cfg
-        capture = time.time()
         await run_hook(cfg.pre_scan, "pre_scan", vs.name, cfg.path)
+        capture = time.time()
+        until = capture if cfg.pre_scan else None  # None: read over a period
         path = cfg.path
         snap = vs.dir / "snapshot"
         thawed = False  # post_scan runs exactly once, whatever fails: a guest is never left frozen
         try:
             if cfg.snapshot == "reflink":
                 try:
+                    capture = time.time()
                     path = await asyncio.to_thread(reflink_snapshot, cfg.path, snap)
+                    until = capture if cfg.pre_scan else time.time()
                 finally:  # thaw right after the copy, whether it worked or not
                     thawed = True
                     await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
-            await self._stream_scan(link, vs, path, capture)
+            await self._stream_scan(link, vs, path, capture, until)
         finally:
             if cfg.snapshot == "reflink":
                 with contextlib.suppress(OSError):
@@ -607,7 +616,8 @@ class Source:
             if not thawed:
                 await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
 
-    async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float) -> None:
+    async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float,
+                           until: float | None) -> None:
         vs.phase = "scanning" if vs.seeded else "seeding"
         vs.stats["scans"] += 1
         assert vs.geo is not None
@@ -632,7 +642,10 @@ class Source:
             finally:
                 os.close(fd)
 
-        await self.stream(link, vs, capture, produce)
+        def read_end() -> float:
+            return time.time() if until is None else until  # None: an epoch ends its reads now
+
+        await self.stream(link, vs, capture, produce, until=read_end)
         if vs.need is None:
             vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
             dt = time.monotonic() - t0
@@ -641,13 +654,15 @@ class Source:
                     format_bytes(vs.progress[0]))
 
     async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
-                     split: bool = True, total: int | None = None) -> int | None:
+                     split: bool = True, total: int | None = None,
+                     until: Callable[[], float] | None = None) -> int | None:
         """Run `produce` in a thread feeding an EpochBuilder; send what it builds as it comes.
 
         Returns the last epoch committed (None if nothing changed). Raises
         _Cancelled-free: a Need, an error or a shutdown ends it early (check
         vs.need and the link). With split=False an epoch is never cut in two
-        (an NBD epoch must stay one state the guest had).
+        (an NBD epoch must stay one state the guest had). `until()` is called when an
+        epoch's reads are done: no write that finished later is in it (None: `capture`).
         """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -670,6 +685,7 @@ class Source:
                 raise _Cancelled
             if op[0] == "commit":
                 last.append(op[1])
+                op = (*op, capture if until is None else until())
             loop.call_soon_threadsafe(q.put_nowait, op)
 
         def work() -> None:
@@ -738,7 +754,7 @@ class Source:
             elif kind == "msg":
                 vs.stats["wire"] += await self._send(link, vs, op[1])
             elif kind == "commit":
-                commit = Commit(vs.name, op[1], op[2])
+                commit = Commit(vs.name, op[1], op[2], op[3])
                 await self._pace(vs, commit)
                 with vs.lock:
                     p = vs.pending.get(op[1])
