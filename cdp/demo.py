@@ -1,18 +1,24 @@
 """`cdp demo`: a source and a receiver on loopback, on generated data, end to end.
 
-Generates an image with zero, text-like, random and repeated regions, seeds
-it to a receiver in a separate process, rewrites some blocks while the
-daemons run, waits for the replica to converge, and checks it hash for hash.
-Then, with replication still running, a failover drill clones the newest
-recovery point and checks it (RPO and RTO reported), and an archive job
-writes an encrypted, deduplicated snapshot of the replica to a local
-repository, which is verified. Each step runs the real `cdp` command.
+Makes an ext4 image (mkfs.ext4) holding text-like, random and repeated files
+written with debugfs (no mount, no root), free space left as zeros; without
+e2fsprogs, raw generated data with the same mix (then the drill has no file
+system to check, and the demo says so). Seeds it to a receiver in a separate
+process, replaces some files (or rewrites some blocks) while the daemons run,
+waits for the replica to converge, and checks it hash for hash. Then, with
+replication still running, a failover drill clones the newest recovery point
+and checks it: e2fsck on its file system, and the newest file the demo wrote
+read back from the clone and compared with a kept copy (RPO and RTO
+reported). An archive job writes an encrypted, deduplicated snapshot of the
+replica to a local repository, which is verified. Each step runs the real
+`cdp` command.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -21,11 +27,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdp.benchmark.data import BS, generate, rewrite
+from cdp.benchmark.data import BS, generate, rewrite, text_block
 from cdp.benchmark.procs import free_port, stop_all, wait_port
 from cdp.blocks import Geometry
 from cdp.cli.init import init
 from cdp.durable import read_json
+from cdp.errors import CdpError
 from cdp.tracker.scan import hash_volume
 from cdp.units import format_bytes
 
@@ -54,6 +61,114 @@ class _Progress:
         if self.tty:
             sys.stderr.write("\r\033[K")
         sys.stderr.write(text + "\n")
+
+
+class DemoDisk:
+    """The demo's image: ext4 with files (where mkfs.ext4 and debugfs exist), else raw data."""
+
+    TOOLS = ("mkfs.ext4", "debugfs")
+
+    def __init__(self, image: Path, size: int, work: Path) -> None:
+        self.image, self.size, self.work = image, size, work
+        missing = [t for t in self.TOOLS if shutil.which(t) is None]
+        self.filesystem = None if missing else "ext4"
+        self.note = (f"{' and '.join(missing)} not found: the image is raw generated data, so the "
+                     "drill has no file system to check (install e2fsprogs for an ext4 image)"
+                     if missing else None)
+        self.file_size = min(4 << 20, max(BS, size // 64 // BS * BS))
+        self.files: list[str] = []  # in the order written
+        self.newest: Path | None = None  # a kept copy of the newest file written
+        self._repeated = [random.Random(i).randbytes(BS) for i in range(8)]
+
+    def build(self, seed: int = 7) -> None:
+        """A quarter each of text, random and repeated data; the rest stays zero."""
+        if self.filesystem is None:
+            generate(self.image, self.size, seed)
+            return
+        with open(self.image, "wb") as fh:
+            fh.truncate(self.size)
+        self._tool(["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "cdp-demo", str(self.image)])
+        rng = random.Random(seed)
+        n = max(3, min(int(self.size * 0.66), int(self._free() * 0.8)) // self.file_size)
+        self._write(["mkdir /demo"], [(f"file{i:03d}.{('log', 'bin', 'rep')[i % 3]}",
+                                       self.file_size, i % 3) for i in range(n)], rng)
+
+    def change(self, fraction: float, seed: int) -> int:
+        """Replace old files with new ones (about `fraction` of the image); bytes written."""
+        if self.filesystem is None:
+            return rewrite(self.image, fraction, seed)
+        rng = random.Random(seed)
+        total = max(BS, int(self.size * fraction) // BS * BS)
+        n = -(-total // self.file_size)
+        gone, self.files = self.files[:n], self.files[n:]
+        new = [(f"change{seed}-{k}.{('log', 'bin')[k % 2]}", total // n // BS * BS or BS, k % 2)
+               for k in range(n)]
+        self._write([f"rm /demo/{name}" for name in gone], new, rng)
+        return sum(size for _, size, _ in new)
+
+    def _write(self, before: list[str], files: list[tuple[str, int, int]],
+               rng: random.Random) -> None:
+        """Run `before`, then write `files` (name, size, kind: 0 text, 1 random, 2 repeated)
+        into /demo with debugfs, in batches of about 64 MiB of source files."""
+        src = self.work / "files"
+        src.mkdir(exist_ok=True)
+        batch, cmds, held = 0, list(before), []
+        for k, (name, size, kind) in enumerate(files):
+            path = src / name
+            with open(path, "wb") as fh:
+                for i in range(0, size, BS):
+                    if kind == 0:
+                        fh.write(text_block(rng))
+                    elif kind == 1:
+                        fh.write(rng.randbytes(BS))
+                    else:
+                        fh.write(self._repeated[i // BS % len(self._repeated)])
+            cmds.append(f"write {path} /demo/{name}")
+            held.append(path)
+            self.files.append(name)
+            batch += size
+            if batch >= 64 << 20 or k == len(files) - 1:
+                (self.work / "debugfs.cmds").write_text("\n".join(cmds) + "\n")
+                self._tool(["debugfs", "-w", "-f", str(self.work / "debugfs.cmds"),
+                            str(self.image)])
+                self.newest = self.work / "newest-file"
+                os.replace(held[-1], self.newest)  # kept: the drill reads it back from the clone
+                for p in held[:-1]:
+                    p.unlink()
+                batch, cmds, held = 0, [], []
+
+    def check_script(self) -> Path | None:
+        """A drill check: the newest file, read from the clone with debugfs, equals the copy."""
+        if self.filesystem is None or self.newest is None or not self.files:
+            return None
+        script = self.work / "check-newest-file.sh"
+        script.write_text(
+            "#!/bin/sh\n# the newest file the demo wrote is in the clone, byte for byte\n"
+            "set -e\nout=$(mktemp)\ntrap 'rm -f \"$out\"' EXIT\n"
+            f'debugfs -R "dump /demo/{self.files[-1]} $out" "$CDP_CLONE_RAW" 2>/dev/null\n'
+            f'cmp "$out" "{self.newest}"\n')
+        return script
+
+    def _free(self) -> int:
+        """Bytes free in the new file system (a small one is mostly journal and tables)."""
+        out = self._tool(["debugfs", "-R", "stats", str(self.image)])
+        field = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        try:
+            return int(field["Free blocks"]) * int(field["Block size"])
+        except (KeyError, ValueError):
+            raise CdpError(f"debugfs -R stats {self.image}: no free block count in its "
+                           "output; is e2fsprogs complete?") from None
+
+    @staticmethod
+    def _tool(argv: list[str]) -> str:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        errors = r.stderr.strip()
+        if argv[0] == "debugfs":  # exits 0 whatever fails; stderr: its banner, then the errors
+            errors = "\n".join(r.stderr.strip().splitlines()[1:])
+        if r.returncode != 0 or errors:
+            raise CdpError(f"{argv[0]} failed while making the demo image: "
+                           f"{(errors or r.stdout).strip()[-500:]}")
+        return r.stdout
 
 
 def _source_volume(state_dir: Path) -> dict[str, Any] | None:
@@ -124,8 +239,15 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
         init(root, image_size=BS)
         image = root / "images" / "vm1-disk0.raw"
         image.unlink()
-        progress.line(f"generating a {format_bytes(size)} image in {root} ...")
-        generate(image, size)
+        disk = DemoDisk(image, size, root)
+        progress.line(f"generating a {format_bytes(size)} {disk.filesystem or 'raw'} image in "
+                      f"{root} ...")
+        disk.build()
+        if disk.note:
+            progress.done(f"note: {disk.note}")
+        else:
+            progress.done(f"image: {format_bytes(size)} ext4 with {len(disk.files)} files "
+                          "(text, random, repeated; free space zero), written with debugfs")
         port = free_port()
         for name in ("receiver.toml", "source.toml"):
             p = root / name
@@ -152,16 +274,21 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
         rounds = []
         for r, frac in enumerate((0.01, 0.05)):
             t1 = time.time()
-            written = rewrite(image, frac, seed=100 + r)
-            v = _wait_current(state_dir, t1, procs, progress, f"incremental {frac:.0%}")
+            written = disk.change(frac, seed=100 + r)
+            # converged once a scan that began after the last write finds nothing new
+            v = _wait_current(state_dir, time.time(), procs, progress, f"incremental {frac:.0%}")
             # the receiver's own clock of when the last epoch landed, not our polling delay
             landed = read_json(rx_state)["applied_at"] - t1
             rounds.append({"fraction": frac, "bytes": written, "seconds": landed,
                            "rpo": time.time() - v["current_as_of"]})
-            progress.done(f"incremental: {frac:.0%} of blocks rewritten, replica current "
-                          f"{landed:.2f}s after the write")
+            what = "of the image in new files" if disk.filesystem else "of blocks rewritten"
+            progress.done(f"incremental: {frac:.0%} {what}, replica current "
+                          f"{landed:.2f}s after the write began")
         progress.line("failover drill: cloning the newest recovery point and checking it ...")
-        drill = _cdp_json(cmd, env, "failover", "test", "-c", root / "receiver.toml", "vm1-disk0")
+        script = disk.check_script()
+        check = ["--check", f"sh {script}"] if script else []
+        drill = _cdp_json(cmd, env, "failover", "test", "-c", root / "receiver.toml", "vm1-disk0",
+                          *check)
         progress.done(f"failover drill: point {drill['point']['epoch']}, clone ready in "
                       f"{drill['rto']:.2f}s (RTO), point age {drill['rpo']:.2f}s (RPO), checks "
                       + ", ".join(f"{c['name']} {c['result']}" for c in drill["checks"]))
@@ -184,6 +311,7 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
             "compression_ratio": c["data"] / c["compressed"] if c["compressed"] else None,
             "dedup_ratio": (c["data"] + c["dedup"]) / c["data"] if c["data"] else None,
             "rpo_seconds": rounds[-1]["rpo"], "replica_equal": equal, "workdir": str(root),
+            "filesystem": disk.filesystem, "files": len(disk.files), "note": disk.note,
             "drill": drill, "archive": archive,
         }
     except Exception as exc:  # the demo reports, it does not trace back
@@ -209,13 +337,14 @@ def _print_summary(s: dict[str, Any]) -> None:
     t = Table(title="cdp demo summary", show_header=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("image", format_bytes(s["size"]))
+    t.add_row("image", format_bytes(s["size"]) + (f", ext4 with {s['files']} files"
+                                                   if s["filesystem"] else f" raw ({s['note']})"))
     t.add_row("seed", f"{s['seed_seconds']:.2f}s, {s['seed_MBps']:.0f} MB/s logical, "
               f"{format_bytes(s['seed_wire_bytes'])} on the wire")
     for r in s["incremental"]:
         t.add_row(f"incremental {r['fraction']:.0%}",
-                  f"{format_bytes(r['bytes'])} rewritten, applied on the replica "
-                  f"{r['seconds']:.2f}s after the write")
+                  f"{format_bytes(r['bytes'])} {'in new files' if s['filesystem'] else 'rewritten'}"
+                  f", applied on the replica {r['seconds']:.2f}s after the write began")
     t.add_row("epochs applied", str(s["epochs"]))
     t.add_row("bytes logical / wire", f"{format_bytes(s['logical'])} / {format_bytes(s['wire'])}")
     if s["compression_ratio"]:
