@@ -7,7 +7,9 @@ are errors: a typo must never silently fall back to a default.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import re
 import stat
 import tomllib
@@ -160,6 +162,9 @@ class VolumeConfig:
     group: str | None = None  # nbd mode: volumes of one group cut their epochs together
     nbd_tls: TlsServer | None = None  # nbd mode: clients must STARTTLS with this cert/key
     nbd_any_client: bool = False  # [volume.nbd_tls] allow_any_client: no client cert beyond loopback
+    nbd_socket_owner: int | None = None  # nbd_listen "unix:": the socket's user id (None: cdp's own)
+    nbd_socket_group: int | None = None  # ... its group id (None: cdp's own)
+    nbd_socket_mode: int = 0o600  # ... and its mode: never any access for others
 
 
 @dataclass(frozen=True)
@@ -624,6 +629,9 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         capture_disk=vt.get("capture_disk", lambda v: _range_size(v, 0, 1 << 50),
                             default=1024 * 1024 * 1024),
         group=vt.get("group", _name, default=None),
+        nbd_socket_owner=vt.get("nbd_socket_owner", _user_id, default=None),
+        nbd_socket_group=vt.get("nbd_socket_group", _group_id, default=None),
+        nbd_socket_mode=vt.get("nbd_socket_mode", _socket_mode, default=0o600),
     )
     if "nbd_tls" in vt.data:
         nt = _Table(file, f"volume[{i}].nbd_tls", vt.get("nbd_tls", lambda v: v))
@@ -651,7 +659,11 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         if vol.epoch_interval <= 0:
             raise vt.err("epoch_interval", "must be positive, e.g. \"1s\"")
         vol = replace(vol, nbd_tcp=tcp, nbd_unix=unix)
-    elif vol.group is not None:
+    socket_keys = sorted({"nbd_socket_owner", "nbd_socket_group", "nbd_socket_mode"} & set(vt.data))
+    if socket_keys and vol.nbd_unix is None:
+        raise vt.err(socket_keys[0], "only applies to an nbd volume served on a Unix socket "
+                     "(mode = \"nbd\", nbd_listen = \"unix:PATH\")")
+    if vol.group is not None and vol.mode != "nbd":
         raise vt.err("group", "consistency groups need mode = \"nbd\" (a scan has no common instant)")
     return vol
 
@@ -678,6 +690,47 @@ def _nbd_listen(vt: _Table, base: Path, text: str,
                              "carry the VM's disk unencrypted; serve it on 127.0.0.1 or a unix: "
                              "socket, or add [volume.nbd_tls] (cert, key, client_ca)")
     return tcp, unix
+
+
+def _account_id(v: Any, kind: str, lookup: Callable[[str], Any]) -> int:
+    """A user or group name of this host, or a numeric id (which needs no entry)."""
+    if (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v.isascii()
+                                                            and v.isdigit()):
+        n = int(v)
+        if not 0 <= n < 2**32 - 1:
+            raise ValueError(f"{n} is not a valid {kind} id")
+        return n
+    name = _str(v)
+    try:
+        return int(lookup(name)[2])
+    except KeyError:
+        db = "passwd" if kind == "user" else "group"
+        raise ValueError(f"no {kind} {name!r} on this host (see `getent {db}`); give one that "
+                         "exists or a numeric id") from None
+
+
+def _user_id(v: Any) -> int:
+    return _account_id(v, "user", pwd.getpwnam)
+
+
+def _group_id(v: Any) -> int:
+    return _account_id(v, "group", grp.getgrnam)
+
+
+def _socket_mode(v: Any) -> int:
+    """An octal mode string such as "0660": the owner may connect, others never."""
+    text = v.removeprefix("0o") if isinstance(v, str) else ""
+    if not 3 <= len(text) <= 4 or any(c not in "01234567" for c in text):
+        raise ValueError('expected an octal mode in quotes, e.g. "0660" (owner and group) or "0600"')
+    mode = int(text, 8)
+    if mode & ~0o770:
+        raise ValueError(f"{v} lets every user on this host read and write the disk (or sets "
+                         "special bits); give the hypervisor's group access instead: "
+                         'nbd_socket_group = "kvm" with nbd_socket_mode = "0660"')
+    if not mode & 0o200:
+        raise ValueError(f"{v} leaves the owner unable to connect; the owner needs write "
+                         'permission, e.g. "0600" or "0660"')
+    return mode
 
 
 def _schedule(file: Path, t: _Table) -> tuple[Window, ...]:

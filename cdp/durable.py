@@ -1,15 +1,25 @@
-"""Durability helpers: fsync'd files, atomic replace, directory fsync, hole punching."""
+"""Durability helpers: fsync'd files, atomic replace, directory fsync, hole punching; private
+folders and files (owner only, whatever the umask) and the lock a daemon holds on its folder."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from cdp.errors import InUseError
+
+# What cdp creates for replicas, WALs, journals, state and caches: readable by its own user only,
+# whatever the umask (a replica is a copy of a whole disk). Existing modes are left alone.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -37,7 +47,7 @@ def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> 
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with create_private(tmp) as fh:
             fh.write(data)
             if sync:
                 fh.flush()
@@ -48,6 +58,74 @@ def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> 
         raise
     if sync:
         fsync_dir(path.parent)
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create `path` and its missing parents, each mode 0700; folders that exist stay as they are."""
+    missing: list[Path] = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue
+        os.chmod(d, DIR_MODE)  # exactly 0700, even under a umask that takes owner bits
+    if not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(path))
+    return path
+
+
+def open_private(path: Path | str, flags: int) -> int:
+    """os.open that creates a missing file mode 0600 (whatever the umask)."""
+    return os.open(path, flags, FILE_MODE)
+
+
+def create_private(path: Path | str, buffering: int = -1) -> BinaryIO:
+    """A new (or truncated) file opened "wb", mode 0600 when created."""
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    return os.fdopen(fd, "wb", buffering=buffering)
+
+
+class DirLock:
+    """An exclusive flock on a file in a daemon's folder, held while it runs; the file holds its pid.
+
+    A second receiver on one data_dir (or source on one state_dir) is refused at start
+    instead of failing volume by volume later. The lock goes with the process (close()
+    or exit, even kill -9); the file stays, so there is no race on removing it.
+    """
+
+    def __init__(self, folder: Path, name: str, who: str, key: str) -> None:
+        self.path = folder / name
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+            finally:
+                os.close(fd)
+            pid = f"pid {holder[0]}" if holder and holder[0].isdigit() else "pid unknown"
+            raise InUseError(
+                f"{key} {folder} is in use by another {who} ({pid}, per {self.path}): stop that "
+                f"one first, or give this one another {key}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = -1
 
 
 def atomic_write_json(path: Path, obj: Any, *, sync: bool = True) -> None:

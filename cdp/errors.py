@@ -119,6 +119,18 @@ class UnsafeEntryError(RestoreWriteError):
     """An entry from an untrusted image or file set cannot be written inside the target; it is skipped."""
 
 
+class ListenError(CdpError):
+    """An address in the config cannot be listened on: another process has it, or it is not ours."""
+
+    exit_code = 2
+
+
+class InUseError(CdpError):
+    """Another running daemon holds this data_dir or state_dir; the message names its pid."""
+
+    exit_code = 2
+
+
 class RemoteError(CdpError):
     """The peer reported an error in an Error message."""
 

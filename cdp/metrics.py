@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
@@ -66,14 +67,15 @@ class HttpEndpoint:
         self._busy = 0
 
     async def start(self, host: str, port: int) -> int:
-        from cdp.errors import CdpError
+        from cdp.errors import ListenError
 
         try:
             self._server = await asyncio.start_server(self._client, host, port,
                                                       limit=MAX_REQUEST)
         except OSError as exc:
-            raise CdpError(f"cannot serve {self.name} on {host}:{port}: {exc.strerror}; is the "
-                           "port taken?") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's wrapping
+            raise ListenError(f"cannot serve {self.name} on {host}:{port}: {why}; stop what holds "
+                              "the port or choose another one in the config") from None
         self.port = self._server.sockets[0].getsockname()[1]
         if not _loopback(host):
             log.warning("%s served on %s:%d, beyond loopback: it has no authentication; "

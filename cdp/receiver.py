@@ -25,10 +25,11 @@ from typing import Any, TypeVar
 from cdp.blocks import Geometry, pack_u64, unpack_u64
 from cdp.codec import HASH_LEN
 from cdp.config import ReceiverConfig
-from cdp.durable import atomic_write_json
+from cdp.durable import DirLock, atomic_write_json, make_private_dir
 from cdp.errors import (
     AuthError,
     CdpError,
+    ListenError,
     ProtocolError,
     ReplicaError,
     TransportError,
@@ -81,6 +82,7 @@ WORK_THREADS = 16
 PER_CLIENT_WORK = 4
 T = TypeVar("T")
 OPEN_ATTEMPTS = 50  # an Open waits this many rounds for earlier connections' epochs to land
+LOCK_FILE = ".receiver.lock"  # in data_dir: flock'd by the running receiver, holds its pid
 
 
 @dataclass
@@ -176,7 +178,15 @@ class Receiver:
         return None
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
-        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        """Serve until stop(); InUseError if another receiver has the data_dir."""
+        make_private_dir(self.cfg.data_dir)
+        lock = DirLock(self.cfg.data_dir, LOCK_FILE, "receiver", "data_dir")
+        try:
+            await self._run(ready)
+        finally:
+            lock.close()
+
+    async def _run(self, ready: asyncio.Event | None) -> None:
         await self.metrics.start(self.cfg.metrics_listen)
         await self.page.start(self.cfg.status_listen)
         ctx = self._tls = server_tls(self.cfg.tls) if self.cfg.tls else None
@@ -186,8 +196,9 @@ class Receiver:
             server = await loop.create_server(
                 lambda: _PausedStream(asyncio.StreamReader(limit=1 << 20), self._handle), host, port)
         except OSError as exc:
-            raise CdpError(f"cannot listen on {host}:{port}: {exc.strerror}; is another receiver "
-                           "running, or is the address wrong?") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's wrapping
+            raise ListenError(f"{self.cfg.path}: receiver.listen: cannot listen on {host}:{port}: "
+                              f"{why}; is another receiver running, or is the address wrong?") from None
         self.port = server.sockets[0].getsockname()[1]
         log.info("receiver listening addr=%s:%d tls=%s data_dir=%s", host, self.port,
                  "on" if ctx else "off", self.cfg.data_dir)

@@ -28,9 +28,10 @@ not track.
 
 Who may connect: beyond loopback the server insists on TLS with client
 certificates (an ssl context with CERT_REQUIRED) unless told `allow_any_client`.
-A Unix socket is created mode 0600 inside a private 0700 directory and renamed
-into place, so it is never more open than that; an existing path is replaced
-only when it is a stale socket of ours, never a symlink, a file or a live socket.
+A Unix socket is created inside a private 0700 directory, given its owner,
+group and mode there (default: cdp's user, 0600), and only then renamed into
+place, so it is never more open than asked; an existing path is replaced only
+when it is a stale socket of ours, never a symlink, a file or a live socket.
 
 BLOCK_STATUS (`base:allocation`) and all-zero READs are answered from the
 image's holes, found with lseek(SEEK_DATA/SEEK_HOLE).
@@ -54,7 +55,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cdp.durable import write_zeros
-from cdp.errors import CdpError
+from cdp.errors import CdpError, ListenError
 from cdp.nbd.events import Request
 from cdp.nbd.protocol import (
     MAX_EXTENTS,
@@ -87,6 +88,10 @@ class NbdServerError(CdpError):
     """The NBD server could not open its image or bind its address."""
 
 
+class NbdListenError(NbdServerError, ListenError):
+    """The NBD export's address cannot be used: taken, or a path that is not ours to replace."""
+
+
 class ChangeTracker(Protocol):
     """What the server tells the CDP source about changes; see the module docstring."""
 
@@ -114,20 +119,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _refuse_existing(path: Path) -> None:
-    """NbdServerError unless path is free or a stale socket of ours (nobody accepts on it)."""
+def _refuse_existing(path: Path, owner: int | None = None) -> None:
+    """NbdListenError unless path is free or a stale socket of ours (nobody accepts on it); a
+    socket of `owner` (nbd_socket_owner) counts as ours."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise NbdServerError(f"{path} is a symlink; the NBD socket is never created through one: "
+        raise NbdListenError(f"{path} is a symlink; the NBD socket is never created through one: "
                              "remove it, or point nbd_listen at a path in a folder only cdp writes")
     if not stat.S_ISSOCK(st.st_mode):
-        raise NbdServerError(f"{path} exists and is not a socket; remove it or choose another "
+        raise NbdListenError(f"{path} exists and is not a socket; remove it or choose another "
                              "unix: path for nbd_listen")
-    if st.st_uid != os.geteuid():
-        raise NbdServerError(f"{path} is a socket of user {st.st_uid}, not ours; remove it or choose "
+    if st.st_uid not in (os.geteuid(), owner):
+        raise NbdListenError(f"{path} is a socket of user {st.st_uid}, not ours; remove it or choose "
                              "another unix: path for nbd_listen")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -135,26 +141,29 @@ def _refuse_existing(path: Path) -> None:
     except (ConnectionRefusedError, FileNotFoundError):
         return  # stale: left by a process that is gone
     except OSError as exc:
-        raise NbdServerError(f"{path}: cannot tell whether another process serves it ({exc}); "
+        raise NbdListenError(f"{path}: cannot tell whether another process serves it ({exc}); "
                              "remove it if none does") from None
     finally:
         probe.close()
-    raise NbdServerError(f"another process serves {path} already; stop it or choose another path")
+    raise NbdListenError(f"another process serves {path} already; stop it or choose another path")
 
 
-def bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
-    """A Unix socket bound at path with mode 0600 from its first instant; its (dev, inode).
+def bind_unix(path: Path, owner: int | None = None, group: int | None = None,
+              mode: int = 0o600) -> tuple[socket.socket, tuple[int, int]]:
+    """A Unix socket bound at path with its owner, group and mode from its first instant; its
+    (dev, inode).
 
     Bound inside a fresh 0700 directory next to path (whatever the umask, no
-    one else can reach it there), chmod'ed to 0600, then renamed over path:
-    rename never follows a symlink, and `_refuse_existing` runs just before it.
+    one else can reach it there), chown'ed and chmod'ed there, then renamed
+    over path: rename never follows a symlink, and `_refuse_existing` runs
+    just before it. None keeps our own user or group.
     """
-    _refuse_existing(path)
+    _refuse_existing(path, owner)
     parent = path.parent
     try:
         pst = os.stat(parent)
     except FileNotFoundError:
-        raise NbdServerError(f"folder {parent} for the NBD socket does not exist: create it, owned "
+        raise NbdListenError(f"folder {parent} for the NBD socket does not exist: create it, owned "
                              "by cdp's user and writable by no one else (e.g. mode 0750)") from None
     if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
         log.warning("%s is writable by every user: anyone could replace the NBD socket %s; use a "
@@ -165,7 +174,18 @@ def bind_unix(path: Path) -> tuple[socket.socket, tuple[int, int]]:
     try:
         sock.bind(tmp)
         os.chmod(tmp, 0o600)
-        _refuse_existing(path)
+        if owner is not None or group is not None:
+            try:
+                os.chown(tmp, -1 if owner is None else owner, -1 if group is None else group)
+            except PermissionError:
+                whom = " and ".join(f"{k} {v}" for k, v in (("user", owner), ("group", group))
+                                    if v is not None)
+                raise NbdServerError(
+                    f"cannot give the NBD socket {path} to {whom}: only root may choose the "
+                    "owner (nbd_socket_owner), and other users only a group they are in "
+                    "(nbd_socket_group)") from None
+        os.chmod(tmp, mode)
+        _refuse_existing(path, owner)
         os.rename(tmp, path)
         st = os.lstat(path)
     except BaseException:
@@ -272,7 +292,8 @@ class NbdServer:
     refuses to serve anything before it (the spec's FORCEDTLS mode). A host
     beyond loopback needs tls_required with a context that requires client
     certificates, or allow_any_client (any client that completes TLS may then
-    read and write the disk).
+    read and write the disk). unix_owner, unix_group (ids; None: ours) and
+    unix_mode say who may open the Unix socket.
     """
 
     def __init__(
@@ -283,6 +304,9 @@ class NbdServer:
         host: str | None = "127.0.0.1",
         port: int = 0,
         unix_path: Path | str | None = None,
+        unix_owner: int | None = None,
+        unix_group: int | None = None,
+        unix_mode: int = 0o600,
         tracker: ChangeTracker | None = None,
         tls: ssl.SSLContext | None = None,
         tls_required: bool = False,
@@ -296,6 +320,7 @@ class NbdServer:
         self.host = host
         self.port = port
         self.unix_path = Path(unix_path) if unix_path is not None else None
+        self.unix_access = (unix_owner, unix_group, unix_mode)
         self.tracker = tracker
         self.tls = tls
         self.tls_required = tls_required
@@ -336,10 +361,16 @@ class NbdServer:
             self.size = os.fstat(self._fd).st_size
             loop = asyncio.get_running_loop()
             if self.host is not None:
-                self._servers.append(await loop.create_server(
-                    lambda: _Connection(self), self.host, self.port))
+                try:
+                    self._servers.append(await loop.create_server(
+                        lambda: _Connection(self), self.host, self.port))
+                except OSError as exc:
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    raise NbdListenError(f"cannot serve NBD export {self.export!r} on "
+                                         f"{self.host}:{self.port}: {why}; stop what holds the "
+                                         "port or choose another in nbd_listen") from None
             if self.unix_path is not None:
-                sock, self._unix_id = bind_unix(self.unix_path)
+                sock, self._unix_id = bind_unix(self.unix_path, *self.unix_access)
                 self._servers.append(await loop.create_unix_server(lambda: _Connection(self), sock=sock))
         except NbdServerError:
             await self.close()

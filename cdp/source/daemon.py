@@ -31,11 +31,12 @@ from typing import Any
 from cdp.blocks import Geometry
 from cdp.codec import zero_hash
 from cdp.config import SourceConfig, load_source, reload_source
-from cdp.durable import atomic_write_json
+from cdp.durable import DirLock, atomic_write_json, make_private_dir
 from cdp.errors import (
     PERMANENT_CODES,
     AuthError,
     CdpError,
+    ListenError,
     ProtocolError,
     RemoteError,
     TrackerError,
@@ -81,6 +82,7 @@ SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
 PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most this long at the cap
 MIN_PACED_BATCH = 256 * 1024  # ...but Data frames no smaller than this (compression, overhead)
 LINK_PROGRESS = 64 * 1024  # the link took this much since: alive, though the receiver is silent
+LOCK_FILE = ".source.lock"  # in state_dir: flock'd by the running source, holds its pid
 
 
 
@@ -187,7 +189,21 @@ class Source:
     # -- main loop -----------------------------------------------------------
 
     async def run(self) -> None:
-        self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        """Run until stop(); InUseError if another source has the state_dir, ListenError if an
+        address (metrics_listen, an nbd_listen) is taken."""
+        make_private_dir(self.cfg.state_dir)
+        lock = DirLock(self.cfg.state_dir, LOCK_FILE, "source", "state_dir")
+        try:
+            await self._run()
+        except ListenError:
+            for export in self.nbd.values():  # those started before the one that failed
+                await export.stop()
+            await self.metrics.close()
+            raise
+        finally:
+            lock.close()
+
+    async def _run(self) -> None:
         await self.metrics.start(self.cfg.metrics_listen)
         loop = asyncio.get_running_loop()
         watcher = Watcher(loop)

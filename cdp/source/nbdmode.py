@@ -30,7 +30,7 @@ from cdp.blocks import Geometry, runs
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import ConfigError, RemoteError, TrackerError
 from cdp.messages import Opened
-from cdp.nbd.server import NbdServer, NbdServerError, is_loopback
+from cdp.nbd.server import NbdListenError, NbdServer, NbdServerError, is_loopback
 from cdp.source.control import FairGate
 from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.dirtymap import DirtyMap
@@ -102,10 +102,14 @@ class NbdExport:
                         "that reaches %s:%d and completes TLS can read and write this disk, with "
                         "no client certificate; set client_ca to require one", cfg.name, host, port)
         self.server = NbdServer(cfg.path, export=cfg.name, host=host, port=port,
-                                unix_path=cfg.nbd_unix, tracker=self.journal, tls=tls,
+                                unix_path=cfg.nbd_unix, unix_owner=cfg.nbd_socket_owner,
+                                unix_group=cfg.nbd_socket_group, unix_mode=cfg.nbd_socket_mode,
+                                tracker=self.journal, tls=tls,
                                 tls_required=tls is not None, allow_any_client=cfg.nbd_any_client)
         try:
             await self.server.start()
+        except NbdListenError:
+            raise  # nbd_listen cannot be used: the source stops (exit 2) and says why
         except NbdServerError as exc:
             raise TrackerError(str(exc)) from exc
         self.journal.start()

@@ -6,7 +6,9 @@ compose file, Prometheus rules and Grafana dashboard are well formed."""
 from __future__ import annotations
 
 import configparser
+import grp
 import json
+import os
 import random
 import re
 import shutil
@@ -33,8 +35,10 @@ OPTION = re.compile(r"^#(?=[\[A-Za-z])")  # "#key = value" and "#[table]": an op
 
 
 def _localize(text: str, root: Path) -> str:
-    """Point the example's absolute paths into `root`."""
-    return text.replace("/etc/cdp/", f"{root}/etc/").replace("/var/lib/", f"{root}/var/")
+    """Point the example's absolute paths into `root`, its hypervisor group at one of this host."""
+    group = grp.getgrgid(os.getgid()).gr_name
+    return (text.replace("/etc/cdp/", f"{root}/etc/").replace("/var/lib/", f"{root}/var/")
+            .replace('nbd_socket_group = "kvm"', f'nbd_socket_group = "{group}"'))
 
 
 def _prepare(root: Path) -> None:
@@ -67,6 +71,7 @@ def test_example_configs_load(tmp_path: Path, everything: bool) -> None:
         assert rx.max_connections == 64 and rx.status_listen == ("127.0.0.1", 9741)
         assert [v.mode for v in src.volumes] == ["scan", "nbd"] and src.filesets
         assert src.schedule and src.volumes[1].nbd_tls is not None
+        assert src.volumes[1].nbd_socket_group == os.getgid() and src.volumes[1].nbd_socket_mode == 0o660
 
 
 def test_every_config_key_is_documented_in_the_examples() -> None:
@@ -216,3 +221,24 @@ def test_monitoring_files_refer_to_real_metrics(tmp_path: Path) -> None:
         text = (DEPLOY / "compose" / name).read_text().replace("/etc/cdp/secrets/", f"{secrets}/")
         (tmp_path / name).write_text(text)
         assert load(tmp_path / name).metrics_listen is not None  # the compose configs load too
+
+
+def test_metrics_ports_agree_everywhere() -> None:
+    """Receiver metrics on 9740, source metrics on 9750: examples, compose, Prometheus, READMEs."""
+    yaml = pytest.importorskip("yaml")
+
+    def port(path: Path) -> int:
+        m = re.search(r'^metrics_listen = "[^"]*:(\d+)"', path.read_text(), re.M)
+        assert m, path
+        return int(m.group(1))
+
+    for side, want in (("receiver", 9740), ("source", 9750)):
+        assert port(EXAMPLES / f"{side}.toml") == want, side
+        assert port(DEPLOY / "compose" / f"{side}.toml") == want, side
+    prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
+    assert targets == {"cdp-receiver": ["receiver:9740"], "cdp-source": ["source:9750"]}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "`[receiver]` (port 9740" in readme and "`[source]` (port 9750" in readme
+    deploy = " ".join((DEPLOY / "README.md").read_text().split())
+    assert "9740 and 9750 (Prometheus metrics of receiver and source" in deploy
