@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlparse
 
-from cdp.durable import fsync_dir
+from cdp.durable import create_private, fsync_dir, make_private_dir
 from cdp.errors import ArchiveAccessError, ArchiveCorruptError, ArchiveError
 
 T = TypeVar("T")
@@ -118,8 +118,8 @@ class LocalBackend:
         path = self._path(name)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
+            make_private_dir(path.parent)
+            with create_private(tmp) as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())

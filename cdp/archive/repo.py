@@ -49,6 +49,7 @@ import cdp.archive.pack as pack
 from cdp.archive.backend import Backend, LocalBackend, ObjectExists, ObjectMissing
 from cdp.archive.crypto import ID_LEN, ZERO_ID, Keys, TamperedError
 from cdp.archive.pack import Entry
+from cdp.durable import make_private_dir
 from cdp.errors import ArchiveAccessError, ArchiveCorruptError, ArchiveError, UsageError
 
 log = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class Repository:
         """Create a repository; encrypted unless `password` is None."""
         if isinstance(backend, LocalBackend):
             try:
-                backend.root.mkdir(parents=True, exist_ok=True)
+                make_private_dir(backend.root)
             except OSError as exc:
                 raise ArchiveAccessError(f"{backend.url}: cannot create: {exc.strerror}") from None
         if await backend.exists("config"):

@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp.durable import DIR_MODE, make_private_dir
 from cdp.errors import ConfigError, DrillError
 from cdp.replica.pointview import PointView
 
@@ -47,7 +48,7 @@ def resolve_format(fmt: str) -> str:
 def copy_point(view: PointView, dest: Path) -> int:
     """Write the point into a new sparse raw file; returns the bytes of data written."""
     written = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, view.size)
         off = 0
@@ -67,7 +68,8 @@ def make_clone(view: PointView, dest_dir: Path, fmt: str) -> Clone:
     """A writable clone of the view's point in a new folder `dest_dir`."""
     fmt = resolve_format(fmt)
     try:
-        dest_dir.mkdir(parents=True)
+        make_private_dir(dest_dir.parent)
+        os.mkdir(dest_dir, DIR_MODE)  # a copy of the disk: cdp's user only, whatever the umask
     except OSError as exc:
         raise DrillError(f"cannot create the clone folder {dest_dir}: {exc.strerror}") from None
     raw = dest_dir / ("point.raw" if fmt == "qcow2" else "clone.raw")

@@ -49,7 +49,7 @@ from typing import Any
 from cdp.blocks import Geometry
 from cdp.codec import HASH_LEN, block_hash
 from cdp.config import SourceConfig, VolumeConfig, load_receiver, load_source, read_token
-from cdp.durable import atomic_write_json, fsync_dir, read_json
+from cdp.durable import DIR_MODE, atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
 from cdp.errors import CdpError, DrillError, UsageError
 from cdp.replica.journal import Retention
 from cdp.replica.store import PROMOTED, Replica, ReplicaState
@@ -91,7 +91,7 @@ def _hash_image(image: Path, geo: Geometry, out: Path) -> int:
     zero = bytes(geo.block_size)
     fd = os.open(image, os.O_RDONLY)
     try:
-        with open(out, "wb") as fh:
+        with create_private(out) as fh:
             fh.truncate(geo.blocks * HASH_LEN)
             per = max(1, READ_CHUNK // geo.block_size)
             for first in range(0, geo.blocks, per):
@@ -133,13 +133,13 @@ def prepare(source_toml: Path, volume: str, listen: str, folder: Path, *,
     folder = folder.resolve()
     data_dir = folder / "replicas"
     vol_dir = data_dir / volume
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(data_dir)
     if vol_dir.exists():  # a second prepare rebuilds it; never under a running receiver
         os.close(Replica._lock(vol_dir, volume))  # ReplicaBusy if a receiver holds it
         shutil.rmtree(vol_dir)
     tmp = data_dir / f".{volume}.new"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    os.mkdir(tmp, DIR_MODE)
     (tmp / "image").symlink_to(image)
     used = _hash_image(image, geo, tmp / "hashes")
     state = ReplicaState(volume, geo.size, geo.block_size, uuid.uuid4().hex, time.time(),

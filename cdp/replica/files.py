@@ -30,7 +30,7 @@ from pathlib import Path
 import xxhash
 
 from cdp.codec import compressed_digest, decompress
-from cdp.durable import atomic_write, fsync_dir
+from cdp.durable import atomic_write, fsync_dir, make_private_dir
 from cdp.errors import CdpError, DiskFullError, ReplicaError, UsageError
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ class FilesetStore:
         f = self._log(path)
         line = (json.dumps(asdict(v), separators=(",", ":")) + "\n").encode()
         try:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            make_private_dir(f.parent)
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 if prev and f.stat().st_size and not _ends_with_newline(f):
                     os.write(fd, b"\n")  # after a torn line: start a fresh one
@@ -192,7 +192,7 @@ def _store_error(exc: OSError, where: Path) -> ReplicaError:
 
 def _write_durably(dest: Path, data: bytes) -> None:
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(dest.parent)
         atomic_write(dest, data)
     except OSError as exc:
         raise _store_error(exc, dest) from None

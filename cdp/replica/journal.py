@@ -64,7 +64,7 @@ import xxhash
 
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
-from cdp.durable import atomic_write_json, fsync_dir, read_json
+from cdp.durable import atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
 from cdp.errors import CdpError, PointError, ReplicaError
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class UndoWriter:
     def __init__(self, directory: Path, epoch: int) -> None:
         self.final = directory / undo_name(epoch)
         self.tmp = directory / f".{undo_name(epoch)}.tmp"
-        self._fh = open(self.tmp, "wb", buffering=1 << 20)
+        self._fh = create_private(self.tmp, buffering=1 << 20)
         self._fh.write(MAGIC)
         self._pos = len(MAGIC)
         self._index: list[bytes] = []
@@ -345,8 +345,8 @@ class Journal:
         off = self.dir / OFF
         if not self.retention.enabled:
             self.drop_all()
-            self.dir.mkdir(exist_ok=True)
-            off.touch()  # a later run with the journal on must not trust a half-applied image
+            make_private_dir(self.dir)
+            off.touch(mode=0o600)  # a later run with the journal on must not trust a half-applied image
             fsync_dir(self.dir)
         elif off.exists():
             # The last run applied without undo files: a crash may have left the image half
@@ -417,7 +417,7 @@ class Journal:
                 finally:
                     u.close()
             os.unlink(p)
-        self.dir.mkdir(exist_ok=True)
+        make_private_dir(self.dir)
         meta = {"epoch": epoch, "time": float(commit[2]), "label": None,
                 "fingerprint": fp, "created": time.time(),
                 "base_epoch": base["epoch"], "base_time": base["epoch_time"],
@@ -569,7 +569,7 @@ class Journal:
 @contextlib.contextmanager
 def pins_locked(vol_dir: Path) -> Iterator[None]:
     """Briefly serialize pin creation against pruning (an flock on pins.lock)."""
-    fd = os.open(vol_dir / "pins.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(vol_dir / "pins.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

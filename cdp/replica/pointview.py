@@ -32,7 +32,7 @@ from types import TracebackType
 
 from cdp.blocks import Geometry
 from cdp.codec import HASH_LEN, zero_hash
-from cdp.durable import read_json
+from cdp.durable import make_private_dir, read_json
 from cdp.errors import PointError, ReplicaError
 from cdp.replica.journal import NO_HASH, JournalCorrupt, UndoFile, list_points, pins_locked, undo_name
 
@@ -96,9 +96,9 @@ class PointView:
 
     def _pin(self, point: int) -> None:
         pins = self._dir / "pins"
-        pins.mkdir(exist_ok=True)
+        make_private_dir(pins)
         path = pins / f"{point}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._pin_fd, self._pin_path = fd, path
 

@@ -44,7 +44,15 @@ from pathlib import Path
 import cdp.replica.wal as wal
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, pack_u64, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
-from cdp.durable import atomic_write_json, fsync_dir, read_json, write_zeros
+from cdp.durable import (
+    DIR_MODE,
+    atomic_write_json,
+    create_private,
+    fsync_dir,
+    make_private_dir,
+    read_json,
+    write_zeros,
+)
 from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
 from cdp.replica.journal import Journal, Retention, UndoFile, fingerprint
 
@@ -169,14 +177,14 @@ class Replica:
 
     @staticmethod
     def _create(root: Path, volume: str, geo: Geometry) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(root)
         tmp = root / f".{volume}.new"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        with open(tmp / "image", "wb") as fh:
+        os.mkdir(tmp, DIR_MODE)  # the replica folder: cdp's user only, whatever the umask
+        with create_private(tmp / "image") as fh:
             fh.truncate(geo.size)
             os.fsync(fh.fileno())
-        with open(tmp / "hashes", "wb") as fh:
+        with create_private(tmp / "hashes") as fh:
             fh.truncate(geo.blocks * HASH_LEN)
             os.fsync(fh.fileno())
         state = ReplicaState(volume, geo.size, geo.block_size, uuid.uuid4().hex, time.time())
@@ -188,7 +196,7 @@ class Replica:
 
     @staticmethod
     def _lock(path: Path, volume: str) -> int:
-        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -68,7 +68,7 @@ class WalWriter:
     """Appends one epoch's records from offset 0 through a buffered file; sync() fsyncs."""
 
     def __init__(self, path: str | os.PathLike[str], epoch: int) -> None:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._fh = os.fdopen(fd, "r+b", buffering=1 << 20)
         self.epoch = epoch
         self.offset = 0

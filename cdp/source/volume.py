@@ -27,7 +27,7 @@ from typing import Any
 from cdp.blocks import Geometry, pack_u64, runs
 from cdp.codec import HASH_LEN, compress
 from cdp.config import VolumeConfig
-from cdp.durable import atomic_write, atomic_write_json, read_json
+from cdp.durable import atomic_write, atomic_write_json, make_private_dir, read_json
 from cdp.messages import Data, Ref, Zero
 from cdp.protocol import MAX_ZERO_RUNS
 from cdp.ratelimit import TokenBucket
@@ -156,7 +156,7 @@ class VolumeState:
             snapshot = bytes(self.smap)
             meta = {"replica_id": self.replica_id, "epoch": self.acked, "size": self.geo.size,
                     "block_size": self.geo.block_size, "seeded": self.seeded}
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.dir)
         atomic_write(self.dir / "hashes", snapshot)
         atomic_write_json(self.dir / "meta.json", {**meta, "saved": time.time()})
         self.saved_at = time.time()

@@ -14,6 +14,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from cdp.durable import make_private_dir
 from cdp.errors import TrackerError
 
 FICLONE = 0x40049409
@@ -37,7 +38,7 @@ async def run_hook(cmd: str | None, phase: str, volume: str, path: Path) -> None
 
 def reflink_snapshot(source: Path, snap: Path) -> Path:
     """A reflink copy of `source` at `snap`: scanned at leisure while the guest runs on."""
-    snap.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(snap.parent)
     src = os.open(source, os.O_RDONLY)
     try:
         dst = os.open(snap, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

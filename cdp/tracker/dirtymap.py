@@ -26,6 +26,8 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from cdp.durable import make_private_dir
+
 MAGIC = b"CDPDIRT1"
 _HEADER = struct.Struct(">8sQQ8x")
 
@@ -50,7 +52,7 @@ class DirtyMap:
 
     def open(self) -> None:
         """Load the map (or start a fresh one) and keep the file open for marking."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
         header = _HEADER.pack(MAGIC, self.size, self.region)
         try:
             with open(self.path, "rb") as fh:

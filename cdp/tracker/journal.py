@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.blocks import Geometry, runs
+from cdp.durable import create_private, make_private_dir
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.extents import BlockRuns
 from cdp.units import format_bytes
@@ -322,8 +323,8 @@ class WriteJournal:
                 return
             path = self.spill_dir / f"{u.seq:012d}"
             try:
-                self.spill_dir.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as fh:
+                make_private_dir(self.spill_dir)
+                with create_private(path) as fh:
                     order = []
                     for b in sorted(u.blocks):
                         fh.write(u.blocks[b])
