@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from cdp.errors import InUseError
+from cdp.errors import ConfigError, InUseError
 
 # What cdp creates for replicas, WALs, journals, state and caches: readable by its own user only,
 # whatever the umask (a replica is a copy of a whole disk). Existing modes are left alone.
@@ -94,14 +94,20 @@ def create_private(path: Path | str, buffering: int = -1) -> BinaryIO:
 class DirLock:
     """An exclusive flock on a file in a daemon's folder, held while it runs; the file holds its pid.
 
-    A second receiver on one data_dir (or source on one state_dir) is refused at start
-    instead of failing volume by volume later. The lock goes with the process (close()
-    or exit, even kill -9); the file stays, so there is no race on removing it.
+    The folder is created (0700) if missing. A second receiver on one data_dir (or source
+    on one state_dir) is refused at start instead of failing volume by volume later. The
+    lock goes with the process (close() or exit, even kill -9); the file stays, so there is
+    no race on removing it. ConfigError if the folder cannot be made or the file opened.
     """
 
     def __init__(self, folder: Path, name: str, who: str, key: str) -> None:
         self.path = folder / name
-        fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
+        try:
+            make_private_dir(folder)
+            fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise ConfigError(f"{key} {folder}: cannot create it or its lock file {name}: "
+                              f"{exc.strerror or exc}; check the path and who owns it") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

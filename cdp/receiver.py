@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from cdp.blocks import Geometry, pack_u64, unpack_u64
 from cdp.codec import HASH_LEN
 from cdp.config import ReceiverConfig
-from cdp.durable import DirLock, atomic_write_json, make_private_dir
+from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
     AuthError,
     CdpError,
@@ -179,7 +179,6 @@ class Receiver:
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
         """Serve until stop(); InUseError if another receiver has the data_dir."""
-        make_private_dir(self.cfg.data_dir)
         lock = DirLock(self.cfg.data_dir, LOCK_FILE, "receiver", "data_dir")
         try:
             await self._run(ready)

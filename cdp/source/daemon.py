@@ -31,7 +31,7 @@ from typing import Any
 from cdp.blocks import Geometry
 from cdp.codec import zero_hash
 from cdp.config import SourceConfig, load_source, reload_source
-from cdp.durable import DirLock, atomic_write_json, make_private_dir
+from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
     PERMANENT_CODES,
     AuthError,
@@ -191,7 +191,6 @@ class Source:
     async def run(self) -> None:
         """Run until stop(); InUseError if another source has the state_dir, ListenError if an
         address (metrics_listen, an nbd_listen) is taken."""
-        make_private_dir(self.cfg.state_dir)
         lock = DirLock(self.cfg.state_dir, LOCK_FILE, "source", "state_dir")
         try:
             await self._run()

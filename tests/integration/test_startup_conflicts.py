@@ -104,3 +104,15 @@ def test_source_port_in_use_exits_2(cdp_env, taken: int, key: str, tmp_path: Pat
     if key == "nbd_listen":
         assert "nbd_listen" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_data_dir_or_state_dir_that_cannot_be_made_exits_2(cdp_env) -> None:
+    env: CdpEnv = cdp_env()
+    env.data_dir.write_text("a file where the replicas should go")
+    r = _start("receiver", "-c", env.receiver_toml)
+    assert r.returncode == 2 and f"data_dir {env.data_dir}: cannot create it" in r.stderr, r.stderr
+    env.source.state_dir.write_text("a file where the source's state should go")
+    make_image(env.source.images["vol1"], 1 * MiB, random.Random(5))
+    r = _start("source", "-c", env.source.toml)
+    assert r.returncode == 2 and f"state_dir {env.source.state_dir}: cannot create it" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
