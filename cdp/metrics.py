@@ -271,6 +271,19 @@ class _Base:
         self.http = HttpEndpoint("metrics", {"/metrics": self.render, "/": self.render})
         await self.http.start(*listen)
 
+    async def move(self, listen: tuple[str, int] | None) -> None:
+        """Serve on `listen` instead (None: stop serving); the old endpoint stays if the new
+        one cannot be served (CdpError)."""
+        old = self.http
+        self.http = None
+        try:
+            await self.start(listen)
+        except BaseException:
+            self.http = old
+            raise
+        if old is not None:
+            await old.close()
+
     async def close(self) -> None:
         if self.http is not None:
             await self.http.close()

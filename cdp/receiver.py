@@ -3,7 +3,8 @@
 One task per connection. Blocking work (decompress, verify, WAL writes,
 apply) runs in worker threads so one busy volume never stalls the others.
 A volume is written by one connection at a time; the replica's flock keeps
-other processes out.
+other processes out. SIGHUP reloads the config file and applies what can
+change live (see Receiver._reload).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 
 from cdp.blocks import Geometry, pack_u64, unpack_u64
 from cdp.codec import HASH_LEN
-from cdp.config import ReceiverConfig
+from cdp.config import ReceiverConfig, load_receiver, reload_receiver
 from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
     AuthError,
@@ -145,6 +147,10 @@ class Receiver:
         # huge epochs) queues behind itself, not in front of the other clients.
         self.pool = concurrent.futures.ThreadPoolExecutor(WORK_THREADS, thread_name_prefix="cdp-rx")
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+        self.archiver: Any = None  # cdp.archive.scheduler.ArchiveScheduler once archives exist
+        self._archives: asyncio.Task[None] | None = None
 
     def _filesets(self, name: str) -> tuple[str, ...]:
         c = self.cfg.client(name)
@@ -204,7 +210,7 @@ class Receiver:
         if ready:
             ready.set()
         status = asyncio.create_task(self._status_loop())
-        archives = asyncio.create_task(self._archive_loop()) if self.cfg.archives else None
+        self._start_archives()
         try:
             await self._stop.wait()
         finally:
@@ -216,8 +222,10 @@ class Receiver:
                 await asyncio.gather(*self._conns, return_exceptions=True)
             await server.wait_closed()
             status.cancel()
-            if archives is not None:
-                archives.cancel()
+            if self._archives is not None:
+                self._archives.cancel()
+            for task in list(self._background):
+                task.cancel()
             self._write_status()
             for rep in self.replicas.values():
                 rep.close()
@@ -226,11 +234,122 @@ class Receiver:
             await self.page.close()
             log.info("receiver stopped")
 
-    async def _archive_loop(self) -> None:
+    def _start_archives(self) -> None:
         """[[archive]] schedules: at most max_concurrent_archives jobs at once, queued fairly."""
+        if self._archives is not None or not self.cfg.archives:
+            return
         from cdp.archive.scheduler import ArchiveScheduler
 
-        await ArchiveScheduler(self.cfg).run()
+        self.archiver = ArchiveScheduler(self.cfg)
+        self._archives = asyncio.create_task(self.archiver.run())
+
+    # -- reloading (SIGHUP) ----------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: reload the config file in the background."""
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._background.add(task)
+        task.add_done_callback(self._reloaded)
+
+    def _reloaded(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("config reload failed (internal error), still running with the previous "
+                      "config: %s: %s", type(exc).__name__, exc, exc_info=exc)
+
+    async def _reload(self) -> None:
+        """Load the file again; an invalid one changes nothing. Then apply what changed:
+
+        - clients: added ones may connect; removed ones, and those whose token changed, are
+          disconnected (a rotated token is no longer trusted) and must authenticate again;
+        - a client's volumes: one taken away stops at once on its connection (the epoch being
+          received is dropped, sealed ones still apply) and the source is told `unauthorized`;
+          file sets taken away are refused at the next file sent;
+        - retention: open replicas take the new keep_points* and prune now (turning the
+          journal on or off, keep_points = 0, waits for a restart);
+        - archives: the scheduler takes the new list, schedules and limit;
+        - metrics_listen, status_listen: served on the new address (the old one stays if that
+          fails);
+        - timeouts and connection limits: from their next use;
+        - listen, data_dir, tls, max_frame: logged as needing a restart; the running value stays.
+        """
+        async with self._reload_lock:
+            log.info("reloading %s (SIGHUP)", self.cfg.path)
+            try:
+                new = await asyncio.to_thread(load_receiver, self.cfg.path)
+            except CdpError as exc:
+                log.error("config reload failed, still running with the previous config: %s", exc)
+                return
+            plan = reload_receiver(self.cfg, new)
+            for line in plan.applied:
+                log.info("config reload: %s", line)
+            for line in plan.restart:
+                log.warning("config reload: %s: needs a restart; the running value stays", line)
+            if not plan.applied and not plan.restart:
+                log.info("config reload: nothing changed")
+            old, self.cfg = self.cfg, plan.cfg
+            await self._apply_clients(set(plan.dropped))
+            await self._apply_retention()
+            if self.archiver is not None:
+                self.archiver.configure(self.cfg)
+            self._start_archives()
+            self.cfg = await self._move_listeners(old, self.cfg)
+            await asyncio.to_thread(self._write_status)
+
+    async def _apply_clients(self, dropped: set[str]) -> None:
+        """Connections of removed clients and rotated tokens end; volumes taken away stop (an
+        Open taken but not handled yet is refused when handled: see _Conn.serve)."""
+        for conn in list(self._by_id.values()):
+            s = conn.session
+            if s.state is not State.READY:
+                continue  # not authenticated yet: Auth looks the client up in the new config
+            c = self.cfg.client(s.client)
+            if c is None or s.client in dropped:
+                why = (f"client {s.client} was removed from the receiver config" if c is None
+                       else f"the token of client {s.client} changed; connect with the new one")
+                log.warning("closing the connection of client=%s peer=%s: %s", s.client,
+                            conn.link.peer, why)
+                conn.fence(why, code="auth")
+                continue
+            s.allowed = c.volumes
+            async with conn.turn:  # between two messages: none is half handled
+                for vol in sorted((conn.volumes | set(s.volumes)) - set(c.volumes)):
+                    with contextlib.suppress(CdpError):
+                        await conn.volume_failed(
+                            vol, "unauthorized", f"client {s.client!r} may no longer write "
+                            f"volume {vol!r} (removed from its volumes in the receiver config)")
+
+    async def _apply_retention(self) -> None:
+        """Open replicas take their new retention and drop what it no longer keeps."""
+        for vol, rep in list(self.replicas.items()):
+            want, have = self.retention(vol), rep.journal.retention
+            if want == have:
+                continue
+            if want.enabled != have.enabled:
+                log.warning("config reload: volume %s: keep_points 0 turns its journal %s: needs "
+                            "a restart; the running retention stays", vol,
+                            "on" if want.enabled else "off")
+                continue
+            rep.journal.retention = want
+            try:
+                await asyncio.to_thread(rep.journal.prune)
+            except (OSError, ValueError) as exc:
+                log.warning("volume %s: pruning after the reload failed (%s); it is retried "
+                            "after the next epoch", vol, exc)
+
+    async def _move_listeners(self, old: ReceiverConfig, cfg: ReceiverConfig) -> ReceiverConfig:
+        """Serve metrics and the status page where `cfg` says; returns the config in force
+        (with the old address where the new one could not be served)."""
+        for key, endpoint in (("metrics_listen", self.metrics), ("status_listen", self.page)):
+            was, now = getattr(old, key), getattr(cfg, key)
+            if was == now:
+                continue
+            try:
+                await endpoint.move(now)
+            except CdpError as exc:
+                log.error("config reload: %s: %s; still served as before", key, exc)
+                cfg = dataclasses.replace(cfg, **{key: was})
+        return cfg
 
     # -- status --------------------------------------------------------------
 
@@ -460,7 +579,8 @@ class Receiver:
                             "running with the same name)", conn.session.client, msg.volume,
                             takeover.link.peer, conn.link.peer)
                 self.metrics.takeovers.inc()
-                await conn.await_fence(takeover, f"superseded by {conn.link.peer}")
+                await conn.await_fence(takeover, f"superseded by a newer connection of "
+                                       f"client {conn.session.client} from {conn.link.peer}")
             else:
                 # epochs sealed by an earlier connection (or this one, before a volume error)
                 # are still applying: the replica's epoch is not final until they land
@@ -513,6 +633,7 @@ class _Conn:
         self.pending = pending  # counted by the receiver as unauthenticated until Auth
         self.turn = asyncio.Lock()  # held while one message is handled
         self.fenced = asyncio.Event()  # superseded by a newer connection of the same client
+        self.fence_reason = ""
         self._fencing: asyncio.Task[None] | None = None
 
     async def settle(self, volume: str, before: int | None = None) -> None:
@@ -547,17 +668,19 @@ class _Conn:
     async def work(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.rx.work(self.session.client, fn, *args)
 
-    def fence(self, why: str) -> asyncio.Task[None]:
-        """Supersede this connection (a session takeover); the task ends once it holds nothing:
-        closed, its unsealed epochs discarded, its sealed ones applied, its volumes released."""
+    def fence(self, why: str, code: str = "superseded") -> asyncio.Task[None]:
+        """End this connection from outside (a session takeover; a reload that removed its
+        client or changed its token); the task ends once it holds nothing: closed, its
+        unsealed epochs discarded, its sealed ones applied, its volumes released."""
         if self._fencing is None:
-            self._fencing = asyncio.create_task(self._fence(why))
+            self.fence_reason = why
+            self._fencing = asyncio.create_task(self._fence(why, code))
         return self._fencing
 
-    async def _fence(self, why: str) -> None:
+    async def _fence(self, why: str, code: str) -> None:
         self.fenced.set()
         with contextlib.suppress(asyncio.TimeoutError, CdpError, OSError):
-            await asyncio.wait_for(self.link.send(Error("superseded", why, "")), 1)
+            await asyncio.wait_for(self.link.send(Error(code, why, "")), 1)
         self.link.abort()  # a send or read in progress fails at once
         async with self.turn:  # the message being handled finishes (e.g. a seal in a thread)
             self.drop_writers()
@@ -588,10 +711,23 @@ class _Conn:
             for msg, size in self.session.events():
                 async with self.turn:
                     if self.fenced.is_set():
-                        raise TransportError(f"{self.link.peer}: superseded by a newer connection "
-                                             f"of client {self.session.client}")
+                        raise TransportError(f"{self.link.peer}: {self.fence_reason}")
+                    if self._stale(msg):
+                        continue
+                    if isinstance(msg, Open) and msg.volume not in self.session.allowed:
+                        msg = VolumeError(  # a reload took it away after the Open was taken
+                            f"client {self.session.client!r} may not write volume {msg.volume!r} "
+                            "(add it to the client's volumes in the receiver config)",
+                            code="unauthorized", volume=msg.volume)
                     if await self._handle_event(msg, size):
                         return
+
+    def _stale(self, msg: Message | VolumeError) -> bool:
+        """A message taken before its volume was stopped (an error, a reload) and handled after:
+        dropped, like the session drops the frames that follow it."""
+        vol = getattr(msg, "volume", None)
+        return (isinstance(vol, str) and vol in self.session.failed
+                and not isinstance(msg, Open | Error))
 
     async def _handle_event(self, msg: Message | VolumeError, size: int) -> bool:
         """One message; True when the connection should end."""
@@ -716,6 +852,14 @@ class _Conn:
 
     async def file_message(self, msg: FileOpen | FilePut | FileDelete) -> None:
         """File sets: answer with the manifest, or store a version durably, then FileAck."""
+        if not isinstance(msg, FileOpen) and msg.fileset not in self.rx._filesets(
+                self.session.client):  # a reload took it away: the set closes (no path)
+            why = (f"client {self.session.client!r} may no longer write file set {msg.fileset!r} "
+                   "(removed from its filesets in the receiver config)")
+            log.error("file set stopped client=%s fileset=%s: %s", self.session.client,
+                      msg.fileset, why)
+            await self.link.send(FileError(msg.fileset, "", "unauthorized", why))
+            return
         store = self.rx.files.open(msg.fileset)
         if isinstance(msg, FileOpen):
             live = [v for v in (await self.work(store.latest)).values() if not v.deleted]
@@ -856,13 +1000,14 @@ class _Conn:
 
 
 def run_receiver(cfg: ReceiverConfig) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+    """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code."""
 
     async def main() -> None:
         rx = Receiver(cfg)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, rx.stop)
+        loop.add_signal_handler(signal.SIGHUP, rx.reload)
         await rx.run()
 
     asyncio.run(main())

@@ -49,6 +49,28 @@ class StatusPage:
         await self.http.start(*listen)
         self._task = asyncio.create_task(self._sample_loop())
 
+    async def move(self, listen: tuple[str, int] | None) -> None:
+        """Serve on `listen` instead (None: stop serving); the old endpoint stays if the new
+        one cannot be served (CdpError). The samples are kept."""
+        old = self.http
+        if listen is not None:
+            self.http = HttpEndpoint("status page", {"/": self.page, "/index.html": self.page,
+                                                     "/status.json": self.json})
+            try:
+                await self.http.start(*listen)
+            except BaseException:
+                self.http = old
+                raise
+            if self._task is None:
+                self._task = asyncio.create_task(self._sample_loop())
+        else:
+            self.http = None
+            if self._task is not None:
+                self._task.cancel()
+                self._task = None
+        if old is not None:
+            await old.close()
+
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -55,6 +55,15 @@ class ArchiveScheduler:
         self.queue: collections.deque[str] = collections.deque()
         self.running: set[str] = set()
 
+    def configure(self, cfg: ReceiverConfig) -> None:
+        """A reloaded config: new archives, schedules and limit from the next tick; a run in
+        progress finishes with the config it started with; removed archives leave the queue."""
+        self.cfg = cfg
+        self.limit = cfg.max_concurrent_archives
+        names = {a.name for a in cfg.archives}
+        self.queue = collections.deque(n for n in self.queue if n in names)
+        self.tick(time.time())
+
     async def run(self) -> None:
         while True:
             self.tick(time.time())
