@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from cdp.errors import ConfigError
+from cdp.errors import ConfigError, WrongConfigError
 from cdp.ratelimit import ALL_DAYS, INHERIT, Window, format_rate, parse_days, parse_hours, parse_rate
 from cdp.units import format_bytes, parse_duration, parse_hostport, parse_size
 
@@ -307,7 +307,25 @@ def _load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+SOURCE_TABLES = frozenset({"source", "volume", "fileset"})
+RECEIVER_TABLES = frozenset({"receiver", "archive"})
+
+
+def config_kind(data: dict[str, Any]) -> str | None:
+    """"source" or "receiver" from a config's top-level tables; None if they do not tell."""
+    keys = set(data)
+    if keys & RECEIVER_TABLES and not keys & SOURCE_TABLES:
+        return "receiver"
+    if keys & SOURCE_TABLES and not keys & RECEIVER_TABLES:
+        return "source"
+    return None
+
+
 def _top(path: Path, data: dict[str, Any], allowed: set[str]) -> None:
+    wanted = "receiver" if "receiver" in allowed else "source"
+    found = config_kind(data)
+    if found is not None and found != wanted:  # before the tables: "unknown table" misleads
+        raise WrongConfigError(path, found, wanted)
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{path}: [{unknown[0]}]: unknown table (expected {', '.join(sorted(allowed))})")

@@ -22,6 +22,15 @@ class ConfigError(CdpError):
     wire_code = "config"
 
 
+class WrongConfigError(ConfigError):
+    """The config file is the other side's: a receiver's where a source's is needed, or the reverse."""
+
+    def __init__(self, path: object, found: str, wanted: str) -> None:
+        super().__init__(f"{path}: this is a {found} config; this command needs the {wanted}'s "
+                         f"(e.g. {wanted}.toml)")
+        self.path, self.found, self.wanted = path, found, wanted
+
+
 class UsageError(CdpError):
     """The command line asks for something that cannot be done as written."""
 

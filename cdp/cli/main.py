@@ -6,12 +6,13 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from cdp import __version__
 from cdp.cli import logs
-from cdp.errors import CdpError, ConfigError
+from cdp.errors import CdpError, ConfigError, WrongConfigError
 
 log = logging.getLogger("cdp")
 
@@ -102,12 +103,25 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(args.log_level or ("info" if daemon else "warning"), args.log_format)
     try:
         return _run(args)
+    except WrongConfigError as exc:  # say which config this command needs, by its name
+        print(f"cdp {args.verb}: {exc.path}: this is a {exc.found} config; `{_command(args)}` "
+              f"needs the {exc.wanted}'s (e.g. {exc.wanted}.toml)", file=sys.stderr)
+        return exc.exit_code
     except CdpError as exc:
         log.debug("error", exc_info=True)
         print(f"cdp {args.verb}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command as typed, without its arguments: "cdp failover test", "cdp verify --replica"."""
+    words = ["cdp", args.verb]
+    words += [w for k in ("action", "archive_verb") if isinstance(w := getattr(args, k, None), str)]
+    if getattr(args, "replica", False) is True:
+        words.append("--replica")
+    return " ".join(words)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -223,5 +237,30 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if all(r.equal for r in results) else 1
 
 
+def _stdout_is_devnull() -> bool:
+    try:
+        st, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return (st.st_dev, st.st_ino) == (null.st_dev, null.st_ino)
+
+
 def entry() -> None:
-    sys.exit(main())
+    """The console script. A reader that closed the pipe (`cdp ... | head`) ends the command
+    quietly with 141 (128 + SIGPIPE, as a shell reports `yes | head`), never a traceback."""
+    devnull_before = _stdout_is_devnull()
+    try:
+        try:
+            code: int | str | None = main()
+        except SystemExit as exc:  # usage errors (argparse); rich on a closed pipe
+            code = exc.code
+            if code == 1 and not devnull_before and _stdout_is_devnull():
+                code = 141  # rich's own broken-pipe handling: stdout to devnull, exit 1
+        sys.stdout.flush()  # inside the try: what is still buffered may hit the closed pipe
+    except BrokenPipeError:
+        # the Python docs' recipe: stdout goes nowhere from now on, so the interpreter's own
+        # flush at exit cannot fail (and print "Exception ignored ...") again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
+    sys.exit(code)

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from cdp.config import config_kind as detect_kind
 from cdp.config import load_receiver, load_source
 from cdp.durable import read_json
 from cdp.errors import ConfigError
@@ -22,11 +23,11 @@ def config_kind(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    if "receiver" in data:
-        return "receiver"
-    if "source" in data:
-        return "source"
-    raise ConfigError(f"{path}: neither a [receiver] nor a [source] config")
+    kind = detect_kind(data)
+    if kind is None:
+        raise ConfigError(f"{path}: neither a receiver config ([receiver], [[archive]]) nor a "
+                          "source config ([source], [[volume]], [[fileset]])")
+    return kind
 
 
 def collect(path: Path) -> dict[str, Any]:
