@@ -102,6 +102,10 @@ class TransportError(CdpError):
     wire_code = "transport"
 
 
+class PeerClosed(TransportError):
+    """The peer closed the connection between frames (end of stream, no reset)."""
+
+
 class ArchiveError(CdpError):
     """An archive job could not do what was asked (I/O, a locked or damaged repository)."""
 

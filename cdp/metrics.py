@@ -36,7 +36,7 @@ Response = tuple[int, str, bytes]  # status, content type, body
 Route = Callable[[str], Response | Awaitable[Response]]  # called with the query string
 
 RECEIVER_BYTES = ("logical", "data", "compressed", "dedup", "zero", "wire")
-SOURCE_BYTES = ("scanned", "changed", "logical", "data", "compressed", "zero", "dedup", "wire")
+SOURCE_BYTES = ("scanned", "skipped", "logical", "data", "compressed", "zero", "dedup", "wire")
 NBD_GAUGES = ("open_bytes", "backlog_bytes", "backlog_epochs", "dirty_regions", "hot_regions",
               "touched_blocks")
 NBD_COUNTERS = ("cuts", "merged", "fallbacks", "resyncs", "writes", "map_syncs")
@@ -248,7 +248,8 @@ class _Base:
         self.errors = Counter(f"{prefix}_errors", "Errors by kind (wire error code, 'protocol', "
                               "'auth', 'transport', 'internal', 'refused')", ["kind"],
                               registry=self.registry)
-        self.connections = Counter(f"{prefix}_connections", "Connections established",
+        self.connections = Counter(f"{prefix}_connections", "Connections established and "
+                                   "authenticated",
                                    registry=self.registry)
         self.registry.register(_Families(self.families))
         self.http: HttpEndpoint | None = None
@@ -379,6 +380,14 @@ class SourceMetrics(_Base):
         self.connected = Gauge("cdp_source_connected", "1 while connected to the receiver",
                                registry=self.registry)
         self.connected.set_function(lambda: 1 if src.connected else 0)
+        self.failing_since = Gauge("cdp_source_connection_failing_since_timestamp_seconds",
+                                   "When the current run of failed or lost connections to the "
+                                   "receiver began; 0 while connected", registry=self.registry)
+        self.failing_since.set_function(lambda: 0 if src.connected else src.link_error_since)
+        self.next_connect = Gauge("cdp_source_next_connect_timestamp_seconds", "When the next "
+                                  "connection attempt is due; 0 while connected",
+                                  registry=self.registry)
+        self.next_connect.set_function(lambda: 0 if src.connected else src.next_connect)
 
     def disconnected(self, err: BaseException) -> None:
         """Count why a connection ended (see Source._log_disconnect)."""
@@ -407,8 +416,12 @@ class SourceMetrics(_Base):
             "lag": _gauge("cdp_source_lag_seconds", "RPO: age of the newest state the replica "
                           "is known to hold", ["volume"]),
             "bytes": _counter("cdp_source_bytes", "Bytes this run, by kind: scanned (read to "
-                              "find changes), changed, logical, data, compressed, zero, dedup, "
-                              "wire", ["volume", "kind"]),
+                              "find changes), skipped (holes, known zero without reading), "
+                              "logical (of the blocks that changed), data (sent as data), "
+                              "compressed (their zstd size), zero, dedup (sent as references), "
+                              "wire (frames sent for the volume)", ["volume", "kind"]),
+            "changed": _counter("cdp_source_blocks_changed", "Blocks found changed and sent "
+                                "this run (data, zero or reference)", ["volume"]),
             "scans": _counter("cdp_source_scans", "Scans (or resyncs) started", ["volume"]),
             "needs": _counter("cdp_source_needs", "Epochs re-sent because a reference could not "
                               "be resolved", ["volume"]),
@@ -442,6 +455,7 @@ class SourceMetrics(_Base):
                 f["lag"].add_metric([n], max(0.0, now - st["current_as_of"]))
             for kind in SOURCE_BYTES:
                 f["bytes"].add_metric([n, kind], st["stats"].get(kind, 0))
+            f["changed"].add_metric([n], st["stats"].get("changed", 0))
             f["scans"].add_metric([n], st["stats"].get("scans", 0))
             f["needs"].add_metric([n], st["stats"].get("needs", 0))
             f["rate"].add_metric([n], st["rate"])

@@ -32,6 +32,7 @@ from cdp.errors import (
     AuthError,
     CdpError,
     ListenError,
+    PeerClosed,
     ProtocolError,
     ReplicaError,
     TransportError,
@@ -427,7 +428,6 @@ class Receiver:
                                        "yet (max_unauthenticated)", ip)
             return
         self._conns.add(task)
-        self.metrics.connections.inc()
         pending = _Pending(ip, time.monotonic(), writer)
         self._admit(pending)
         try:
@@ -462,7 +462,10 @@ class Receiver:
                         session.client or "?", exc)
             await conn.say(Error(exc.wire_code, str(exc), ""))
         except TransportError as exc:
-            self.metrics.error(exc.wire_code)
+            # a peer that closes between frames holding nothing to write (`cdp verify`, a port
+            # probe) ended normally; a writer gone without Bye, a timeout or a reset did not
+            if not (isinstance(exc, PeerClosed) and not conn.volumes and not conn.writers):
+                self.metrics.error(exc.wire_code)
             log.info("connection ended peer=%s client=%s: %s", link.peer, session.client or "?",
                      exc)
         except Exception:
@@ -793,6 +796,7 @@ class _Conn:
             log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
             await self.link.send_raw(s.welcome())
             self.rx._authenticated(self.pending)
+            self.rx.metrics.connections.inc()  # sessions: not port probes or strangers
         elif isinstance(msg, Ping):
             await self.link.send(Pong(msg.nonce))
         elif isinstance(msg, Open):

@@ -18,7 +18,7 @@ import termios
 import time
 
 from cdp.config import TlsClient, TlsServer
-from cdp.errors import ConfigError, TransportError
+from cdp.errors import ConfigError, PeerClosed, TransportError
 from cdp.messages import Message
 from cdp.protocol import _Session
 
@@ -128,7 +128,7 @@ class Link:
         except (ConnectionError, OSError) as exc:
             raise TransportError(f"connection to {self.peer} lost: {exc}") from None
         if not data:
-            raise TransportError(f"{self.peer} closed the connection")
+            raise PeerClosed(f"{self.peer} closed the connection")
         self.received_at = time.monotonic()
         self.session.feed(data)
 

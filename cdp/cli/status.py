@@ -63,9 +63,15 @@ def collect(path: Path) -> dict[str, Any]:
     for v in data.get("volumes", []):
         if v.get("current_as_of"):
             v["lag"] = now - v["current_as_of"]
-    return {"kind": "source", "running": running, "connected": running and data.get("connected"),
+    connected = bool(running and data.get("connected"))
+    failing = running and not connected and bool(data.get("link_error"))
+    return {"kind": "source", "running": running, "connected": connected,
             "rate_limit": data.get("rate_limit"), "read_limit": data.get("read_limit"),
-            "window": data.get("window"), "volumes": data.get("volumes", [])}
+            "window": data.get("window"), "volumes": data.get("volumes", []),
+            # why the source is not connected, since when, and when it tries again
+            "link_error": data.get("link_error", "") if failing else "",
+            "link_error_since": data.get("link_error_since") if failing else None,
+            "next_connect": data.get("next_connect") if failing else None}
 
 
 def _window(vol_dir: Path, now: float) -> dict[str, Any]:
@@ -83,6 +89,26 @@ def _window(vol_dir: Path, now: float) -> dict[str, Any]:
             "window": (now - oldest.time) if oldest and oldest.time else None,
             "journal_bytes": sum(p.size for p in pts),
             "promoted": (vol_dir / "promoted.json").exists()}
+
+
+def _not_connected(report: dict[str, Any], now: float | None = None) -> str:
+    """"not connected since 10:02:03 (2m 5s): <error>; next attempt in 1.5s"."""
+    now = time.time() if now is None else now
+    since, nxt = report.get("link_error_since"), report.get("next_connect")
+    text = "not connected"
+    if since:
+        text += (f" since {time.strftime('%H:%M:%S', time.localtime(since))} "
+                 f"({_ago(now - since)})")
+    text += f": {report['link_error']}"
+    if nxt:
+        text += f"; next attempt in {nxt - now:.1f}s" if nxt > now else "; trying again now"
+    return text
+
+
+def _ago(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 else (
+        f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s")
 
 
 def _cap(rate: float | None) -> str:
@@ -131,6 +157,8 @@ def render(report: dict[str, Any]) -> None:
         if report.get("window"):
             caps.append(f"window {report['window']}")
         t.caption = "limits: " + ", ".join(caps)
+        if report.get("link_error"):
+            t.caption = f"{safe(_not_connected(report))}\n{t.caption}"
         for col in ("volume", "phase", "acked epoch", "pending", "lag (RPO)", "progress", "sent",
                     "rate", "cap", "error"):
             t.add_column(col)
@@ -150,7 +178,8 @@ def render(report: dict[str, Any]) -> None:
             t.add_row(v["volume"], phase,
                       str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
                       _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
-                      safe(v["error"] or ""))
+                      safe(v["error"] or (f"not connected: {report['link_error']}"
+                                          if report.get("link_error") else "")))
     arch = report.get("archives") or {}
     if arch.get("archives") or arch.get("queue") or arch.get("running"):
         runs = [f"{n} {time.strftime('%m-%d %H:%M', time.localtime(a['last_run']))} "

@@ -101,6 +101,9 @@ class Source:
         self.remote_errors: dict[str, RemoteError] = {}
         self._stop = asyncio.Event()
         self.connected = False
+        self.link_error = ""  # why the last connection failed or ended ("" while connected)
+        self.link_error_since = 0.0  # when the current run of failed connections began
+        self.next_connect = 0.0  # when the next attempt is due (0 while connected)
         self.link: Link | None = None
         self.pings = True  # False once an older receiver refused a Ping
         self.net = TokenBucket(None)  # frames sent, all volumes together
@@ -256,6 +259,8 @@ class Source:
                 if self._stop.is_set():
                     break
                 delay = backoff.next()
+                self.next_connect = time.time() + delay
+                self._write_status()  # `cdp status` shows why, since when, and the next try
                 log.info("reconnecting in %.1fs", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
@@ -280,6 +285,8 @@ class Source:
 
     def _log_disconnect(self, err: BaseException) -> None:
         self.metrics.disconnected(err)
+        self.link_error = str(err) or type(err).__name__
+        self.link_error_since = self.link_error_since or time.time()
         if isinstance(err, RemoteError) and f"unknown message type {Ping.TYPE}" in err.remote_message:
             self.pings = False  # mixed versions while upgrading: go on without Ping
             log.warning("the receiver does not know Ping (an older cdp): from now on a dead link "
@@ -304,6 +311,7 @@ class Source:
         link = await connect(self.cfg)
         self.link = link
         self.connected = True
+        self.link_error, self.link_error_since, self.next_connect = "", 0.0, 0.0
         self.metrics.connections.inc()
         backoff.reset()
         log.info("connected to receiver %s", link.peer)
@@ -451,6 +459,8 @@ class Source:
             vs.confirmed_at = time.time()
             vs.seeded = True
             self._spawn(self._send_current(link, vs))
+        if not vs.pending and vs.seeded and vs.phase == "sending":
+            vs.phase = "idle"  # all acknowledged: not "sending" until the next scan
         if not vs.pending and time.time() - vs.saved_at > SAVE_EVERY:
             vs.saved_at = time.time()  # one save at a time
             self._spawn(asyncio.to_thread(self._save, vs))
@@ -639,9 +649,16 @@ class Source:
         t0 = time.monotonic()
         chunk = _paced(SCAN_CHUNK, self.reads.rate, vs.geo.block_size)
 
-        def produce(builder: EpochBuilder, progress: Callable[[int], None],
+        skipped = 0  # bytes of holes: zero without being read
+
+        def produce(builder: EpochBuilder, progress: Callable[..., None],
                     cancelled: Callable[[], bool]) -> None:
             assert vs.geo is not None and vs.smap is not None
+
+            def hole(n: int) -> None:
+                nonlocal skipped
+                skipped += n
+                progress(n, read=False)
 
             def throttle(n: int) -> None:
                 take_blocking(self.reads, n, cancelled)
@@ -652,7 +669,7 @@ class Source:
                 raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
             try:
                 for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                              cancelled=cancelled, throttle=throttle):
+                                              cancelled=cancelled, throttle=throttle, holes=hole):
                     builder.add(block, h, content)
             finally:
                 os.close(fd)
@@ -665,8 +682,8 @@ class Source:
             vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
             dt = time.monotonic() - t0
             log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 else logging.DEBUG,
-                    "volume=%s scan done in %.1fs (%s read)", vs.name, dt,
-                    format_bytes(vs.progress[0]))
+                    "volume=%s scan done in %.1fs (%s read, %s of holes skipped)", vs.name, dt,
+                    format_bytes(vs.progress[0] - skipped), format_bytes(skipped))
 
     async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
                      split: bool = True, total: int | None = None,
@@ -710,11 +727,12 @@ class Source:
                                    level=self.cfg.compress_level)
             done = 0
 
-            def progress(n: int) -> None:
+            def progress(n: int, read: bool = True) -> None:
+                """`n` more bytes covered: read, or known without reading (holes)."""
                 nonlocal done
                 done += n
                 vs.progress = (done, vs.progress[1])
-                vs.stats["scanned"] += n
+                vs.stats["scanned" if read else "skipped"] += n
 
             produce(builder, progress, cancel.is_set)
             builder.commit()
@@ -811,6 +829,8 @@ class Source:
         with contextlib.suppress(OSError):
             atomic_write_json(self.cfg.state_dir / "status.json", {
                 "source": self.cfg.name, "connected": self.connected, "pid": os.getpid(),
+                "link_error": self.link_error, "link_error_since": self.link_error_since,
+                "next_connect": self.next_connect,
                 "updated": time.time(), "rate_limit": self.net.rate, "read_limit": self.reads.rate,
                 "window": self.caps.window if self.caps else None,
                 "volumes": [vs.status() for vs in self.volumes.values()],

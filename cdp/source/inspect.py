@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from functools import partial
 
 from cdp.blocks import Geometry
 from cdp.config import SourceConfig
-from cdp.errors import RemoteError
-from cdp.messages import Error, Message, Open, Opened
+from cdp.errors import CdpError, RemoteError
+from cdp.messages import Bye, Error, Message, Open, Opened
 from cdp.source.connect import connect, fetch_hashes
 from cdp.transport import Link
 
@@ -42,5 +44,7 @@ async def replica_hashes(cfg: SourceConfig, volumes: dict[str, Geometry],
             blob = await fetch_hashes(link, name, geo.blocks, rehash, partial(_hashes, name))
             out[name] = (msg.epoch, bytes(blob))
     finally:
+        with contextlib.suppress(CdpError, TimeoutError):  # a clean end, not a lost connection
+            await asyncio.wait_for(link.send(Bye("verify done")), 5)
         await link.close()
     return out

@@ -99,9 +99,9 @@ class VolumeState:
         self.acked = 0
         self.pending: dict[int, Pending] = {}
         self.lock = threading.Lock()
-        self.stats: dict[str, float] = dict.fromkeys(
-            ("scanned", "changed", "logical", "data", "compressed", "zero", "dedup", "wire",
-             "epochs", "scans", "needs"), 0)
+        self.stats: dict[str, float] = dict.fromkeys(  # bytes; changed: blocks; the rest: counts
+            ("scanned", "skipped", "changed", "logical", "data", "compressed", "zero", "dedup",
+             "wire", "epochs", "scans", "needs"), 0)
         self.phase = "starting"
         self.progress = (0, 0)
         self.current_as_of = 0.0  # source time of the newest state the replica is known to hold

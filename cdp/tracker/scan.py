@@ -50,12 +50,14 @@ def zero_map(geo: Geometry) -> bytearray:
 
 def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], None] | None = None,
          cancelled: Callable[[], bool] | None = None, chunk: int = CHUNK,
-         throttle: Callable[[int], None] | None = None) -> Iterator[Change]:
+         throttle: Callable[[int], None] | None = None,
+         holes: Callable[[int], None] | None = None) -> Iterator[Change]:
     """Yield (block, hash, content) for every block whose hash differs from smap.
 
     `content` is a view into a reused buffer, valid until the next yield; the
     caller copies what it keeps. smap is read, never written. progress(n) is
-    called with bytes covered; cancelled() is checked between chunks.
+    called with bytes read, holes(n) with bytes of holes covered without reading
+    (progress(n) when holes is None); cancelled() is checked between chunks.
     """
     size = os.fstat(fd).st_size if stat.S_ISREG(os.fstat(fd).st_mode) else geo.size
     if size != geo.size:
@@ -71,8 +73,8 @@ def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], N
     for first, count in [*block_spans(data_extents(fd, geo.size), geo), (geo.blocks, 0)]:
         if first > pos:  # a hole: zero blocks, known without reading
             yield from _holes(geo, smv, pos, first, zfull)
-            if progress:
-                progress(min(geo.size, first * bs) - pos * bs)
+            if holes or progress:
+                (holes or progress)(min(geo.size, first * bs) - pos * bs)  # type: ignore[misc]
         if not (yield from _read_span(fd, geo, smv, view, first, first + count, progress=progress,
                                       cancelled=cancelled, throttle=throttle)):
             return
