@@ -154,7 +154,7 @@ class Source:
         self._background.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("config reload failed (internal error), still running with the previous "
-                      "config: %r", exc, exc_info=exc)
+                      "config: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
     async def _reload(self) -> None:
         async with self._reload_lock:
