@@ -1,4 +1,4 @@
-"""`cdp failback prepare|run`: after a promote, ship back only what differs."""
+"""`cdp failback prepare|run|finish`: after a promote, ship back only what differs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def register(sub: Any) -> None:
         "`cdp failback prepare` turns the original image into a replica (hash map computed "
         "by reading it) and writes DIR/receiver.toml; start `cdp receiver -c "
         "DIR/receiver.toml`. On the DR site: `cdp failback run` scans the promoted image and "
-        "sends only the blocks whose hash differs; it stops once they are all applied.")
+        "sends only the blocks whose hash differs; it stops once they are all applied. Then, "
+        "the DR machine stopped, `cdp failback finish` makes the promoted image a replica "
+        "again.")
     fsub = f.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     p = fsub.add_parser("prepare", help="original site: serve the original image as a replica")
@@ -56,9 +58,14 @@ def register(sub: Any) -> None:
         description="Recomputes the replica's hash map from the image, gives it a new replica "
         "id (the source then fetches the map and sends only what differs) and renames "
         "promoted.json to promoted-<time>.json. Run it once the DR machine is shut down and "
-        "before the original site's source starts again.")
+        "before the original site's source starts again. Refused (exit 1) unless a "
+        "`cdp failback run` of this promote completed and the image has not changed since: "
+        "the original site's source would otherwise overwrite the DR side's writes.")
     f2.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml (DR site)")
     f2.add_argument("volume")
+    f2.add_argument("--discard-dr-writes", action="store_true",
+                    help="finish even though the original site lacks writes made on the DR "
+                    "side (no completed run, or the image changed since): they are lost")
     f2.add_argument("--json", action="store_true")
     f2.set_defaults(run=run_finish)
 
@@ -88,8 +95,12 @@ def run_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
+        resent = rep["block_sends"] - rep["blocks_sent"]
         print(f"failback of {rep['volume']} done in {rep['seconds']:.1f}s: {rep['blocks_sent']} "
-              f"of {rep['blocks']} blocks sent, {format_bytes(rep['bytes_sent'])} on the wire")
+              f"of {rep['blocks']} blocks sent, {format_bytes(rep['bytes_sent'])} on the wire"
+              + (f" ({resent} more sent again after reconnects)" if resent > 0 else ""))
+        for name in rep["removed_leftovers"]:
+            print(f"removed {name}, left by a failback run that was killed")
         print("the original image now matches the promoted one; stop the failback receiver")
     return 0
 
@@ -98,10 +109,14 @@ def run_finish(args: argparse.Namespace) -> int:
     from cdp.config import load_receiver
     from cdp.drills.failback import finish
 
-    rep = finish(load_receiver(args.config).data_dir, args.volume)
+    rep = finish(load_receiver(args.config).data_dir, args.volume,
+                 discard_dr_writes=args.discard_dr_writes)
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
+        if rep["discarded_dr_writes"]:
+            print("the original site lacks DR writes: they are discarded as asked "
+                  "(--discard-dr-writes)")
         print(f"volume {rep['volume']} is a replica again at epoch {rep['epoch']} (new replica "
               f"id {rep['replica_id']}); start the original site's source: it sends only what "
               "differs")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cdp.cli.points import fmt_age, fmt_time, volume_dir
+from cdp.cli.points import fmt_age, fmt_time, promoted, promoted_line, volume_dir
 from cdp.config import load_receiver
 from cdp.errors import UsageError
 
@@ -63,7 +63,9 @@ def run_test(args: argparse.Namespace) -> int:
     from cdp.drills.drill import parse_at, run_drill
 
     cfg = load_receiver(args.config)
-    volume_dir(cfg.data_dir, args.volume)
+    if (rec := promoted(volume_dir(cfg.data_dir, args.volume))) is not None:
+        raise UsageError(f"{promoted_line(args.volume, rec)}; there is no point to drill (check "
+                         "the live disk directly)")
     if args.check_timeout <= 0:
         raise UsageError("--check-timeout must be more than 0")
     at = parse_at(args.at) if args.at else None

@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from cdp.config import load_receiver, valid_name
+from cdp.durable import read_json
 from cdp.errors import UsageError
-from cdp.replica.journal import list_points, remove_label, resolve_point
+from cdp.replica.journal import generation, list_points, remove_label, resolve_point
+from cdp.replica.store import PROMOTED
 from cdp.units import format_bytes
 
 
@@ -52,8 +54,20 @@ def fmt_age(seconds: float) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
+def promoted(vol_dir: Path) -> dict[str, Any] | None:
+    """promoted.json of a replica folder (state "promoting" or "promoted"), None if absent."""
+    try:
+        rec = read_json(vol_dir / PROMOTED)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"state": "unreadable"}
+    return rec if isinstance(rec, dict) else {"state": "unreadable"}
+
+
 def collect(data_dir: Path, volume: str) -> dict[str, Any]:
-    points = list_points(volume_dir(data_dir, volume))
+    vol_dir = volume_dir(data_dir, volume)
+    points = list_points(vol_dir)
     now = time.time()
     rows = [{"epoch": p.epoch, "time": p.time, "until": max(p.time, p.until),
              "age": now - p.time if p.time else None,
@@ -61,7 +75,20 @@ def collect(data_dir: Path, volume: str) -> dict[str, Any]:
              "current": p.current} for p in points]
     return {"volume": volume, "data_dir": str(data_dir), "count": len(rows),
             "journal_bytes": sum(p.size for p in points),
-            "oldest": rows[0] if rows else None, "points": rows}
+            "oldest": rows[0] if rows else None, "points": rows,
+            "generation": generation(vol_dir), "promoted": promoted(vol_dir)}
+
+
+def promoted_line(volume: str, rec: dict[str, Any]) -> str:
+    if rec.get("state") == "promoted":
+        return (f"volume {volume} was PROMOTED at epoch {rec.get('epoch')} "
+                f"({fmt_time(float(rec.get('promoted_at') or 0))}): its image is a live disk "
+                "now, not a replica; it has no recovery points and takes no epochs until "
+                "`cdp failback finish`")
+    if rec.get("state") == "promoting":
+        return (f"volume {volume}: a promote was started and not finished; run `cdp failover "
+                "promote` again to finish it")
+    return f"volume {volume}: {PROMOTED} is unreadable; the receiver takes no epochs for it"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
+    if report["promoted"] is not None:
+        print(promoted_line(args.volume, report["promoted"]))
     print(f"{'epoch':>8}  {'time':19}  {'age':>8}  {'size':>10}  label")
     for p in report["points"]:
         age = fmt_age(p["age"]) if p["age"] is not None else "-"

@@ -22,32 +22,48 @@ Replication simply runs in reverse, reusing the normal paths:
    original site changed after the last epoch the DR site applied. It stops
    once the receiver acknowledged the whole scan and reports what it sent.
 
+   A completed run records in ``<data_dir>/VOL/failback.json`` which promote it
+   belongs to and a digest of the hash map of what it shipped (the source's
+   map once every epoch was acknowledged: exactly what the original image
+   holds now). A run or finish holds ``VOL/failback.lock`` (flock): one at a
+   time; each removes the work folders (``<data_dir>/.failback-VOL-*``, the
+   run's source state) that killed runs left.
+
 Every epoch is applied through the receiver's WAL, so an interrupted failback
 leaves the original image at a whole epoch; running ``run`` again finishes it.
 
-3. ``finish`` (DR site, once the original site runs again): the promoted
-   image becomes a replica again so forward replication resumes without a
-   reseed: its hash map is recomputed from the image, it gets a new replica id
-   (so the source fetches that map and sends only what differs) and
-   promoted.json is kept as ``promoted-<time>.json``.
+3. ``finish`` (DR site, the DR machine stopped, before the original site's
+   source starts): the promoted image becomes a replica again so forward
+   replication resumes without a reseed: its hash map is recomputed from the
+   image, it gets a new replica id (so the source fetches that map and sends
+   only what differs) and promoted.json is kept as ``promoted-<time>.json``.
+   It refuses unless a run of this promote completed and the image still
+   hashes as what that run shipped: otherwise the original site lacks DR
+   writes that its source would then overwrite (``discard_dr_writes`` accepts
+   that loss).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import xxhash
+
 from cdp.blocks import Geometry
-from cdp.codec import HASH_LEN, block_hash
+from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.config import SourceConfig, VolumeConfig, load_receiver, load_source, read_token
 from cdp.durable import DIR_MODE, atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
 from cdp.errors import CdpError, DrillError, UsageError
@@ -56,7 +72,10 @@ from cdp.replica.store import PROMOTED, Replica, ReplicaState
 from cdp.tracker.scan import volume_size
 from cdp.units import parse_hostport
 
+log = logging.getLogger(__name__)
+
 CLIENT = "failback"
+WORK_PREFIX = ".failback-"  # <data_dir>/.failback-VOL-XXXXXXXX: a run's source state
 READ_CHUNK = 4 * 1024 * 1024
 STATUS_FRESH = 10.0
 
@@ -84,10 +103,12 @@ def _source_running(state_dir: Path) -> int | None:
     return pid
 
 
-def _hash_image(image: Path, geo: Geometry, out: Path) -> int:
+def _hash_image(image: Path, geo: Geometry, out: Path) -> tuple[int, str]:
     """Write the replica hash map of `image` (16 zero bytes for an all-zero block);
-    returns the number of blocks that hold data."""
+    returns the number of blocks that hold data and the map's xxh3-128 (equal maps of equal
+    images, given the canonical form of _canonical)."""
     used = 0
+    digest = xxhash.xxh3_128()
     zero = bytes(geo.block_size)
     fd = os.open(image, os.O_RDONLY)
     try:
@@ -103,6 +124,7 @@ def _hash_image(image: Path, geo: Geometry, out: Path) -> int:
                     if blk and blk != zero[:len(blk)]:
                         hashes[i * HASH_LEN:(i + 1) * HASH_LEN] = block_hash(blk)
                         used += 1
+                digest.update(hashes)
                 if any(hashes):
                     fh.seek(first * HASH_LEN)
                     fh.write(hashes)
@@ -110,7 +132,30 @@ def _hash_image(image: Path, geo: Geometry, out: Path) -> int:
             os.fsync(fh.fileno())
     finally:
         os.close(fd)
-    return used
+    return used, digest.hexdigest()
+
+
+def _canonical(hashes: bytes | bytearray, geo: Geometry) -> bytearray:
+    """A hash map with every all-zero block as 16 zero bytes (the source writes zero_hash)."""
+    out = bytearray(hashes)
+    for z in {zero_hash(geo.block_size), zero_hash(geo.length(geo.blocks - 1))}:
+        pos = out.find(z)
+        while pos >= 0:
+            if pos % HASH_LEN == 0:
+                out[pos:pos + HASH_LEN] = bytes(HASH_LEN)
+            pos = out.find(z, pos + 1)
+    return out
+
+
+def _differing(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    """How many blocks two (canonical) hash maps disagree on."""
+    n = 0
+    step = 4096 * HASH_LEN
+    for off in range(0, len(a), step):
+        if a[off:off + step] != b[off:off + step]:
+            n += sum(1 for i in range(off, min(off + step, len(a)), HASH_LEN)
+                     if a[i:i + HASH_LEN] != b[i:i + HASH_LEN])
+    return n
 
 
 def prepare(source_toml: Path, volume: str, listen: str, folder: Path, *,
@@ -141,7 +186,7 @@ def prepare(source_toml: Path, volume: str, listen: str, folder: Path, *,
     shutil.rmtree(tmp, ignore_errors=True)
     os.mkdir(tmp, DIR_MODE)
     (tmp / "image").symlink_to(image)
-    used = _hash_image(image, geo, tmp / "hashes")
+    used, _ = _hash_image(image, geo, tmp / "hashes")
     state = ReplicaState(volume, geo.size, geo.block_size, uuid.uuid4().hex, time.time(),
                          epoch=1, epoch_time=time.time())
     atomic_write_json(tmp / "state.json", asdict(state))
@@ -191,58 +236,148 @@ def promoted_record(data_dir: Path, volume: str) -> dict[str, Any]:
     return rec
 
 
+@contextlib.contextmanager
+def _exclusive(data_dir: Path, volume: str) -> Iterator[list[str]]:
+    """Hold ``VOL/failback.lock`` (no other run or finish of `volume` meanwhile) and remove the
+    work folders killed runs left; yields their names."""
+    fd = os.open(data_dir / volume / "failback.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DrillError(f"a `cdp failback run` or `finish` of {volume!r} is still going: "
+                             "wait for it to end") from None
+        prefix = f"{WORK_PREFIX}{volume}-"
+        removed = sorted(d.name for d in data_dir.glob(f"{prefix}*")
+                         if "-" not in d.name[len(prefix):] and d.is_dir())  # not VOL-x's
+        for name in removed:
+            shutil.rmtree(data_dir / name, ignore_errors=True)
+        if removed:
+            log.warning("removed %s, left by a failback run that was killed", ", ".join(removed))
+        yield removed
+    finally:
+        os.close(fd)
+
+
 def run(receiver_toml: Path, volume: str, to: str, token_file: Path, *,
         tls_ca: Path | None = None, timeout: float = 24 * 3600.0) -> dict[str, Any]:
     """Ship the promoted image of `volume` to a failback receiver until it matches."""
-    from cdp.config import TlsClient
-    from cdp.source.daemon import Source
-
     rcfg = load_receiver(receiver_toml)
     rec = promoted_record(rcfg.data_dir, volume)
-    st = read_json(rcfg.data_dir / volume / "state.json")
-    image = rcfg.data_dir / volume / "image"
     host, port = _hostport(to, "--to")
     token = read_token(token_file, receiver_toml, "--token-file")
-    work = Path(tempfile.mkdtemp(prefix=f".failback-{volume}-", dir=rcfg.data_dir))
-    vcfg = VolumeConfig(volume, image, "scan", int(st["block_size"]), scan_interval=1e9,
-                        min_scan_interval=0.0)
-    cfg = SourceConfig(receiver_toml, CLIENT, (host, port), token, work, (vcfg,),
-                       tls=TlsClient(ca=tls_ca) if tls_ca else None, reconnect_max=5.0)
-    t0 = time.time()
+    with _exclusive(rcfg.data_dir, volume) as removed:
+        work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{volume}-", dir=rcfg.data_dir))
+        try:
+            out, shipped = _run(rcfg.data_dir / volume, work, receiver_toml, token,
+                                (host, port), tls_ca, timeout)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    out.update(promoted_epoch=rec.get("epoch"), removed_leftovers=removed)
+    record = {**out, "promoted_at": rec.get("promoted_at"), "completed_at": time.time(),
+              "shipped_digest": xxhash.xxh3_128_hexdigest(bytes(shipped))}
     try:
-        out = asyncio.run(_ship(Source(cfg), volume, t0, timeout, f"{host}:{port}"))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    out.update(volume=volume, image=str(image), promoted_epoch=rec.get("epoch"),
-               seconds=round(time.time() - t0, 3))
-    with contextlib.suppress(OSError):
-        atomic_write_json(rcfg.data_dir / volume / "failback.json", out)
+        atomic_write_json(rcfg.data_dir / volume / "failback.json", record)
+    except OSError as exc:
+        raise DrillError(f"the original image now matches, but {rcfg.data_dir / volume} "
+                         f"could not record it ({exc}); `cdp failback finish` needs that "
+                         "record: fix the cause and run again (nothing is sent twice)") from None
     return out
 
 
-def finish(data_dir: Path, volume: str) -> dict[str, Any]:
-    """Turn a promoted (and failed-back) image into a replica the receiver accepts again."""
+def _run(vol_dir: Path, work: Path, receiver_toml: Path, token: bytes, to: tuple[str, int],
+         tls_ca: Path | None, timeout: float) -> tuple[dict[str, Any], bytearray]:
+    """One scan-mode source over the promoted image, until the receiver acknowledged it all;
+    returns the report and the canonical hash map of what the original image now holds."""
+    from cdp.config import TlsClient
+    from cdp.source.daemon import Source
+
+    volume = vol_dir.name
+    st = read_json(vol_dir / "state.json")
+    vcfg = VolumeConfig(volume, vol_dir / "image", "scan", int(st["block_size"]),
+                        scan_interval=1e9, min_scan_interval=0.0)
+    cfg = SourceConfig(receiver_toml, CLIENT, to, token, work, (vcfg,),
+                       tls=TlsClient(ca=tls_ca) if tls_ca else None, reconnect_max=5.0)
+    src = Source(cfg)
+    vs = src.volumes[volume]
+    first: list[bytes] = []  # the original image's map as first fetched: what it held
+
+    def adopted(smap: bytearray) -> None:
+        if not first:
+            first.append(bytes(smap))
+
+    vs.on_adopt = adopted
+    t0 = time.time()
+    out = asyncio.run(_ship(src, volume, t0, timeout, f"{to[0]}:{to[1]}"))
+    assert vs.smap is not None and vs.geo is not None and first
+    shipped = _canonical(vs.smap, vs.geo)  # every epoch acknowledged: what the original holds
+    out.update(volume=volume, image=str(vol_dir / "image"),
+               blocks_sent=_differing(_canonical(first[0], vs.geo), shipped),
+               seconds=round(time.time() - t0, 3))
+    return out, shipped
+
+
+def finish(data_dir: Path, volume: str, *, discard_dr_writes: bool = False) -> dict[str, Any]:
+    """Turn a promoted (and failed-back) image into a replica the receiver accepts again.
+
+    Refused (DrillError) unless a `run` of this promote completed and the image still hashes
+    as what it shipped, or `discard_dr_writes`: the original site's source would otherwise
+    overwrite DR writes the original does not have.
+    """
     rec = promoted_record(data_dir, volume)
+    with _exclusive(data_dir, volume):
+        return _finish(data_dir, volume, rec, discard_dr_writes)
+
+
+def _finish(data_dir: Path, volume: str, rec: dict[str, Any],
+            discard_dr_writes: bool) -> dict[str, Any]:
     vol_dir = data_dir / volume
+    try:
+        shipped = read_json(vol_dir / "failback.json")
+    except (OSError, ValueError):
+        shipped = {}
     rep = Replica.open(data_dir, volume, retention=Retention(None, None), promoting=True)
     try:
         state = rep.state
         tmp = vol_dir / "hashes.new"
-        used = _hash_image(vol_dir / "image", state.geometry, tmp)
+        used, digest = _hash_image(vol_dir / "image", state.geometry, tmp)
+        problem = ""
+        if (not isinstance(shipped, dict) or "shipped_digest" not in shipped
+                or shipped.get("promoted_at") != rec.get("promoted_at")):
+            problem = f"no `cdp failback run` of {volume!r} completed since it was promoted"
+        elif shipped["shipped_digest"] != digest:
+            when = time.strftime("%Y-%m-%d %H:%M:%S",
+                                 time.localtime(float(shipped.get("completed_at", 0))))
+            problem = (f"the DR image of {volume!r} changed after the last completed "
+                       f"`cdp failback run` ({when})")
+        if problem and not discard_dr_writes:
+            os.unlink(tmp)
+            raise DrillError(f"{problem}: the original site does not hold what was written "
+                             "on the DR side, and its source would overwrite it once "
+                             "replication resumes. Stop the DR machine, run `cdp failback run` "
+                             "again, then finish (or pass --discard-dr-writes to finish anyway "
+                             "and lose those writes)")
+        if problem:
+            log.warning("failback finish of %s: %s; those DR writes are discarded as asked",
+                        volume, problem)
         os.replace(tmp, vol_dir / "hashes")
         old_id = state.replica_id
         state.replica_id = uuid.uuid4().hex
         state.epoch_time = time.time()
         atomic_write_json(vol_dir / "state.json", asdict(state))
-        kept = vol_dir / f"promoted-{int(time.time())}.json"
+        stamp = int(time.time())
+        kept = vol_dir / f"promoted-{stamp}.json"
         os.replace(vol_dir / PROMOTED, kept)
+        with contextlib.suppress(FileNotFoundError):  # kept beside it; never matches a new promote
+            os.replace(vol_dir / "failback.json", vol_dir / f"failback-{stamp}.json")
         fsync_dir(vol_dir)
     finally:
         rep.close()
     return {"volume": volume, "epoch": state.epoch, "replica_id": state.replica_id,
             "previous_replica_id": old_id, "blocks": state.geometry.blocks,
             "blocks_with_data": used, "promoted_record": str(kept),
-            "promoted_at": rec.get("promoted_at")}
+            "promoted_at": rec.get("promoted_at"), "verified": not problem,
+            "discarded_dr_writes": bool(problem)}
 
 
 async def _ship(src: Any, volume: str, t0: float, timeout: float, where: str) -> dict[str, Any]:
@@ -274,7 +409,7 @@ async def _ship(src: Any, volume: str, t0: float, timeout: float, where: str) ->
             await asyncio.wait_for(task, 30)
     s = vs.stats
     bs = vs.geo.block_size
-    return {"blocks_sent": int((s["data"] + s["zero"] + s["dedup"] + bs - 1) // bs),
+    return {"block_sends": int((s["data"] + s["zero"] + s["dedup"] + bs - 1) // bs),
             "blocks": vs.geo.blocks, "bytes_sent": sent, "data_bytes": int(s["data"]),
             "compressed_bytes": int(s["compressed"]), "zero_bytes": int(s["zero"]),
             "epochs": int(s["epochs"]), "hash_map_bytes": vs.geo.blocks * HASH_LEN}

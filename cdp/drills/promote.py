@@ -9,8 +9,12 @@ Steps, each safe to repeat (running promote again after a crash finishes it):
    "promoted"), stops the source's stream of it, lets sealed epochs land and
    closes the replica;
 3. take the replica's lock (waits until the receiver let go), recover it,
-   roll the image back to the point with the journal (store.Replica.rollback),
-   drop the journal (the image is about to become a live disk);
+   record in ``promoted.json`` (durably, once) the epoch the replica held and
+   the labels it had, roll the image back to the point with the journal
+   (store.Replica.rollback), drop the journal (the image is about to become a
+   live disk), start a new generation (state.json) and drop the labels: no
+   point of the old history survives, and epochs after a failback reuse its
+   numbers;
 4. rewrite ``promoted.json`` with state "promoted": what was done, when.
 
 <data_dir>/<volume>/image is then a normal writable raw disk image.
@@ -22,12 +26,13 @@ import contextlib
 import os
 import shutil
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from cdp.durable import atomic_write_json, read_json
 from cdp.errors import DrillError, PointError, UsageError
-from cdp.replica.journal import Retention, list_points, live_pins, pins_locked
+from cdp.replica.journal import Retention, drop_labels, list_points, live_pins, pins_locked, read_labels
 from cdp.replica.store import PROMOTED, Replica, ReplicaBusy
 
 STATUS_FRESH = 5.0  # the receiver rewrites status.json every second
@@ -83,10 +88,17 @@ def promote(data_dir: Path, volume: str, point: int | None = None, *, force: boo
                 os.unlink(marker)  # nothing was changed: the receiver may go on
         raise
     try:
-        before = rep.state.epoch
+        if "previous_epoch" not in record:
+            # Durable before the image changes, so a promote cut short and run again still
+            # records what the replica held, and which labels named points of that history.
+            record = {**record, "previous_epoch": rep.state.epoch,
+                      "generation": rep.state.generation + 1,
+                      "labels_dropped": {str(e): t for e, t in read_labels(vol_dir).items()}}
+            atomic_write_json(marker, record)
+        before = int(record["previous_epoch"])
         target = before if point is None else point
-        if target > before:
-            raise PointError(f"point {target} is newer than the replica (epoch {before})")
+        if target > rep.state.epoch:
+            raise PointError(f"point {target} is newer than the replica (epoch {rep.state.epoch})")
         deadline = time.monotonic() + wait
         while True:
             with pins_locked(vol_dir):
@@ -100,6 +112,11 @@ def promote(data_dir: Path, volume: str, point: int | None = None, *, force: boo
                 raise DrillError(f"a reader of point(s) {sorted(set(readers))} (an archive job "
                                  "or a drill) still has the replica open; retry when it ends")
             time.sleep(0.2)
+        gen = int(record.get("generation", rep.state.generation + 1))
+        if rep.state.generation != gen:  # epochs after this one are another history
+            rep.state = replace(rep.state, generation=gen)
+            atomic_write_json(vol_dir / "state.json", asdict(rep.state))
+        drop_labels(vol_dir)  # recorded in promoted.json; no point of theirs is left
         state = rep.state
     finally:
         rep.close()

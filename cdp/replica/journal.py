@@ -35,13 +35,21 @@ never drops an undo file a live pin needs. ``pins.lock`` (flock'd briefly)
 orders pin creation against pruning.
 
 Labels (``cdp checkpoint``): ``labels.json`` beside ``journal/`` maps epoch
-numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T}}``; rewritten
-atomically under ``pins.lock``. (The undo files' own ``label`` meta field stays
-unset: undo files are immutable and a label can be removed.) A labelled point
+numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``;
+rewritten atomically under ``pins.lock``. (The undo files' own ``label`` meta field
+stays unset: undo files are immutable and a label can be removed.) A labelled point
 holds retention back like a pin: its undo files and every newer one are
 kept until ``cdp points --unlabel``. Keeping point L therefore costs every
 undo file after L, i.e. the old content of every block rewritten since L,
 once per epoch that rewrote it; see the README.
+
+Generations: promote rolls the image back, drops the journal and starts a new
+generation (state.json ``generation``, 1 if absent); replication after failback
+then reuses epoch numbers for another history. Undo files (meta ``generation``)
+and labels belong to the generation they were made in: points of another one are
+not listed and labels of another one name nothing (promote drops them; records
+without the field are generation 1). A label whose point is no longer kept holds
+nothing back and is dropped at the next prune.
 """
 
 from __future__ import annotations
@@ -419,7 +427,7 @@ class Journal:
             os.unlink(p)
         make_private_dir(self.dir)
         meta = {"epoch": epoch, "time": float(commit[2]), "label": None,
-                "fingerprint": fp, "created": time.time(),
+                "fingerprint": fp, "created": time.time(), "generation": base.get("generation", 1),
                 "base_epoch": base["epoch"], "base_time": base["epoch_time"],
                 "base_until": max(base["epoch_time"], base.get("epoch_until", 0.0)),
                 "base_label": base.get("label"), "size": self.geo.size,
@@ -536,7 +544,9 @@ class Journal:
     def _unlink(self, drop: list[int]) -> list[int]:
         with pins_locked(self.vol_dir):
             floor = min_pin(self.vol_dir)
-            labelled = min(read_labels(self.vol_dir), default=None)
+            with self._mutex:
+                oldest = min(self._infos, default=None)
+            labelled = label_floor(self.vol_dir, None if oldest is None else oldest - 1)
             if labelled is not None and (floor is None or labelled < floor):
                 floor = labelled  # a labelled point keeps its undo files, like a reader's pin
             done = []
@@ -612,52 +622,102 @@ def min_pin(vol_dir: Path) -> int | None:
 # -- labels: named points that outlive retention ------------------------------------------
 
 
-def read_labels(vol_dir: Path) -> dict[int, str]:
-    """epoch -> label of a replica folder ({} if none; an unreadable file counts as none)."""
+def generation(vol_dir: Path) -> int:
+    """The replica's generation (state.json; 1 before promote ever ran, or if unreadable)."""
+    try:
+        return int(read_json(vol_dir / "state.json").get("generation", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
+
+
+def _label_records(vol_dir: Path, strict: bool = False) -> dict[int, dict[str, Any]]:
+    """Every record of labels.json, any generation; unreadable: {} (logged) or, if strict,
+    ReplicaError (a rewrite must not lose the labels it cannot read)."""
     try:
         raw = read_json(vol_dir / LABELS)
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
+        if strict:
+            raise ReplicaError(f"{vol_dir / LABELS} is unreadable ({exc}): fix or remove it, "
+                               "then label again") from None
         log.error("%s is unreadable (%s): labels are ignored until it is fixed",
                   vol_dir / LABELS, exc)
         return {}
-    out: dict[int, str] = {}
+    out: dict[int, dict[str, Any]] = {}
     if isinstance(raw, dict):
         for k, v in raw.items():
-            with contextlib.suppress(ValueError, TypeError, AttributeError):
-                out[int(k)] = str(v["label"])
+            with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+                out[int(k)] = {**v, "label": str(v["label"]),
+                               "generation": int(v.get("generation", 1))}
     return out
+
+
+def read_labels(vol_dir: Path) -> dict[int, str]:
+    """epoch -> label of the replica's points ({} if none; an unreadable file counts as none).
+
+    Only labels of the current generation count: an epoch number of an earlier one (before
+    a promote) names another history, whatever number the replica has reached since.
+    """
+    gen = generation(vol_dir)
+    return {e: r["label"] for e, r in _label_records(vol_dir).items() if r["generation"] == gen}
 
 
 def _write_labels(vol_dir: Path, labels: dict[int, dict[str, Any]]) -> None:
     atomic_write_json(vol_dir / LABELS, {str(e): v for e, v in sorted(labels.items())})
 
 
-def _load_label_records(vol_dir: Path) -> dict[int, dict[str, Any]]:
-    try:
-        raw = read_json(vol_dir / LABELS)
-    except FileNotFoundError:
-        return {}
-    return {int(k): dict(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+def _current_records(vol_dir: Path) -> dict[int, dict[str, Any]]:
+    gen = generation(vol_dir)
+    return {e: r for e, r in _label_records(vol_dir, strict=True).items()
+            if r["generation"] == gen}
 
 
 def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None) -> None:
     """Label point `epoch` durably; a label names one point (it moves from any other)."""
     with pins_locked(vol_dir):
-        recs = {e: r for e, r in _load_label_records(vol_dir).items() if r.get("label") != label}
-        recs[epoch] = {"label": label, "time": time.time() if now is None else now}
-        _write_labels(vol_dir, recs)
+        recs = {e: r for e, r in _current_records(vol_dir).items() if r["label"] != label}
+        recs[epoch] = {"label": label, "time": time.time() if now is None else now,
+                       "generation": generation(vol_dir)}
+        _write_labels(vol_dir, recs)  # labels of earlier generations go
 
 
 def remove_label(vol_dir: Path, epoch: int) -> str | None:
     """Unlabel point `epoch`; returns the label it had (None: it had none)."""
     with pins_locked(vol_dir):
-        recs = _load_label_records(vol_dir)
+        recs = _current_records(vol_dir)
         gone = recs.pop(epoch, None)
         if gone is not None:
             _write_labels(vol_dir, recs)
-    return None if gone is None else str(gone.get("label"))
+    return None if gone is None else str(gone["label"])
+
+
+def drop_labels(vol_dir: Path) -> dict[int, str]:
+    """Remove every label (promote: no point of the old history survives); returns them."""
+    with pins_locked(vol_dir):
+        recs = _label_records(vol_dir)
+        if recs or (vol_dir / LABELS).exists():
+            _write_labels(vol_dir, {})
+    return {e: r["label"] for e, r in recs.items()}
+
+
+def label_floor(vol_dir: Path, oldest: int | None) -> int | None:
+    """The oldest labelled point retention must keep (call under pins_locked).
+
+    `oldest` is the oldest point still kept (None: only the current one). Labels of
+    points already gone (journaling was switched off, a damaged undo file) hold nothing
+    back: they are dropped here, with a warning.
+    """
+    gen = generation(vol_dir)
+    recs = _label_records(vol_dir)
+    mine = {e: r for e, r in recs.items() if r["generation"] == gen}
+    gone = [e for e in mine if oldest is not None and e < oldest]
+    if gone:
+        log.warning("labels %s name points that are no longer kept: dropped",
+                    ", ".join(f"{mine[e]['label']!r} (epoch {e})" for e in gone))
+        with contextlib.suppress(OSError):
+            _write_labels(vol_dir, {e: r for e, r in mine.items() if e not in gone})
+    return min((e for e in mine if e not in gone), default=None)
 
 
 def resolve_point(vol_dir: Path, text: str) -> int:
@@ -667,6 +727,21 @@ def resolve_point(vol_dir: Path, text: str) -> int:
     for epoch, label in read_labels(vol_dir).items():
         if label == text:
             return epoch
+    gen = generation(vol_dir)
+    for epoch, rec in _label_records(vol_dir).items():
+        if rec["label"] == text and rec["generation"] != gen:
+            raise PointError(f"label {text!r} named point {epoch} of {vol_dir.name} before it "
+                             "was promoted: that point is gone (`cdp points` lists the points "
+                             "and labels kept now)")
+    for path in sorted(vol_dir.glob("promoted*.json")):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            dropped = read_json(path).get("labels_dropped") or {}
+            for epoch, label in dropped.items():
+                if label == text:
+                    raise PointError(
+                        f"label {text!r} named point {epoch} of {vol_dir.name}, dropped when "
+                        f"the volume was promoted ({path.name}): the replica no longer holds "
+                        "that point (`cdp points` lists the points and labels kept now)")
     raise PointError(f"no point of {vol_dir.name} is labelled {text!r} (`cdp points` lists "
                      "the labels)")
 
@@ -681,6 +756,7 @@ def list_points(vol_dir: Path) -> list[Point]:
     except (OSError, ValueError) as exc:
         raise ReplicaError(f"{vol_dir}: no readable replica state ({exc})") from None
     n = int(st["epoch"])
+    gen = int(st.get("generation", 1))
     j = Journal(vol_dir, Geometry(st["size"], st["block_size"]), Retention())
     eps = set(j.epochs())
     chain: list[tuple[int, dict[str, Any], int]] = []
@@ -690,6 +766,8 @@ def list_points(vol_dir: Path) -> list[Point]:
             meta, size = read_meta(j.path(e))
         except (JournalCorrupt, FileNotFoundError):
             break  # dropped meanwhile, or damaged: older points are not readable
+        if int(meta.get("generation", 1)) != gen:
+            break  # made before a promote: another history under the same epoch numbers
         chain.append((e, meta, size))
         e -= 1
     labels = read_labels(vol_dir)

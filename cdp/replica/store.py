@@ -8,7 +8,8 @@ Layout of ``<data_dir>/<volume>/``::
     wal.0 wal.1 the WAL of even / odd epochs (see wal.py): one epoch can be
                 applied while the next one is received
     state.json  geometry, replica id, last applied epoch and its source time,
-                cumulative counters; replaced atomically after each epoch
+                cumulative counters, generation (a new one at each promote: recovery
+                points and labels belong to one); replaced atomically after each epoch
     lock        flock'd while a process has the replica open: nobody else writes it
     journal/    undo files, one per epoch: the recovery points (see journal.py)
     pins/ pins.lock   readers of earlier points (pointview.py) keep their undo files
@@ -86,6 +87,7 @@ class ReplicaState:
     applied_at: float = 0.0
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     format: int = 1
+    generation: int = 1  # bumped by promote: epoch numbers restart from the promoted image
 
     @property
     def geometry(self) -> Geometry:

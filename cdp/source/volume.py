@@ -115,6 +115,7 @@ class VolumeState:
         self.rate_window: list[tuple[float, int]] = []
         self.bucket = TokenBucket(cfg.rate_limit)  # paces what is sent for this volume
         self.status_extra: Callable[[], dict[str, Any]] | None = None  # mode-specific status
+        self.on_adopt: Callable[[bytearray], None] | None = None  # sees each map taken (failback)
 
     def configure(self, cfg: VolumeConfig) -> None:
         """Take a reloaded config (same volume, same path and geometry)."""
@@ -200,6 +201,8 @@ class VolumeState:
         """Take the receiver's own hash map as the truth (memory lost, or a new replica)."""
         with self.lock:
             self.pending.clear()
+        if self.on_adopt is not None:
+            self.on_adopt(smap)  # before any epoch changes it
         self.smap = smap
         self.replica_id = replica_id
         self.acked = epoch

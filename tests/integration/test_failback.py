@@ -9,12 +9,19 @@ that differ (counted on the wire by a proxy).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import time
 
 from conftest import (
     BS,
+    CountingProxy,
     Daemon,
     MiB,
     assert_replica_equal,
@@ -23,6 +30,7 @@ from conftest import (
     make_image,
     run_cdp,
     wait_converged,
+    wait_for,
     write_random_blocks,
 )
 
@@ -101,4 +109,150 @@ def test_failback_ships_only_differences(cdp_env, daemons, counting_proxy, tmp_p
     assert_replica_equal(env, VOL)
     assert env.counters(VOL)["data"] - before["data"] == len(more) * BS
     src.stop()
+    rx.stop()
+
+
+def promote_and_prepare(env, daemons, tmp_path, size: int, seed: int):
+    """Replicate an image, stop the source, promote, and serve the original image for
+    failback (prepare + a failback receiver); returns (rng, rx, src, prep, frx, port)."""
+    original = env.source.images[VOL]
+    rng = random.Random(seed)
+    make_image(original, size, rng, zero=0.1)
+    rx = daemons.receiver(env)
+    src = daemons.source(env)
+    wait_converged(env, VOL, time.time(), src, rx)
+    src.stop()
+    r = run_cdp("failover", "promote", "-c", env.receiver_toml, VOL, "--json")
+    assert r.returncode == 0, r.stderr
+    port = free_port()
+    fb = tmp_path / "failback"
+    r = run_cdp("failback", "prepare", "-c", env.source.toml, VOL, "--listen",
+                f"127.0.0.1:{port}", "--dir", fb, "--json")
+    assert r.returncode == 0, r.stderr
+    frx = Daemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
+    daemons.all.append(frx)
+    frx.start()
+    return rng, rx, src, json.loads(r.stdout), frx, port
+
+
+def failback_run(env, prep, port: int) -> subprocess.CompletedProcess[str]:
+    return run_cdp("failback", "run", "-c", env.receiver_toml, VOL, "--to", f"127.0.0.1:{port}",
+                   "--token-file", prep["token_file"], "--json", timeout=120)
+
+
+def test_finish_refuses_until_a_run_shipped_the_dr_writes(cdp_env, daemons, tmp_path):
+    env = cdp_env()
+    size = 8 * MiB
+    rng, rx, src, prep, frx, port = promote_and_prepare(env, daemons, tmp_path, size, 12)
+    original, promoted = env.source.images[VOL], env.replica_image(VOL)
+    # the DR machine wrote a file: finish before any run is refused, nothing changes
+    write_random_blocks(promoted, [7, 8, 9], rng)
+    dr = promoted.read_bytes()
+    r = run_cdp("failback", "finish", "-c", env.receiver_toml, VOL)
+    assert r.returncode == 1 and "no `cdp failback run`" in r.stderr, r.stderr
+    assert "--discard-dr-writes" in r.stderr
+    assert (env.replica_dir(VOL) / "promoted.json").exists() and promoted.read_bytes() == dr
+
+    r = failback_run(env, prep, port)
+    assert r.returncode == 0, r.stderr + frx.tail()
+    assert json.loads(r.stdout)["blocks_sent"] >= 3 and original.read_bytes() == dr
+    # the DR machine ran on after that run: refused again, the original lacks this write
+    write_random_blocks(promoted, [20], rng)
+    dr = promoted.read_bytes()
+    r = run_cdp("failback", "finish", "-c", env.receiver_toml, VOL)
+    assert r.returncode == 1 and "changed after the last completed" in r.stderr, r.stderr
+    r = failback_run(env, prep, port)
+    assert r.returncode == 0, r.stderr + frx.tail()
+    assert json.loads(r.stdout)["blocks_sent"] == 1 and original.read_bytes() == dr
+    frx.stop()
+    r = run_cdp("failback", "finish", "-c", env.receiver_toml, VOL, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verified"]
+
+    # the original site's source resumes: every DR write is still there, on both sides
+    src.start()
+    wait_converged(env, VOL, time.time(), src, rx)
+    assert promoted.read_bytes() == dr and original.read_bytes() == dr
+    assert_replica_equal(env, VOL)
+    src.stop()
+    rx.stop()
+
+
+class DroppingProxy(CountingProxy):
+    """A CountingProxy that resets every connection once, when `drop_at` bytes went up."""
+
+    def __init__(self, target_port: int, drop_at: int) -> None:
+        super().__init__(target_port)
+        self.drop_at = drop_at
+        self.dropped = False
+
+    def _pump(self, a: socket.socket, b: socket.socket, up: bool) -> None:
+        try:
+            while True:
+                data = a.recv(64 * 1024)
+                if not data:
+                    break
+                with self._lock:
+                    drop = up and not self.dropped and self.up + len(data) >= self.drop_at
+                    self.dropped |= drop
+                    socks = list(self._socks) if drop else []
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                if drop:
+                    for s in socks:
+                        with contextlib.suppress(OSError):
+                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                         struct.pack("ii", 1, 0))
+                            s.close()
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+def test_failback_run_after_a_kill_and_through_a_reset_counts_each_block_once(
+        cdp_env, daemons, tmp_path):
+    env = cdp_env()
+    size = 32 * MiB
+    rng, rx, _, prep, frx, port = promote_and_prepare(env, daemons, tmp_path, size, 13)
+    original, promoted = env.source.images[VOL], env.replica_image(VOL)
+    changed = rng.sample(range(size // BS), 400)
+    write_random_blocks(promoted, changed, rng)
+    dr = promoted.read_bytes()
+
+    # a run killed while it waits for a receiver that is not there leaves its work folder
+    proc = subprocess.Popen([sys.executable, "-m", "cdp", "failback", "run", "-c",
+                             str(env.receiver_toml), VOL, "--to", f"127.0.0.1:{free_port()}",
+                             "--token-file", prep["token_file"]],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        left = wait_for(lambda: list(env.data_dir.glob(f".failback-{VOL}-*")), 30,
+                        what="the run's work folder")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert left[0].exists()
+
+    # the next run removes it; its connection is reset half way through the one epoch
+    proxy = DroppingProxy(port, drop_at=len(changed) * BS // 2)
+    try:
+        r = failback_run(env, prep, proxy.port)
+    finally:
+        proxy.close()
+    assert r.returncode == 0, r.stderr + frx.tail()
+    rep = json.loads(r.stdout)
+    assert proxy.dropped and not left[0].exists() and rep["removed_leftovers"] == [left[0].name]
+    assert original.read_bytes() == dr
+    assert rep["blocks_sent"] == len(changed), rep
+    assert rep["block_sends"] > len(changed), rep  # what went twice is reported apart
+    frx.stop()
+    r = run_cdp("failback", "finish", "-c", env.receiver_toml, VOL, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["verified"], r.stderr
+    assert not list(env.data_dir.glob(".failback-*"))
     rx.stop()
