@@ -15,7 +15,8 @@ from typing import Any, ClassVar
 
 from cdp.errors import RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Cut (consistency groups); a receiver still takes version 1 sources
+MIN_PROTOCOL_VERSION = 1
 
 
 class Message:
@@ -313,6 +314,27 @@ class Labelled(Message):
     label: str
 
 
+# -- cuts of an nbd volume, consistency groups (type codes 55-59, protocol 2) -------------
+
+
+@dataclass(frozen=True)
+class Cut(Message):
+    """Source -> receiver, inside an epoch before its Commit: the epoch ends at a cut.
+
+    The volume held exactly this state at `time` (it becomes the epoch's capture time), and
+    its previous epoch's state through the cut at `since` (0: not known). `group` names the
+    consistency group (one cut instant for all `members`), "" and [] for none.
+    """
+
+    TYPE = 55
+    volume: str
+    epoch: int
+    time: float
+    since: float
+    group: str
+    members: list[str]
+
+
 # -- link liveness (type codes 60-69) ---------------------------------------------
 
 
@@ -345,7 +367,7 @@ def valid_label(label: str) -> bool:
 ALL: tuple[type[Message], ...] = (
     Hello, Challenge, Auth, Welcome, Open, Opened, GetHashes, Hashes, Begin, Data, Zero,
     Ref, Commit, Need, Ack, Current, Error, Bye,
-    Label, Labelled, Ping, Pong,
+    Label, Labelled, Cut, Ping, Pong,
     FileOpen, FileOpened, FilePut, FileDelete, FileAck, FileError,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL}

@@ -27,6 +27,12 @@ File sets (types 40-49), once READY; one request at a time per set::
     refuses sets not listed for the client (guarantee 4) and paths that are
     absolute, hold '..', '.', empty parts or NUL (guarantee 3).
 
+Cuts (type 55, protocol 2): inside epoch e of an nbd volume, before Commit(e), the
+source may send Cut(e, time, since, group, members): the epoch is the state the volume
+had at `time`, a cut of its consistency group (see cdp.replica.groups). A group names
+only volumes the client may write. The receiver takes protocol 1 sources too (they
+send no Cut) and answers the Challenge in the source's version.
+
 Labels (types 50-59, `cdp checkpoint`): once epoch e of an open volume is
 acknowledged, the source may send Label(e, text); the receiver records it
 durably and answers Labelled(e, text). Labels are 1-128 printable characters,
@@ -55,6 +61,7 @@ from cdp.config import MAX_WINDOW, valid_name
 from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
 from cdp.frames import DEFAULT_MAX_FRAME, FrameDecoder, encode
 from cdp.messages import (
+    MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Ack,
     Auth,
@@ -63,6 +70,7 @@ from cdp.messages import (
     Challenge,
     Commit,
     Current,
+    Cut,
     Data,
     Error,
     FileAck,
@@ -97,6 +105,7 @@ FILE_REQUESTS = (FilePut, FileDelete)
 FILE_ANSWERS = (FileAck, FileError)
 MAX_FILE_SIZE = 1 << 30  # no file version is larger, whatever the config says
 MAX_PATH = 4096
+MAX_MEMBERS = 64  # volumes in one consistency group
 
 
 def valid_file_path(path: str) -> bool:
@@ -302,7 +311,7 @@ class SourceSession(_Session):
                 raise LocalProtocolError(
                     f"{msg.volume}: Begin({msg.epoch}) but epoch {vs.expected} is next")
             vs.in_epoch = True
-        elif isinstance(msg, EPOCH_MESSAGES) or isinstance(msg, Commit):
+        elif isinstance(msg, (*EPOCH_MESSAGES, Cut, Commit)):
             vs = self._vol(msg.volume, False)
             if not vs.in_epoch or msg.epoch != vs.expected:
                 raise LocalProtocolError(
@@ -465,6 +474,7 @@ class ReceiverSession(_Session):
         self._readonly: set[str] = set()
         self._labels: set[tuple[str, int, str]] = set()  # Label received, Labelled not yet sent
         self._pings: list[int] = []  # Ping received, Pong not yet sent, oldest first
+        self.version = PROTOCOL_VERSION  # the source's, once its Hello is in
 
     def _accept(self, msg: Message) -> bool:
         st = self.state
@@ -473,10 +483,11 @@ class ReceiverSession(_Session):
         if isinstance(msg, Hello):
             if st is not State.START or self._client_nonce:
                 raise RemoteProtocolError("unexpected Hello")
-            if msg.version != PROTOCOL_VERSION:
+            if not MIN_PROTOCOL_VERSION <= msg.version <= PROTOCOL_VERSION:
                 raise RemoteProtocolError(
                     f"source speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}; "
                     "run the same cdp version on both sides")
+            self.version = msg.version  # answered in the source's version
             if len(msg.nonce) != NONCE_LEN:
                 raise RemoteProtocolError("Hello nonce has the wrong length")
             if not valid_name(msg.name):  # it reaches logs and status before authentication
@@ -554,13 +565,15 @@ class ReceiverSession(_Session):
                 raise RemoteProtocolError(f"more than {MAX_UNANSWERED} labels awaiting an answer")
             self._labels.add((msg.volume, msg.epoch, msg.label))
             return True
-        if isinstance(msg, EPOCH_MESSAGES) or isinstance(msg, Commit):
+        if isinstance(msg, (*EPOCH_MESSAGES, Cut, Commit)):
             vs = self._vol(msg.volume, True)
             if vs.discarding and msg.epoch >= vs.expected:
                 return False
             if not vs.in_epoch or msg.epoch != vs.expected:
                 raise RemoteProtocolError(
                     f"{msg.volume}: {type(msg).__name__}({msg.epoch}) outside its epoch")
+            if isinstance(msg, Cut):
+                self._check_cut(msg)
             if isinstance(msg, Zero) and len(msg.runs) > 16 * MAX_ZERO_RUNS:
                 raise RemoteProtocolError(f"{msg.volume}: Zero with {len(msg.runs) // 16} runs; at "
                                           f"most {MAX_ZERO_RUNS} per frame")
@@ -570,6 +583,23 @@ class ReceiverSession(_Session):
                 vs.expected = msg.epoch + 1
             return True
         raise RemoteProtocolError(f"a source does not send {type(msg).__name__}")
+
+    def _check_cut(self, msg: Cut) -> None:
+        """A cut names a sane group of volumes this client may write, itself among them."""
+        if msg.since > msg.time or (not msg.group) != (not msg.members):
+            raise RemoteProtocolError(f"{msg.volume}: Cut({msg.epoch}) is inconsistent")
+        if not msg.group:
+            return
+        if (not valid_name(msg.group) or len(msg.members) > MAX_MEMBERS
+                or msg.volume not in msg.members or len(set(msg.members)) != len(msg.members)):
+            raise RemoteProtocolError(f"{msg.volume}: Cut({msg.epoch}) names a bad group")
+        other = next((m for m in msg.members if m not in self.allowed), None)
+        if other is not None:
+            raise VolumeError(
+                f"client {self.client!r} puts volume {other[:64]!r} in consistency group "
+                f"{msg.group!r} but may not write it: list every member of the group in the "
+                "client's volumes (receiver config), or fix `group` in source.toml",
+                code="group", volume=msg.volume)
 
     def _accept_file(self, msg: FileOpen | FilePut | FileDelete) -> bool:
         name = msg.fileset
@@ -678,7 +708,7 @@ class ReceiverSession(_Session):
             raise LocalProtocolError(f"a receiver does not send {type(msg).__name__}")
 
     def challenge(self) -> bytes:
-        return self.send(Challenge(PROTOCOL_VERSION, self.nonce))
+        return self.send(Challenge(self.version, self.nonce))
 
     def welcome(self) -> bytes:
         proof = receiver_proof(self._token, self.client, self._client_nonce, self.nonce)

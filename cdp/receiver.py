@@ -46,6 +46,7 @@ from cdp.messages import (
     Bye,
     Commit,
     Current,
+    Cut,
     Data,
     Error,
     FileAck,
@@ -72,7 +73,7 @@ from cdp.metrics import ReceiverMetrics
 from cdp.protocol import FilesetError, ReceiverSession, State
 from cdp.replica import EpochWriter, Replica
 from cdp.replica.files import FileSets
-from cdp.replica.journal import Retention, set_label
+from cdp.replica.journal import Retention, note_held, set_label
 from cdp.replica.store import PROMOTED, promoted_message
 from cdp.statuspage import StatusPage
 from cdp.transport import Link, server_tls
@@ -834,6 +835,8 @@ class _Conn:
             w.add_wire(size)
         elif isinstance(msg, Ref):
             await self.add_refs(msg, size)
+        elif isinstance(msg, Cut):
+            self.writers[msg.volume].mark_cut(msg.time, msg.since, msg.group, msg.members)
         elif isinstance(msg, Commit):
             await self.commit(msg)
         elif isinstance(msg, Label):
@@ -843,6 +846,9 @@ class _Conn:
             live = self.rx.live.get(msg.volume)
             if cur is not None and live is not None and msg.epoch == cur.state.epoch:
                 live.current_as_of = min(msg.time, time.time() + 60)  # not in the future
+                if cur.state.group and (cur.state.cut or {}).get("group"):
+                    # a group cut held through then: later group cuts are this volume's too
+                    await self.work(note_held, cur.path, msg.epoch, live.current_as_of)
         elif isinstance(msg, Error):
             log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", s.client,
                         msg.volume, msg.code, msg.message)

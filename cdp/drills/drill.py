@@ -17,6 +17,7 @@ from typing import Any
 from cdp.drills.checks import CheckResult, run_checks
 from cdp.drills.clone import Clone, make_clone
 from cdp.errors import PointError, UsageError
+from cdp.replica.groups import member_point
 from cdp.replica.journal import Point, find_point, list_points
 from cdp.replica.pointview import open_view
 from cdp.units import parse_duration
@@ -65,6 +66,11 @@ def parse_at(text: str, now: float | None = None) -> float:
 
 
 def choose_point(vol_dir: Path, point: int | None, at: float | None) -> Point:
+    """--point (an epoch), --at, or the latest. --at on a disk of a consistency group takes
+    the group's newest cut every member holds (groups.py), so that each disk drilled at
+    the same --at is one of a set of disks that existed together."""
+    if at is not None and (held := member_point(vol_dir, at)) is not None:
+        return held
     points = list_points(vol_dir)
     if at is not None:
         p = find_point(points, at)

@@ -18,7 +18,8 @@ directory fsync'd: it exists whole or not at all)::
     meta          msgpack map: epoch, time, label, base_epoch, base_time,
                   base_until (point base_epoch holds no write that finished
                   later at the source), base_label, fingerprint (which WAL
-                  epoch it belongs to), ...
+                  epoch it belongs to), cut and base_cut (the Cut markers of
+                  E and E-1, see groups.py), base_held, ...
     trailer       "CDPUNDO1" | u64 index offset | u32 count | u64 meta length
                   | 16-byte xxh3-128 of index + meta + these three numbers
 
@@ -114,6 +115,8 @@ class Point:
     label: str | None = None
     current: bool = False
     until: float = 0.0  # no write that finished after it at the source is in (0: `time`)
+    group: str | None = None  # a cut of this consistency group (cdp.replica.groups)
+    held: float = 0.0  # a group cut: the volume is known to have held it through this time
 
 
 def undo_name(epoch: int) -> str:
@@ -385,7 +388,7 @@ class Journal:
                 log.error("undo file %s is unreadable (%s): older points are dropped",
                           self.path(e).name, exc)
                 break
-            infos[e] = (float(meta.get("base_time", 0.0)), size)
+            infos[e] = (keep_time(meta), size)
         stale = [e for e in eps if e not in infos]
         if stale:
             log.warning("dropping %d undo file(s) cut off from the current epoch", len(stale))
@@ -399,11 +402,13 @@ class Journal:
 
     def prepare(self, epoch: int, commit: list[Any], bodies: Callable[[], Iterable[list[Any]]],
                 image_fd: int, hash_fd: int, base: dict[str, Any],
-                restore: Callable[[UndoFile], None]) -> None:
+                restore: Callable[[UndoFile], None], cut: dict[str, Any] | None = None) -> None:
         """Save what `epoch` will overwrite, durably, unless a matching undo file already exists.
 
         Called with the image at epoch-1 (or, on replay, possibly partly at
-        epoch, in which case the undo file exists and is reused).
+        epoch, in which case the undo file exists and is reused). `cut`: the
+        epoch's Cut marker (groups.py); base["held"]: how long epoch-1 is known to
+        have held (groups.py, held.json).
         """
         if not self.retention.enabled or epoch == self._untrusted:
             return
@@ -419,7 +424,7 @@ class Journal:
                     if u.meta.get("fingerprint") == fp:
                         # made before a crash or failure: the image may be half new, keep it
                         with self._mutex:
-                            self._infos[epoch] = (float(base["epoch_time"]), u.size)
+                            self._infos[epoch] = (keep_time(u.meta), u.size)
                         return
                     restore(u)  # an orphan of another epoch E: back to E-1 first
                 finally:
@@ -431,7 +436,8 @@ class Journal:
                 "base_epoch": base["epoch"], "base_time": base["epoch_time"],
                 "base_until": max(base["epoch_time"], base.get("epoch_until", 0.0)),
                 "base_label": base.get("label"), "size": self.geo.size,
-                "block_size": self.geo.block_size}
+                "block_size": self.geo.block_size, "cut": cut, "base_cut": base.get("cut"),
+                "base_held": float(base.get("held", 0.0))}
         new, zeros = epoch_changes(bodies())
         while True:
             try:
@@ -442,7 +448,7 @@ class Journal:
                     raise
                 log.warning("journal: disk full, dropped the oldest recovery point to make room")
         with self._mutex:
-            self._infos[epoch] = (float(base["epoch_time"]), size)
+            self._infos[epoch] = (keep_time(meta), size)
 
     def _write(self, epoch: int, new: dict[int, bytes], zeros: list[tuple[int, int]],
                image_fd: int, hash_fd: int, meta: dict[str, Any]) -> int:
@@ -772,15 +778,59 @@ def list_points(vol_dir: Path) -> list[Point]:
         e -= 1
     labels = read_labels(vol_dir)
     t = float(st.get("epoch_time", 0.0))
-    points = [Point(n, t, 0, 0, labels.get(n), True, max(t, float(st.get("epoch_until", 0.0))))]
+    group = _group_of(st.get("cut"))
+    points = [Point(n, t, 0, 0, labels.get(n), True, max(t, float(st.get("epoch_until", 0.0))),
+                    group, max(t, read_held(vol_dir, n)) if group else 0.0)]
     keep = 0
     for e, meta, size in chain:
         keep += size
         t = float(meta.get("base_time", 0.0))
+        group = _group_of(meta.get("base_cut"))
         points.append(Point(e - 1, t, size, keep, labels.get(e - 1), False,
-                            max(t, float(meta.get("base_until", 0.0)))))
+                            max(t, float(meta.get("base_until", 0.0))), group,
+                            keep_time(meta) if group else 0.0))
     points.reverse()
     return points
+
+
+# -- cuts of consistency groups (groups.py): how long a point is known to have held -----------
+
+HELD = "held.json"
+
+
+def _group_of(cut: Any) -> str | None:
+    return (cut.get("group") or None) if isinstance(cut, dict) else None
+
+
+def keep_time(meta: dict[str, Any]) -> float:
+    """Until when point E-1 of undo file E's meta is needed, for retention by age: its capture
+    time, or for a group cut the last instant it is known to have held (so a group's cuts
+    age out together, whichever member captured its state earlier)."""
+    t = float(meta.get("base_time", 0.0))
+    if _group_of(meta.get("base_cut")) is None:
+        return t
+    cut = meta.get("cut")
+    since = float(cut.get("since", 0.0)) if isinstance(cut, dict) else 0.0
+    return max(t, since, float(meta.get("base_held", 0.0)))
+
+
+def read_held(vol_dir: Path, epoch: int) -> float:
+    """When the source last said the replica still equalled `epoch` (0: never, or not that epoch)."""
+    try:
+        raw = read_json(vol_dir / HELD)
+        return float(raw["time"]) if int(raw["epoch"]) == epoch else 0.0
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0.0
+
+
+def note_held(vol_dir: Path, epoch: int, when: float) -> None:
+    """Record that the source held epoch `epoch` through `when` (message Current). Not fsync'd:
+    losing it only makes the group's newest common cut older until the next note."""
+    if read_held(vol_dir, epoch) < when:
+        try:
+            atomic_write_json(vol_dir / HELD, {"epoch": epoch, "time": when}, sync=False)
+        except OSError as exc:
+            log.warning("%s: cannot record that epoch %d held (%s)", vol_dir / HELD, epoch, exc)
 
 
 def find_point(points: list[Point], at: float) -> Point | None:

@@ -15,6 +15,9 @@ Layout of ``<data_dir>/<volume>/``::
     pins/ pins.lock   readers of earlier points (pointview.py) keep their undo files
     promoted.json     present once `cdp failover promote` took the volume over:
                 the receiver accepts no more epochs for it
+    held.json   consistency groups: through when the source said the newest epoch
+                still held (groups.py); state.json "cut" and "group" keep the
+                newest epoch's Cut marker and the group it named
 
 Applying an epoch: every record goes to the WAL as it arrives; at commit the
 WAL is fsync'd and the space the epoch needs is reserved (seal: a full disk
@@ -41,6 +44,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cdp.replica.wal as wal
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, pack_u64, runs, unpack_u64
@@ -55,7 +59,7 @@ from cdp.durable import (
     write_zeros,
 )
 from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
-from cdp.replica.journal import Journal, Retention, UndoFile, fingerprint
+from cdp.replica.journal import Journal, Retention, UndoFile, fingerprint, read_held
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class ReplicaState:
     counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
     format: int = 1
     generation: int = 1  # bumped by promote: epoch numbers restart from the promoted image
+    cut: dict[str, Any] | None = None  # the epoch's Cut marker (nbd): groups.py
+    group: dict[str, Any] | None = None  # {"name", "members"}: the last group a Cut named
 
     @property
     def geometry(self) -> Geometry:
@@ -277,7 +283,8 @@ class Replica:
             finally:
                 undo.close()
             new = ReplicaState(**{**asdict(self.state), "epoch": e - 1, "epoch_time": base_time,
-                                  "epoch_until": base_until, "applied_at": time.time()})
+                                  "epoch_until": base_until, "applied_at": time.time(),
+                                  "cut": undo.meta.get("base_cut")})
             atomic_write_json(self.path / "state.json", asdict(new))
             self.state = new
             os.unlink(path)
@@ -362,13 +369,16 @@ class Replica:
         geo = self.geometry
         if self.journal.retention.enabled:
             get_bodies = bodies or (lambda: (r.body for r in records()))
-            tail = deque(get_bodies(), maxlen=1)
-            last = tail[0] if tail else None
+            tail = deque(get_bodies(), maxlen=2)  # [CUT,] COMMIT
+            last = tail[-1] if tail else None
             if last is None or last[0] != wal.COMMIT:
                 raise ReplicaError("WAL has no commit record")
+            base = {**asdict(self.state), "held": read_held(self.path, self.state.epoch)}
             self.journal.prepare(self.state.epoch + 1, last, get_bodies, self.image_fd,
-                                 self.hash_fd, asdict(self.state), self.restore)
+                                 self.hash_fd, base, self.restore,
+                                 cut=tail[0][1] if tail[0][0] == wal.CUT else None)
         commit: list | None = None
+        cut: dict[str, Any] | None = None
         for rec in records():
             kind = rec.body[0]
             if kind in (wal.DATA, wal.RAW):
@@ -391,6 +401,8 @@ class Replica:
                     write_zeros(self.hash_fd, start * HASH_LEN, count * HASH_LEN, punch=False)
             elif kind == wal.COMMIT:
                 commit = rec.body
+            elif kind == wal.CUT:
+                cut = rec.body[1]
             elif kind == wal.BEGIN and rec.body[1] != self.state.epoch + 1:
                 raise ReplicaError(f"{self.state.volume}: epoch {rec.body[1]} cannot be applied "
                                    f"after epoch {self.state.epoch}")
@@ -402,9 +414,12 @@ class Replica:
         delta = commit[4] if len(commit) > 4 and isinstance(commit[4], dict) else {}
         counters = {k: st.counters.get(k, 0) + int(delta.get(k, 0)) for k in COUNTERS}
         until = float(commit[5]) if len(commit) > 5 else 0.0  # older WALs: no until
+        group = st.group if cut is None else (
+            {"name": cut["group"], "members": cut["members"]} if cut.get("group") else None)
         new = ReplicaState(**{**asdict(st), "epoch": commit[1], "epoch_time": commit[2],
                               "epoch_until": max(float(commit[2]), until),
-                              "applied_at": time.time(), "counters": counters})
+                              "applied_at": time.time(), "counters": counters,
+                              "cut": cut, "group": group})
         atomic_write_json(self.path / "state.json", asdict(new))
         self.state = new
         self.journal.applied(new.epoch)
@@ -442,6 +457,7 @@ class EpochWriter:
         self.replica = replica
         self.epoch = epoch
         self.time = when
+        self.cut: dict[str, Any] | None = None  # mark_cut
         self.geo = replica.geometry
         self.blocks = 0
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -645,6 +661,11 @@ class EpochWriter:
     def add_wire(self, nbytes: int) -> None:
         self.counters["wire"] += nbytes
 
+    def mark_cut(self, when: float, since: float, group: str, members: list[str]) -> None:
+        """The epoch ends at a cut (message Cut): `when` becomes its time; logged at seal."""
+        self.time = when
+        self.cut = {"time": when, "since": since, "group": group, "members": list(members)}
+
     def commit(self, blocks: int) -> ReplicaState:
         """seal() then apply(): the epoch is durable and applied; then ack."""
         self.seal(blocks)
@@ -660,6 +681,8 @@ class EpochWriter:
                 f"Commit says {blocks} blocks but {self.blocks} arrived in epoch {self.epoch}")
         self.counters["epochs"] = 1
         try:
+            if self.cut is not None:
+                self._log([wal.CUT, self.cut])  # right before COMMIT: Replica._apply finds it
             self._log([wal.COMMIT, self.epoch, self.time, blocks, self.counters,
                        max(self.time, until)])
             self._wal.sync()

@@ -14,6 +14,9 @@ appended while an epoch arrives, made durable with one fsync at commit::
         [COPY,   indices:u64[], hashes:16B[], sources:u64[]]     -
                  (block indices[i] gets the content that block sources[i]
                   received earlier in this epoch: repeats within an epoch)
+        [CUT,    {time, since, group, members}]                  -
+                 (optional, right before COMMIT: the epoch ends at a cut of
+                  an nbd volume, see replica/groups.py; time is its time)
         [COMMIT, epoch, time, block_count, counters, until]      -
                  (until: no write that finished later at the source is in
                   the epoch; absent in logs of older versions: time)
@@ -42,7 +45,7 @@ from typing import Any
 import msgpack
 import xxhash
 
-BEGIN, DATA, RAW, ZERO, COMMIT, COPY = 1, 2, 3, 4, 5, 6
+BEGIN, DATA, RAW, ZERO, COMMIT, COPY, CUT = 1, 2, 3, 4, 5, 6, 7
 _HEAD = struct.Struct(">IIQ16s")
 MAX_RECORD = 1 << 30
 

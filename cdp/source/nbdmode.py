@@ -13,6 +13,13 @@ changed blocks at a cut, sent as one epoch, never split, so every epoch the
 receiver applies is a state the guest had. Trimmed and zeroed blocks travel as
 zero runs (messages.Zero), never as data, and only where the replica does not
 hold zeros already.
+
+Every epoch that ends at a cut (a captured unit; the last epoch of a resync) is
+followed by a Cut message before its Commit: the cut's instant, and for a member
+of a consistency group the group, its members and `since` (the cut through which
+the previous epoch's state held). A group member's resync always ends in such an
+epoch, even an empty one, so `since` of the next captured unit always refers to
+the epoch before it.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class Source(Protocol):
     index: DedupIndex
     remote_errors: dict[str, RemoteError]
     gate: FairGate
+    volumes: dict[str, VolumeState]
 
     async def _open(self, link: Link, vs: VolumeState) -> Opened: ...
 
@@ -70,6 +78,7 @@ class NbdExport:
         self.server: NbdServer | None = None
         self.journal: WriteJournal | None = None
         self.dirty: DirtyMap | None = None
+        self.marked: dict[float, int] = {}  # a marked cut's time -> its epoch (group checkpoints)
         self._fd = -1
 
     async def start(self) -> None:
@@ -174,14 +183,27 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
                 last = await _resync(src, link, vs, journal, unit)
             else:
                 last = await _captured(src, link, vs, unit)
+                if unit.mark and last is not None:
+                    export.marked[unit.time] = last
+                    while len(export.marked) > 64:
+                        export.marked.pop(next(iter(export.marked)))
         finally:
             journal.release(unit)
         if vs.need is None and vs.name in link.session.volumes:
             journal.unit_done(unit.seq, last)
 
 
+def group_of(src: Source, vs: VolumeState) -> tuple[str, list[str]]:
+    """The volume's consistency group and its members ("" and [] for none)."""
+    group = vs.cfg.group
+    if group is None:
+        return "", []
+    return group, sorted(n for n, v in src.volumes.items() if v.cfg.group == group)
+
+
 async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) -> int | None:
     vs.phase = "sending"
+    group, members = group_of(src, vs)
 
     def produce(builder: EpochBuilder, progress: Callable[[int], None],
                 cancelled: Callable[[], bool]) -> None:
@@ -197,6 +219,7 @@ async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) ->
             if smap[b * HASH_LEN:(b + 1) * HASH_LEN] != h:
                 zero = h == (zfull if len(content) == vs.geo.block_size else zero_hash(len(content)))
                 builder.add(b, h, None if zero else memoryview(content))
+        builder.mark_cut(unit.time, unit.since if group else 0.0, group, members, force=unit.mark)
 
     return await src.stream(link, vs, unit.time, produce, split=False, total=unit.nbytes)
 
@@ -238,6 +261,7 @@ async def _resync(src: Source, link: Link, vs: VolumeState, journal: WriteJourna
 async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
                       unit: Resync) -> int | None:
     vs.phase = "resync" if vs.seeded else "seeding"
+    group, members = group_of(src, vs)
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     path = vs.cfg.path
@@ -288,6 +312,8 @@ async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJo
                 builder.add(b, h, None if h == zero_hash(len(blk)) else memoryview(blk))
         _add_zero_runs(builder, geo, smap, zeros, cancelled)  # the latest change of these blocks
         builder.time = when  # later epochs of this unit carry the closing cut's time
+        # the last epoch is the state at that cut (a group member's always exists: see above)
+        builder.mark_cut(when, 0.0, group, members, force=bool(group))
 
     last = await src.stream(link, vs, unit.time, produce)
     dt = time.monotonic() - t0

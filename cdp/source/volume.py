@@ -28,7 +28,7 @@ from cdp.blocks import Geometry, pack_u64, runs
 from cdp.codec import HASH_LEN, compress
 from cdp.config import VolumeConfig
 from cdp.durable import atomic_write, atomic_write_json, make_private_dir, read_json
-from cdp.messages import Data, Ref, Zero
+from cdp.messages import Cut, Data, Ref, Zero
 from cdp.protocol import MAX_ZERO_RUNS
 from cdp.ratelimit import TokenBucket
 
@@ -267,6 +267,7 @@ class EpochBuilder:
         self.max_epoch_bytes = max_epoch_bytes
         self.level = level
         self.cur: Pending | None = None
+        self.cut: Cut | None = None  # said before the current epoch's Commit (mark_cut)
         self.epoch_bytes = 0
         self.blocks = 0
         self.batched: set[int] = set()  # blocks of this epoch that may sit in an unsent batch
@@ -379,6 +380,20 @@ class EpochBuilder:
         self.refs = {}
         self.nrefs = 0
 
+    def mark_cut(self, when: float, since: float, group: str, members: list[str],
+                 force: bool = False) -> None:
+        """The epoch being built ends at a cut (nbd): the volume's state at `when`, which
+        becomes its capture time; a Cut message says so before its Commit. `force`: begin
+        an epoch with no blocks if none is open, so that the cut is a point at the receiver."""
+        if self.cur is None:
+            if not force:
+                return
+            self.time = when
+            self._begin()
+        assert self.cur is not None
+        self.cur.time = self.time = when
+        self.cut = Cut(self.vs.name, self.cur.epoch, when, since, group, members)
+
     def commit(self) -> None:
         """Close the current epoch (if any blocks went into it)."""
         if self.cur is None:
@@ -387,5 +402,8 @@ class EpochBuilder:
         self._flush_zeros()
         self._flush_refs()
         self.batched.clear()
+        if self.cut is not None and self.cut.epoch == self.cur.epoch:
+            self.emit(("msg", self.cut))
+        self.cut = None
         self.emit(("commit", self.cur.epoch, self.blocks))
         self.cur = None

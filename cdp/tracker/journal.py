@@ -17,7 +17,11 @@ capture
     (write-order fidelity). Sealed epochs wait for the sender; when it is
     behind, consecutive sealed epochs are merged (newest content wins), which
     is still the state at the later cut: recovery points get coarser under
-    load, never inconsistent.
+    load, never inconsistent. Each unit remembers the cut before its first
+    write (`since`): the volume held the previous unit's state through it,
+    which is how the receiver knows which cuts of a consistency group this
+    volume holds (cdp.replica.groups). A *marked* cut (a group checkpoint) seals
+    a unit even with nothing written, and no later unit is merged into it.
 
 tracking
     When captured data outgrows its memory budget, or after a restart or a
@@ -65,7 +69,8 @@ class Captured:
     the cut (trims, write-zeroes); the two never overlap. `nbytes` counts the
     content only. A spilled unit keeps its blocks in a file instead (`spill`,
     with `order` listing (block, length) in file order; its zero runs stay in
-    memory); read it with items().
+    memory); read it with items(). `since`: the cut before the unit's first write
+    (the previous unit's state held through it); `mark`: sealed at a marked cut.
     """
 
     seq: int
@@ -75,6 +80,8 @@ class Captured:
     spill: Path | None = None
     order: list[tuple[int, int]] = field(default_factory=list)
     zeros: BlockRuns = field(default_factory=BlockRuns)
+    since: float = 0.0
+    mark: bool = False
 
     def memory(self) -> int:
         """What the unit holds in memory, as charged against capture_memory."""
@@ -268,22 +275,26 @@ class WriteJournal:
 
     # -- cutting ----------------------------------------------------------------
 
-    def cut(self) -> None:
+    def cut(self, mark: bool = False) -> float:
         """A point the guest could have crashed at: seal the open epoch (or close a resync).
 
         In a consistency group every member cuts at the same instant, with the
         same time: the epochs of a multi-disk VM line up across its disks.
+        `mark` (a group checkpoint): members in capture mode seal a unit even if
+        nothing was written, and it stays an epoch of its own. Returns the instant.
         """
         now = time.time()
         for j in self.group or (self,):
-            j._cut_at(now)
+            j._cut_at(now, mark)
+        return now
 
-    def _cut_at(self, now: float) -> None:
-        self.last_cut = now
+    def _cut_at(self, now: float, mark: bool = False) -> None:
+        since, self.last_cut = self.last_cut, now
         if self.mode == "capture":
-            if not self.has_open:
+            if not self.has_open and not mark:
                 return
-            unit = Captured(self.seq, now, self.open, self.open_bytes, zeros=self.open_zeros)
+            unit = Captured(self.seq, now, self.open, self.open_bytes, zeros=self.open_zeros,
+                            since=since, mark=mark)
             self.sealed.append(unit)
             self.sealed_bytes += unit.memory()
             self.open, self.open_bytes, self.open_zeros = {}, 0, BlockRuns()
@@ -446,7 +457,8 @@ class WriteJournal:
         return spans
 
     def _merge_sealed(self) -> Captured:
-        """The oldest spilled unit alone, or every captured unit in memory up to the next spilled one.
+        """The oldest spilled unit alone, or every captured unit in memory up to the next spilled
+        one (or up to and including a marked one: its cut must stay a point of its own).
 
         Merged in order, each block's latest change wins: a later zero run drops
         earlier content, later content leaves the zero runs.
@@ -456,6 +468,7 @@ class WriteJournal:
             self.sealed_bytes -= unit.memory()
             return unit
         n = next((i for i, u in enumerate(self.sealed) if u.spill is not None), len(self.sealed))
+        n = next((i + 1 for i, u in enumerate(self.sealed[:n]) if u.mark), n)
         units, self.sealed = self.sealed[:n], self.sealed[n:]
         self.sealed_bytes -= sum(u.memory() for u in units)
         if len(units) == 1:
@@ -472,7 +485,8 @@ class WriteJournal:
             merged.update(u.blocks)
         self.stats.merged += len(units) - 1
         return Captured(units[-1].seq, units[-1].time, merged,
-                        sum(len(v) for v in merged.values()), zeros=zeros)
+                        sum(len(v) for v in merged.values()), zeros=zeros, since=units[0].since,
+                        mark=units[-1].mark)
 
     def next_pass(self) -> list[int] | None:
         """During a resync: blocks written meanwhile, if too many to read at the closing cut."""

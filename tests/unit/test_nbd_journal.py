@@ -410,3 +410,42 @@ def test_a_resumed_connection_does_not_reread_hot_regions(tmp_path: Path) -> Non
         assert isinstance(r, Resync) and r.spans == [(0, 2 * bpr)]
 
     run(main())
+
+
+def test_group_units_say_since_when_the_previous_state_held_and_a_marked_cut_stays_apart(
+        tmp_path: Path) -> None:
+    """`since` is the cut before a unit's first write (the receiver learns from it which group
+    cuts the volume holds); a marked cut (cdp checkpoint --group) seals even an idle member and
+    is never merged with later units, though earlier ones merge into it."""
+    async def main() -> None:
+        a, b = Volume(tmp_path / "a"), Volume(tmp_path / "b")
+        a.j.group = b.j.group = (a.j, b.j)
+        for v in (a, b):
+            await _close_initial_resync(v)
+        await a.write(0, b"one")
+        t1 = a.j.cut()
+        await b.write(0, b"only b")
+        t2 = a.j.cut()  # a has nothing open: no unit, but its state held through t2
+        await a.write(BS, b"two")
+        t3 = a.j.cut(mark=True)  # b is idle: it seals an empty marked unit
+        await a.write(2 * BS, b"three")
+        t4 = a.j.cut()
+        first = await a.j.take(0)  # units 1 and 2 merge (the marked one ends the merge)
+        assert isinstance(first, Captured) and first.mark
+        assert (first.time, first.since) == (t3, first.since) and first.since < t1
+        assert set(first.blocks) == {0, 1}
+        second = await a.j.take(0)
+        assert isinstance(second, Captured) and not second.mark
+        assert (second.time, second.since) == (t4, t3) and set(second.blocks) == {2}
+        ub = await b.j.take(0)  # b's unit at t2 merges into its empty marked one
+        assert isinstance(ub, Captured) and ub.mark and set(ub.blocks) == {0}
+        assert (ub.time, ub.since) == (t3, t1) and t1 < t2
+        assert await b.j.take(0) is None
+        t5 = a.j.cut(mark=True)  # an idle member still gets a point at a marked cut
+        empty = await b.j.take(0)
+        assert isinstance(empty, Captured) and empty.mark and not empty.blocks
+        assert (empty.time, empty.since) == (t5, t4)
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    run(main())

@@ -839,3 +839,39 @@ def test_remote_error_closes_session():
     assert p.rcv.receive_data(encode(Current("vm1", 0, 0.0))) == []
     # the receiver may still explain itself
     p.rcv.send(Error("protocol", "malformed", ""))
+
+
+# ---------------------------------------------------------------- cuts (protocol 2)
+
+
+def test_a_cut_goes_inside_its_epoch_and_names_only_the_clients_volumes():
+    from cdp.messages import Cut
+
+    p = ready()
+    cut = Cut("vm1", 1, 5.0, 4.0, "db", ["vm1", "vm2"])
+    assert p.src_send(Begin("vm1", 1, 1.0)) == [Begin("vm1", 1, 1.0)]
+    assert p.src_send(cut) == [cut]
+    assert p.src_send(Commit("vm1", 1, 0)) == [Commit("vm1", 1, 0)]
+    with pytest.raises(LocalProtocolError):
+        p.src.send(Cut("vm1", 2, 5.0, 0.0, "", []))  # outside its epoch
+    p = ready()
+    p.src_send(Begin("vm1", 1, 1.0))
+    with pytest.raises(VolumeError, match="may not write it"):  # vm3 is host2's
+        p.s2r(p.src.send(Cut("vm1", 1, 5.0, 0.0, "db", ["vm1", "vm3"])))
+    for bad in (Cut("vm1", 1, 5.0, 6.0, "", []), Cut("vm1", 1, 5.0, 0.0, "db", ["vm2"]),
+                Cut("vm1", 1, 5.0, 0.0, "", ["vm1"]), Cut("vm1", 1, 5.0, 0.0, "../x", ["vm1"])):
+        p = ready()
+        p.src_send(Begin("vm1", 1, 1.0))
+        with pytest.raises(RemoteProtocolError):
+            p.s2r(p.src.send(bad))
+
+
+def test_a_protocol_1_source_is_answered_in_protocol_1():
+    from cdp.frames import FrameDecoder
+
+    rcv = ReceiverSession(CLIENTS.get)
+    rcv.receive_data(encode(Hello(1, "host1", b"n" * NONCE_LEN)))
+    dec = FrameDecoder(4096)
+    dec.push(rcv.challenge())
+    item = dec.pop()
+    assert item is not None and isinstance(item[0], Challenge) and item[0].version == 1
