@@ -1,9 +1,12 @@
-"""`cdp checkpoint -c source.toml VOL --label TEXT`: a labelled recovery point (a baseline).
+"""`cdp checkpoint -c source.toml VOL|--group NAME --label TEXT`: a labelled recovery point.
 
 Asks the running source over its control channel (cdp/source/control.py) to
 cut an epoch now and label its point on the receiver; waits until the
 receiver recorded the label, then prints the epoch. Exit 1 if that does not
 happen within --timeout (the source may still label it later), 2 on usage.
+With --group, every disk of the consistency group is cut at one instant and
+each disk's point is labelled: `cdp failover test|promote --group NAME --point
+TEXT` then takes them together.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def register(sub: Any) -> None:
         "resulting recovery point. Labelled points outlive retention until `cdp points "
         "--unlabel`; `--point LABEL` names them in `cdp failover`.")
     s.add_argument("-c", "--config", type=Path, required=True, help="source.toml")
-    s.add_argument("volume")
+    s.add_argument("volume", nargs="?", help="the volume (or --group)")
+    s.add_argument("--group", help="every volume of this consistency group, cut together")
     s.add_argument("--label", required=True, help="1-128 printable characters, not only digits")
     s.add_argument("--timeout", default="60s", help="how long to wait (default 60s)")
     s.add_argument("--json", action="store_true")
@@ -38,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     from cdp.source.control import request_checkpoint
 
     cfg = load_source(args.config)
-    if cfg.volume(args.volume) is None:
+    if (args.volume is None) == (args.group is None):
+        raise UsageError("name a volume or --group NAME (not both)")
+    if args.group is not None and not any(v.group == args.group for v in cfg.volumes):
+        raise UsageError(f"no volume in {cfg.path} has group = {args.group!r}")
+    if args.volume is not None and cfg.volume(args.volume) is None:
         raise UsageError(f"no volume {args.volume!r} in {cfg.path}")
     if not valid_label(args.label):
         raise UsageError("--label: 1-128 printable characters, not only digits, without leading "
@@ -48,13 +56,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(f"--timeout: {exc}") from None
     try:
-        answer = request_checkpoint(cfg.state_dir, args.volume, args.label, timeout)
+        answer = request_checkpoint(cfg.state_dir, args.volume, args.label, timeout, args.group)
     except TimeoutError as exc:
         answer = {"ok": False, "error": f"{exc}; the label may still be applied later"}
     except CdpError as exc:
         answer = {"ok": False, "error": str(exc)}
     if args.json:
         print(json.dumps(answer, indent=1))
+    elif answer.get("ok") and args.group is not None:
+        print(f"group {args.group}: cut at {answer['time']:.3f} labelled {args.label!r}: "
+              + ", ".join(f"{v} epoch {e}" for v, e in sorted(answer["epochs"].items())))
     elif answer.get("ok"):
         print(f"volume {args.volume}: epoch {answer['epoch']} labelled {args.label!r}")
     else:

@@ -6,6 +6,8 @@ One request per connection, one JSON line each way, at most 4 KiB::
 
     -> {"op": "checkpoint", "volume": "vm1-disk0", "label": "before-upgrade"}
     <- {"ok": true, "volume": "vm1-disk0", "epoch": 1234, "label": "before-upgrade"}
+    -> {"op": "checkpoint", "group": "vm1", "label": "before-upgrade"}
+    <- {"ok": true, "group": "vm1", "time": T, "epochs": {"vm1-disk0": 1234, ...}, ...}
     <- {"ok": false, "error": "..."}
 
 A checkpoint cuts an epoch at once and labels its recovery point on the
@@ -17,6 +19,13 @@ acknowledged. NBD volumes: the journal cuts at once; the first epoch whose
 capture time is at or after the cut is labelled once acknowledged (the
 open epoch at the cut, possibly merged with later writes when the sender
 is behind: still a state the guest had).
+
+A group checkpoint (nbd volumes of one consistency group) waits until every
+member captures writes, then makes one *marked* cut (tracker/journal.py): each
+member seals a unit at that instant, even an empty one, never merged with later
+writes, so each member gets an epoch whose time is the cut's; each is labelled
+once acknowledged. A member that drops what it captured before then (it fell
+behind, a reconnect) fails the request: run it again.
 
 Scan queue (`FairGate`): at most `max_concurrent_scans` scans or resyncs run
 at once across the volumes; the others wait in arrival order (FIFO) with
@@ -185,6 +194,8 @@ class Control:
             return {"ok": False, "error": "expected one JSON line of at most 4 KiB"}
         if not isinstance(req, dict) or req.get("op") != "checkpoint":
             return {"ok": False, "error": "unknown request (expected op = checkpoint)"}
+        if "group" in req:
+            return await self._group_request(reader, req.get("group"), req.get("label"))
         vol, label = req.get("volume"), req.get("label")
         if not isinstance(vol, str) or vol not in self.src.volumes:
             return {"ok": False, "error": f"no volume {vol!r} in this source"}
@@ -206,6 +217,73 @@ class Control:
         if exc is not None:
             return {"ok": False, "error": str(exc)}
         return {"ok": True, "volume": vol, "epoch": r.done.result(), "label": label}
+
+    async def _group_request(self, reader: asyncio.StreamReader, group: Any,
+                             label: Any) -> dict[str, Any]:
+        names = sorted(n for n, v in self.src.volumes.items() if v.cfg.group == group)
+        if not isinstance(group, str) or not names:
+            return {"ok": False, "error": f"no volume of this source is in group {group!r}"}
+        if not isinstance(label, str) or not valid_label(label):
+            return {"ok": False, "error": "a label is 1-128 printable characters, not only digits, "
+                    "without leading or trailing blanks"}
+        log.info("checkpoint requested group=%s label=%r", group, label)
+        task = asyncio.ensure_future(self._group_checkpoint(group, names, label))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        disconnected = asyncio.ensure_future(reader.read(1))  # the client gave up (timeout)
+        try:
+            await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnected.cancel()
+        if not task.done():
+            task.cancel()
+            return {"ok": False, "error": "client went away"}
+        try:
+            when, epochs = task.result()
+        except CdpError as exc:
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "group": group, "label": label, "time": when, "epochs": epochs}
+
+    async def _group_checkpoint(self, group: str, names: list[str],
+                                label: str) -> tuple[float, dict[str, int]]:
+        """One marked cut of the whole group, each member's epoch at it labelled."""
+        exports: dict[str, Any] = {n: self.src.nbd.get(n) for n in names}
+        bad = [n for n, e in exports.items() if getattr(e, "journal", None) is None]
+        if bad:
+            raise CdpError(f"{', '.join(bad)} of group {group} is not being served over NBD")
+        journals: dict[str, Any] = {n: e.journal for n, e in exports.items()}
+        while not all(j.mode == "capture" for j in journals.values()):
+            await asyncio.sleep(POLL)  # a member catching up (resync) has no state at a new cut
+        before = {n: (j.stats.resyncs, j.stats.fallbacks) for n, j in journals.items()}
+        when = next(iter(journals.values())).cut(mark=True)  # every member, one instant
+        log.info("checkpoint cut group=%s time=%.6f", group, when)
+
+        def lost(n: str) -> bool:
+            j = journals[n]
+            return (j.stats.resyncs, j.stats.fallbacks) != before[n]
+
+        epochs: dict[str, int] = {}
+        for n in names:
+            while (e := exports[n].marked.pop(when, None)) is None:
+                if lost(n):
+                    break
+                await asyncio.sleep(POLL)
+            if e is None:
+                raise CdpError(f"{n} dropped what it captured before the checkpoint was sent "
+                               "(it fell behind or reconnected); run the checkpoint again")
+            epochs[n] = e
+        for n in names:
+            vs = self.src.volumes[n]
+            while vs.acked < epochs[n]:
+                if lost(n):
+                    raise CdpError(f"{n}: the checkpoint's epoch was not kept by the receiver "
+                                   "(a resync followed); run the checkpoint again")
+                await asyncio.sleep(POLL)
+        for n in names:
+            await self._send_label(self.src.volumes[n], epochs[n], label)
+            log.info("checkpoint labelled group=%s volume=%s epoch=%d label=%r", group, n,
+                     epochs[n], label)
+        return when, epochs
 
     # -- cutting and labelling -----------------------------------------------------
 
@@ -331,7 +409,8 @@ class Control:
         task.add_done_callback(self._tasks.discard)
 
 
-def request_checkpoint(state_dir: Path, volume: str, label: str, timeout: float) -> dict[str, Any]:
+def request_checkpoint(state_dir: Path, volume: str | None, label: str, timeout: float,
+                       group: str | None = None) -> dict[str, Any]:
     """Client side (cdp checkpoint): ask the running source; the answer, or a CdpError."""
     path = state_dir / SOCKET
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -341,8 +420,8 @@ def request_checkpoint(state_dir: Path, volume: str, label: str, timeout: float)
             s.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise CdpError(f"the source is not running (no control socket at {path})") from None
-        s.sendall((json.dumps({"op": "checkpoint", "volume": volume, "label": label}) + "\n")
-                  .encode())
+        which = {"volume": volume} if group is None else {"group": group}
+        s.sendall((json.dumps({"op": "checkpoint", **which, "label": label}) + "\n").encode())
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(MAX_REQUEST)
