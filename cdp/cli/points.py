@@ -22,7 +22,9 @@ def register(sub: Any) -> None:
                        "time at the source, age (the RPO if you recovered to it now) and the "
                        "journal bytes only that point needs.")
     s.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
-    s.add_argument("volume")
+    s.add_argument("volume", nargs="?", help="the volume (or --group)")
+    s.add_argument("--group", help="the cuts every disk of this consistency group holds: the "
+                   "points a group drill or promote can take")
     s.add_argument("--unlabel", metavar="EPOCH", help="remove the label of this point (an epoch "
                    "or its label): retention may then drop it like any other")
     s.add_argument("--json", action="store_true")
@@ -72,7 +74,7 @@ def collect(data_dir: Path, volume: str) -> dict[str, Any]:
     rows = [{"epoch": p.epoch, "time": p.time, "until": max(p.time, p.until),
              "age": now - p.time if p.time else None,
              "size": p.size, "keep_bytes": p.keep_bytes, "label": p.label,
-             "current": p.current} for p in points]
+             "current": p.current, "group": p.group} for p in points]
     return {"volume": volume, "data_dir": str(data_dir), "count": len(rows),
             "journal_bytes": sum(p.size for p in points),
             "oldest": rows[0] if rows else None, "points": rows,
@@ -93,6 +95,10 @@ def promoted_line(volume: str, rec: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_receiver(args.config)
+    if (args.volume is None) == (args.group is None):
+        raise UsageError("name a volume or --group NAME (not both)")
+    if args.group is not None:
+        return _group(cfg.data_dir, args)
     if args.unlabel is not None:
         vol_dir = volume_dir(cfg.data_dir, args.volume)
         epoch = resolve_point(vol_dir, args.unlabel)
@@ -117,4 +123,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"{p['epoch']:>8}  {fmt_time(p['time']):19}  {age:>8}  {size:>10}  "
               f"{p['label'] or ''}")
     print(f"{report['count']} point(s), journal {format_bytes(report['journal_bytes'])}")
+    return 0
+
+
+def _group(data_dir: Path, args: argparse.Namespace) -> int:
+    """--group: the instants every member holds, each member's point at it (groups.py)."""
+    from cdp.replica.groups import group_cuts, members
+
+    if args.unlabel is not None:
+        raise UsageError("--unlabel takes a volume: unlabel each disk of the group")
+    names = members(data_dir, args.group)
+    cuts = group_cuts(data_dir, args.group)
+    now = time.time()
+    if args.json:
+        print(json.dumps({"group": args.group, "members": names, "count": len(cuts),
+                          "cuts": [{"time": c.time, "age": now - c.time,
+                                    "epochs": {m: p.epoch for m, p in c.points.items()},
+                                    "labels": {m: p.label for m, p in c.points.items()
+                                               if p.label}} for c in cuts]}, indent=1))
+        return 0
+    print(f"{'time':19}  {'age':>8}  " + "  ".join(f"{m:>12}" for m in names))
+    for c in cuts:
+        print(f"{fmt_time(c.time):19}  {fmt_age(now - c.time):>8}  "
+              + "  ".join(f"{c.points[m].epoch:>12}" for m in names))
+    print(f"{len(cuts)} cut(s) of group {args.group} held by every member")
     return 0

@@ -206,6 +206,11 @@ def test_a_group_with_a_member_behind_restores_pairs_that_existed_together(
     assert counter(imgs[0]) == counter(imgs[1]) == base_j
     assert [bytes_hash(x) for x in imgs] == [bytes_hash(base[d]) for d in DISKS]
     assert {v["volume"]: v["point"]["epoch"] for v in rep_json["volumes"]} == answer["epochs"]
+    r = run_cdp("points", "-c", env.receiver_toml, "--group", GROUP, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    listed = json.loads(r.stdout)["cuts"]
+    assert {"time": answer["time"], "epochs": answer["epochs"]} in [
+        {"time": c["time"], "epochs": c["epochs"]} for c in listed]
     # promote the VM at its checkpoint: both live disks are that pair
     src.stop()
     wait_for(lambda: all(connected_source(env.replica_dir(d)) is None for d in DISKS), 30,
