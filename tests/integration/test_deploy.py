@@ -184,7 +184,7 @@ def _metric_names() -> set[str]:
 
     rx = SimpleNamespace(replicas={}, live={}, owners={}, _conns=set(), _by_id={}, cfg=None,
                          promoted=lambda name: None)
-    src = SimpleNamespace(volumes={}, connected=False)
+    src = SimpleNamespace(volumes={}, connected=False, link_error_since=0.0, next_connect=0.0)
     names = set()
     for m in (ReceiverMetrics(rx), SourceMetrics(src)):
         names |= {fam.name for fam in m.registry.collect()}
