@@ -1007,3 +1007,13 @@ def _size(v: int | None) -> str:
 
 def _cap(v: Any) -> str:
     return "base" if v is INHERIT else format_rate(v)
+
+
+def log_reload(log: Any, applied: tuple[str, ...], restart: tuple[str, ...]) -> None:
+    """What a SIGHUP reload applied and what waits for a restart, the same for both daemons."""
+    for line in applied:
+        log.info("config reload: %s", line)
+    for line in restart:
+        log.warning("config reload: %s: needs a restart; the running value stays", line)
+    if not applied and not restart:
+        log.info("config reload: nothing changed")

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from cdp.blocks import Geometry, pack_u64, unpack_u64
 from cdp.codec import HASH_LEN
-from cdp.config import ReceiverConfig, load_receiver, reload_receiver
+from cdp.config import ReceiverConfig, load_receiver, log_reload, reload_receiver
 from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
     AuthError,
@@ -283,12 +283,7 @@ class Receiver:
                 log.error("config reload failed, still running with the previous config: %s", exc)
                 return
             plan = reload_receiver(self.cfg, new)
-            for line in plan.applied:
-                log.info("config reload: %s", line)
-            for line in plan.restart:
-                log.warning("config reload: %s: needs a restart; the running value stays", line)
-            if not plan.applied and not plan.restart:
-                log.info("config reload: nothing changed")
+            log_reload(log, plan.applied, plan.restart)
             old, self.cfg = self.cfg, plan.cfg
             await self._apply_clients(set(plan.dropped))
             await self._apply_retention()

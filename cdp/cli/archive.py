@@ -14,6 +14,7 @@ from typing import Any
 
 from cdp.archive.backend import drop_traceback
 from cdp.archive.backend import run_sync as _arun
+from cdp.cli.progress import byte_bars
 from cdp.config import ArchiveConfig, ReceiverConfig, load_receiver
 from cdp.errors import ArchiveCorruptError, ConfigError
 from cdp.safewrite import Target, safe_mode
@@ -98,23 +99,8 @@ def _when(t: float | None) -> str:
 
 @contextlib.contextmanager
 def _progress(args: argparse.Namespace) -> Iterator[Any]:
-    """A rich progress bar on a terminal (never with --json or when stderr is not a tty)."""
-    if args.json or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(what: str, done: int, total: int) -> None:
-            if what not in tasks:
-                tasks[what] = bar.add_task(what, total=total)
-            bar.update(tasks[what], completed=done, total=total)
-
+    """Byte bars on a terminal (see cdp.cli.progress)."""
+    with byte_bars(not args.json) as update:
         yield update
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 from cdp.blocks import Geometry
+from cdp.cli.progress import byte_bars
 from cdp.config import ReceiverConfig, SourceConfig, valid_name
 from cdp.errors import UsageError
 from cdp.replica.check import CheckResult, check_replica, replica_dirs
@@ -90,21 +90,6 @@ def replica_line(r: CheckResult, shown: int = 20) -> str:
 
 @contextlib.contextmanager
 def replica_progress(enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
-    """A rich bar per volume on stderr when it is a terminal; nothing otherwise."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                  transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(volume: str, done: int, total: int) -> None:
-            if volume not in tasks:
-                tasks[volume] = bar.add_task(volume, total=total)
-            bar.update(tasks[volume], completed=done, total=total)
-
+    """Byte bars on a terminal (see cdp.cli.progress)."""
+    with byte_bars(enabled) as update:
         yield update

@@ -30,7 +30,7 @@ from typing import Any
 
 from cdp.blocks import Geometry
 from cdp.codec import zero_hash
-from cdp.config import SourceConfig, load_source, reload_source
+from cdp.config import SourceConfig, load_source, log_reload, reload_source
 from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
     PERMANENT_CODES,
@@ -165,12 +165,7 @@ class Source:
                 log.error("config reload failed, still running with the previous config: %s", exc)
                 return
             plan = reload_source(self.cfg, new)
-            for line in plan.applied:
-                log.info("config reload: %s", line)
-            for line in plan.restart:
-                log.warning("config reload: %s: needs a restart; the running value stays", line)
-            if not plan.applied and not plan.restart:
-                log.info("config reload: nothing changed")
+            log_reload(log, plan.applied, plan.restart)
             self.cfg = plan.cfg
             for vs in self.volumes.values():
                 vc = plan.cfg.volume(vs.name)
