@@ -383,7 +383,7 @@ def archive_volumes(cfg: ReceiverConfig, a: ArchiveConfig, only: Sequence[str] |
 
 def pick_archive(cfg: ReceiverConfig, name: str | None) -> ArchiveConfig:
     if not cfg.archives:
-        raise ConfigError(f"{cfg.path}: no [[archive]] table; add one (see the README)")
+        raise ConfigError(f"{cfg.path}: no [[archive]] table; add one (see docs/archives.md)")
     if name is None:
         if len(cfg.archives) > 1:
             raise ConfigError(f"{cfg.path}: several archives ({', '.join(a.name for a in cfg.archives)}); "

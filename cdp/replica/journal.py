@@ -42,7 +42,7 @@ stays unset: undo files are immutable and a label can be removed.) A labelled po
 holds retention back like a pin: its undo files and every newer one are
 kept until ``cdp points --unlabel``. Keeping point L therefore costs every
 undo file after L, i.e. the old content of every block rewritten since L,
-once per epoch that rewrote it; see the README.
+once per epoch that rewrote it; see docs/recovery.md.
 
 Generations: promote rolls the image back, drops the journal and starts a new
 generation (state.json ``generation``, 1 if absent); replication after failback

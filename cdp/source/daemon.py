@@ -606,7 +606,7 @@ class Source:
             await self._scan_now(link, vs)
 
     async def _scan_now(self, link: Link, vs: VolumeState) -> None:
-        """One scan. Its epochs carry two times (README, "Scans see torn state"): `capture`,
+        """One scan. Its epochs carry two times (docs/how-it-works.md, "Scans see torn state"): `capture`,
         everything that finished before it is in, and `until`, nothing that finished after
         it is. pre_scan quiesces until post_scan: both are the moment the hook returned (a
         write it waited for is in). A reflink copy is one instant inside the copy call.

@@ -238,7 +238,8 @@ def test_metrics_ports_agree_everywhere() -> None:
     prom = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
     assert targets == {"cdp-receiver": ["receiver:9740"], "cdp-source": ["source:9750"]}
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    readme = " ".join(" ".join(p.read_text() for p in docs).split())
     assert "`[receiver]` (port 9740" in readme and "`[source]` (port 9750" in readme
     deploy = " ".join((DEPLOY / "README.md").read_text().split())
     assert "9740 and 9750 (Prometheus metrics of receiver and source" in deploy

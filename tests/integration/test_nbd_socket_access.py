@@ -247,5 +247,5 @@ def test_deploy_unit_lets_the_hypervisor_reach_run_cdp() -> None:
     assert "CAP_CHOWN" in s["CapabilityBoundingSet"]  # for nbd_socket_owner/group
     recipe = " ".join((ROOT / "deploy" / "README.md").read_text().split())
     assert 'nbd_socket_group = "kvm"' in recipe and 'nbd_socket_mode = "0660"' in recipe
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "docs" / "nbd-mode.md").read_text().split())
     assert "nbd_socket_group" in readme and "nbd_socket_mode" in readme

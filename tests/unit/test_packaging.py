@@ -1,5 +1,5 @@
 """Install paths: the distribution name is ours, and every `pip install` that README.md,
-deploy/ or CI show installs this checkout (or a wheel built from it), never a package of
+docs/, deploy/ or CI show installs this checkout (or a wheel built from it), never a package of
 that name from PyPI (`cdp` there is an unrelated 2015 package)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ PIP = re.compile(r"\bpip3?\s+install\s+([^`#;&|)\n]+)")
 
 def _install_texts() -> dict[str, str]:
     files = [ROOT / "README.md", ROOT / ".ci" / "run"]
+    files += sorted((ROOT / "docs").glob("*.md"))
     files += [p for p in (ROOT / "deploy").rglob("*") if p.is_file() and p.suffix != ".json"]
     return {str(p.relative_to(ROOT)): p.read_text(errors="replace") for p in files}
 
