@@ -3,10 +3,22 @@
 Sparse-aware: holes (SEEK_HOLE) are known to be zero without reading them,
 and a run of holes whose blocks were already zero is skipped in one compare.
 Pure and synchronous; the source runs it in a worker thread.
+
+Data is hashed in place through a read-only shared mapping of the file (one
+window of `chunk` bytes at a time), not copied out of the page cache first:
+the copy was most of a hot-cache scan's cost (a 1 GiB scan ran in about 170 ms
+with preadv into a buffer, 65-70 ms mapped). Because a shared mapping shows
+writes made while it is read, a block found changed is copied out and hashed
+again: the hash reported is always the hash of the content reported. Files that
+cannot be mapped fall back to preadv. A regular file is checked for shrinking
+before each window; one truncated while its window is being read can still end
+the process with SIGBUS (as with any mmap reader): a volume must not be resized
+while it is replicated.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator
@@ -16,7 +28,7 @@ from cdp.blocks import Geometry, block_spans, data_extents
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import TrackerError
 
-CHUNK = 4 << 20
+CHUNK = 16 << 20  # bytes mapped (or read) at a time; the source makes it smaller under read_limit
 
 Change = tuple[int, bytes, memoryview | None]  # (block, new hash, content or None if all zero)
 
@@ -103,13 +115,15 @@ def scan_spans(fd: int, geo: Geometry, smap: bytearray, spans: list[tuple[int, i
 def _read_span(fd: int, geo: Geometry, smv: memoryview, view: memoryview, b: int, end: int, *,
                progress: Callable[[int], None] | None, cancelled: Callable[[], bool] | None,
                throttle: Callable[[int], None] | None) -> Generator[Change, None, bool]:
-    """Read blocks [b, end) in chunks of len(view); yield those whose hash differs from smv.
+    """Hash blocks [b, end) in windows of len(view); yield those whose hash differs from smv.
 
     Returns False if cancelled (the caller stops), True when the span is done.
     """
     bs = geo.block_size
     zfull = zero_hash(bs)
     per_chunk = len(view) // bs
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    mapped = True
     while b < end:
         if cancelled and cancelled():
             return False
@@ -118,21 +132,58 @@ def _read_span(fd: int, geo: Geometry, smv: memoryview, view: memoryview, b: int
         want = min(geo.size, (b + nblocks) * bs) - off
         if throttle:
             throttle(want)
-        got = os.preadv(fd, [view[:want]], off)
-        if got < want:  # the file shrank under us: the rest reads as zero
-            view[got:want] = bytes(want - got)
+        win: memoryview | None = None
+        if mapped:
+            have = min(want, max(0, os.fstat(fd).st_size - off)) if regular else want
+            try:
+                win = _map(fd, off, have) if have else None
+            except (OSError, ValueError):  # not mappable (a pipe, some devices): read instead
+                mapped = False
+            if mapped and have < want:  # the file shrank under us: the rest reads as zero
+                view[:want] = bytes(want)
+                if win is not None:
+                    view[:have] = win
+                win = None
+        if win is None and not mapped:
+            got = os.preadv(fd, [view[:want]], off)
+            if got < want:  # the file shrank under us: the rest reads as zero
+                view[got:want] = bytes(want - got)
+        src = view if win is None else win
+        # all of the window's hashes at once: an unchanged window is one compare
+        hashes = b"".join([block_hash(src[q:q + bs]) for q in range(0, want, bs)])
+        olds = smv[b * HASH_LEN:(b + nblocks) * HASH_LEN]
         p = 0
-        for i in range(b, b + nblocks):
+        for i in ([] if hashes == olds else range(b, b + nblocks)):
+            k = (i - b) * HASH_LEN
+            h = hashes[k:k + HASH_LEN]
+            old = olds[k:k + HASH_LEN]
             n = bs if i < geo.blocks - 1 else geo.length(i)
-            blk = view[p:p + n]
-            h = block_hash(blk)
-            if smv[i * HASH_LEN:(i + 1) * HASH_LEN] != h:
-                yield i, h, (None if h == (zfull if n == bs else zero_hash(n)) else blk)
+            if old != h:
+                blk = src[p:p + n]
+                if win is not None:  # the mapping can change under us: report a private copy
+                    blk = view[:n]
+                    blk[:] = win[p:p + n]
+                    h = block_hash(blk)
+                if old != h:
+                    yield i, h, (None if h == (zfull if n == bs else zero_hash(n)) else blk)
             p += n
+        if win is not None:
+            win.release()
         if progress:
             progress(want)
         b += nblocks
     return True
+
+
+def _map(fd: int, off: int, length: int) -> memoryview:
+    """A read-only view of [off, off+length) of fd, mapped shared and populated at once.
+
+    The mmap object is not closed here: the view keeps it alive, and it is unmapped
+    when the view (and any slice of it the caller still holds) is gone.
+    """
+    m = mmap.mmap(fd, length, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ,
+                  offset=off)
+    return memoryview(m)
 
 
 def _holes(geo: Geometry, smv: memoryview, start: int, end: int, zfull: bytes) -> Iterator[Change]:
