@@ -67,6 +67,7 @@ from cdp.source.control import Control, FairGate
 from cdp.source.filesets import REPLIES as FILE_REPLIES
 from cdp.source.filesets import FilesetSync
 from cdp.source.nbdmode import NbdExport, Producer, nbd_session
+from cdp.source.scanpace import ScanPacer, cpu_meter, next_scan
 from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.consistency import reflink_snapshot, run_hook
@@ -94,6 +95,7 @@ class Source:
         self.index = DedupIndex(cfg.dedup_index_entries)
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdp-z")
         self.wake: dict[str, asyncio.Event] = {}
+        self.pacers: dict[str, ScanPacer] = {}  # scan volumes: when the next scan may start
         self.inbox: dict[str, asyncio.Queue[Message]] = {}
         self.acked_event: dict[str, asyncio.Event] = {}
         self.scan_cancel: dict[str, threading.Event] = {}
@@ -547,17 +549,18 @@ class Source:
             return
         await self._open(link, vs)
         wake = self.wake[vs.name]
+        pacer = self.pacers.setdefault(vs.name, ScanPacer(vs.cfg.min_scan_interval))
         first = True
         while True:
             if (err := self.remote_errors.pop(vs.name, None)) is not None:
                 raise err
             if not first and vs.need is None:
                 vs.phase = "idle" if vs.seeded else vs.phase
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), vs.cfg.scan_interval)
-                await asyncio.sleep(max(0.0, vs.cfg.min_scan_interval))
+                pacer.min_interval = vs.cfg.min_scan_interval  # SIGHUP may have changed it
+                await next_scan(wake, pacer, vs.cfg.scan_interval)
             first = False
             wake.clear()
+            pacer.started(time.monotonic())
             if vs.need is not None:
                 # the receiver dropped epoch `need` and all later ones: roll back and rescan
                 vs.undo_from(vs.need, self.index)
@@ -643,6 +646,8 @@ class Source:
         assert vs.geo is not None
         t0 = time.monotonic()
         chunk = _paced(SCAN_CHUNK, self.reads.rate, vs.geo.block_size)
+        pacer = self.pacers.setdefault(vs.name, ScanPacer(vs.cfg.min_scan_interval))
+        seeded = vs.seeded
 
         skipped = 0  # bytes of holes: zero without being read
 
@@ -663,9 +668,11 @@ class Source:
             except OSError as exc:
                 raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
             try:
-                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                              cancelled=cancelled, throttle=throttle, holes=hole):
-                    builder.add(block, h, content)
+                # what a rescan cost spaces the next one (scanpace.DUTY); a seed predicts nothing
+                with cpu_meter(pacer) if seeded else contextlib.nullcontext():
+                    for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
+                                                  cancelled=cancelled, throttle=throttle, holes=hole):
+                        builder.add(block, h, content)
             finally:
                 os.close(fd)
 

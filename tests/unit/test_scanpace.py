@@ -1,0 +1,131 @@
+"""Scan pacing: a burst of file events becomes one scan, soon; starts are spaced by
+min_scan_interval measured from the previous start; events during a scan start the next
+one; a costly scan spaces the next by twice its CPU time."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import pytest
+
+from cdp.source.scanpace import DUTY, SETTLE_MAX, ScanPacer, cpu_meter, next_scan
+
+
+def test_earliest_counts_from_the_last_start_and_the_scan_cost() -> None:
+    p = ScanPacer(min_interval=0.25)
+    assert p.earliest() == float("-inf")  # the first scan waits for nothing
+    p.started(100.0)
+    assert p.earliest() == 100.25
+    p.finished(0.05)  # a cheap scan: the interval rules
+    assert p.earliest() == 100.25
+    p.finished(1.0)  # a scan that took a second of CPU: at most DUTY of a core
+    assert p.earliest() == pytest.approx(100.0 + 1.0 / DUTY)
+    p.finished(-1.0)
+    assert p.last_cpu == 0.0
+
+
+def test_cpu_meter_measures_this_threads_cpu() -> None:
+    p = ScanPacer(min_interval=0.0)
+    with cpu_meter(p):
+        t = time.thread_time()
+        while time.thread_time() - t < 0.02:
+            pass
+    assert p.last_cpu >= 0.02
+
+
+async def _run(coro):  # type: ignore[no-untyped-def]
+    return await asyncio.wait_for(coro, 5)
+
+
+def test_a_burst_of_events_is_one_scan_that_does_not_wait_for_the_burst_to_end() -> None:
+    """Events every 2 ms for 3 s: the scan lets the burst settle up to the cap, then starts
+    while the writer is still writing (it does not wait for a pause that never comes)."""
+
+    async def main() -> tuple[float, str, bool]:
+        wake = asyncio.Event()
+        pacer = ScanPacer(min_interval=0.0)
+
+        async def writer() -> None:
+            end = time.monotonic() + 3.0
+            while time.monotonic() < end:
+                wake.set()
+                await asyncio.sleep(0.002)
+
+        w = asyncio.create_task(writer())
+        await asyncio.sleep(0.001)
+        t0 = time.monotonic()
+        reason = await _run(next_scan(wake, pacer, 10.0))
+        waited = time.monotonic() - t0
+        still_writing = not w.done()
+        w.cancel()
+        return waited, reason, still_writing
+
+    waited, reason, still_writing = asyncio.run(main())
+    assert reason == "event"
+    assert waited >= SETTLE_MAX * 0.9  # the burst was given time to settle ...
+    assert still_writing               # ... but the scan did not wait for its end
+
+
+def test_quiet_after_one_event_scans_after_the_settle_only() -> None:
+    async def main() -> tuple[str, bool]:
+        wake = asyncio.Event()
+        wake.set()
+        reason = await _run(next_scan(wake, ScanPacer(min_interval=0.0), 10.0))
+        return reason, wake.is_set()
+
+    reason, pending = asyncio.run(main())
+    assert reason == "event" and not pending
+
+
+def test_no_event_scans_on_the_timer() -> None:
+    async def main() -> str:
+        return await _run(next_scan(asyncio.Event(), ScanPacer(min_interval=0.0), 0.05))
+
+    assert asyncio.run(main()) == "timer"
+
+
+def test_starts_are_spaced_by_min_interval_from_the_previous_start() -> None:
+    """Continuous events and scans of ~30 ms: starts come every min_interval (not
+    min_interval after each scan's end), and never closer."""
+
+    async def main() -> list[float]:
+        wake = asyncio.Event()
+        pacer = ScanPacer(min_interval=0.1)
+        starts: list[float] = []
+        stop = False
+
+        async def writer() -> None:
+            while not stop:
+                wake.set()
+                await asyncio.sleep(0.003)
+
+        w = asyncio.create_task(writer())
+        for _ in range(5):
+            await _run(next_scan(wake, pacer, 10.0))
+            now = time.monotonic()
+            pacer.started(now)
+            starts.append(now)
+            await asyncio.sleep(0.03)  # the scan
+        stop = True
+        await w
+        return starts
+
+    starts = asyncio.run(main())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(g >= 0.1 for g in gaps), gaps  # the bound holds whatever the load
+
+
+def test_an_event_during_a_scan_starts_the_next_one() -> None:
+    async def main() -> tuple[str, str]:
+        wake = asyncio.Event()
+        pacer = ScanPacer(min_interval=0.0)
+        wake.set()
+        first = await _run(next_scan(wake, pacer, 10.0))
+        pacer.started(time.monotonic())
+        wake.set()  # a write lands while the scan runs
+        second = await _run(next_scan(wake, pacer, 0.5))
+        return first, second
+
+    assert asyncio.run(main()) == ("event", "event")
