@@ -146,7 +146,7 @@ class VolumeConfig:
     mode: str = "scan"
     block_size: int = DEFAULT_BLOCK_SIZE
     scan_interval: float = 10.0
-    min_scan_interval: float = 1.0
+    min_scan_interval: float = 0.25  # scans start at most this often (scanpace.py)
     pre_scan: str | None = None
     post_scan: str | None = None
     snapshot: str = "none"  # or "reflink"
@@ -633,7 +633,7 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         block_size=vt.get("block_size", _block_size,
                           default=DEFAULT_BLOCK_SIZE if mode == "scan" else NBD_BLOCK_SIZE),
         scan_interval=vt.get("scan_interval", parse_duration, default=10.0),
-        min_scan_interval=vt.get("min_scan_interval", parse_duration, default=1.0),
+        min_scan_interval=vt.get("min_scan_interval", parse_duration, default=0.25),
         pre_scan=vt.get("pre_scan", _str, default=None),
         post_scan=vt.get("post_scan", _str, default=None),
         snapshot=vt.get("snapshot", _choice("none", "reflink"), default="none"),
