@@ -192,9 +192,11 @@ class Tree:
         node = e.node
         try:
             node.check_readable()
-        except ArchiveError as exc:
+        except ArchiveError as exc:  # EFS-encrypted, deduplicated or compressed by Windows
             log.warning("%s: %s: %s", self.opened.what, printable(path), exc)
             raise FsError(errno.EIO) from None
+        except Exception:
+            self._guest(node.check_readable)  # logs the parser's failure, raises EIO
         fh = self._guest(node.open)
         n = self._next_fh
         self._next_fh += 1

@@ -191,6 +191,12 @@ def test_an_archived_snapshot_mounts_with_its_files(tmp_path: Path, mounts: list
     assert (m.where / "files" / "data" / "blob.bin").read_bytes() == blob
     assert sorted(os.listdir(m.where / "files" / "etc")) == ["escape", "hostname", "passwd"]
     assert os.readlink(m.where / "files" / "etc" / "escape") == "/etc/passwd"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, says in ((["vol1", empty, "--snapshot", "ffffffff"], "no snapshot matches"),
+                       (["vol9", empty, "--archive", "offsite"], "has no volume 'vol9'")):
+        r = run_cdp("mount", "-c", toml, *args)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
     # the mount holds the repository's shared lock: prune cannot delete what it reads
     r = run_cdp("archive", "prune", "-c", toml)
     assert r.returncode != 0 and "locked" in r.stderr, r.stderr
