@@ -159,3 +159,9 @@ class RemoteError(CdpError):
 # operator changes something".
 PERMANENT_CODES = frozenset({"auth", "unauthorized", "geometry", "name", "config", "protocol",
                              "promoted"})
+
+
+class MountError(CdpError):
+    """`cdp mount` cannot mount: no FUSE, a mount point that is not an empty folder, libfuse refused."""
+
+    exit_code = 2
