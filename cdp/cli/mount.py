@@ -35,8 +35,11 @@ def register(sub: Any) -> None:
         "until Ctrl-C or SIGTERM, then unmounts. Exit 0 after a clean unmount, 2 if it cannot "
         "mount.")
     s.add_argument("-c", "--config", type=Path, required=True, help="receiver.toml")
-    s.add_argument("volume", metavar="VOL", help="the volume")
-    s.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT", help="an empty folder")
+    s.add_argument("first", metavar="[POINT|SNAPSHOT]",
+                   help="optional: an epoch or label of VOL's replica, else an archived snapshot's "
+                   "id (prefix or 'latest'); the same as --point or --snapshot")
+    s.add_argument("second", metavar="VOL", help="the volume")
+    s.add_argument("third", nargs="?", metavar="MOUNTPOINT", help="an empty folder")
     which = s.add_mutually_exclusive_group()
     which.add_argument("--point", metavar="EPOCH|LABEL",
                        help="epoch or label of the replica's point (default: the latest)")
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from cdp.mount.tree import Tree
 
     cfg = load_receiver(args.config)
+    _positionals(args, cfg)
     check_mountpoint(args.mountpoint)  # before a snapshot is fetched or a point pinned
     where = printable(str(args.mountpoint))
     if args.archive is not None and args.snapshot is None:
@@ -93,3 +97,28 @@ def run(args: argparse.Namespace) -> int:
         opened.close()
     print(f"unmounted {where}", file=sys.stderr)
     return 0
+
+
+def _positionals(args: argparse.Namespace, cfg: Any) -> None:
+    """`VOL MOUNTPOINT`, or `POINT|SNAPSHOT VOL MOUNTPOINT` (the form DESIGN.md documents).
+
+    POINT|SNAPSHOT is a point when it is an epoch number or a label of VOL's replica, and
+    otherwise an archived snapshot (an id prefix or 'latest'); --point/--snapshot say it
+    explicitly.
+    """
+    if args.third is None:
+        args.volume, args.mountpoint = args.first, Path(args.second)
+        return
+    which, args.volume, args.mountpoint = args.first, args.second, Path(args.third)
+    if args.point or args.label or args.at or args.snapshot:
+        raise UsageError(f"{which!r} names the point or snapshot already: drop --point, --label, "
+                         "--at and --snapshot, or the positional")
+    from cdp.replica.journal import read_labels
+
+    vol_dir = cfg.data_dir / args.volume
+    is_label = args.volume not in ("", ".", "..") and "/" not in args.volume and (
+        which in read_labels(vol_dir).values() if vol_dir.is_dir() else False)
+    if which.isdigit() or is_label or not cfg.archives:
+        args.point = which
+    else:
+        args.snapshot = which

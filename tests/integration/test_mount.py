@@ -202,6 +202,12 @@ def test_an_archived_snapshot_mounts_with_its_files(tmp_path: Path, mounts: list
     assert r.returncode != 0 and "locked" in r.stderr, r.stderr
     assert m.stop() == 0, m.output()
     assert not is_mounted(m.where)
+    # DESIGN.md's form: a positional that is no point of the replica is a snapshot id
+    m = Mount(tmp_path / "pos", "-c", toml, snap[:8], "vol1")
+    mounts.append(m)
+    m.ready("vol1.img")
+    assert file_hash(m.where / "vol1.img") == bytes_hash(v1)
+    assert m.stop() == 0, m.output()
     r = run_cdp("archive", "prune", "-c", toml, "--dry-run")
     assert r.returncode == 0, r.stderr
 
@@ -261,3 +267,14 @@ def test_label_and_at_pick_the_same_point_as_point(tmp_path: Path, mounts: list[
         want = two if not args else one
         assert file_hash(m.where / "vol1.img") == bytes_hash(want), args
         assert m.stop() == 0
+    # DESIGN.md's form: `cdp mount -c receiver.toml POINT|SNAPSHOT VOL DIR`
+    for i, (which, want) in enumerate((("baseline", one), ("2", two), ("1", one))):
+        m = Mount(tmp_path / f"pos{i}", "-c", toml, which, "vol1")
+        mounts.append(m)
+        m.ready("vol1.img")
+        assert file_hash(m.where / "vol1.img") == bytes_hash(want), which
+        assert m.stop() == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run_cdp("mount", "-c", toml, "1", "vol1", empty, "--point", "2")
+    assert r.returncode == 2 and "names the point or snapshot already" in r.stderr, r.stderr
