@@ -12,20 +12,25 @@ module walks the image's tree and decides what to write:
 - setuid, setgid and sticky bits are dropped unless `preserve_special`;
 - a folder met twice (hard-linked or looped) or more than MAX_DEPTH deep is skipped;
 - data is streamed, up to the entry's declared size, zero blocks left as holes;
-- devices, FIFOs, sockets and junctions are not created.
+- devices, FIFOs, sockets and junctions are not created;
+- without `force`, nothing is replaced: before anything is written, the target is
+  checked for an entry a file or symlink of the copy would replace (`first_existing`),
+  and the copy is refused naming it. Existing folders are merged into.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cdp.archive.files import FileSystem, Node, find
-from cdp.errors import ArchiveError, UnsafeEntryError
-from cdp.safewrite import Target, safe_mode
+from cdp.errors import ArchiveError, UnsafeEntryError, UsageError
+from cdp.safewrite import Target, check_name, safe_mode
+from cdp.textsafe import printable
 
 MAX_DEPTH = 256  # folders below the copied one; one open descriptor per level while copying
 READ_SIZE = 1 << 20
@@ -43,11 +48,13 @@ class Extracted:
                 "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
 
 
-def get_path(fs: FileSystem, path: str, dest: Path, *, preserve_special: bool = False) -> Extracted:
+def get_path(fs: FileSystem, path: str, dest: Path, *, preserve_special: bool = False,
+             force: bool = False) -> Extracted:
     """Copy `path` of the image to `dest`: into it under its own name when `dest` is a folder.
 
     Modes (without setuid/setgid/sticky unless `preserve_special`) and modification
-    times are kept; ownership is not (files belong to the caller).
+    times are kept; ownership is not (files belong to the caller). Without `force`,
+    UsageError (nothing written) when the copy would replace anything in the target.
     """
     node = find(fs, path)
     clean = posixpath.normpath("/" + path.lstrip("/"))
@@ -56,7 +63,52 @@ def get_path(fs: FileSystem, path: str, dest: Path, *, preserve_special: bool = 
     else:
         folder, name = dest.parent, dest.name
     with Target.open(folder) as target:
+        if not force:
+            existing = first_existing(node, target, name)
+            if existing is not None:
+                raise UsageError(f"--to: {printable(existing)} exists and would be overwritten; pass "
+                                 "--force to overwrite, or pick an empty destination")
         return extract(node, target, name, clean, preserve_special=preserve_special)
+
+
+def first_existing(node: Node, target: Target, name: str) -> str | None:
+    """The first entry in the target a copy of `node` as `name` would replace, or None.
+
+    Only folders that exist on both sides are walked (nothing below a new folder can
+    be in the way), with the copy's own limits on depth and on folders met twice.
+    Entries the copy would skip anyway (unsafe names, things in the way) are not named.
+    """
+    return _Probe().entry(node, target, name, 0)
+
+
+class _Probe:
+    def __init__(self) -> None:
+        self.seen: set[Any] = set()
+
+    def entry(self, node: Node, target: Target, name: str, depth: int) -> str | None:
+        try:
+            check_name(name)
+            if node.type in ("file", "symlink"):
+                # a folder in the way is skipped by the copy, not replaced
+                return target.child(name) if target.exists(name) and not target.is_dir(name) else None
+            if node.type != "dir" or depth > MAX_DEPTH or not target.is_dir(name):
+                return None
+        except UnsafeEntryError:
+            return None
+        if node.ident is not None:
+            if node.ident in self.seen:
+                return None
+            self.seen.add(node.ident)
+        try:  # the existing folder, never through a symlink (is_dir checked it is a real folder)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=target.fd)
+        except OSError:
+            return None  # the copy will report it
+        with Target(fd, target.child(name)) as sub:
+            for child_name, child in node.children():
+                hit = self.entry(child, sub, child_name, depth + 1)
+                if hit is not None:
+                    return hit
+        return None
 
 
 def extract(node: Node, target: Target, name: str, path: str, *, preserve_special: bool = False) -> Extracted:

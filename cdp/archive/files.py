@@ -34,6 +34,7 @@ FILE_MODE, READONLY_MODE, DIR_MODE = 0o644, 0o444, 0o755
 NO_FS = "no ext2/3/4, FAT or NTFS file system found"
 SYMLINK_READ = 4096  # PATH_MAX: longer targets are refused when copying (cdp.safewrite)
 ESP_GUID = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"  # GPT type of an EFI system partition (MBR: 0xEF)
+EXT4_INLINE_DATA_FL = 0x10000000  # the data sits in the inode itself: no blocks
 
 
 def _imports() -> tuple[Any, Any]:
@@ -43,6 +44,21 @@ def _imports() -> tuple[Any, Any]:
     except ImportError:
         raise ArchiveError("file-level restore needs dissect.volume: pip install dissect.volume") from None
     return disk, DiskError
+
+
+def byte_runs(runs: list[tuple[int | None, int]], unit: int, base: int,
+              size: int) -> list[tuple[int | None, int]] | None:
+    """A parser's runs ((first unit or None for a hole, units)) as byte ranges from `base`, clipped
+    to `size`; None when they do not cover the size (a damaged or hostile entry: read it instead)."""
+    out: list[tuple[int | None, int]] = []
+    left = size
+    for start, count in runs:
+        if left <= 0:
+            break
+        n = min(int(count) * unit, left)
+        out.append((None if start is None else base + int(start) * unit, n))
+        left -= n
+    return out if left <= 0 else None
 
 
 class Node:
@@ -65,6 +81,23 @@ class Node:
         """A symlink's target."""
         return None
 
+    @property
+    def uid(self) -> int | None:
+        """The owner's numeric id (None on file systems without Unix owners)."""
+        return None
+
+    @property
+    def gid(self) -> int | None:
+        return None
+
+    def extents(self) -> list[tuple[int | None, int]] | None:
+        """Where a file's data lies on its file system's device: (byte offset or None for a hole,
+        length) in file order, clipped to the size; None when not known (inline data, NTFS).
+
+        `cdp archive diff` uses it to compare files by the chunk ids under them, without reading.
+        """
+        return None
+
     def children(self) -> list[tuple[str, Node]]:
         """A directory's entries sorted by name, without ".", ".." and file-system metadata."""
         raise NotImplementedError
@@ -82,6 +115,7 @@ class FileSystem:
 
     kind = ""
     native: Any
+    offset = 0  # where the file system starts in the image (its partition's offset), set by open_fs
 
     def get(self, path: str) -> Node:
         raise NotImplementedError
@@ -113,6 +147,21 @@ class ExtNode(Node):
         # read at most one byte more than a target may hold: the size is the guest's to choose
         with contextlib.closing(self.native.open()) as fh:
             return bytes(fh.read(SYMLINK_READ)).decode(errors="surrogateescape")
+
+    @property
+    def uid(self) -> int:
+        i = self.native.inode
+        return int(i.i_uid) | int(i.i_uid_high) << 16
+
+    @property
+    def gid(self) -> int:
+        i = self.native.inode
+        return int(i.i_gid) | int(i.i_gid_high) << 16
+
+    def extents(self) -> list[tuple[int | None, int]] | None:
+        if self.type != "file" or self.native.inode.i_flags & EXT4_INLINE_DATA_FL:
+            return None
+        return byte_runs(self.native.dataruns(), self.native.extfs.block_size, 0, self.size)
 
     def children(self) -> list[tuple[str, Node]]:
         return [(n, ExtNode(c)) for n, c in sorted(self.native.listdir().items()) if n not in (".", "..")]
@@ -167,6 +216,13 @@ class FatNode(Node):
             if name not in (".", "..") and not d.is_volume_id():
                 out[name] = FatNode(d)
         return sorted(out.items())
+
+    def extents(self) -> list[tuple[int | None, int]] | None:
+        if self.type != "file":
+            return None
+        fs = self.native.fs
+        return byte_runs(self.native.dataruns(), fs.cluster_size, fs.first_data_sector * fs.sector_size,
+                         self.size)
 
     def open(self) -> BinaryIO:
         return self.native.open()
@@ -349,6 +405,7 @@ def open_fs(image: BinaryIO, partition: int | None = None) -> tuple[FileSystem, 
         for kind, p in tries:
             fs = _probe(p.open, (kind,), why)
             if fs is not None:
+                fs.offset = int(p.offset)
                 return fs, p.number
         missing = sorted({w for w in why if "pip install" in w})
         raise ArchiveError(f"{NO_FS} in the image's partitions ({', '.join(str(p.number) for p in chosen)})"
@@ -372,9 +429,10 @@ def find(fs: FileSystem, path: str) -> Node:
                          "`cdp archive ls` lists what it holds") from None
 
 
-def _entry(name: str, node: Node) -> dict[str, Any]:
+def entry(name: str, node: Node) -> dict[str, Any]:
+    """The raw fields of an entry (mode as an octal string, mtime in seconds), for JSON and listings."""
     e: dict[str, Any] = {"name": name, "type": node.type, "size": node.size, "mode": oct(node.mode),
-                         "mtime": node.mtime}
+                         "mtime": node.mtime, "uid": node.uid, "gid": node.gid}
     if node.type == "symlink":
         e["target"] = node.target
     return e
@@ -384,5 +442,5 @@ def list_path(fs: FileSystem, path: str = "/") -> list[dict[str, Any]]:
     """The entries of a directory (or the one entry of a file), sorted by name."""
     node = find(fs, path)
     if node.type == "dir":
-        return [_entry(n, c) for n, c in node.children()]
-    return [_entry(PurePosixPath(path).name, node)]
+        return [entry(n, c) for n, c in node.children()]
+    return [entry(PurePosixPath(path).name, node)]

@@ -1,4 +1,4 @@
-"""`cdp archive init|run|list|verify|prune|restore|ls|get`: offsite snapshots of the replicas."""
+"""`cdp archive init|run|list|verify|prune|restore|ls|get|diff|files`: offsite snapshots of the replicas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import contextlib
 import datetime as dt
 import gc
 import json
+import stat
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,13 +23,15 @@ from cdp.safewrite import Target, safe_mode
 from cdp.textsafe import printable
 from cdp.units import format_bytes, parse_duration
 
+PARTITION_HELP = ("partition number (default: the first with ext, else the first with FAT or NTFS, an "
+                  "EFI system partition last)")
 PRESERVE_HELP = ("keep setuid, setgid and sticky bits (dropped by default: the files come from a "
                  "system you may not trust)")
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("archive", help="offsite snapshots of the replicas: init, run, list, verify, "
-                       "prune, restore, ls, get, files")
+                       "prune, restore, ls, get, diff, files")
     verbs = p.add_subparsers(dest="archive_verb", metavar="SUBVERB", required=True)
 
     def verb(name: str, help_: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
@@ -61,8 +65,15 @@ def register(sub: Any) -> None:
     s.add_argument("snapshot")
     s.add_argument("volume")
     s.add_argument("path", nargs="?", default="/")
-    s.add_argument("--partition", type=int, help="partition number (default: the first with ext, else "
-                   "the first with FAT or NTFS, an EFI system partition last)")
+    s.add_argument("--partition", type=int, help=PARTITION_HELP)
+    s.add_argument("--human", action="store_true", help="sizes as 1.5 MiB (default: exact bytes)")
+    s = verb("diff", "which files changed between two snapshots of a volume: + added, - removed, "
+             "M modified (with what: type, size, content, mode, owner, mtime, target)", _diff)
+    s.add_argument("snapshot_a", metavar="SNAP_A", help="the older snapshot (id prefix or 'latest')")
+    s.add_argument("snapshot_b", metavar="SNAP_B", help="the newer snapshot")
+    s.add_argument("volume")
+    s.add_argument("path", nargs="?", default="/", help="only below this path (default: /)")
+    s.add_argument("--partition", type=int, help=PARTITION_HELP)
     s = verb("get", "copy a file or directory out of an archived image (entries with unsafe names, or "
              "that would pass through a symlink, are skipped and named: exit 1)", _get)
     s.add_argument("snapshot")
@@ -70,6 +81,8 @@ def register(sub: Any) -> None:
     s.add_argument("path")
     s.add_argument("--to", type=Path, required=True, help="destination file or existing directory")
     s.add_argument("--partition", type=int, help="partition number (default: as for ls)")
+    s.add_argument("--force", action="store_true", help="replace files and symlinks that exist at the "
+                   "destination (default: refuse, exit 2, before writing anything)")
     s.add_argument("--preserve-special", action="store_true", help=PRESERVE_HELP)
     s = verb("files", "protected file-set files in a snapshot: list them, or restore one with --to",
              _files)
@@ -280,8 +293,18 @@ def _restore_target(to: Path, path: str, force: bool) -> tuple[Path, str]:
     return folder, name
 
 
-def _with_fs(args: argparse.Namespace, fn: Callable[[Any, int | None], Any]) -> Any:
-    """Open the snapshot's image as a file and its file system, call fn(fs, partition)."""
+@dataclass
+class _Opened:
+    """One snapshot's volume, opened: the image as a file and its file system."""
+
+    snap: Any  # cdp.archive.repo.Manifest
+    image: Any  # cdp.archive.restore.SnapshotImage
+    fs: Any  # cdp.archive.files.FileSystem
+    partition: int | None
+
+
+def _with_images(args: argparse.Namespace, refs: list[str], fn: Callable[[list[_Opened]], Any]) -> Any:
+    """Open the volume's image in each snapshot `refs` names, as a file and a file system; call fn."""
     from cdp.archive.files import open_fs
     from cdp.archive.job import open_repo
     from cdp.archive.restore import Portal, SnapshotImage, volume_of
@@ -290,12 +313,15 @@ def _with_fs(args: argparse.Namespace, fn: Callable[[Any, int | None], Any]) -> 
     try:
         with Portal() as portal:
             repo = portal.call(open_repo(a))
-            snap = portal.call(repo.find_snapshot(args.snapshot))
-            v = volume_of(snap, args.volume)
+            snaps = [portal.call(repo.find_snapshot(ref)) for ref in refs]
+            vols = [volume_of(snap, args.volume) for snap in snaps]
             portal.call(repo.load_index())
-            image = SnapshotImage(repo, v, portal)
-            fs, part = open_fs(image, args.partition)  # type: ignore[arg-type]
-            return fn(fs, part)
+            opened = []
+            for snap, v in zip(snaps, vols, strict=True):
+                image = SnapshotImage(repo, v, portal)
+                fs, part = open_fs(image, args.partition)  # type: ignore[arg-type]
+                opened.append(_Opened(snap, image, fs, part))
+            return fn(opened)
     except BaseException as exc:
         drop_traceback(exc)
         raise
@@ -303,16 +329,50 @@ def _with_fs(args: argparse.Namespace, fn: Callable[[Any, int | None], Any]) -> 
         gc.collect()  # see run_sync: S3 clients must go while Python is alive
 
 
+def _with_fs(args: argparse.Namespace, fn: Callable[[Any, int | None], Any]) -> Any:
+    """Open the snapshot's image as a file and its file system, call fn(fs, partition)."""
+    return _with_images(args, [args.snapshot], lambda o: fn(o[0].fs, o[0].partition))
+
+
 def _ls(args: argparse.Namespace) -> int:
     from cdp.archive.files import list_path
 
     entries, part = _with_fs(args, lambda fs, part: (list_path(fs, args.path), part))
-    # names come from the guest: escaped for the terminal (JSON escapes them itself)
-    text = "\n".join(f"{e['type'][:4]:4} {e['mode']:>6} {e['size']:>12}  {_when(e['mtime'])}  "
-                     f"{printable(e['name'])}"
-                     + (f" -> {printable(str(e['target']))}" if "target" in e else "") for e in entries)
-    _out(args, {"path": args.path, "partition": part, "entries": entries}, text)
+    _out(args, {"path": args.path, "partition": part, "entries": entries},
+         "\n".join(long_listing(entries, human=args.human)))
     return 0
+
+
+_TYPE_BITS = {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK, "chardev": stat.S_IFCHR,
+              "blockdev": stat.S_IFBLK, "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
+
+
+def mode_string(kind: str, mode: int) -> str:
+    """`ls -l`'s mode column: "-rw-r--r--", "drwxrwxrwt", "-rwsr-xr-x", "?" for unknown types."""
+    text = stat.filemode(_TYPE_BITS.get(kind, 0) | (mode & 0o7777))
+    return text if kind in _TYPE_BITS else "?" + text[1:]
+
+
+def _minute(t: float) -> str:
+    try:
+        return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):  # a hostile image's time
+        return "?"
+
+
+def long_listing(entries: list[dict[str, Any]], human: bool = False) -> list[str]:
+    """Lines like `ls -l`: mode, owner and group ids, size, mtime, name (-> target); names escaped."""
+    rows = []
+    for e in entries:
+        owner = ["-" if e.get(k) is None else str(e[k]) for k in ("uid", "gid")]
+        size = format_bytes(e["size"]) if human else str(e["size"])
+        # names and targets come from the guest: escaped for the terminal (JSON escapes them itself)
+        name = printable(e["name"]) + (f" -> {printable(str(e['target']))}" if e.get("target") is not None
+                                       else "")
+        rows.append((mode_string(e["type"], int(e["mode"], 8)), *owner, size, _minute(e["mtime"]), name))
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(4)]
+    return [f"{r[0]:<{widths[0]}} {r[1]:>{widths[1]}} {r[2]:>{widths[2]}} {r[3]:>{widths[3]}} {r[4]} {r[5]}"
+            for r in rows]
 
 
 def _get(args: argparse.Namespace) -> int:
@@ -320,7 +380,7 @@ def _get(args: argparse.Namespace) -> int:
 
     if not args.to.parent.is_dir():
         raise ConfigError(f"--to: folder {printable(str(args.to.parent))} does not exist")
-    done = _with_fs(args, lambda fs, part: get_path(fs, args.path, args.to,
+    done = _with_fs(args, lambda fs, part: get_path(fs, args.path, args.to, force=args.force,
                                                     preserve_special=args.preserve_special))
     for path, why in done.skipped:
         print(f"cdp archive get: skipped {printable(path)}: {why}", file=sys.stderr)
@@ -328,3 +388,25 @@ def _get(args: argparse.Namespace) -> int:
          f"wrote {len(done.written)} item(s) to {printable(str(args.to))}"
          + (f"; skipped {len(done.skipped)} (named above)" if done.skipped else ""))
     return 1 if done.skipped else 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from cdp.archive.diff import Side, diff
+
+    def run(opened: list[_Opened]) -> dict[str, Any]:
+        a, b = (Side(o.fs, o.image, o.image.ids, o.image.v.chunk_size) for o in opened)
+        changes, stats = diff(a, b, args.path)
+        return {"a": opened[0].snap.id, "b": opened[1].snap.id, "volume": args.volume, "path": args.path,
+                "partition": opened[1].partition, "changes": [c.to_json() for c in changes],
+                **stats.to_json()}
+
+    rep = _with_images(args, [args.snapshot_a, args.snapshot_b], run)
+    for p in rep["incomplete"]:
+        print(f"cdp archive diff: {printable(p['path'])}: {p['reason']}", file=sys.stderr)
+    counts = {k: sum(c["kind"] == k for c in rep["changes"]) for k in "+-M"}
+    lines = [f"{c['kind']}  {printable(c['path'])}" + ("/" if c["type"] == "dir" else "")
+             + (f"  ({', '.join(c['changes'])})" if c["changes"] else "") for c in rep["changes"]]
+    lines.append(f"{rep['a'][:8]} -> {rep['b'][:8]}: {counts['+']} added, {counts['-']} removed, "
+                 f"{counts['M']} modified")
+    _out(args, rep, "\n".join(lines))
+    return 1 if rep["incomplete"] else 0
