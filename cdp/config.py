@@ -2,11 +2,13 @@
 
 Every error names the file, the key and the reason, and says what to do.
 Relative paths are relative to the folder of the config file. Unknown keys
-are errors: a typo must never silently fall back to a default.
+are errors: a typo must never silently fall back to a default. Which keys each
+table accepts, and their defaults, are declared once in cdp/configkeys.py.
 """
 
 from __future__ import annotations
 
+import difflib
 import grp
 import os
 import pwd
@@ -18,6 +20,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cdp.configkeys import RECEIVER_FILE, SOURCE_FILE, TABLES, table_of
 from cdp.errors import ConfigError, WrongConfigError
 from cdp.ratelimit import ALL_DAYS, INHERIT, Window, format_rate, parse_days, parse_hours, parse_rate
 from cdp.units import format_bytes, parse_duration, parse_hostport, parse_size
@@ -208,25 +211,36 @@ class SourceConfig:
 
 
 class _Table:
-    """Reads one TOML table, remembering which keys were consumed."""
+    """Reads one TOML table, remembering which keys were consumed.
+
+    Only keys declared in cdp/configkeys.py can be read, and their defaults come
+    from there (parsed like a value from a file); a loader passes `default` only
+    for a key declared without one (inherited or computed, or a sub-table).
+    """
 
     def __init__(self, file: Path, where: str, data: Any) -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: [{where}] must be a table")
         self.file, self.where, self.data = file, where, data
+        self.keys = TABLES[table_of(where)]
         self.used: set[str] = set()
 
     def err(self, key: str, reason: str) -> ConfigError:
         return ConfigError(f"{self.file}: {self.where}.{key}: {reason}")
 
-    def get(self, key: str, conv: Callable[[Any], Any], default: Any = ..., required: bool = False):
+    def get(self, key: str, conv: Callable[[Any], Any], default: Any = ...) -> Any:
+        spec = self.keys.get(key)
+        if spec is None or (default is not ... and (spec.default is not None or spec.required)):
+            raise AssertionError(f"{table_of(self.where)}.{key}: declare it, and its default, once "
+                                 "in cdp/configkeys.py")
         self.used.add(key)
         if key not in self.data:
-            if required or default is ...:
+            if spec.required:
                 raise self.err(key, "is required")
-            return default
+            if spec.default is None:
+                return None if default is ... else default
         try:
-            return conv(self.data[key])
+            return conv(self.data.get(key, spec.default))
         except ConfigError:
             raise
         except (ValueError, TypeError) as exc:
@@ -235,7 +249,11 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise self.err(unknown[0], "unknown key (check the spelling; see `cdp init` for an example)")
+            near = difflib.get_close_matches(unknown[0], list(self.keys), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise self.err(unknown[0], f"unknown key; {hint}[{table_of(self.where)}] accepts "
+                           f"{', '.join(sorted(self.keys))} (`cdp init DIR` writes every one of them, "
+                           "explained)")
 
 
 def _str(v: Any) -> str:
@@ -307,8 +325,8 @@ def _load(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-SOURCE_TABLES = frozenset({"source", "volume", "fileset"})
-RECEIVER_TABLES = frozenset({"receiver", "archive"})
+SOURCE_TABLES = frozenset(SOURCE_FILE)
+RECEIVER_TABLES = frozenset(RECEIVER_FILE)
 
 
 def config_kind(data: dict[str, Any]) -> str | None:
@@ -336,38 +354,38 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     file = Path(path).resolve()
     base = file.parent
     data = _load(file)
-    _top(file, data, {"receiver", "archive"})
+    _top(file, data, set(RECEIVER_FILE))
     t = _Table(file, "receiver", data.get("receiver", {}))
-    listen = t.get("listen", lambda v: parse_hostport(_str(v)), default=("127.0.0.1", 7400))
-    data_dir = t.get("data_dir", _path(base), default=base / "replicas")
-    max_frame = t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20)
-    idle = t.get("idle_timeout", _positive_duration, default=10.0)
-    plaintext = t.get("allow_plaintext", _bool, default=False)
-    keep = _keep(t, KeepConfig())
-    drill_format = t.get("drill_format", _choice("auto", "qcow2", "raw"), default="auto")
-    drill_dir = t.get("drill_dir", _path(base), default=None)
-    metrics_listen = t.get("metrics_listen", _http_listen, default=None)
-    status_listen = t.get("status_listen", _http_listen, default=None)
-    max_connections = t.get("max_connections", _int(1, 65536), default=64)
-    auth_timeout = t.get("auth_timeout", _positive_duration, default=10.0)
-    max_unauth = t.get("max_unauthenticated_per_ip", _int(1, 65536), default=8)
-    max_unauth_all = t.get("max_unauthenticated", _int(1, 65536), default=32)
-    max_archives = t.get("max_concurrent_archives", _int(1, 64), default=1)
+    listen = t.get("listen", lambda v: parse_hostport(_str(v)))
+    data_dir = t.get("data_dir", _path(base))
+    max_frame = t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30))
+    idle = t.get("idle_timeout", _positive_duration)
+    plaintext = t.get("allow_plaintext", _bool)
+    keep = _keep(t)
+    drill_format = t.get("drill_format", _choice("auto", "qcow2", "raw"))
+    drill_dir = t.get("drill_dir", _path(base))
+    metrics_listen = t.get("metrics_listen", _http_listen)
+    status_listen = t.get("status_listen", _http_listen)
+    max_connections = t.get("max_connections", _int(1, 65536))
+    auth_timeout = t.get("auth_timeout", _positive_duration)
+    max_unauth = t.get("max_unauthenticated_per_ip", _int(1, 65536))
+    max_unauth_all = t.get("max_unauthenticated", _int(1, 65536))
+    max_archives = t.get("max_concurrent_archives", _int(1, 64))
     raw_vols = t.get("volume", lambda v: v, default=[])
     if not isinstance(raw_vols, list):
         raise t.err("volume", "must be an array of tables: [[receiver.volume]]")
     volume_keep = []
     for i, rv in enumerate(raw_vols):
         vt = _Table(file, f"receiver.volume[{i}]", rv)
-        volume_keep.append((vt.get("name", _name, required=True), _keep(vt, keep)))
+        volume_keep.append((vt.get("name", _name), _keep(vt, keep)))
         vt.done()
     tls = None
     if "tls" in t.data:
         tt = _Table(file, "receiver.tls", t.get("tls", lambda v: v))
         tls = TlsServer(
-            cert=tt.get("cert", _path(base), required=True),
-            key=tt.get("key", _path(base), required=True),
-            client_ca=tt.get("client_ca", _path(base), default=None),
+            cert=tt.get("cert", _path(base)),
+            key=tt.get("key", _path(base)),
+            client_ca=tt.get("client_ca", _path(base)),
         )
         tt.done()
     raw_clients = t.get("client", lambda v: v, default=[])
@@ -376,10 +394,10 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     clients = []
     for i, rc in enumerate(raw_clients):
         ct = _Table(file, f"receiver.client[{i}]", rc)
-        name = ct.get("name", _name, required=True)
-        tf = ct.get("token_file", _path(base), required=True)
-        vols = ct.get("volumes", _name_list, required=True)
-        csets = ct.get("filesets", _name_list, default=())
+        name = ct.get("name", _name)
+        tf = ct.get("token_file", _path(base))
+        vols = ct.get("volumes", _name_list)
+        csets = ct.get("filesets", _name_list)
         ckeep = _keep(ct, keep) if {"keep_points", "keep_points_size"} & set(ct.data) else None
         ct.done()
         clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols,
@@ -404,14 +422,19 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
                           max_unauthenticated=max_unauth_all)
 
 
-def _keep(t: _Table, inherit: KeepConfig) -> KeepConfig:
-    """keep_points (a duration or "forever") and keep_points_size (a size or "unlimited")."""
+def _keep(t: _Table, inherit: KeepConfig | None = None) -> KeepConfig:
+    """keep_points (a duration or "forever") and keep_points_size (a size or "unlimited").
+
+    [receiver] has defaults; a client or volume entry inherits what it leaves out.
+    """
     def age(v: Any) -> float | None:
         return None if v in ("forever", "unlimited") else parse_duration(v)
 
     def size(v: Any) -> int | None:
         return None if v == "unlimited" else parse_size(v)
 
+    if inherit is None:
+        return KeepConfig(t.get("keep_points", age), t.get("keep_points_size", size))
     return KeepConfig(t.get("keep_points", age, default=inherit.max_age),
                       t.get("keep_points_size", size, default=inherit.max_bytes))
 
@@ -425,26 +448,26 @@ def _archives(file: Path, base: Path, raw: Any) -> tuple[ArchiveConfig, ...]:
     out: list[ArchiveConfig] = []
     for i, ra in enumerate(raw):
         at = _Table(file, f"archive[{i}]", ra)
-        name = at.get("name", _name, required=True)
-        repo = at.get("repository", lambda v: _repository(base, _str(v)), required=True)
-        encrypt = at.get("encrypt", _bool, default=True)
-        pw = at.get("password_file", _str, default=None)
+        name = at.get("name", _name)
+        repo = at.get("repository", lambda v: _repository(base, _str(v)))
+        encrypt = at.get("encrypt", _bool)
+        pw = at.get("password_file", _str)
         keep_raw = at.get("keep", lambda v: v, default={})
         kt = _Table(file, f"archive[{i}].keep", keep_raw)
-        keep = KeepPolicy(**{k: kt.get(k, _int(0, 1_000_000), default=0)
+        keep = KeepPolicy(**{k: kt.get(k, _int(0, 1_000_000))
                              for k in ("last", "hourly", "daily", "weekly", "monthly")})
         kt.done()
         a = ArchiveConfig(
             name=name, repository=repo,
-            endpoint=at.get("endpoint", _str, default=None),
+            endpoint=at.get("endpoint", _str),
             password_file=None if pw in (None, "none") else _path(base)(pw),
-            schedule=at.get("schedule", lambda v: (parse_schedule(_str(v)), v)[1], default="manual"),
+            schedule=at.get("schedule", lambda v: (parse_schedule(_str(v)), v)[1]),
             keep=keep, encrypt=encrypt,
-            chunk_size=at.get("chunk_size", _chunk_size, default=4 << 20),
-            pack_size=at.get("pack_size", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
-            volumes=at.get("volumes", _name_list, default=()),
-            compress_level=at.get("compress_level", _int(-7, 19), default=3),
-            uploads=at.get("uploads", _int(1, 32), default=4),
+            chunk_size=at.get("chunk_size", _chunk_size),
+            pack_size=at.get("pack_size", lambda v: _range_size(v, 1 << 20, 1 << 30)),
+            volumes=at.get("volumes", _name_list),
+            compress_level=at.get("compress_level", _int(-7, 19)),
+            uploads=at.get("uploads", _int(1, 32)),
         )
         at.done()
         if encrypt and a.password_file is None:
@@ -536,20 +559,20 @@ def load_source(path: str | Path) -> SourceConfig:
     file = Path(path).resolve()
     base = file.parent
     data = _load(file)
-    _top(file, data, {"source", "volume", "fileset"})
+    _top(file, data, set(SOURCE_FILE))
     t = _Table(file, "source", data.get("source", {}))
-    name = t.get("name", _name, required=True)
-    receiver = t.get("receiver", lambda v: parse_hostport(_str(v)), required=True)
-    token = read_token(t.get("token_file", _path(base), required=True), file, "source.token_file")
-    state_dir = t.get("state_dir", _path(base), default=base / "state")
+    name = t.get("name", _name)
+    receiver = t.get("receiver", lambda v: parse_hostport(_str(v)))
+    token = read_token(t.get("token_file", _path(base)), file, "source.token_file")
+    state_dir = t.get("state_dir", _path(base))
     tls = None
     if "tls" in t.data:
         tt = _Table(file, "source.tls", t.get("tls", lambda v: v))
         tls = TlsClient(
-            ca=tt.get("ca", _path(base), default=None),
-            cert=tt.get("cert", _path(base), default=None),
-            key=tt.get("key", _path(base), default=None),
-            server_name=tt.get("server_name", _str, default=None),
+            ca=tt.get("ca", _path(base)),
+            cert=tt.get("cert", _path(base)),
+            key=tt.get("key", _path(base)),
+            server_name=tt.get("server_name", _str),
         )
         if (tls.cert is None) != (tls.key is None):
             raise tt.err("cert", "cert and key go together: set both or neither")
@@ -558,25 +581,23 @@ def load_source(path: str | Path) -> SourceConfig:
         raise t.err("window", "is the number of epochs in flight; time-of-day rate limits go in "
                     "[[source.schedule]] tables")
     opts = dict(
-        window=t.get("window", _int(1, MAX_WINDOW), default=2),
-        batch_bytes=t.get("batch_bytes", lambda v: _range_size(v, 64 << 10, 16 << 20),
-                          default=2 << 20),
-        max_epoch_bytes=t.get("max_epoch_bytes", lambda v: _range_size(v, 1 << 20, 1 << 40),
-                              default=64 << 20),
-        compress_level=t.get("compress_level", _int(-7, 19), default=1),
-        workers=t.get("workers", _int(1, 64), default=2),
-        reconnect_min=t.get("reconnect_min", parse_duration, default=0.5),
-        reconnect_max=t.get("reconnect_max", _positive_duration, default=5.0),
-        retry_max=t.get("retry_max", _positive_duration, default=10.0),
-        keepalive=t.get("keepalive", _positive_duration, default=2.0),
-        dead_after=t.get("dead_after", _positive_duration, default=None),
-        dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32), default=4_000_000),
-        max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30), default=32 << 20),
-        rate_limit=t.get("rate_limit", parse_rate, default=None),
-        read_limit=t.get("read_limit", parse_rate, default=None),
+        window=t.get("window", _int(1, MAX_WINDOW)),
+        batch_bytes=t.get("batch_bytes", lambda v: _range_size(v, 64 << 10, 16 << 20)),
+        max_epoch_bytes=t.get("max_epoch_bytes", lambda v: _range_size(v, 1 << 20, 1 << 40)),
+        compress_level=t.get("compress_level", _int(-7, 19)),
+        workers=t.get("workers", _int(1, 64)),
+        reconnect_min=t.get("reconnect_min", parse_duration),
+        reconnect_max=t.get("reconnect_max", _positive_duration),
+        retry_max=t.get("retry_max", _positive_duration),
+        keepalive=t.get("keepalive", _positive_duration),
+        dead_after=t.get("dead_after", _positive_duration),
+        dedup_index_entries=t.get("dedup_index_entries", _int(0, 1 << 32)),
+        max_frame=t.get("max_frame", lambda v: _range_size(v, 1 << 20, 1 << 30)),
+        rate_limit=t.get("rate_limit", parse_rate),
+        read_limit=t.get("read_limit", parse_rate),
         schedule=_schedule(file, t),
-        metrics_listen=t.get("metrics_listen", _http_listen, default=None),
-        max_concurrent_scans=t.get("max_concurrent_scans", _int(1, 1024), default=2),
+        metrics_listen=t.get("metrics_listen", _http_listen),
+        max_concurrent_scans=t.get("max_concurrent_scans", _int(1, 1024)),
     )
     t.done()
     if opts["batch_bytes"] * 2 > opts["max_frame"]:
@@ -600,10 +621,10 @@ def load_source(path: str | Path) -> SourceConfig:
     filesets = []
     for i, rs in enumerate(raw_sets):
         ft = _Table(file, f"fileset[{i}]", rs)
-        fname = ft.get("name", _name, required=True)
-        paths = ft.get("paths", lambda v: tuple(_path(base)(x) for x in _list(v)), required=True)
-        fmax = ft.get("max_file_size", lambda v: _range_size(v, 1, 1 << 30), default=16 << 20)
-        fscan = ft.get("scan_interval", _positive_duration, default=10.0)
+        fname = ft.get("name", _name)
+        paths = ft.get("paths", lambda v: tuple(_path(base)(x) for x in _list(v)))
+        fmax = ft.get("max_file_size", lambda v: _range_size(v, 1, 1 << 30))
+        fscan = ft.get("scan_interval", _positive_duration)
         ft.done()
         filesets.append(FilesetConfig(fname, paths, fmax, fscan))
     all_names = [v.name for v in volumes] + [f.name for f in filesets]
@@ -624,40 +645,37 @@ def _list(v: Any) -> list[Any]:
 
 def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
     vt = _Table(file, f"volume[{i}]", rv)
-    mode = vt.get("mode", _choice("scan", "nbd"), default="scan")
+    mode = vt.get("mode", _choice("scan", "nbd"))
     vol = VolumeConfig(
-        name=vt.get("name", _name, required=True),
-        path=vt.get("path", _path(base), required=True),
+        name=vt.get("name", _name),
+        path=vt.get("path", _path(base)),
         mode=mode,
         # nbd: small random writes dirty whole blocks; 16 KiB measured 5x the IOPS of 64 KiB
         block_size=vt.get("block_size", _block_size,
                           default=DEFAULT_BLOCK_SIZE if mode == "scan" else NBD_BLOCK_SIZE),
-        scan_interval=vt.get("scan_interval", parse_duration, default=10.0),
-        min_scan_interval=vt.get("min_scan_interval", parse_duration, default=0.25),
-        pre_scan=vt.get("pre_scan", _str, default=None),
-        post_scan=vt.get("post_scan", _str, default=None),
-        snapshot=vt.get("snapshot", _choice("none", "reflink"), default="none"),
-        nbd_listen=vt.get("nbd_listen", _str, default=None),
-        rate_limit=vt.get("rate_limit", parse_rate, default=None),
-        epoch_interval=vt.get("epoch_interval", parse_duration, default=1.0),
-        capture_memory=vt.get("capture_memory", lambda v: _range_size(v, 1 << 20, 1 << 40),
-                              default=256 * 1024 * 1024),
-        dirty_region=vt.get("dirty_region", lambda v: _range_size(v, 64 << 10, 1 << 30),
-                            default=4 * 1024 * 1024),
-        capture_disk=vt.get("capture_disk", lambda v: _range_size(v, 0, 1 << 50),
-                            default=1024 * 1024 * 1024),
-        group=vt.get("group", _name, default=None),
-        nbd_socket_owner=vt.get("nbd_socket_owner", _user_id, default=None),
-        nbd_socket_group=vt.get("nbd_socket_group", _group_id, default=None),
-        nbd_socket_mode=vt.get("nbd_socket_mode", _socket_mode, default=0o600),
+        scan_interval=vt.get("scan_interval", parse_duration),
+        min_scan_interval=vt.get("min_scan_interval", parse_duration),
+        pre_scan=vt.get("pre_scan", _str),
+        post_scan=vt.get("post_scan", _str),
+        snapshot=vt.get("snapshot", _choice("none", "reflink")),
+        nbd_listen=vt.get("nbd_listen", _str),
+        rate_limit=vt.get("rate_limit", parse_rate),
+        epoch_interval=vt.get("epoch_interval", parse_duration),
+        capture_memory=vt.get("capture_memory", lambda v: _range_size(v, 1 << 20, 1 << 40)),
+        dirty_region=vt.get("dirty_region", lambda v: _range_size(v, 64 << 10, 1 << 30)),
+        capture_disk=vt.get("capture_disk", lambda v: _range_size(v, 0, 1 << 50)),
+        group=vt.get("group", _name),
+        nbd_socket_owner=vt.get("nbd_socket_owner", _user_id),
+        nbd_socket_group=vt.get("nbd_socket_group", _group_id),
+        nbd_socket_mode=vt.get("nbd_socket_mode", _socket_mode),
     )
     if "nbd_tls" in vt.data:
         nt = _Table(file, f"volume[{i}].nbd_tls", vt.get("nbd_tls", lambda v: v))
         vol = replace(vol, nbd_tls=TlsServer(
-            cert=nt.get("cert", _path(base), required=True),
-            key=nt.get("key", _path(base), required=True),
-            client_ca=nt.get("client_ca", _path(base), default=None)),
-            nbd_any_client=nt.get("allow_any_client", _bool, default=False))
+            cert=nt.get("cert", _path(base)),
+            key=nt.get("key", _path(base)),
+            client_ca=nt.get("client_ca", _path(base))),
+            nbd_any_client=nt.get("allow_any_client", _bool))
         nt.done()
     vt.done()
     if vol.mode == "nbd":
@@ -759,14 +777,14 @@ def _schedule(file: Path, t: _Table) -> tuple[Window, ...]:
     windows = []
     for i, rw in enumerate(raw):
         wt = _Table(file, f"source.schedule[{i}]", rw)
-        days = wt.get("days", parse_days, default=ALL_DAYS)
-        start, end = wt.get("hours", parse_hours, default=(0, 1440))
+        days = wt.get("days", parse_days)
+        start, end = wt.get("hours", parse_hours)
         rate = wt.get("rate_limit", parse_rate, default=INHERIT)
         read = wt.get("read_limit", parse_rate, default=INHERIT)
         wt.done()
         if rate is INHERIT and read is INHERIT:
             raise wt.err("rate_limit", "a window must set rate_limit, read_limit or both")
-        raw_days = wt.data.get("days", "every day")
+        raw_days = "every day" if days == ALL_DAYS else wt.data["days"]  # absent, "all", "mon-sun"
         label = "{} {:02d}:{:02d}-{:02d}:{:02d}".format(
             raw_days if isinstance(raw_days, str) else ",".join(raw_days),
             start // 60, start % 60, end // 60, end % 60)

@@ -1,113 +1,168 @@
-"""`cdp init DIR`: a working pair of example configs, a token and a small example image."""
+"""`cdp init DIR`: a working pair of example configs, a token and a small example image.
+
+The configs are written from the key declarations in cdp/configkeys.py, so
+every key the loader accepts is in them, with its default (or an example and
+what leaving it out means) and a one-line explanation. A file is a list of
+blocks, one per table; the keys an example needs are set, the others are
+commented out. A block that is off is commented out as a whole.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from cdp.configkeys import TABLES, Key, toml_value
 from cdp.errors import UsageError
 
-RECEIVER = """\
-# cdp receiver: runs at the DR site and keeps the offline replicas.
-[receiver]
-listen = "127.0.0.1:7400"        # host:port to accept sources on
-data_dir = "replicas"            # one folder per volume: replicas/<volume>/image is the replica
-# idle_timeout = "10s"           # drop connections silent for this long (sources Ping every 2s)
-# max_connections = 64           # more authenticated connections: refused with "busy"; sources retry
-# auth_timeout = "10s"           # close connections not authenticated by then
-# max_unauthenticated_per_ip = 8 # more not-yet-authenticated connections from one address: refused
-# max_unauthenticated = 32       # in all; beyond, the busiest address loses its oldest one
-# allow_plaintext = false        # beyond loopback, TLS is required unless this is true
-# keep_points = "24h"            # recovery points kept ("forever"; 0 turns the journal off)
-# keep_points_size = "10GiB"     # ... and at most this much undo data ("unlimited")
-# drill_format = "auto"          # failover test clones: qcow2 overlay (qemu-img) or raw copy
-# max_concurrent_archives = 1    # scheduled [[archive]] jobs running at once
-# [receiver.tls]                 # required on any non-loopback address
-# cert = "receiver.crt"
-# key = "receiver.key"
-# client_ca = "ca.crt"           # require client certificates signed by this CA
+COLUMN = 34  # where the explanations start
+WIDTH = 100  # explanations wrap before this
 
-[[receiver.client]]              # who may connect, and which volumes each may write
-name = "host1"
-token_file = "host1.token"
-volumes = ["vm1-disk0"]
-# filesets = ["vm1-config"]      # file sets this client may write
 
-# [[receiver.volume]]            # per-volume overrides
-# name = "vm1-disk0"
-# keep_points = "7d"
+@dataclass(frozen=True)
+class Block:
+    """One table of an example file."""
 
-# [[archive]]                    # offsite snapshots of the replicas (cdp archive init first)
-# name = "offsite"
-# repository = "archive"         # a directory, file:///path or s3://bucket/prefix
-# endpoint = "http://127.0.0.1:8333"   # S3-compatible endpoint; omit for AWS
-# password_file = "archive.pass" # chmod 600; keep a copy: nothing restores without it
-# schedule = "daily 02:00"       # hourly | "every 6h" | "weekly sun 03:00" | manual
-# keep = { last = 7, daily = 7, weekly = 4, monthly = 12 }
-"""
+    table: str  # its TOML path, a key of configkeys.TABLES
+    on: bool  # False: the whole block is commented out
+    set: dict[str, Any] = field(default_factory=dict)  # what the example needs, in this order
+    array: bool = False  # [[table]] rather than [table]
+    note: str = ""  # beside the header
+    shown: dict[str, Any] = field(default_factory=dict)  # derived defaults as they are here
+    mode: str = ""  # a volume's mode: keys only for the other mode are left out
+    parent: int | None = None  # the block (index) this sub-table belongs to
 
-SOURCE = """\
-# cdp source: runs beside production and streams changed blocks to the receiver.
-[source]
-name = "host1"
-receiver = "127.0.0.1:7400"
-token_file = "host1.token"
-state_dir = "state"
-# window = 2                     # epochs in flight before waiting for acknowledgements
-# batch_bytes = "2MiB"           # blocks compressed together in one frame
-# max_epoch_bytes = "64MiB"      # a longer scan is split into epochs of this size
-# compress_level = 1             # zstd level (-7..19)
-# workers = 2                    # compression threads
-# max_concurrent_scans = 2       # full scans / nbd resyncs running at once, all volumes
-# keepalive = "2s"               # Ping after this long without traffic (< receiver idle_timeout)
-# dead_after = "6s"              # nothing received this long while awaiting an answer: the link is
-#                                # dead (NAT timeout, peer gone): drop it and reconnect
-# reconnect_min = "0.5s"         # reconnect delays double from this...
-# reconnect_max = "5s"           # ...up to this (each drawn from [d/2, d])
-# retry_max = "10s"              # a volume the receiver refused for now: retried at most this far apart
-# rate_limit = "200MiB/s"        # cap on what is sent, all volumes together ("unlimited")
-# read_limit = "unlimited"       # cap on scan reads, all volumes together
-# [[source.schedule]]            # other caps at certain times; the first match wins
-# days = "mon-fri"
-# hours = "08:00-18:00"
-# rate_limit = "50MiB/s"
-# [source.tls]
-# ca = "ca.crt"                  # verify the receiver against this CA
-# cert = "host1.crt"             # optional client certificate
-# key = "host1.key"
 
-[[volume]]
-name = "vm1-disk0"
-path = "images/vm1-disk0.raw"
-mode = "scan"
-# block_size = "64KiB"
-# scan_interval = "10s"          # rescan at least this often (file events wake it sooner)
-# pre_scan = "virsh domfsfreeze vm1"   # quiesce the guest before a scan ...
-# post_scan = "virsh domfsthaw vm1"    # ... and thaw it afterwards
-# snapshot = "reflink"           # scan a reflink copy (XFS/btrfs): consistent, short freeze
-# rate_limit = "20MiB/s"         # cap on what is sent for this volume
+@dataclass(frozen=True)
+class Line:
+    """One line of an example file and what it is (the tests uncomment lines by role)."""
 
-# [[volume]]                     # nbd mode: the VM opens its disk through cdp; every write,
-# name = "vm1-disk1"             # in order, epochs cut at the guest's flushes
-# path = "images/vm1-disk1.raw"
-# mode = "nbd"
-# nbd_listen = "unix:vm1-disk1.sock"   # and/or "127.0.0.1:10809"
-# epoch_interval = "1s"          # cut at least this often while writes come
-# capture_memory = "256MiB"      # captured data held before falling back to dirty tracking
-# group = "vm1"                  # disks of one VM: epochs cut at the same instant
+    text: str
+    role: str  # "prose", "header", "set", "default" (shown at its default), "example"
+    block: int | None = None
+    key: str = ""
 
-# [[fileset]]                    # small files kept with every version (the receiver's client
-# name = "vm1-config"            # entry must list it in filesets)
-# paths = ["/etc/libvirt/qemu/vm1.xml", "/etc/libvirt/qemu/networks"]
-# max_file_size = "16MiB"
-"""
+
+PREAMBLE = """\
+Written by `cdp init`: every key {what} accepts is below. A line "# key = value"
+shows a key at its default (where it has none: an example, and what leaving it out means);
+remove the "# " to set it. Relative paths are relative to this file's folder.
+Sizes: 64KiB, 1GiB. Durations: 500ms, 30s, 24h, 7d. Rates: 50MiB/s, 1Gbit/s, "unlimited".
+Unknown keys are errors, so a typo never falls back to a default."""
+
+RECEIVER_INTRO = "cdp receiver: runs at the DR site and keeps the offline replicas."
+RECEIVER_BLOCKS = (
+    Block("receiver", True, {"listen": "127.0.0.1:7400", "data_dir": "replicas"}),
+    Block("receiver.tls", False, {"cert": "receiver.crt", "key": "receiver.key"},
+          note="required on any address but loopback"),
+    Block("receiver.client", True,
+          {"name": "host1", "token_file": "host1.token", "volumes": ["vm1-disk0"]}, array=True,
+          note="who may connect, and what each may write (one per source host)"),
+    Block("receiver.volume", False, {"name": "vm1-disk0", "keep_points": "72h"}, array=True,
+          note="retention of one volume"),
+    Block("archive", False, {"name": "offsite", "repository": "archive",
+                             "password_file": "archive.pass", "schedule": "daily 02:00"},
+          array=True, note="offsite snapshots of the replicas (`cdp archive init` first)"),
+    Block("archive.keep", False, {"daily": 7, "weekly": 4, "monthly": 12}, parent=4,
+          note="snapshots kept (or inline: keep = { daily = 7, weekly = 4 })"),
+)
+RECEIVER_END = ("S3 credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the environment "
+                "(or a profile),\nnever in the repository URL.")
+
+SOURCE_INTRO = "cdp source: runs beside production and streams changed blocks to the receiver."
+SOURCE_BLOCKS = (
+    Block("source", True, {"name": "host1", "receiver": "127.0.0.1:7400",
+                           "token_file": "host1.token", "state_dir": "state"},
+          shown={"dead_after": "6s"}),
+    Block("source.tls", False, {"ca": "ca.crt"}, note="TLS to the receiver"),
+    Block("source.schedule", False, {"days": "mon-fri", "hours": "08:00-18:00",
+                                     "rate_limit": "50MiB/s"}, array=True,
+          note="other caps at certain times; the first match wins"),
+    Block("volume", True, {"name": "vm1-disk0", "path": "images/vm1-disk0.raw", "mode": "scan"},
+          array=True, mode="scan", shown={"block_size": "64KiB"},
+          note="scan mode: hash compare, woken by file events and a timer"),
+    Block("volume", False, {"name": "vm1-disk1", "path": "images/vm1-disk1.raw", "mode": "nbd",
+                            "nbd_listen": "unix:vm1-disk1.sock"},
+          array=True, mode="nbd", shown={"block_size": "16KiB"},
+          note="nbd mode: the VM opens its disk through cdp; every write, in order"),
+    Block("volume.nbd_tls", False, {"cert": "nbd.crt", "key": "nbd.key", "client_ca": "ca.crt"},
+          parent=4, note="for an nbd_listen beyond loopback"),
+    Block("fileset", False, {"name": "vm1-config", "paths": ["/etc/libvirt/qemu/vm1.xml"]},
+          array=True, note="small files kept whole, with versions (list it in the client's filesets)"),
+)
+
+
+def _commented(head: str, doc: str) -> list[str]:
+    """`head` with `doc` beside it from COLUMN on, wrapped onto comment lines below it."""
+    head = head.ljust(COLUMN - 1)
+    first, *more = textwrap.wrap(doc, WIDTH - len(head) - 3) or [""]
+    more = textwrap.wrap(" ".join(more), WIDTH - COLUMN - 2)
+    return [f"{head} # {first}".rstrip(), *(f"{'':{COLUMN - 1}} # {part}" for part in more)]
+
+
+def _key_lines(key: Key, value: Any, doc: str, commented: bool, role: str, block: int) -> list[Line]:
+    """A key's line (its role, for the tests that uncomment it) and its explanation's tail."""
+    first, *more = _commented(("# " if commented else "") + f"{key.name} = {toml_value(value)}", doc)
+    return [Line(first, role, block, key.name), *(Line(text, "prose", block) for text in more)]
+
+
+def _block_lines(i: int, b: Block) -> list[Line]:
+    keys = TABLES[b.table]
+    off = "" if b.on else "# "
+    header = off + (f"[[{b.table}]]" if b.array else f"[{b.table}]")
+    head, *more = _commented(header, b.note) if b.note else [header]
+    lines = [Line("", "prose"), Line(head, "header", i), *(Line(t, "prose", i) for t in more)]
+    for name, value in b.set.items():
+        key = keys[name]
+        differs = not key.required and not (key.default is not None and value == key.default)
+        doc = key.doc + (f" ({key.why_absent()})" if differs else "")
+        lines += _key_lines(key, value, doc, not b.on, "set", i)
+    rest = [k for k in keys.values() if k.name not in b.set and not k.table
+            and not (b.mode and k.only and k.only != b.mode)]
+    for key in rest:
+        value = b.shown.get(key.name, key.default if key.default is not None else key.example)
+        doc = key.doc + ("" if key.default is not None else f" ({key.why_absent()})")
+        role = "default" if key.has_default else "example"
+        lines += _key_lines(key, value, doc, True, role, i)
+    if b.mode:
+        others = [k.name for k in keys.values() if k.only and k.only != b.mode]
+        text = f"(keys for {'nbd' if b.mode == 'scan' else 'scan'} volumes only: {', '.join(others)})"
+        lines += [Line(f"# {t}", "prose", i) for t in textwrap.wrap(text, WIDTH - 2)]
+    return lines
+
+
+def example_lines(intro: str, what: str, blocks: tuple[Block, ...], end: str = "") -> list[Line]:
+    """Every line of one example file, with its role."""
+    lines = [Line(f"# {text}".rstrip(), "prose") for text in [intro, *PREAMBLE.format(what=what)
+                                                              .splitlines()]]
+    for i, b in enumerate(blocks):
+        lines += _block_lines(i, b)
+    if end:
+        lines += [Line("", "prose"), *(Line(f"# {t}", "prose") for t in end.splitlines())]
+    return lines
+
+
+def receiver_lines() -> list[Line]:
+    return example_lines(RECEIVER_INTRO, "a receiver config", RECEIVER_BLOCKS, RECEIVER_END)
+
+
+def source_lines() -> list[Line]:
+    return example_lines(SOURCE_INTRO, "a source config", SOURCE_BLOCKS)
+
+
+def text_of(lines: list[Line]) -> str:
+    return "\n".join(line.text for line in lines) + "\n"
 
 
 def init(target: Path, image_size: int = 64 << 20) -> list[Path]:
     """Write the example configs into `target`; refuses to overwrite anything."""
     target.mkdir(parents=True, exist_ok=True)
-    files = {target / "receiver.toml": RECEIVER, target / "source.toml": SOURCE}
+    files = {target / "receiver.toml": text_of(receiver_lines()),
+             target / "source.toml": text_of(source_lines())}
     token = target / "host1.token"
     image = target / "images" / "vm1-disk0.raw"
     existing = [p for p in [*files, token] if p.exists()]
