@@ -36,8 +36,10 @@ never drops an undo file a live pin needs. ``pins.lock`` (flock'd briefly)
 orders pin creation against pruning.
 
 Labels (``cdp checkpoint``): ``labels.json`` beside ``journal/`` maps epoch
-numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``;
-rewritten atomically under ``pins.lock``. (The undo files' own ``label`` meta field
+numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``
+(plus ``"moved_from": [EPOCH, CAPTURE_TIME]`` when ``--move`` took it off another
+point); rewritten atomically under ``pins.lock``. A label names one point: set_label
+refuses a label that names another kept point unless told to move it. (The undo files' own ``label`` meta field
 stays unset: undo files are immutable and a label can be removed.) A labelled point
 holds retention back like a pin: its undo files and every newer one are
 kept until ``cdp points --unlabel``. Keeping point L therefore costs every
@@ -74,7 +76,7 @@ import xxhash
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
 from cdp.durable import atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
-from cdp.errors import CdpError, PointError, ReplicaError
+from cdp.errors import CdpError, LabelTakenError, PointError, ReplicaError
 
 log = logging.getLogger(__name__)
 
@@ -679,13 +681,36 @@ def _current_records(vol_dir: Path) -> dict[int, dict[str, Any]]:
             if r["generation"] == gen}
 
 
-def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None) -> None:
-    """Label point `epoch` durably; a label names one point (it moves from any other)."""
+def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None, *,
+              move: bool = False) -> tuple[int, float] | None:
+    """Label point `epoch` durably. A label names one point: if it names another point that
+    is still kept, LabelTakenError unless `move` (then it moves). Returns (point, capture
+    time) it moved from, None if it moved from nowhere. Checked and written under
+    pins.lock, so of two racing checkpoints with one label only one takes it."""
     with pins_locked(vol_dir):
-        recs = {e: r for e, r in _current_records(vol_dir).items() if r["label"] != label}
+        recs = _current_records(vol_dir)
+        mine = recs.get(epoch)
+        if mine is not None and mine["label"] == label:  # again (a resend after a reconnect)
+            frm = mine.get("moved_from")
+            return (int(frm[0]), float(frm[1])) if isinstance(frm, list) and len(frm) == 2 else None
+        other = next((e for e, r in recs.items() if r["label"] == label), None)
+        moved: tuple[int, float] | None = None
+        if other is not None:
+            when = {p.epoch: p.time for p in list_points(vol_dir)}.get(other)
+            if when is None:  # its point is gone: the label names nothing (prune drops it)
+                log.info("label %r named point %d of %s, no longer kept: it names point %d now",
+                         label, other, vol_dir.name, epoch)
+            elif not move:
+                raise LabelTakenError(vol_dir.name, label, other, when)
+            else:
+                moved = (other, when)
+            del recs[other]
         recs[epoch] = {"label": label, "time": time.time() if now is None else now,
                        "generation": generation(vol_dir)}
+        if moved is not None:
+            recs[epoch]["moved_from"] = list(moved)
         _write_labels(vol_dir, recs)  # labels of earlier generations go
+    return moved
 
 
 def remove_label(vol_dir: Path, epoch: int) -> str | None:
