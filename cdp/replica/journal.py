@@ -39,8 +39,8 @@ Labels (``cdp checkpoint``): ``labels.json`` beside ``journal/`` maps epoch
 numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``
 (plus ``"moved_from": [EPOCH, CAPTURE_TIME]`` when ``--move`` took it off another
 point); rewritten atomically under ``pins.lock``. A label names one point: set_label
-refuses a label that names another kept point unless told to move it. (The undo files' own ``label`` meta field
-stays unset: undo files are immutable and a label can be removed.) A labelled point
+refuses a label that names another kept point unless told to move it. (The undo files'
+own ``label`` meta field stays unset: undo files are immutable and a label can be removed.) A labelled point
 holds retention back like a pin: its undo files and every newer one are
 kept until ``cdp points --unlabel``. Keeping point L therefore costs every
 undo file after L, i.e. the old content of every block rewritten since L,
@@ -448,7 +448,6 @@ class Journal:
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._drop_oldest():
                     raise
-                log.warning("journal: disk full, dropped the oldest recovery point to make room")
         with self._mutex:
             self._infos[epoch] = (keep_time(meta), size)
 
@@ -547,9 +546,9 @@ class Journal:
     def _drop_oldest(self) -> bool:
         with self._mutex:
             oldest = min(self._infos, default=None)
-        return oldest is not None and bool(self._unlink([oldest]))
+        return oldest is not None and bool(self._unlink([oldest], "disk full, to make room"))
 
-    def _unlink(self, drop: list[int]) -> list[int]:
+    def _unlink(self, drop: list[int], why: str = "retention") -> list[int]:
         with pins_locked(self.vol_dir):
             floor = min_pin(self.vol_dir)
             with self._mutex:
@@ -565,20 +564,38 @@ class Journal:
                     os.unlink(self.path(e))
                 done.append(e)
         with self._mutex:
-            for e in done:
-                self._infos.pop(e, None)
-        if done:
-            log.info("journal: dropped %d oldest recovery point(s) up to epoch %d", len(done),
-                     done[-1] - 1)
+            times = {e - 1: self._infos.pop(e, (0.0, 0))[0] for e in done}
+        _log_dropped(self.vol_dir.name, times, why)
         return done
 
     def drop_all(self) -> None:
-        """Journaling is off: no undo file may outlive an apply that makes none."""
+        """Journaling is off (or a promote): no undo file may outlive an apply that makes none."""
         for e in self.epochs():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(e))
         with self._mutex:
             self._infos.clear()
+
+
+def _log_dropped(volume: str, times: dict[int, float], why: str) -> None:
+    """Say which points went. Point 0, the empty replica before the first epoch, is not
+    one: nothing was replicated into it, nothing can be restored from it (a first seed
+    drops it at once, its time being 0), so it goes without a word."""
+    points = sorted(p for p in times if p > 0)
+    if not points:
+        if times:
+            log.debug("journal: volume=%s dropped point 0 (the empty replica before the first "
+                      "epoch)", volume)
+        return
+
+    def at(p: int) -> str:
+        t = times[p]
+        return f"epoch {p} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t)) if t else '?'})"
+
+    span = at(points[0]) if len(points) == 1 else f"{at(points[0])} to {at(points[-1])}"
+    level = logging.WARNING if why != "retention" else logging.INFO
+    log.log(level, "journal: volume=%s dropped %d oldest recovery point(s) (%s): %s", volume,
+            len(points), why, span)
 
 
 # -- pins: readers keep the undo files they need ------------------------------------
@@ -871,3 +888,14 @@ def find_point(points: list[Point], at: float) -> Point | None:
         if p.epoch > 0 and max(p.time, p.until) <= at:
             best = p
     return best
+
+
+def empty_point_message(volume: str, points: list[Point]) -> str:
+    """Why point 0 cannot be drilled or promoted: it is the replica before the first epoch,
+    nothing was replicated into it."""
+    first = next((p for p in points if p.epoch > 0), None)
+    then = ("nothing is replicated yet: wait for the first seed to finish (`cdp status`)"
+            if first is None else f"the first restorable point is {first.epoch}, captured "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(first.time))}")
+    return (f"point 0 of {volume} is the empty replica before the first epoch: nothing was "
+            f"replicated into it; {then}")
