@@ -191,6 +191,9 @@ class Receiver:
         """Serve until stop(); InUseError if another receiver has the data_dir."""
         lock = DirLock(self.cfg.data_dir, LOCK_FILE, "receiver", "data_dir")
         try:
+            from cdp.drills.workdirs import remove_leftovers
+
+            remove_leftovers(self.cfg.data_dir)  # of failback runs that were killed
             await self._run(ready)
         finally:
             lock.close()
