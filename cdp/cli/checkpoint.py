@@ -32,7 +32,9 @@ def register(sub: Any) -> None:
         description="The running source cuts an epoch at once (scan volumes: pre_scan hook, "
         "then a scan; nbd volumes: a cut of the write journal) and the receiver labels the "
         "resulting recovery point. Labelled points outlive retention until `cdp points "
-        "--unlabel`; `--point LABEL` names them in `cdp failover`.")
+        "--unlabel`; `--point LABEL` names them in `cdp failover`. A label names one point: "
+        "one that names another point already is refused unless --move. Exit 0 labelled, 1 "
+        "not done within --timeout (or the source failed), 2 usage or label taken.")
     s.add_argument("-c", "--config", type=Path, required=True, help="source.toml")
     s.add_argument("volume", nargs="?", help="the volume (or --group)")
     s.add_argument("--group", help="every volume of this consistency group, cut together")
