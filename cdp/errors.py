@@ -86,6 +86,21 @@ class PointError(CdpError):
     exit_code = 2
 
 
+class LabelTakenError(CdpError):
+    """A checkpoint label already names another point: `--move` moves it, or pick another label."""
+
+    exit_code = 2
+    wire_code = "label_taken"
+
+    def __init__(self, volume: str, label: str, epoch: int, when: float, note: str = "") -> None:
+        import time
+
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when else "time unknown"
+        super().__init__(f"label {label!r} is on point {epoch} of {volume} ({at}) already{note}: "
+                         "pass --move to move it to the new point, or pick another label")
+        self.volume, self.label, self.epoch, self.time = volume, label, epoch, when
+
+
 class DrillError(CdpError):
     """A failover drill or promote could not be done as asked (the message says why)."""
 

@@ -15,7 +15,9 @@ from typing import Any, ClassVar
 
 from cdp.errors import RemoteProtocolError
 
-PROTOCOL_VERSION = 2  # 2: Cut (consistency groups); a receiver still takes version 1 sources
+# 3: Label.move, Labelled.moved_from/moved_time, LabelTaken (a label never moves unasked)
+# 2: Cut (consistency groups). A receiver still takes version 1 and 2 sources.
+PROTOCOL_VERSION = 3
 MIN_PROTOCOL_VERSION = 1
 
 
@@ -302,16 +304,37 @@ class Label(Message):
     volume: str
     epoch: int
     label: str
+    move: bool = False  # protocol 3: take the label off the point it names now. Absent
+    # (a source before protocol 3) or False: a label on another point is refused (LabelTaken)
 
 
 @dataclass(frozen=True)
 class Labelled(Message):
-    """Receiver -> source: the label of `epoch` is recorded durably."""
+    """Receiver -> source: the label of `epoch` is recorded durably.
+
+    moved_from (protocol 3): the point the label was taken off (Label.move), captured at
+    moved_time; 0 if it named no other point. Left off the wire when 0.
+    """
 
     TYPE = 51
     volume: str
     epoch: int
     label: str
+    moved_from: int = 0
+    moved_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class LabelTaken(Message):
+    """Receiver -> source (protocol 3): refused, nothing changed; the label already names
+    point `other` (captured at `other_time`). Label(move=True) moves it."""
+
+    TYPE = 52
+    volume: str
+    epoch: int
+    label: str
+    other: int
+    other_time: float
 
 
 # -- cuts of an nbd volume, consistency groups (type codes 55-59, protocol 2) -------------
@@ -367,7 +390,7 @@ def valid_label(label: str) -> bool:
 ALL: tuple[type[Message], ...] = (
     Hello, Challenge, Auth, Welcome, Open, Opened, GetHashes, Hashes, Begin, Data, Zero,
     Ref, Commit, Need, Ack, Current, Error, Bye,
-    Label, Labelled, Cut, Ping, Pong,
+    Label, Labelled, LabelTaken, Cut, Ping, Pong,
     FileOpen, FileOpened, FilePut, FileDelete, FileAck, FileError,
 )
 BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL}
@@ -375,14 +398,25 @@ _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
     cls: tuple((f.name, str(f.type)) for f in fields(cls)) for cls in ALL  # type: ignore[arg-type]
 }
 # Fields added later, which an older peer leaves off the end: the message takes their default.
-_OPTIONAL: dict[type[Message], int] = {Commit: 1}
+# They are sent only when they differ from it, so an older peer can read what it knows.
+_OPTIONAL: dict[type[Message], int] = {Commit: 1, Label: 1, Labelled: 2}
+_DEFAULTS: dict[type[Message], tuple[Any, ...]] = {
+    cls: tuple(f.default for f in fields(cls)[len(fields(cls)) - n:])  # type: ignore[arg-type]
+    for cls, n in _OPTIONAL.items()
+}
 MAX_STR = 4096
 MAX_FLOAT = 1e13  # seconds: year ~318000
 
 
 def to_wire(msg: Message) -> list[Any]:
-    """The msgpack-ready array for a message."""
-    return [msg.TYPE, *(getattr(msg, name) for name, _ in _FIELDS[type(msg)])]
+    """The msgpack-ready array for a message; optional fields at their default are left off
+    the end."""
+    out = [msg.TYPE, *(getattr(msg, name) for name, _ in _FIELDS[type(msg)])]
+    for default in reversed(_DEFAULTS.get(type(msg), ())):
+        if type(out[-1]) is not type(default) or out[-1] != default:
+            break
+        out.pop()
+    return out
 
 
 def _check(cls: type[Message], name: str, kind: str, value: Any) -> Any:

@@ -34,10 +34,15 @@ only volumes the client may write. The receiver takes protocol 1 sources too (th
 send no Cut) and answers the Challenge in the source's version.
 
 Labels (types 50-59, `cdp checkpoint`): once epoch e of an open volume is
-acknowledged, the source may send Label(e, text); the receiver records it
-durably and answers Labelled(e, text). Labels are 1-128 printable characters,
-not only digits; anything else, or a Label for an unacknowledged epoch, is a
-protocol violation.
+acknowledged, the source may send Label(e, text, move); the receiver records it
+durably and answers Labelled(e, text, moved_from, moved_time). Labels are 1-128
+printable characters, not only digits; anything else, or a Label for an
+unacknowledged epoch, is a protocol violation. A label names one point: if it
+names another point and `move` is false, nothing changes and the receiver answers
+LabelTaken(e, text, other, other_time) (protocol 3). `move` and LabelTaken are
+protocol 3: a source of protocol 1 or 2 never sends `move`, so a label it reuses is
+refused too; it knows no LabelTaken, so that Label gets no answer (the receiver logs
+why, and the source's checkpoint times out).
 
 Liveness (types 60-69): once READY, the source may send Ping(n) at any time; the
 receiver answers Pong(n), in order. At most MAX_UNANSWERED Pings await an answer;
@@ -84,6 +89,7 @@ from cdp.messages import (
     Hello,
     Label,
     Labelled,
+    LabelTaken,
     Message,
     Need,
     Open,
@@ -106,6 +112,7 @@ FILE_ANSWERS = (FileAck, FileError)
 MAX_FILE_SIZE = 1 << 30  # no file version is larger, whatever the config says
 MAX_PATH = 4096
 MAX_MEMBERS = 64  # volumes in one consistency group
+LABEL_MOVE_VERSION = 3  # Label.move, Labelled.moved_from, LabelTaken
 
 
 def valid_file_path(path: str) -> bool:
@@ -262,7 +269,8 @@ class SourceSession(_Session):
         self._pending_hashes: dict[str, int] = {}
         self._readonly: set[str] = set()
         self._dropped: set[str] = set()  # volumes we sent an Error for: late answers are dropped
-        self._labels: set[tuple[str, int, str]] = set()  # Label sent, Labelled not yet received
+        # Label sent, Labelled/LabelTaken not yet received -> its `move`
+        self._labels: dict[tuple[str, int, str], bool] = {}
         self.filesets: dict[str, str | None] = {}  # open file sets -> the path awaiting an answer
         self._pending_fileset: set[str] = set()
         self.pings: list[int] = []  # Ping sent, Pong not yet received, oldest first
@@ -328,7 +336,7 @@ class SourceSession(_Session):
             self.pings.append(msg.nonce)
         elif isinstance(msg, Label):
             _check_label(self._vol(msg.volume, False), msg, LocalProtocolError)
-            self._labels.add((msg.volume, msg.epoch, msg.label))
+            self._labels[(msg.volume, msg.epoch, msg.label)] = msg.move
         elif isinstance(msg, FileOpen):
             if msg.fileset in self.filesets or msg.fileset in self._pending_fileset:
                 raise LocalProtocolError(f"file set {msg.fileset!r} is already open")
@@ -429,11 +437,12 @@ class SourceSession(_Session):
                 vs.in_epoch = False
                 vs.expected = msg.epoch
             return True
-        if isinstance(msg, Labelled):
+        if isinstance(msg, Labelled | LabelTaken):
             key = (msg.volume, msg.epoch, msg.label)
+            name = type(msg).__name__
             if key not in self._labels:
-                raise RemoteProtocolError(f"{msg.volume}: Labelled({msg.epoch}) that we did not ask for")
-            self._labels.discard(key)
+                raise RemoteProtocolError(f"{msg.volume}: {name}({msg.epoch}) that we did not ask for")
+            _check_label_answer(msg, self._labels.pop(key), RemoteProtocolError)
             return True
         raise RemoteProtocolError(f"a receiver does not send {type(msg).__name__}")
 
@@ -472,7 +481,8 @@ class ReceiverSession(_Session):
         self._opening: set[str] = set()
         self.failed: set[str] = set()  # volumes stopped with an Error: their frames are dropped
         self._readonly: set[str] = set()
-        self._labels: set[tuple[str, int, str]] = set()  # Label received, Labelled not yet sent
+        # Label received, Labelled/LabelTaken not yet sent -> its `move`
+        self._labels: dict[tuple[str, int, str], bool] = {}
         self._pings: list[int] = []  # Ping received, Pong not yet sent, oldest first
         self.version = PROTOCOL_VERSION  # the source's, once its Hello is in
 
@@ -561,9 +571,12 @@ class ReceiverSession(_Session):
             return True
         if isinstance(msg, Label):
             _check_label(self._vol(msg.volume, True), msg, RemoteProtocolError)
+            if msg.move and self.version < LABEL_MOVE_VERSION:
+                raise RemoteProtocolError(f"{msg.volume}: Label.move needs protocol "
+                                          f"{LABEL_MOVE_VERSION}; the source said {self.version}")
             if len(self._labels) >= MAX_UNANSWERED:
                 raise RemoteProtocolError(f"more than {MAX_UNANSWERED} labels awaiting an answer")
-            self._labels.add((msg.volume, msg.epoch, msg.label))
+            self._labels[(msg.volume, msg.epoch, msg.label)] = msg.move
             return True
         if isinstance(msg, (*EPOCH_MESSAGES, Cut, Commit)):
             vs = self._vol(msg.volume, True)
@@ -661,7 +674,8 @@ class ReceiverSession(_Session):
                 self.volumes.pop(msg.volume, None)
                 self._opening.discard(msg.volume)
                 self.failed.add(msg.volume)
-                self._labels = {k for k in self._labels if k[0] != msg.volume}  # never answered
+                self._labels = {k: m for k, m in self._labels.items()
+                                if k[0] != msg.volume}  # never answered
             else:
                 self.state = State.CLOSED
         elif isinstance(msg, Bye):
@@ -680,11 +694,15 @@ class ReceiverSession(_Session):
             if not self._pings or self._pings[0] != msg.nonce:
                 raise LocalProtocolError(f"Pong({msg.nonce}) without its Ping")
             self._pings.pop(0)
-        elif isinstance(msg, Labelled):
+        elif isinstance(msg, Labelled | LabelTaken):
             key = (msg.volume, msg.epoch, msg.label)
             if key not in self._labels:
-                raise LocalProtocolError(f"Labelled({msg.epoch}) without its Label")
-            self._labels.discard(key)
+                raise LocalProtocolError(f"{type(msg).__name__}({msg.epoch}) without its Label")
+            if isinstance(msg, LabelTaken) and self.version < LABEL_MOVE_VERSION:
+                raise LocalProtocolError(f"a protocol {self.version} source knows no LabelTaken "
+                                         "(unanswered() forgets its Label instead)")
+            _check_label_answer(msg, self._labels[key], LocalProtocolError)
+            del self._labels[key]
         elif isinstance(msg, FileOpened):
             if self.filesets.get(msg.fileset, "") is not None:
                 raise LocalProtocolError(f"FileOpened for {msg.fileset!r} without a FileOpen")
@@ -707,6 +725,12 @@ class ReceiverSession(_Session):
         else:
             raise LocalProtocolError(f"a receiver does not send {type(msg).__name__}")
 
+    def unanswered(self, volume: str, epoch: int, label: str) -> None:
+        """A Label that gets no answer: refused, but its source (protocol 1 or 2) knows no
+        LabelTaken to be told with."""
+        if self._labels.pop((volume, epoch, label), None) is None:
+            raise LocalProtocolError(f"Label({epoch}) of {volume} is not awaiting an answer")
+
     def challenge(self) -> bytes:
         return self.send(Challenge(self.version, self.nonce))
 
@@ -725,3 +749,15 @@ def _check_label(vs: _VolumeState, msg: Label, err: type[Exception]) -> None:
                   "without leading or trailing blanks")
     if not 0 < msg.epoch < vs.expected or msg.epoch in vs.committed:
         raise err(f"{msg.volume}: Label({msg.epoch}) names no acknowledged epoch")
+
+
+def _check_label_answer(msg: Labelled | LabelTaken, move: bool, err: type[Exception]) -> None:
+    """Only a moving Label is answered with moved_from; only a Label that may not move a
+    label is refused, and for another point than its own."""
+    if isinstance(msg, Labelled):
+        if msg.moved_from and (not move or msg.moved_from == msg.epoch):
+            raise err(f"{msg.volume}: Labelled({msg.epoch}) moved from point {msg.moved_from}, "
+                      "which its Label did not ask for")
+    elif move or not 0 < msg.other != msg.epoch:
+        raise err(f"{msg.volume}: LabelTaken({msg.epoch}, other={msg.other}) for a Label that "
+                  "could not be refused so")

@@ -31,6 +31,7 @@ from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
     AuthError,
     CdpError,
+    LabelTakenError,
     ListenError,
     PeerClosed,
     ProtocolError,
@@ -60,6 +61,7 @@ from cdp.messages import (
     Hello,
     Label,
     Labelled,
+    LabelTaken,
     Message,
     Need,
     Open,
@@ -70,7 +72,7 @@ from cdp.messages import (
     Zero,
 )
 from cdp.metrics import ReceiverMetrics
-from cdp.protocol import FilesetError, ReceiverSession, State
+from cdp.protocol import LABEL_MOVE_VERSION, FilesetError, ReceiverSession, State
 from cdp.replica import EpochWriter, Replica
 from cdp.replica.files import FileSets
 from cdp.replica.journal import Retention, note_held, set_label
@@ -189,6 +191,9 @@ class Receiver:
         """Serve until stop(); InUseError if another receiver has the data_dir."""
         lock = DirLock(self.cfg.data_dir, LOCK_FILE, "receiver", "data_dir")
         try:
+            from cdp.drills.workdirs import remove_leftovers
+
+            remove_leftovers(self.cfg.data_dir)  # of failback runs that were killed
             await self._run(ready)
         finally:
             lock.close()
@@ -903,10 +908,30 @@ class _Conn:
         if rep is None or msg.epoch > rep.state.epoch:
             raise VolumeError(f"{msg.volume}: cannot label epoch {msg.epoch}: not applied here",
                               code="label", volume=msg.volume)
-        await self.work(set_label, rep.path, msg.epoch, msg.label)
-        log.info("point labelled client=%s volume=%s epoch=%d label=%r", self.session.client,
-                 msg.volume, msg.epoch, msg.label)
-        await self.link.send(Labelled(msg.volume, msg.epoch, msg.label))
+        client = self.session.client
+        try:
+            moved = await self.work(functools.partial(set_label, move=msg.move), rep.path,
+                                     msg.epoch, msg.label)
+        except LabelTakenError as exc:
+            if self.session.version >= LABEL_MOVE_VERSION:
+                log.warning("label refused client=%s volume=%s epoch=%d: %s", client,
+                            msg.volume, msg.epoch, exc)
+                await self.link.send(LabelTaken(msg.volume, msg.epoch, msg.label, exc.epoch,
+                                                exc.time))
+            else:  # it cannot be told: its checkpoint times out; this line says why
+                log.warning("label refused client=%s volume=%s epoch=%d: %s; the source "
+                            "(protocol %d) cannot be told nor move it: upgrade it", client,
+                            msg.volume, msg.epoch, exc, self.session.version)
+                self.session.unanswered(msg.volume, msg.epoch, msg.label)
+            return
+        if moved is None:
+            log.info("point labelled client=%s volume=%s epoch=%d label=%r", client,
+                     msg.volume, msg.epoch, msg.label)
+            await self.link.send(Labelled(msg.volume, msg.epoch, msg.label))
+            return
+        log.info("label moved client=%s volume=%s label=%r from epoch %d to epoch %d", client,
+                 msg.volume, msg.label, moved[0], msg.epoch)
+        await self.link.send(Labelled(msg.volume, msg.epoch, msg.label, *moved))
 
     async def add_refs(self, msg: Ref, size: int) -> None:
         w = self.writers[msg.volume]

@@ -18,7 +18,7 @@ from cdp.drills.checks import CheckResult, run_checks
 from cdp.drills.clone import Clone, make_clone
 from cdp.errors import PointError, UsageError
 from cdp.replica.groups import member_point
-from cdp.replica.journal import Point, find_point, list_points
+from cdp.replica.journal import Point, empty_point_message, find_point, list_points
 from cdp.replica.pointview import open_view
 from cdp.units import parse_duration
 
@@ -81,13 +81,13 @@ def choose_point(vol_dir: Path, point: int | None, at: float | None) -> Point:
             raise PointError(f"no point captured at or before {datetime.fromtimestamp(at)} is "
                              f"kept ({oldest}); give a later --at, or see `cdp points`")
         return p
-    if point is None:
-        return points[-1]
-    for p in points:
-        if p.epoch == point:
-            return p
-    raise PointError(f"point {point} is not kept (kept: epochs {points[0].epoch} to "
-                     f"{points[-1].epoch}; `cdp points` lists them)")
+    chosen = points[-1] if point is None else next((p for p in points if p.epoch == point), None)
+    if point == 0 or (chosen is not None and chosen.epoch == 0):
+        raise PointError(empty_point_message(vol_dir.name, points))
+    if chosen is None:
+        raise PointError(f"point {point} is not kept (kept: epochs {points[0].epoch} to "
+                         f"{points[-1].epoch}; `cdp points` lists them)")
+    return chosen
 
 
 def run_drill(data_dir: Path, volume: str, clone_root: Path, fmt: str, *,

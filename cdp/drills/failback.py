@@ -27,7 +27,8 @@ Replication simply runs in reverse, reusing the normal paths:
    map once every epoch was acknowledged: exactly what the original image
    holds now). A run or finish holds ``VOL/failback.lock`` (flock): one at a
    time; each removes the work folders (``<data_dir>/.failback-VOL-*``, the
-   run's source state) that killed runs left.
+   run's source state) that killed runs left, and so does the receiver when it
+   starts (cdp.drills.workdirs).
 
 Every epoch is applied through the receiver's WAL, so an interrupted failback
 leaves the original image at a whole epoch; running ``run`` again finishes it.
@@ -47,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -55,7 +55,6 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ import xxhash
 from cdp.blocks import Geometry
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.config import SourceConfig, VolumeConfig, load_receiver, load_source, read_token
+from cdp.drills.workdirs import WORK_PREFIX, exclusive
 from cdp.durable import DIR_MODE, atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
 from cdp.errors import CdpError, DrillError, UsageError
 from cdp.replica.journal import Retention
@@ -75,7 +75,6 @@ from cdp.units import parse_hostport
 log = logging.getLogger(__name__)
 
 CLIENT = "failback"
-WORK_PREFIX = ".failback-"  # <data_dir>/.failback-VOL-XXXXXXXX: a run's source state
 READ_CHUNK = 4 * 1024 * 1024
 STATUS_FRESH = 10.0
 
@@ -236,29 +235,6 @@ def promoted_record(data_dir: Path, volume: str) -> dict[str, Any]:
     return rec
 
 
-@contextlib.contextmanager
-def _exclusive(data_dir: Path, volume: str) -> Iterator[list[str]]:
-    """Hold ``VOL/failback.lock`` (no other run or finish of `volume` meanwhile) and remove the
-    work folders killed runs left; yields their names."""
-    fd = os.open(data_dir / volume / "failback.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DrillError(f"a `cdp failback run` or `finish` of {volume!r} is still going: "
-                             "wait for it to end") from None
-        prefix = f"{WORK_PREFIX}{volume}-"
-        removed = sorted(d.name for d in data_dir.glob(f"{prefix}*")
-                         if "-" not in d.name[len(prefix):] and d.is_dir())  # not VOL-x's
-        for name in removed:
-            shutil.rmtree(data_dir / name, ignore_errors=True)
-        if removed:
-            log.warning("removed %s, left by a failback run that was killed", ", ".join(removed))
-        yield removed
-    finally:
-        os.close(fd)
-
-
 def run(receiver_toml: Path, volume: str, to: str, token_file: Path, *,
         tls_ca: Path | None = None, timeout: float = 24 * 3600.0) -> dict[str, Any]:
     """Ship the promoted image of `volume` to a failback receiver until it matches."""
@@ -266,7 +242,7 @@ def run(receiver_toml: Path, volume: str, to: str, token_file: Path, *,
     rec = promoted_record(rcfg.data_dir, volume)
     host, port = _hostport(to, "--to")
     token = read_token(token_file, receiver_toml, "--token-file")
-    with _exclusive(rcfg.data_dir, volume) as removed:
+    with exclusive(rcfg.data_dir, volume) as removed:
         work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{volume}-", dir=rcfg.data_dir))
         try:
             out, shipped = _run(rcfg.data_dir / volume, work, receiver_toml, token,
@@ -325,7 +301,7 @@ def finish(data_dir: Path, volume: str, *, discard_dr_writes: bool = False) -> d
     overwrite DR writes the original does not have.
     """
     rec = promoted_record(data_dir, volume)
-    with _exclusive(data_dir, volume):
+    with exclusive(data_dir, volume):
         return _finish(data_dir, volume, rec, discard_dr_writes)
 
 

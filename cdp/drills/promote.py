@@ -32,7 +32,15 @@ from typing import Any
 
 from cdp.durable import atomic_write_json, read_json
 from cdp.errors import DrillError, PointError, UsageError
-from cdp.replica.journal import Retention, drop_labels, list_points, live_pins, pins_locked, read_labels
+from cdp.replica.journal import (
+    Retention,
+    drop_labels,
+    empty_point_message,
+    list_points,
+    live_pins,
+    pins_locked,
+    read_labels,
+)
 from cdp.replica.store import PROMOTED, Replica, ReplicaBusy
 
 STATUS_FRESH = 5.0  # the receiver rewrites status.json every second
@@ -75,7 +83,10 @@ def promote(data_dir: Path, volume: str, point: int | None = None, *, force: boo
             raise DrillError(f"{client} is still connected and replicating {volume!r}: stop its "
                              "source first (the production side may still be live), or pass "
                              "--force to cut it off")
-        if point is not None and point not in {p.epoch for p in list_points(vol_dir)}:
+        points = list_points(vol_dir)
+        if (points[-1].epoch if point is None else point) == 0:
+            raise PointError(empty_point_message(volume, points))
+        if point is not None and point not in {p.epoch for p in points}:
             raise PointError(f"point {point} of {volume!r} is not kept; `cdp points` lists them")
         record = {"state": "promoting", "volume": volume, "point": point,
                   "requested_at": time.time(), "forced": force}

@@ -36,9 +36,11 @@ never drops an undo file a live pin needs. ``pins.lock`` (flock'd briefly)
 orders pin creation against pruning.
 
 Labels (``cdp checkpoint``): ``labels.json`` beside ``journal/`` maps epoch
-numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``;
-rewritten atomically under ``pins.lock``. (The undo files' own ``label`` meta field
-stays unset: undo files are immutable and a label can be removed.) A labelled point
+numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``
+(plus ``"moved_from": [EPOCH, CAPTURE_TIME]`` when ``--move`` took it off another
+point); rewritten atomically under ``pins.lock``. A label names one point: set_label
+refuses a label that names another kept point unless told to move it. (The undo files'
+own ``label`` meta field stays unset: undo files are immutable and a label can be removed.) A labelled point
 holds retention back like a pin: its undo files and every newer one are
 kept until ``cdp points --unlabel``. Keeping point L therefore costs every
 undo file after L, i.e. the old content of every block rewritten since L,
@@ -74,7 +76,7 @@ import xxhash
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
 from cdp.durable import atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
-from cdp.errors import CdpError, PointError, ReplicaError
+from cdp.errors import CdpError, LabelTakenError, PointError, ReplicaError
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +448,6 @@ class Journal:
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._drop_oldest():
                     raise
-                log.warning("journal: disk full, dropped the oldest recovery point to make room")
         with self._mutex:
             self._infos[epoch] = (keep_time(meta), size)
 
@@ -545,9 +546,9 @@ class Journal:
     def _drop_oldest(self) -> bool:
         with self._mutex:
             oldest = min(self._infos, default=None)
-        return oldest is not None and bool(self._unlink([oldest]))
+        return oldest is not None and bool(self._unlink([oldest], "disk full, to make room"))
 
-    def _unlink(self, drop: list[int]) -> list[int]:
+    def _unlink(self, drop: list[int], why: str = "retention") -> list[int]:
         with pins_locked(self.vol_dir):
             floor = min_pin(self.vol_dir)
             with self._mutex:
@@ -563,20 +564,38 @@ class Journal:
                     os.unlink(self.path(e))
                 done.append(e)
         with self._mutex:
-            for e in done:
-                self._infos.pop(e, None)
-        if done:
-            log.info("journal: dropped %d oldest recovery point(s) up to epoch %d", len(done),
-                     done[-1] - 1)
+            times = {e - 1: self._infos.pop(e, (0.0, 0))[0] for e in done}
+        _log_dropped(self.vol_dir.name, times, why)
         return done
 
     def drop_all(self) -> None:
-        """Journaling is off: no undo file may outlive an apply that makes none."""
+        """Journaling is off (or a promote): no undo file may outlive an apply that makes none."""
         for e in self.epochs():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(e))
         with self._mutex:
             self._infos.clear()
+
+
+def _log_dropped(volume: str, times: dict[int, float], why: str) -> None:
+    """Say which points went. Point 0, the empty replica before the first epoch, is not
+    one: nothing was replicated into it, nothing can be restored from it (a first seed
+    drops it at once, its time being 0), so it goes without a word."""
+    points = sorted(p for p in times if p > 0)
+    if not points:
+        if times:
+            log.debug("journal: volume=%s dropped point 0 (the empty replica before the first "
+                      "epoch)", volume)
+        return
+
+    def at(p: int) -> str:
+        t = times[p]
+        return f"epoch {p} ({time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t)) if t else '?'})"
+
+    span = at(points[0]) if len(points) == 1 else f"{at(points[0])} to {at(points[-1])}"
+    level = logging.WARNING if why != "retention" else logging.INFO
+    log.log(level, "journal: volume=%s dropped %d oldest recovery point(s) (%s): %s", volume,
+            len(points), why, span)
 
 
 # -- pins: readers keep the undo files they need ------------------------------------
@@ -679,13 +698,36 @@ def _current_records(vol_dir: Path) -> dict[int, dict[str, Any]]:
             if r["generation"] == gen}
 
 
-def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None) -> None:
-    """Label point `epoch` durably; a label names one point (it moves from any other)."""
+def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None, *,
+              move: bool = False) -> tuple[int, float] | None:
+    """Label point `epoch` durably. A label names one point: if it names another point that
+    is still kept, LabelTakenError unless `move` (then it moves). Returns (point, capture
+    time) it moved from, None if it moved from nowhere. Checked and written under
+    pins.lock, so of two racing checkpoints with one label only one takes it."""
     with pins_locked(vol_dir):
-        recs = {e: r for e, r in _current_records(vol_dir).items() if r["label"] != label}
+        recs = _current_records(vol_dir)
+        mine = recs.get(epoch)
+        if mine is not None and mine["label"] == label:  # again (a resend after a reconnect)
+            frm = mine.get("moved_from")
+            return (int(frm[0]), float(frm[1])) if isinstance(frm, list) and len(frm) == 2 else None
+        other = next((e for e, r in recs.items() if r["label"] == label), None)
+        moved: tuple[int, float] | None = None
+        if other is not None:
+            when = {p.epoch: p.time for p in list_points(vol_dir)}.get(other)
+            if when is None:  # its point is gone: the label names nothing (prune drops it)
+                log.info("label %r named point %d of %s, no longer kept: it names point %d now",
+                         label, other, vol_dir.name, epoch)
+            elif not move:
+                raise LabelTakenError(vol_dir.name, label, other, when)
+            else:
+                moved = (other, when)
+            del recs[other]
         recs[epoch] = {"label": label, "time": time.time() if now is None else now,
                        "generation": generation(vol_dir)}
+        if moved is not None:
+            recs[epoch]["moved_from"] = list(moved)
         _write_labels(vol_dir, recs)  # labels of earlier generations go
+    return moved
 
 
 def remove_label(vol_dir: Path, epoch: int) -> str | None:
@@ -846,3 +888,14 @@ def find_point(points: list[Point], at: float) -> Point | None:
         if p.epoch > 0 and max(p.time, p.until) <= at:
             best = p
     return best
+
+
+def empty_point_message(volume: str, points: list[Point]) -> str:
+    """Why point 0 cannot be drilled or promoted: it is the replica before the first epoch,
+    nothing was replicated into it."""
+    first = next((p for p in points if p.epoch > 0), None)
+    then = ("nothing is replicated yet: wait for the first seed to finish (`cdp status`)"
+            if first is None else f"the first restorable point is {first.epoch}, captured "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(first.time))}")
+    return (f"point 0 of {volume} is the empty replica before the first epoch: nothing was "
+            f"replicated into it; {then}")

@@ -4,11 +4,19 @@ Control channel: a Unix socket ``<state_dir>/control.sock`` (mode 0600; only
 the source's own user or root may talk to it, checked with SO_PEERCRED).
 One request per connection, one JSON line each way, at most 4 KiB::
 
-    -> {"op": "checkpoint", "volume": "vm1-disk0", "label": "before-upgrade"}
-    <- {"ok": true, "volume": "vm1-disk0", "epoch": 1234, "label": "before-upgrade"}
-    -> {"op": "checkpoint", "group": "vm1", "label": "before-upgrade"}
-    <- {"ok": true, "group": "vm1", "time": T, "epochs": {"vm1-disk0": 1234, ...}, ...}
+    -> {"op": "checkpoint", "volume": "vm1-disk0", "label": "before-upgrade", "move": false}
+    <- {"ok": true, "volume": "vm1-disk0", "epoch": 1234, "label": "before-upgrade",
+        "moved_from": null | {"epoch": 1200, "time": T}}
+    -> {"op": "checkpoint", "group": "vm1", "label": "before-upgrade", "move": false}
+    <- {"ok": true, "group": "vm1", "time": T, "epochs": {"vm1-disk0": 1234, ...},
+        "moved_from": {"vm1-disk0": {"epoch": 1200, "time": T}, ...}, ...}
     <- {"ok": false, "error": "..."}
+    <- {"ok": false, "error": "...", "code": "label_taken", "volume": V,
+        "label_on": {"epoch": 1200, "time": T}}
+
+A label names one point. The receiver refuses one that names another point
+(message LabelTaken: the answer's code "label_taken") unless the request says
+"move" (absent: false); a moved label's answer says where it was.
 
 A checkpoint cuts an epoch at once and labels its recovery point on the
 receiver (message Label, answered by Labelled once recorded durably). Scan
@@ -48,8 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cdp.errors import CdpError
-from cdp.messages import Label, Labelled, valid_label
+from cdp.errors import CdpError, LabelTakenError
+from cdp.messages import Label, Labelled, LabelTaken, valid_label
 from cdp.source.volume import VolumeState
 from cdp.transport import Link
 
@@ -126,6 +134,8 @@ class _Request:
     label: str
     asked: float
     done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    move: bool = False  # take the label off the point it names now
+    moved: tuple[int, float] | None = None  # (point, capture time) it was taken off
 
 
 class Control:
@@ -136,7 +146,7 @@ class Control:
         self.path = state_dir / SOCKET
         self._server: asyncio.AbstractServer | None = None
         self._queued: dict[str, list[_Request]] = {}
-        self._labelled: dict[tuple[str, int, str], asyncio.Future[None]] = {}
+        self._labelled: dict[tuple[str, int, str], asyncio.Future[Labelled | LabelTaken]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -194,16 +204,19 @@ class Control:
             return {"ok": False, "error": "expected one JSON line of at most 4 KiB"}
         if not isinstance(req, dict) or req.get("op") != "checkpoint":
             return {"ok": False, "error": "unknown request (expected op = checkpoint)"}
+        move = req.get("move", False)
+        if not isinstance(move, bool):
+            return {"ok": False, "error": "move is true or false"}
         if "group" in req:
-            return await self._group_request(reader, req.get("group"), req.get("label"))
+            return await self._group_request(reader, req.get("group"), req.get("label"), move)
         vol, label = req.get("volume"), req.get("label")
         if not isinstance(vol, str) or vol not in self.src.volumes:
             return {"ok": False, "error": f"no volume {vol!r} in this source"}
         if not isinstance(label, str) or not valid_label(label):
             return {"ok": False, "error": "a label is 1-128 printable characters, not only digits, "
                     "without leading or trailing blanks"}
-        r = _Request(vol, label, time.time())
-        log.info("checkpoint requested volume=%s label=%r", vol, label)
+        r = _Request(vol, label, time.time(), move=move)
+        log.info("checkpoint requested volume=%s label=%r move=%s", vol, label, move)
         self.request(r)
         disconnected = asyncio.ensure_future(reader.read(1))  # the client gave up (timeout)
         waits: set[asyncio.Future[Any]] = {r.done, disconnected}
@@ -215,19 +228,20 @@ class Control:
             return {"ok": False, "error": "client went away"}
         exc = r.done.exception()
         if exc is not None:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "volume": vol, "epoch": r.done.result(), "label": label}
+            return _failure(exc)
+        return {"ok": True, "volume": vol, "epoch": r.done.result(), "label": label,
+                "moved_from": _where(r.moved)}
 
     async def _group_request(self, reader: asyncio.StreamReader, group: Any,
-                             label: Any) -> dict[str, Any]:
+                             label: Any, move: bool) -> dict[str, Any]:
         names = sorted(n for n, v in self.src.volumes.items() if v.cfg.group == group)
         if not isinstance(group, str) or not names:
             return {"ok": False, "error": f"no volume of this source is in group {group!r}"}
         if not isinstance(label, str) or not valid_label(label):
             return {"ok": False, "error": "a label is 1-128 printable characters, not only digits, "
                     "without leading or trailing blanks"}
-        log.info("checkpoint requested group=%s label=%r", group, label)
-        task = asyncio.ensure_future(self._group_checkpoint(group, names, label))
+        log.info("checkpoint requested group=%s label=%r move=%s", group, label, move)
+        task = asyncio.ensure_future(self._group_checkpoint(group, names, label, move))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         disconnected = asyncio.ensure_future(reader.read(1))  # the client gave up (timeout)
@@ -239,14 +253,17 @@ class Control:
             task.cancel()
             return {"ok": False, "error": "client went away"}
         try:
-            when, epochs = task.result()
+            when, epochs, moved = task.result()
         except CdpError as exc:
-            return {"ok": False, "error": str(exc)}
-        return {"ok": True, "group": group, "label": label, "time": when, "epochs": epochs}
+            return _failure(exc)
+        return {"ok": True, "group": group, "label": label, "time": when, "epochs": epochs,
+                "moved_from": {n: _where(m) for n, m in moved.items()}}
 
-    async def _group_checkpoint(self, group: str, names: list[str],
-                                label: str) -> tuple[float, dict[str, int]]:
-        """One marked cut of the whole group, each member's epoch at it labelled."""
+    async def _group_checkpoint(self, group: str, names: list[str], label: str,
+                                move: bool) -> tuple[float, dict[str, int], dict[str, Any]]:
+        """One marked cut of the whole group, each member's epoch at it labelled. A member
+        whose label names another point stops it (LabelTakenError, saying which members
+        were labelled already)."""
         exports: dict[str, Any] = {n: self.src.nbd.get(n) for n in names}
         bad = [n for n, e in exports.items() if getattr(e, "journal", None) is None]
         if bad:
@@ -279,11 +296,23 @@ class Control:
                     raise CdpError(f"{n}: the checkpoint's epoch was not kept by the receiver "
                                    "(a resync followed); run the checkpoint again")
                 await asyncio.sleep(POLL)
+        moved: dict[str, tuple[int, float]] = {}
+        done: list[str] = []
         for n in names:
-            await self._send_label(self.src.volumes[n], epochs[n], label)
-            log.info("checkpoint labelled group=%s volume=%s epoch=%d label=%r", group, n,
-                     epochs[n], label)
-        return when, epochs
+            try:
+                ans = await self._send_label(self.src.volumes[n], epochs[n], label, move)
+            except LabelTakenError as exc:
+                if not done:
+                    raise
+                now_on = ", ".join(f"{d} epoch {epochs[d]}" for d in done)
+                raise LabelTakenError(exc.volume, label, exc.epoch, exc.time,
+                                      f" (the new cut's points of {now_on} have it now)") from None
+            done.append(n)
+            if ans.moved_from:
+                moved[n] = (ans.moved_from, ans.moved_time)
+            log.info("checkpoint labelled group=%s volume=%s epoch=%d label=%r%s", group, n,
+                     epochs[n], label, _moved_text(ans))
+        return when, epochs, moved
 
     # -- cutting and labelling -----------------------------------------------------
 
@@ -364,9 +393,16 @@ class Control:
             if epoch <= 0:
                 raise CdpError(f"volume {vs.name} has no acknowledged epoch to label yet")
             for r in reqs:
-                await self._send_label(vs, epoch, r.label)
-                log.info("checkpoint labelled volume=%s epoch=%d label=%r", vs.name, epoch,
-                         r.label)
+                try:
+                    ans = await self._send_label(vs, epoch, r.label, r.move)
+                except LabelTakenError as exc:  # this request only: the others go on
+                    log.info("checkpoint refused volume=%s epoch=%d: %s", vs.name, epoch, exc)
+                    if not r.done.done():
+                        r.done.set_exception(exc)
+                    continue
+                log.info("checkpoint labelled volume=%s epoch=%d label=%r%s", vs.name, epoch,
+                         r.label, _moved_text(ans))
+                r.moved = (ans.moved_from, ans.moved_time) if ans.moved_from else None
                 if not r.done.done():
                     r.done.set_result(epoch)
         except Exception as exc:
@@ -374,7 +410,9 @@ class Control:
                 if not r.done.done():
                     r.done.set_exception(exc)
 
-    async def _send_label(self, vs: VolumeState, epoch: int, label: str) -> None:
+    async def _send_label(self, vs: VolumeState, epoch: int, label: str,
+                          move: bool = False) -> Labelled:
+        """Label point `epoch` on the receiver; its answer, or LabelTakenError (refused)."""
         while True:  # a reconnect in between: send again on the new connection
             link = self.src.link
             if link is None or vs.name not in link.session.volumes:
@@ -383,25 +421,30 @@ class Control:
             key = (vs.name, epoch, label)
             fut = self._labelled[key] = asyncio.get_running_loop().create_future()
             try:
-                await link.send(Label(vs.name, epoch, label))
+                await link.send(Label(vs.name, epoch, label, move))
                 while not fut.done():
                     if self.src.link is not link:
                         break
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.shield(fut), 0.5)
                 if fut.done():
-                    return
+                    ans = fut.result()
+                    if isinstance(ans, LabelTaken):
+                        raise LabelTakenError(vs.name, label, ans.other, ans.other_time)
+                    return ans
+            except LabelTakenError:
+                raise  # the receiver's answer, not a failure to send
             except CdpError as exc:
                 log.info("volume=%s: label not sent (%s); trying again", vs.name, exc)
                 await asyncio.sleep(POLL)
             finally:
                 self._labelled.pop(key, None)
 
-    def labelled(self, msg: Labelled) -> None:
-        """The receiver recorded a label (called by the daemon's reader)."""
+    def labelled(self, msg: Labelled | LabelTaken) -> None:
+        """The receiver recorded a label, or refused it (called by the daemon's reader)."""
         fut = self._labelled.get((msg.volume, msg.epoch, msg.label))
         if fut is not None and not fut.done():
-            fut.set_result(None)
+            fut.set_result(msg)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -409,8 +452,25 @@ class Control:
         task.add_done_callback(self._tasks.discard)
 
 
+def _where(moved: tuple[int, float] | None) -> dict[str, Any] | None:
+    return None if moved is None else {"epoch": moved[0], "time": moved[1]}
+
+
+def _moved_text(ans: Labelled) -> str:
+    return f" moved_from={ans.moved_from}" if ans.moved_from else ""
+
+
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """The control answer for a failed checkpoint; a refused label says where it is."""
+    out: dict[str, Any] = {"ok": False, "error": str(exc)}
+    if isinstance(exc, LabelTakenError):
+        out.update(code=exc.wire_code, volume=exc.volume,
+                   label_on={"epoch": exc.epoch, "time": exc.time})
+    return out
+
+
 def request_checkpoint(state_dir: Path, volume: str | None, label: str, timeout: float,
-                       group: str | None = None) -> dict[str, Any]:
+                       group: str | None = None, move: bool = False) -> dict[str, Any]:
     """Client side (cdp checkpoint): ask the running source; the answer, or a CdpError."""
     path = state_dir / SOCKET
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -421,7 +481,8 @@ def request_checkpoint(state_dir: Path, volume: str | None, label: str, timeout:
         except (FileNotFoundError, ConnectionRefusedError):
             raise CdpError(f"the source is not running (no control socket at {path})") from None
         which = {"volume": volume} if group is None else {"group": group}
-        s.sendall((json.dumps({"op": "checkpoint", **which, "label": label}) + "\n").encode())
+        req = {"op": "checkpoint", **which, "label": label, "move": move}
+        s.sendall((json.dumps(req) + "\n").encode())
         buf = b""
         while not buf.endswith(b"\n"):
             chunk = s.recv(MAX_REQUEST)

@@ -52,6 +52,7 @@ from cdp.messages import (
     GetHashes,
     Hashes,
     Labelled,
+    LabelTaken,
     Message,
     Need,
     Open,
@@ -427,7 +428,7 @@ class Source:
                     continue
                 if isinstance(msg, Ack):
                     self._on_ack(link, vs, msg)
-                elif isinstance(msg, Labelled):
+                elif isinstance(msg, Labelled | LabelTaken):
                     self.control.labelled(msg)
                 elif isinstance(msg, Need):
                     vs.need = msg.epoch

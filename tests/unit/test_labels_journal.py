@@ -10,7 +10,7 @@ import pytest
 
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress
-from cdp.errors import PointError
+from cdp.errors import LabelTakenError, PointError
 from cdp.replica import Replica
 from cdp.replica.journal import (
     Retention,
@@ -60,11 +60,71 @@ def test_a_labelled_point_outlives_retention_until_unlabelled(tmp_path):
             resolve_point(vol, "nope")
         with open_view(tmp_path, "v", 2) as v:
             assert v.read(0, v.size) == want
-        set_label(vol, 6, "base")  # a label names one point: it moves
+        # a label names one point: it does not move unasked, and moves when asked
+        point2 = next(p for p in list_points(vol) if p.epoch == 2)
+        with pytest.raises(LabelTakenError) as taken:
+            set_label(vol, 6, "base")
+        assert (taken.value.epoch, taken.value.time) == (2, point2.time)
+        assert "point 2" in str(taken.value) and "--move" in str(taken.value)
+        assert read_labels(vol) == {2: "base"}  # nothing changed
+        assert set_label(vol, 6, "base", move=True) == (2, point2.time)
         assert read_labels(vol) == {6: "base"}
+        assert set_label(vol, 6, "base", move=True) == (2, point2.time)  # a resend: same answer
         rep.journal.prune()
         assert [p.epoch for p in list_points(vol)] == [6]
         assert list_points(vol)[0].label == "base" and list_points(vol)[0].current
         assert remove_label(vol, 6) == "base" and remove_label(vol, 6) is None
+    finally:
+        rep.close()
+
+
+def test_of_racing_checkpoints_with_one_label_only_one_takes_it(tmp_path):
+    """Each racer labels its own point with the same label, from its own process (as two
+    receiver connections' workers would, or a receiver and another tool): one wins, the
+    others are refused naming the winner's point, and the label is on that point."""
+    import multiprocessing
+
+    rng = random.Random(2)
+    rep = Replica.open(tmp_path, "v", Geometry(16 * BS, BS), create=True,
+                       retention=Retention(max_age=None, max_bytes=None))
+    vol = tmp_path / "v"
+    try:
+        for e in range(1, 7):
+            _epoch(rep, e, {e: rng.randbytes(BS)})
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(6) as pool:
+            got = pool.starmap(_try_label, [(str(vol), e) for e in range(1, 7)])
+        winners = [e for e, other in got if other is None]
+        assert len(winners) == 1, got
+        assert read_labels(vol) == {winners[0]: "race"}
+        assert all(other == winners[0] for e, other in got if e != winners[0]), got
+    finally:
+        rep.close()
+
+
+def _try_label(vol: str, epoch: int) -> tuple[int, int | None]:
+    from pathlib import Path
+
+    try:
+        set_label(Path(vol), epoch, "race")
+    except LabelTakenError as exc:
+        return epoch, exc.epoch
+    return epoch, None
+
+
+def test_a_label_whose_point_is_gone_names_the_new_point_without_asking(tmp_path):
+    rng = random.Random(3)
+    rep = Replica.open(tmp_path, "v", Geometry(16 * BS, BS), create=True,
+                       retention=Retention(max_age=60.0, max_bytes=None))
+    vol = tmp_path / "v"
+    try:
+        for e in range(1, 4):
+            _epoch(rep, e, {e: rng.randbytes(BS)})
+        assert [p.epoch for p in list_points(vol)] == [3]  # all older points aged out
+        from cdp.replica.journal import _write_labels
+
+        _write_labels(vol, {1: {"label": "old", "time": 1.0, "generation": 1}})  # left behind
+        assert set_label(vol, 3, "old") is None  # no kept point had it: nothing to refuse
+        assert read_labels(vol) == {3: "old"}
     finally:
         rep.close()

@@ -1,0 +1,142 @@
+"""A label names one point: Label.move, Labelled.moved_from and LabelTaken (protocol 3) on
+the wire and in both sessions, and what a protocol 2 source, which knows none of them, gets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from cdp.errors import LocalProtocolError, RemoteProtocolError
+from cdp.frames import encode
+from cdp.messages import (
+    Ack,
+    Auth,
+    Begin,
+    Challenge,
+    Commit,
+    Data,
+    Hello,
+    Label,
+    Labelled,
+    LabelTaken,
+    Open,
+    Opened,
+    from_wire,
+    to_wire,
+)
+from cdp.protocol import NONCE_LEN, ReceiverSession, SourceSession, State, source_mac
+
+TOKEN = b"0123456789abcdef0123456789abcdef"
+CLIENTS = {"host1": (TOKEN, ("vm1",))}.get
+
+
+def _acked(src: SourceSession, rcv: ReceiverSession) -> None:
+    """vm1 open on both, epochs 1 and 2 committed and acknowledged."""
+    rcv.receive_data(src.send(Open("vm1", 1 << 20, 65536)))
+    src.receive_data(rcv.send(Opened("vm1", "r", 0, 0.0)))
+    for e in (1, 2):
+        rcv.receive_data(src.send(Begin("vm1", e, 0.0)))
+        rcv.receive_data(src.send(Data("vm1", e, bytes(8), b"h" * 16, 65536, b"z")))
+        rcv.receive_data(src.send(Commit("vm1", e, 1)))
+        src.receive_data(rcv.send(Ack("vm1", e, 0.0)))
+
+
+def pair() -> tuple[SourceSession, ReceiverSession]:
+    src, rcv = SourceSession("host1", TOKEN), ReceiverSession(CLIENTS)
+    rcv.receive_data(src.start())
+    src.receive_data(rcv.challenge())
+    rcv.receive_data(src.auth())
+    src.receive_data(rcv.welcome())
+    _acked(src, rcv)
+    return src, rcv
+
+
+def old_source_receiver() -> ReceiverSession:
+    """A receiver session talking to a protocol 2 source (driven by hand: ours speaks 3)."""
+    rcv = ReceiverSession(CLIENTS)
+    nonce = os.urandom(NONCE_LEN)
+    rcv.receive_data(encode(Hello(2, "host1", nonce)))
+    rcv.challenge()
+    rcv.receive_data(encode(Auth(source_mac(TOKEN, "host1", nonce, rcv.nonce))))
+    rcv.welcome()
+    rcv.receive_data(encode(Open("vm1", 1 << 20, 65536)))
+    rcv.send(Opened("vm1", "r", 0, 0.0))
+    for frame in (Begin("vm1", 1, 0.0), Data("vm1", 1, bytes(8), b"h" * 16, 65536, b"z"),
+                  Commit("vm1", 1, 1)):
+        rcv.receive_data(encode(frame))
+    rcv.send(Ack("vm1", 1, 0.0))
+    return rcv
+
+
+def test_the_new_fields_leave_the_wire_when_unused_so_older_peers_read_them():
+    # an older source sends three fields: move is false, the safe way
+    assert from_wire([Label.TYPE, "vm1", 1, "base"]) == Label("vm1", 1, "base", False)
+    assert to_wire(Label("vm1", 1, "base")) == [Label.TYPE, "vm1", 1, "base"]
+    assert to_wire(Label("vm1", 1, "base", True)) == [Label.TYPE, "vm1", 1, "base", True]
+    # a Labelled that moved nothing is the three fields a protocol 2 source expects
+    assert to_wire(Labelled("vm1", 1, "base")) == [Labelled.TYPE, "vm1", 1, "base"]
+    moved = Labelled("vm1", 5, "base", 2, 1234.5)
+    assert from_wire(to_wire(moved)) == moved
+    taken = LabelTaken("vm1", 5, "base", 2, 1234.5)
+    assert from_wire(to_wire(taken)) == taken
+    for bad in ([Label.TYPE, "vm1", 1, "base", 1], [Labelled.TYPE, "vm1", 1, "base", 2, 1.0, 3],
+                [LabelTaken.TYPE, "vm1", 5, "base", 2]):
+        with pytest.raises(RemoteProtocolError):
+            from_wire(bad)
+
+
+def test_a_refused_label_reaches_the_source_and_a_moved_one_says_from_where():
+    src, rcv = pair()
+    assert rcv.receive_data(src.send(Label("vm1", 2, "base"))) == [Label("vm1", 2, "base")]
+    refused = LabelTaken("vm1", 2, "base", 1, 100.0)
+    assert src.receive_data(rcv.send(refused)) == [refused]
+    assert rcv.receive_data(src.send(Label("vm1", 2, "base", True))) == [
+        Label("vm1", 2, "base", True)]
+    moved = Labelled("vm1", 2, "base", 1, 100.0)
+    assert src.receive_data(rcv.send(moved)) == [moved]
+    with pytest.raises(LocalProtocolError):  # answered already
+        rcv.send(Labelled("vm1", 2, "base"))
+
+
+def test_answers_that_do_not_fit_their_label_are_violations():
+    src, rcv = pair()
+    rcv.receive_data(src.send(Label("vm1", 2, "base", True)))
+    with pytest.raises(LocalProtocolError):  # a move is never refused
+        rcv.send(LabelTaken("vm1", 2, "base", 1, 100.0))
+    with pytest.raises(RemoteProtocolError):
+        src.receive_data(encode(LabelTaken("vm1", 2, "base", 1, 100.0)))
+    assert src.state is State.CLOSED
+
+    src, rcv = pair()
+    rcv.receive_data(src.send(Label("vm1", 2, "base")))
+    for bad in (Labelled("vm1", 2, "base", 1, 100.0),  # moved, unasked
+                LabelTaken("vm1", 2, "base", 2, 100.0)):  # "taken" by its own point
+        with pytest.raises(LocalProtocolError):
+            rcv.send(bad)
+    with pytest.raises(RemoteProtocolError):
+        src.receive_data(encode(Labelled("vm1", 2, "base", 1, 100.0)))
+
+
+def test_a_protocol_2_source_cannot_move_and_is_not_sent_what_it_cannot_read():
+    rcv = old_source_receiver()
+    assert rcv.version == 2
+    with pytest.raises(RemoteProtocolError):
+        rcv.receive_data(encode(Label("vm1", 1, "base", True)))
+
+    rcv = old_source_receiver()
+    assert rcv.receive_data(encode(Label("vm1", 1, "base"))) == [Label("vm1", 1, "base")]
+    with pytest.raises(LocalProtocolError):
+        rcv.send(LabelTaken("vm1", 1, "base", 2, 100.0))
+    rcv.unanswered("vm1", 1, "base")  # refused without an answer
+    with pytest.raises(LocalProtocolError):
+        rcv.send(Labelled("vm1", 1, "base"))
+    with pytest.raises(LocalProtocolError):
+        rcv.unanswered("vm1", 1, "base")
+
+
+def test_a_protocol_3_source_still_needs_a_protocol_3_receiver():
+    src = SourceSession("host1", TOKEN)
+    src.start()
+    with pytest.raises(RemoteProtocolError, match="protocol 2"):
+        src.receive_data(encode(Challenge(2, os.urandom(NONCE_LEN))))
