@@ -11,7 +11,8 @@ and checks it: e2fsck on its file system, and the newest file the demo wrote
 read back from the clone and compared with a kept copy (RPO and RTO
 reported). An archive job writes an encrypted, deduplicated snapshot of the
 replica to a local repository, which is verified. Each step runs the real
-`cdp` command.
+`cdp` command. However the demo ends (done, failed, interrupted), its daemons
+stop and its work folder goes unless --keep (cdp/benchmark/workspace.py).
 """
 
 from __future__ import annotations

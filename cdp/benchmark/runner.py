@@ -264,9 +264,9 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
                         progress=progress, rate_cap=rate_cap, rate_seconds=rate_seconds)
         except RuntimeError as exc:  # a daemon or tool failed: say why before the logs go
             tails = "" if keep else ws.log_tails()
-            raise CdpError(f"{exc}" + (f"\n{tails}" if tails else "") +
-                           ("" if keep else "\n(--keep keeps the work folder and its logs)")
-                           ) from None
+            where = (f"logs in {ws.root}" if keep else
+                     "--keep keeps the work folder and its logs")
+            raise CdpError(f"{exc}" + (f"\n{tails}" if tails else "") + f"\n({where})") from None
     raise AssertionError("unreachable")  # pragma: no cover (session re-raises or returns)
 
 

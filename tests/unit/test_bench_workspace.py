@@ -76,12 +76,11 @@ def test_a_users_dir_left_by_a_killed_run_is_cleaned_and_a_live_one_refused(tmp_
 def test_a_signal_while_guarded_waits_for_the_guard(tmp_path) -> None:
     steps = []
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Interrupted) as info:
-        with session("demo", tmp_path / "w", keep=False):
-            with procs.guarded():
-                os.kill(os.getpid(), signal.SIGTERM)
-                steps.append("guarded work finished")
-            steps.append("after the guard")  # never: the held signal is raised at its end
+    with pytest.raises(Interrupted) as info, session("demo", tmp_path / "w", keep=False):
+        with procs.guarded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("guarded work finished")
+        steps.append("after the guard")  # never: the held signal is raised at its end
     assert steps == ["guarded work finished"]
     assert info.value.exit_code == 143 and f"removed {tmp_path / 'w'}" in str(info.value)
     assert not (tmp_path / "w").exists()
