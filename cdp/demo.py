@@ -11,7 +11,8 @@ and checks it: e2fsck on its file system, and the newest file the demo wrote
 read back from the clone and compared with a kept copy (RPO and RTO
 reported). An archive job writes an encrypted, deduplicated snapshot of the
 replica to a local repository, which is verified. Each step runs the real
-`cdp` command.
+`cdp` command. However the demo ends (done, failed, interrupted), its daemons
+stop and its work folder goes unless --keep (cdp/benchmark/workspace.py).
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import random
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from cdp.benchmark import procs
 from cdp.benchmark.data import BS, generate, rewrite, text_block
 from cdp.benchmark.procs import free_port, stop_all, wait_port
+from cdp.benchmark.workspace import Workspace, session
 from cdp.blocks import Geometry
 from cdp.cli.init import init
 from cdp.durable import read_json
@@ -38,21 +40,23 @@ from cdp.units import format_bytes
 
 
 class _Progress:
+    """Live lines on a terminal (stderr); off one, each step's first line and its result."""
+
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.tty = sys.stderr.isatty()
-        self.last = 0.0
+        self.last_key: str | None = None
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, key: str | None = None, plain: str | None = None) -> None:
+        """A step under way; off a terminal printed once per `key` (default: the text), as
+        `plain` if given (a figure of the moment says little in a log)."""
         if self.quiet:
             return
-        if not self.tty and time.monotonic() - self.last < 2:
-            return  # a log file gets a line every 2 s, a terminal a live line
-        self.last = time.monotonic()
         if self.tty:
             sys.stderr.write("\r\033[K" + text)
-        else:
-            sys.stderr.write(text + "\n")
+        elif (key or text) != self.last_key:
+            self.last_key = key or text
+            sys.stderr.write((plain or text) + "\n")
         sys.stderr.flush()
 
     def done(self, text: str) -> None:
@@ -61,6 +65,7 @@ class _Progress:
         if self.tty:
             sys.stderr.write("\r\033[K")
         sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 class DemoDisk:
@@ -161,7 +166,7 @@ class DemoDisk:
 
     @staticmethod
     def _tool(argv: list[str]) -> str:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        r = procs.run(argv, timeout=300)
         errors = r.stderr.strip()
         if argv[0] == "debugfs":  # exits 0 whatever fails; stderr: its banner, then the errors
             errors = "\n".join(r.stderr.strip().splitlines()[1:])
@@ -191,7 +196,8 @@ def _wait_current(state_dir: Path, since: float, procs: list[subprocess.Popen[by
             done, total = v.get("progress_done", 0), v.get("progress_total", 0) or 1
             progress.line(f"{label}: {v['phase']:<10} {100 * done / total:5.1f}%  "
                           f"epoch {v['acked_epoch']}  sent {format_bytes(v['stats']['wire'])}  "
-                          f"{format_bytes(v.get('rate', 0))}/s")
+                          f"{format_bytes(v.get('rate', 0))}/s", key=label,
+                          plain=f"{label}: replicating ...")
             if v.get("current_as_of", 0) >= since and not v.get("pending_epochs"):
                 return v
         time.sleep(0.05)
@@ -200,8 +206,8 @@ def _wait_current(state_dir: Path, since: float, procs: list[subprocess.Popen[by
 
 def _cdp_json(cmd: list[str], env: dict[str, str], *args: str | Path) -> dict[str, Any]:
     """Run one `cdp ... --json` command; its JSON, or RuntimeError with its message."""
-    r = subprocess.run([*cmd, *map(str, args), "--json"], capture_output=True, text=True,
-                       env=env, timeout=600)
+    r = procs.run([*cmd, *map(str, args), "--json"], env=env, timeout=600,
+                  name=f"cdp {' '.join(map(str, args[:2]))}")
     try:
         out: dict[str, Any] = json.loads(r.stdout)
     except ValueError:
@@ -222,20 +228,50 @@ def _archive(cmd: list[str], env: dict[str, str], root: Path) -> dict[str, Any]:
                   'password_file = "archive.pass"\nkeep = { last = 7, daily = 7 }\n')
     _cdp_json(cmd, env, "archive", "init", "-c", rx)
     run = _cdp_json(cmd, env, "archive", "run", "-c", rx)
-    verify = subprocess.run([*cmd, "archive", "verify", "-c", str(rx), "--read-data"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    verify = procs.run([*cmd, "archive", "verify", "-c", str(rx), "--read-data"], env=env,
+                       timeout=600, name="cdp archive verify")
     return {"snapshot": run["snapshot"], "seconds": run["seconds"],
             "stored": sum(v["stored_bytes"] for v in run["volumes"]),
             "uploaded": run["bytes_uploaded"], "verified": verify.returncode == 0}
 
 
 def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool = False) -> int:
-    made = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="cdp-demo-")) if workdir is None else workdir
+    """The demo in a work folder that goes when it ends, however it ends (unless `keep`);
+    raises workspace.Interrupted on SIGINT/SIGTERM/SIGHUP, after the cleanup."""
     progress = _Progress(as_json)
-    procs: list[subprocess.Popen[bytes]] = []
+    with session("demo", workdir, keep) as ws:
+        for path in ws.swept:
+            progress.done(f"removed {path}, left by an earlier demo or bench that was killed")
+        try:
+            summary = _demo(ws.root, size, progress)
+        except Exception as exc:  # the demo reports, it does not trace back
+            tails = "" if keep else ws.log_tails()
+            progress.done(f"demo failed: {exc}" + (f"\n{tails}" if tails else "") +
+                          _where(ws, failed=True))
+            return 1
+        if as_json:
+            print(json.dumps(summary, indent=1))
+        else:
+            _print_summary(summary)
+            if keep:
+                progress.done(_where(ws, failed=False).strip())
+        ok = (summary["replica_equal"] and summary["daemon_exit_codes"] == [0, 0]
+              and summary["drill"]["ok"] and summary["archive"]["verified"])
+        return 0 if ok else 1
+    raise AssertionError("unreachable")  # pragma: no cover (session re-raises or returns)
+
+
+def _where(ws: Workspace, failed: bool) -> str:
+    """A line on where the work folder went: kept (and where), or how to keep it next time."""
+    if ws.keep:
+        return f"\nkept {ws.root} (configs, images, replicas, daemon logs)"
+    return "\n(--keep keeps the work folder, with the daemon logs)" if failed else ""
+
+
+def _demo(root: Path, size: int, progress: _Progress) -> dict[str, Any]:
+    """Every step of the demo in `root`; its summary. Raises on the first step that fails."""
+    daemons: list[subprocess.Popen[bytes]] = []
     try:
-        root.mkdir(parents=True, exist_ok=True)
         init(root, image_size=BS)
         image = root / "images" / "vm1-disk0.raw"
         image.unlink()
@@ -255,16 +291,17 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
                          .replace('mode = "scan"', 'mode = "scan"\nscan_interval = "2s"\n'
                                   'min_scan_interval = "0.2s"'))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        logs = {n: open(root / f"{n}.log", "wb") for n in ("receiver", "source")}
         cmd = [sys.executable, "-P", "-m", "cdp"]  # -P: a folder named cdp in the cwd must not shadow us
-        procs.append(subprocess.Popen([*cmd, "receiver", "-c", str(root / "receiver.toml")],
-                                      stdout=logs["receiver"], stderr=subprocess.STDOUT, env=env))
-        wait_port(port, procs[0])
-        t0 = time.time()
-        procs.append(subprocess.Popen([*cmd, "source", "-c", str(root / "source.toml")],
-                                      stdout=logs["source"], stderr=subprocess.STDOUT, env=env))
+        for name in ("receiver", "source"):
+            with open(root / f"{name}.log", "wb") as log:
+                t0 = time.time()
+                daemons.append(procs.spawn([*cmd, name, "-c", str(root / f"{name}.toml")],
+                                           name=name, stdout=log, stderr=subprocess.STDOUT,
+                                           env=env))
+            if name == "receiver":
+                wait_port(port, daemons[0])
         state_dir = root / "state"
-        _wait_current(state_dir, t0, procs, progress, "seed")
+        _wait_current(state_dir, t0, daemons, progress, "seed")
         rx_state = root / "replicas" / "vm1-disk0" / "state.json"
         seed_s = read_json(rx_state)["applied_at"] - t0  # the receiver's clock, not our polling
         progress.done(f"seed: {format_bytes(size)} in {seed_s:.2f}s "
@@ -276,7 +313,7 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
             t1 = time.time()
             written = disk.change(frac, seed=100 + r)
             # converged once a scan that began after the last write finds nothing new
-            v = _wait_current(state_dir, time.time(), procs, progress, f"incremental {frac:.0%}")
+            v = _wait_current(state_dir, time.time(), daemons, progress, f"incremental {frac:.0%}")
             # the receiver's own clock of when the last epoch landed, not our polling delay
             landed = read_json(rx_state)["applied_at"] - t1
             rounds.append({"fraction": frac, "bytes": written, "seconds": landed,
@@ -301,38 +338,27 @@ def run_demo(size: int, workdir: Path | None, keep: bool = False, as_json: bool 
         equal = hash_volume(image, geo) == hash_volume(root / "replicas" / "vm1-disk0" / "image",
                                                        geo)
         final = read_json(rx_state)
-        c = final["counters"]
-        summary = {
-            "size": size, "seed_seconds": seed_s, "seed_MBps": size / seed_s / 1e6,
-            "seed_wire_bytes": after_seed["wire"], "incremental": rounds,
-            "epochs": final["epoch"], "logical": c["logical"], "wire": c["wire"],
-            "data": c["data"], "compressed": c["compressed"], "dedup": c["dedup"],
-            "zero": c["zero"],
-            "compression_ratio": c["data"] / c["compressed"] if c["compressed"] else None,
-            "dedup_ratio": (c["data"] + c["dedup"]) / c["data"] if c["data"] else None,
-            "rpo_seconds": rounds[-1]["rpo"], "replica_equal": equal, "workdir": str(root),
-            "filesystem": disk.filesystem, "files": len(disk.files), "note": disk.note,
-            "drill": drill, "archive": archive,
-        }
-    except Exception as exc:  # the demo reports, it does not trace back
-        stop_all(procs)
-        progress.done(f"demo failed: {exc} (logs in {root})")
-        return 1
-    codes = stop_all(procs)
-    summary["daemon_exit_codes"] = codes
-    if as_json:
-        print(json.dumps(summary, indent=1))
-    else:
-        _print_summary(summary)
-    ok = equal and codes == [0, 0] and drill["ok"] and archive["verified"]
-    if made and not keep and ok:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if ok else 1
+    finally:
+        codes = stop_all(daemons)
+    c = final["counters"]
+    return {
+        "size": size, "seed_seconds": seed_s, "seed_MBps": size / seed_s / 1e6,
+        "seed_wire_bytes": after_seed["wire"], "incremental": rounds,
+        "epochs": final["epoch"], "logical": c["logical"], "wire": c["wire"],
+        "data": c["data"], "compressed": c["compressed"], "dedup": c["dedup"],
+        "zero": c["zero"],
+        "compression_ratio": c["data"] / c["compressed"] if c["compressed"] else None,
+        "dedup_ratio": (c["data"] + c["dedup"]) / c["data"] if c["data"] else None,
+        "rpo_seconds": rounds[-1]["rpo"], "replica_equal": equal, "workdir": str(root),
+        "filesystem": disk.filesystem, "files": len(disk.files), "note": disk.note,
+        "drill": drill, "archive": archive, "daemon_exit_codes": codes,
+    }
 
 
 def _print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from cdp.cli.tables import print_table
 
     t = Table(title="cdp demo summary", show_header=False)
     t.add_column(style="bold")
@@ -365,4 +391,4 @@ def _print_summary(s: dict[str, Any]) -> None:
     t.add_row("replica equals source", "yes" if s["replica_equal"] else "NO")
     t.add_row("daemons stopped cleanly", "yes" if s["daemon_exit_codes"] == [0, 0] else
               f"no: {s['daemon_exit_codes']}")
-    Console().print(t)
+    print_table(t)

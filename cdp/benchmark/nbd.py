@@ -27,13 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdp.benchmark import Progress
 from cdp.benchmark.data import BS, text_block
 from cdp.benchmark.nbdclient import NbdClient
 from cdp.benchmark.pair import CdpPair
-from cdp.benchmark.procs import stop_all
+from cdp.benchmark.procs import run, spawn, stop_all
 from cdp.errors import UsageError
-
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,7 @@ def have_tools() -> bool:
 
 def qemu_img_bench(url: str, args: list[str]) -> float:
     """Seconds `qemu-img bench` reports for one run against an NBD URL."""
-    out = subprocess.run(["qemu-img", "bench", "-f", "raw", *args, url], capture_output=True,
-                         text=True, timeout=1800)
+    out = run(["qemu-img", "bench", "-f", "raw", *args, url], timeout=1800)
     if out.returncode != 0:
         raise RuntimeError(f"qemu-img bench failed: {out.stderr.strip() or out.stdout.strip()}")
     m = re.search(r"Run completed in ([0-9.]+) seconds", out.stdout)
@@ -83,9 +81,9 @@ def run_baseline(root: Path, image: Path, progress: Progress) -> dict[str, float
     copy = root / "qemu-nbd.raw"
     shutil.copyfile(image, copy)
     sock = root / "qemu-nbd.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "-k", str(sock), "-x", "bench",
-                             "--cache=writeback", str(copy)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = spawn(["qemu-nbd", "-f", "raw", "-t", "-k", str(sock), "-x", "bench",
+                  "--cache=writeback", str(copy)], stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 20
         while not sock.exists():
@@ -186,7 +184,7 @@ def steady(pair: CdpPair, size: int, rate: int, seconds: float,
             if n % 64 == 0:
                 client.flush()
                 progress(f"nbd steady: {time.monotonic() - start:5.1f}/{seconds:.0f}s, "
-                         f"RPO {samples[-1] if samples else 0:.2f}s")
+                         f"RPO {samples[-1] if samples else 0:.2f}s", live=True)
         client.flush()
         client.close()
         t_end = time.time()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, reset_peak, stop_all, wait_port
+from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, reset_peak, spawn, stop_all, wait_port
 from cdp.durable import read_json
 
 
@@ -75,9 +75,9 @@ class CdpPair:
         """Start 'receiver' or 'source'; returns the time just before it was started."""
         log = open(self.root / f"{which}.log", "ab")
         t = time.time()
-        self.procs[which] = subprocess.Popen(
+        self.procs[which] = spawn(
             [sys.executable, "-P", "-m", "cdp", which, "-c", str(self.root / f"{which}.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            name=which, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         log.close()
         if which == "receiver":

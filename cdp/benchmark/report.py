@@ -16,6 +16,16 @@ def ratios(results: list[Result]) -> dict[str, float]:
             for (s, t) in by if t == "cdp" and (s, "rsync") in by and by[(s, "cdp")].seconds > 0}
 
 
+def versus(ratio: float) -> str:
+    """How cdp compares, from rsync's time / cdp's time: "2.3x faster", "1.7x slower"."""
+    if ratio <= 0:
+        return ""
+    factor = ratio if ratio >= 1 else 1 / ratio
+    if f"{factor:.1f}" == "1.0":
+        return "as fast (within 5%)"
+    return f"{factor:.1f}x {'faster' if ratio >= 1 else 'slower'}"
+
+
 def to_json(results: list[Result]) -> dict[str, Any]:
     out = []
     for r in results:
@@ -27,9 +37,9 @@ def to_json(results: list[Result]) -> dict[str, Any]:
 
 
 def table(results: list[Result]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from cdp.cli.tables import print_table
     from cdp.units import format_bytes
 
     sp = ratios(results)
@@ -40,7 +50,7 @@ def table(results: list[Result]) -> None:
     for r in results:
         cs, cr = r.cpu_per_gib()
         d = r.as_dict()
-        note = f"{sp[r.scenario]:.1f}x faster" if r.tool == "cdp" and r.scenario in sp else ""
+        note = versus(sp[r.scenario]) if r.tool == "cdp" and r.scenario in sp else ""
         if r.scenario == "rate cap" and r.extra.get("windows"):
             note = (f"cap {format_bytes(r.extra['cap'])}/s: 5-s windows at "
                     f"{r.extra['min_ratio']:.0%}-{r.extra['max_ratio']:.0%} of it "
@@ -53,7 +63,7 @@ def table(results: list[Result]) -> None:
                 note += (f", RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s, "
                          f"caught up {r.extra['catch_up']:.2f}s after")
         if r.scenario == "incremental 1% (nbd)" and r.tool == "cdp" and r.scenario in sp:
-            note = f"{sp[r.scenario]:.1f}x faster (writes took {r.extra['write_seconds']:.2f}s)"
+            note = f"{versus(sp[r.scenario])} (writes took {r.extra['write_seconds']:.2f}s)"
         if r.scenario in ("steady", "nbd steady"):
             note = (f"RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s at "
                     f"{format_bytes(r.extra['rate'])}/s")
@@ -63,10 +73,7 @@ def table(results: list[Result]) -> None:
                   f"{cs:.2f} / {cr:.2f}",
                   f"{r.peak_source / 2**20:.0f} / {r.peak_receiver / 2**20:.0f}",
                   "yes" if r.equal else "NO", note)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)
-    console.print(t)
+    print_table(t)
 
 
 def plot(results: list[Result], path: Path) -> None:

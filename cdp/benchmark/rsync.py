@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, stop_all, wait_port
+from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, spawn, stop_all, wait_port
 from cdp.errors import UsageError
 
 RSYNC_ARGS = ["--inplace", "--no-whole-file", "-B", "65536", "--times", "--stats"]
@@ -40,8 +40,9 @@ class RsyncDaemon:
         conf.write_text(f"port = {self.port}\naddress = 127.0.0.1\nuse chroot = false\n"
                         f"pid file = {root / 'rsyncd.pid'}\n[bench]\npath = {self.dest}\n"
                         "read only = false\nuid = root\ngid = root\n")
-        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={conf}"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = spawn(["rsync", "--daemon", "--no-detach", f"--config={conf}"],
+                          name="rsync daemon", stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc)
 
     def run(self, image: Path) -> RsyncRun:
@@ -49,8 +50,8 @@ class RsyncDaemon:
         daemon_cpu = cpu_seconds(self.proc.pid)
         url = f"rsync://127.0.0.1:{self.port}/bench/{image.name}"
         t0 = time.perf_counter()
-        proc = subprocess.Popen(["rsync", *RSYNC_ARGS, str(image), url], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+        proc = spawn(["rsync", *RSYNC_ARGS, str(image), url], stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)
         out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - t0

@@ -12,18 +12,19 @@ from __future__ import annotations
 import random
 import shutil
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cdp.benchmark import Progress
 from cdp.benchmark.data import BS, generate, rewrite, text_block
 from cdp.benchmark.pair import CdpPair, Snapshot
 from cdp.benchmark.rsync import RsyncDaemon, RsyncRun
+from cdp.benchmark.workspace import session
 from cdp.blocks import Geometry
-from cdp.errors import UsageError
+from cdp.errors import CdpError, UsageError
 from cdp.tracker.scan import hash_volume
 from cdp.units import format_bytes
 
@@ -91,7 +92,7 @@ def _rsync_result(name: str, run: RsyncRun, image: Path, dest: Path, size: int,
 
 
 def _steady(pair: CdpPair, image: Path, size: int, rate: int, seconds: float,
-            progress) -> Result:
+            progress: Progress) -> Result:
     """Write random blocks at `rate` bytes/s for `seconds`; sample the RPO as it goes."""
     before = pair.snapshot()
     pair.reset_peaks()
@@ -117,17 +118,19 @@ def _steady(pair: CdpPair, image: Path, size: int, rate: int, seconds: float,
     th = threading.Thread(target=writer, daemon=True)
     start = time.time()
     th.start()
-    while time.time() - start < seconds:
-        pair.check_alive()
-        now = time.time()
-        point = pair.rpo_point()
-        if point:
-            samples.append((now - start, max(0.0, now - point)))
-        progress(f"steady: {now - start:5.1f}/{seconds:.0f}s  written "
-                 f"{format_bytes(written)}  RPO {samples[-1][1] if samples else 0:.2f}s")
-        time.sleep(0.1)
-    stop.set()
-    th.join()
+    try:
+        while time.time() - start < seconds:
+            pair.check_alive()
+            now = time.time()
+            point = pair.rpo_point()
+            if point:
+                samples.append((now - start, max(0.0, now - point)))
+            progress(f"steady: {now - start:5.1f}/{seconds:.0f}s  written {format_bytes(written)}"
+                     f"  RPO {samples[-1][1] if samples else 0:.2f}s", live=True)
+            time.sleep(0.1)
+    finally:  # an interrupt too: the writer must not go on writing into a folder being removed
+        stop.set()
+        th.join()
     t_end = time.time()
     pair.wait_current(t_end)
     res = _cdp_result("steady", pair, before, t_end - start, image, size, written)
@@ -139,7 +142,7 @@ def _steady(pair: CdpPair, image: Path, size: int, rate: int, seconds: float,
 
 
 def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
-              progress) -> Result:
+              progress: Progress) -> Result:
     """Seed a fresh replica under `rate_limit = cap`; wire throughput in every 5-second window."""
     pair = CdpPair(root, image, source_extra=f"rate_limit = {cap}")
     try:
@@ -159,7 +162,7 @@ def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
                 samples.append((updated, float(v["stats"]["wire"])))
                 last = updated
                 progress(f"rate cap: {updated - t0:5.1f}/{seconds:.0f}s  sent "
-                         f"{format_bytes(v['stats']['wire'])}")
+                         f"{format_bytes(v['stats']['wire'])}", live=True)
                 if v.get("current_as_of", 0) >= t0 and not v.get("pending_epochs"):
                     break  # the whole image went through before the time was up
             time.sleep(0.2)
@@ -187,7 +190,7 @@ def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
         pair.stop()
 
 
-def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress,
+def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress: Progress,
          steady_rate: int, steady_seconds: float) -> list[Result]:
     """The nbd scenarios on a copy of the image (the scan pair never sees these writes)."""
     from cdp.benchmark import nbd
@@ -249,13 +252,31 @@ def _nbd(root: Path, image: Path, size: int, rs: RsyncDaemon | None, progress,
 
 def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: list[str],
               steady_rate: int, steady_seconds: float, workdir: Path | None, keep: bool,
-              progress, rate_cap: int = 0, rate_seconds: float = 20.0) -> list[Result]:
-    made = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="cdp-bench-")) if workdir is None else workdir
-    root.mkdir(parents=True, exist_ok=True)
+              progress: Progress, rate_cap: int = 0, rate_seconds: float = 20.0) -> list[Result]:
+    """Run the scenarios in a work folder that goes when the run ends, however it ends
+    (unless `keep`); raises Interrupted on SIGINT/SIGTERM/SIGHUP, CdpError if a run failed."""
+    with session("bench", workdir, keep) as ws:
+        for path in ws.swept:
+            progress(f"removed {path}, left by an earlier run that was killed")
+        try:
+            return _run(ws.root, size=size, image=image, compare=compare, scenarios=scenarios,
+                        steady_rate=steady_rate, steady_seconds=steady_seconds,
+                        progress=progress, rate_cap=rate_cap, rate_seconds=rate_seconds)
+        except RuntimeError as exc:  # a daemon or tool failed: say why before the logs go
+            tails = "" if keep else ws.log_tails()
+            where = (f"logs in {ws.root}" if keep else
+                     "--keep keeps the work folder and its logs")
+            raise CdpError(f"{exc}" + (f"\n{tails}" if tails else "") + f"\n({where})") from None
+    raise AssertionError("unreachable")  # pragma: no cover (session re-raises or returns)
+
+
+def _run(root: Path, *, size: int, image: Path | None, compare: str | None,
+         scenarios: list[str], steady_rate: int, steady_seconds: float, progress: Progress,
+         rate_cap: int, rate_seconds: float) -> list[Result]:
     results: list[Result] = []
     pair: CdpPair | None = None
     rs: RsyncDaemon | None = None
+    codes: list[int] = []
     try:
         img = root / "image.raw"
         if image is not None:
@@ -309,16 +330,16 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
                     results.append(_rsync_result(name, rs.run(img), img, dest, size, changed))
 
         if "steady" in scenarios:
+            progress(f"steady: {format_bytes(steady_rate)}/s of writes for {steady_seconds:.0f}s ...")
             results.append(_steady(pair, img, size, steady_rate, steady_seconds, progress))
         if rate_cap:
+            progress(f"rate cap: seeding under rate_limit = {format_bytes(rate_cap)}/s ...")
             results.append(_rate_cap(root / "capped", img, size, rate_cap, rate_seconds,
                                      progress))
     finally:
         codes = pair.stop() if pair else []
         if rs:
             rs.stop()
-        if made and not keep and not any(c != 0 for c in codes):
-            shutil.rmtree(root, ignore_errors=True)
     if codes and any(c != 0 for c in codes):
-        raise RuntimeError(f"a daemon did not stop cleanly: exit codes {codes}; logs in {root}")
+        raise RuntimeError(f"a daemon did not stop cleanly: exit codes {codes}")
     return results

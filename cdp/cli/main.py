@@ -23,6 +23,19 @@ MODULE_VERBS: tuple[str, ...] = ("archive", "points", "failover", "files", "chec
                                  "mount")
 
 
+_ENDING = ("However the run ends (done, failed, Ctrl-C, SIGTERM, SIGHUP) its daemons are stopped "
+           "and what it made is removed, unless --keep; an interrupted run says what it stopped "
+           "and removed and exits 128 + the signal (130 for SIGINT, 143 for SIGTERM).")
+
+
+def _work_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--dir", type=Path, default=None,
+                   help="work folder (default: a new temp folder); of a folder that exists, only "
+                   "what the run makes in it is removed at the end")
+    s.add_argument("--keep", action="store_true",
+                   help="keep the work folder: images, replicas, configs and daemon logs")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cdp", description="Continuous data protection: replicate disk images block by "
@@ -68,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Seed, incremental (1% and 10% of blocks rewritten) and steady-load "
         "scenarios with a real receiver and source on 127.0.0.1; every result is checked byte "
         "for byte. --compare rsync runs rsync --inplace --no-whole-file -B 65536 against a "
-        "local rsync daemon on the same data in the same run.")
+        "local rsync daemon on the same data in the same run. " + _ENDING)
     s.add_argument("--size", default="2GiB", help="generated image size (default 2GiB)")
     s.add_argument("--image", type=Path, help="benchmark a copy of this image instead")
     s.add_argument("--compare", choices=["rsync"], help="run rsync side by side")
@@ -83,14 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rate-seconds", type=float, default=20.0,
                    help="how long to run the capped seed (default 20)")
     s.add_argument("--plot", type=Path, help="write a PNG chart here (needs matplotlib)")
-    s.add_argument("--dir", type=Path, help="work folder (default: a temp folder, removed)")
-    s.add_argument("--keep", action="store_true", help="keep the work folder")
+    _work_options(s)
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("demo", help="source and receiver on loopback with generated data")
+    s = sub.add_parser(
+        "demo", help="source and receiver on loopback with generated data",
+        description="Generates an image, replicates it to a receiver on 127.0.0.1, changes it, "
+        "runs a failover drill and an archive job, and checks every step. " + _ENDING)
     s.add_argument("--size", default="256MiB", help="size of the generated image (default 256MiB)")
-    s.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp folder)")
-    s.add_argument("--keep", action="store_true", help="keep the work folder")
+    _work_options(s)
     s.add_argument("--json", action="store_true")
     for name in MODULE_VERBS:
         importlib.import_module(f"cdp.cli.{name}").register(sub)
@@ -173,16 +187,13 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"{r['volume']}: {len(d)} of {r['blocks']} blocks differ (replica epoch "
                           f"{r['replica_epoch']}): {', '.join(map(str, d[:20]))}{more}")
         return 0 if all(r["equal"] for r in reports) else 1
-    if args.verb == "bench":
-        return _bench(args)
-    if args.verb == "demo":
-        from cdp.demo import run_demo
-        from cdp.units import parse_size
+    if args.verb in ("bench", "demo"):
+        from cdp.benchmark.workspace import Interrupted
         try:
-            size = parse_size(args.size)
-        except ValueError as exc:
-            raise ConfigError(f"--size: {exc}") from None
-        return run_demo(size, args.dir, keep=args.keep, as_json=args.json)
+            return _bench(args) if args.verb == "bench" else _demo(args)
+        except Interrupted as exc:  # children stopped, work folder removed (or kept): say so
+            print(f"cdp {args.verb}: {exc}", file=sys.stderr)
+            return exc.exit_code
     raise AssertionError(args.verb)  # pragma: no cover
 
 
@@ -201,6 +212,16 @@ def _verify_replica(args: argparse.Namespace) -> int:
     return 1 if any(r.failed for r in results) else 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from cdp.demo import run_demo
+    from cdp.units import parse_size
+    try:
+        size = parse_size(args.size)
+    except ValueError as exc:
+        raise ConfigError(f"--size: {exc}") from None
+    return run_demo(size, args.dir, keep=args.keep, as_json=args.json)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cdp.benchmark import report
     from cdp.benchmark.runner import run_bench
@@ -216,19 +237,25 @@ def _bench(args: argparse.Namespace) -> int:
         cap = parse_size(args.rate_cap.removesuffix("/s")) if args.rate_cap else 0
     except ValueError as exc:
         raise ConfigError(f"--size/--steady-rate/--rate-cap: {exc}") from None
-    quiet = args.json
+    tty = sys.stderr.isatty() and not args.json
 
-    def progress(text: str) -> None:
-        if not quiet:
-            print(f"\r\033[K{text}" if sys.stderr.isatty() else text, end="" if
-                  sys.stderr.isatty() else "\n", file=sys.stderr, flush=True)
+    def progress(text: str, *, live: bool = False) -> None:
+        """A live line redrawn in place on a terminal; off one, phase lines only."""
+        if args.json or (live and not tty):
+            return
+        if tty:
+            print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
-    results = run_bench(size=size, image=args.image, compare=args.compare, scenarios=scenarios,
-                        steady_rate=rate, steady_seconds=args.steady_seconds, workdir=args.dir,
-                        keep=args.keep, progress=progress, rate_cap=cap,
-                        rate_seconds=args.rate_seconds)
-    if sys.stderr.isatty() and not quiet:
-        print("\r\033[K", end="", file=sys.stderr)
+    try:
+        results = run_bench(size=size, image=args.image, compare=args.compare,
+                            scenarios=scenarios, steady_rate=rate,
+                            steady_seconds=args.steady_seconds, workdir=args.dir, keep=args.keep,
+                            progress=progress, rate_cap=cap, rate_seconds=args.rate_seconds)
+    finally:
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr)
     if args.plot:
         report.plot(results, args.plot)
     if args.json:

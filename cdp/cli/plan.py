@@ -118,8 +118,9 @@ def _secs(v: float | None) -> str:
 
 
 def _table(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from cdp.cli.tables import print_table
 
     t = Table(title=f"cdp plan: {report['duration']:.0f}s watched, RPO {report['rpo']:.0f}s, "
               f"link {_bits(report['link']) if report['link'] else 'not given'}")
@@ -132,7 +133,7 @@ def _table(report: dict[str, Any]) -> None:
                   f"{f['cpu_s_per_gib']:.2f}", _bits(f["link_needed"]),
                   _secs(f["seed_seconds"]), _secs(f["archive_seconds"]))
     t.caption = "; ".join([f"p95 over {report['window']:.1f}s windows", *report["notes"]])
-    Console().print(t)
+    print_table(t)
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:

@@ -15,7 +15,9 @@ E2FSPROGS = all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "e2fsck"))
 
 
 def test_demo_replicates_drills_and_archives(tmp_path) -> None:
-    r = run_cdp("demo", "--size", "32MiB", "--json", "--dir", tmp_path / "demo", timeout=300)
+    # --keep: a --dir is cleaned at the end too (issue 15), and this test looks inside it
+    r = run_cdp("demo", "--size", "32MiB", "--json", "--dir", tmp_path / "demo", "--keep",
+                timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(r.stdout)
     assert s["replica_equal"] is True and s["daemon_exit_codes"] == [0, 0]
