@@ -19,7 +19,8 @@ log = logging.getLogger("cdp")
 # Verbs that live in their own module, cdp/cli/<name>.py, which exposes
 # `register(sub)`: it adds its parser(s) and sets `run=` (a function taking the
 # parsed args and returning the exit status) with `set_defaults`.
-MODULE_VERBS: tuple[str, ...] = ("archive", "points", "failover", "files", "checkpoint", "failback", "plan")
+MODULE_VERBS: tuple[str, ...] = ("archive", "points", "failover", "files", "checkpoint", "failback", "plan",
+                                 "pause", "resync")
 
 
 def _parser() -> argparse.ArgumentParser:
