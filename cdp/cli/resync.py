@@ -79,8 +79,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"resync queued: {', '.join(names)} (see `cdp status -c {args.config}`)")
     else:
         for name, v in answer["volumes"].items():
-            print(f"{name}: resync done: {v['blocks']} block(s) differed and were sent"
-                  + (f" (epoch {v['epoch']})" if v["blocks"] else ""))
+            print(f"{name}: resync done: " + (
+                f"{v['blocks']} block(s) differed and were sent (epoch {v['epoch']})"
+                if v["blocks"] else "the replica held every block, nothing sent"))
     return 0 if answer.get("ok") else 1
 
 

@@ -357,13 +357,15 @@ class Control:
         try:
             while not disconnected.done():
                 for vs in vols:
+                    if vs.resync.done >= asked[vs.name]:
+                        continue
                     if vs.paused_since:
                         return {"ok": False, "error": f"{vs.name} was paused before its resync "
                                 "finished; it runs after `cdp resume`"}
                     if vs.phase == "failed":
                         return {"ok": False, "error": f"{vs.name} failed: {vs.error} (its resync "
                                 "stays queued until it recovers)"}
-                if all(self.src.volumes[n].resync.done >= a for n, a in asked.items()):
+                if all(vs.resync.done >= asked[vs.name] for vs in vols):
                     return {"ok": True, "volumes": {vs.name: {
                         "blocks": vs.resync.blocks, "epoch": vs.resync.epoch} for vs in vols}}
                 await asyncio.sleep(POLL)

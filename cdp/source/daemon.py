@@ -553,7 +553,7 @@ class Source:
         while True:
             if (err := self.remote_errors.pop(vs.name, None)) is not None:
                 raise err
-            if not first and vs.need is None and not vs.resync.wanted:
+            if not first and vs.need is None and not (vs.resync.wanted and not vs.resync.running):
                 vs.phase = "idle" if vs.seeded else vs.phase
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), vs.cfg.scan_interval)

@@ -107,10 +107,10 @@ def compared(src: Daemon, vs: VolumeState) -> None:
         return
     with vs.lock:
         target = max([vs.acked, *(e for e, p in vs.pending.items() if p.committed)])
-    src._spawn(_finish(vs, r.running, target, vs.stats["needs"]))
+    src._spawn(_finish(src, vs, r.running, target, vs.stats["needs"]))
 
 
-async def _finish(vs: VolumeState, run: int, target: int, needs: float) -> None:
+async def _finish(src: Daemon, vs: VolumeState, run: int, target: int, needs: float) -> None:
     r = vs.resync
     while vs.acked < target:
         if r.running != run or vs.stats["needs"] != needs:
@@ -122,3 +122,5 @@ async def _finish(vs: VolumeState, run: int, target: int, needs: float) -> None:
     r.blocks, r.epoch = int(vs.stats["changed"] - r.changed_before), target
     log.info("volume=%s resync done: %d block(s) differed and were sent (epoch %d)", vs.name,
              r.blocks, target)
+    if r.wanted:
+        src.wake[vs.name].set()  # asked again while this one ran: the next one starts now

@@ -115,6 +115,34 @@ def test_pause_holds_across_a_kill_and_resume_ships_everything(cdp_env, daemons)
     rx.stop()
 
 
+def test_a_pause_stops_a_seed_midway_and_resume_sends_only_the_rest(cdp_env, daemons) -> None:
+    env = cdp_env(scan_interval="0.3s", source_extra='read_limit = "4MiB/s"\n'
+                  'max_epoch_bytes = "1MiB"')
+    image = env.source.images[VOL]
+    make_image(image, 32 * MiB, random.Random(3), zero=0.0, text=0.0)  # 512 distinct blocks
+    rx = daemons.receiver(env)
+    src = daemons.source(env)
+    wait_for(lambda: (v := env.source.volume_status(VOL)) and v["progress_done"] >= 4 * MiB
+             and v["phase"] == "seeding", 30, what="the seed to get going")
+    cdp_ok("pause", "-c", env.source.toml, VOL)
+    v = phase_is(env, "paused")
+    assert 0 < v["progress_done"] < v["progress_total"]  # stopped midway, what it found sent
+    wait_for(lambda: env.replica_state(VOL) and not env.source.volume_status(VOL)["pending_epochs"],
+             30, what="the epochs committed before the pause to be applied")
+    held_at = applied(env)
+    nothing_shipped(env, held_at)
+    v = env.source.volume_status(VOL)
+    assert not v["current_as_of"] and v["lag"] is None  # a partial seed is not a current replica
+
+    resumed_at = time.time()
+    cdp_ok("resume", "-c", env.source.toml, VOL)
+    v = wait_converged(env, VOL, resumed_at, src, rx)
+    assert v["stats"]["changed"] == 512  # each block sent once: the rest, not the whole again
+    assert_replica_equal(env, VOL)
+    src.stop()
+    rx.stop()
+
+
 def test_resync_repairs_a_replica_block_that_went_bad(cdp_env, daemons) -> None:
     env = cdp_env(scan_interval="0.3s")
     image = env.source.images[VOL]
