@@ -41,7 +41,7 @@ NBD_GAUGES = ("open_bytes", "backlog_bytes", "backlog_epochs", "dirty_regions", 
               "touched_blocks")
 NBD_COUNTERS = ("cuts", "merged", "fallbacks", "resyncs", "writes", "map_syncs")
 PHASES = ("starting", "opening", "fetching map", "seeding", "scanning", "sending", "idle",
-          "resync", "disconnected", "failed")
+          "resync", "paused", "disconnected", "failed")
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -435,6 +435,8 @@ class SourceMetrics(_Base):
                             ["volume", "phase"]),
             "failed": _gauge("cdp_source_volume_error", "1 while the volume is stopped by an "
                              "error", ["volume"]),
+            "paused": _gauge("cdp_source_volume_paused", "1 while `cdp pause` holds the volume "
+                             "(nothing shipped; the lag grows)", ["volume"]),
             "nbd_mode": _gauge("cdp_source_nbd_mode", "nbd mode: 1 for the current mode "
                                "(capture: every write kept; tracking: pull-ahead, only dirty "
                                "regions kept)", ["volume", "mode"]),
@@ -465,6 +467,7 @@ class SourceMetrics(_Base):
             for ph in sorted(phases):
                 f["phase"].add_metric([n, ph], 1 if ph == st["phase"] else 0)
             f["failed"].add_metric([n], 1 if st["error"] else 0)
+            f["paused"].add_metric([n], 1 if st.get("paused") else 0)
             nbd = st.get("nbd")
             if nbd:
                 for mode in ("capture", "tracking"):

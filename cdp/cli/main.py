@@ -20,7 +20,7 @@ log = logging.getLogger("cdp")
 # `register(sub)`: it adds its parser(s) and sets `run=` (a function taking the
 # parsed args and returning the exit status) with `set_defaults`.
 MODULE_VERBS: tuple[str, ...] = ("archive", "points", "failover", "files", "checkpoint", "failback", "plan",
-                                 "mount")
+                                 "mount", "pause", "resync")
 
 
 _ENDING = ("However the run ends (done, failed, Ctrl-C, SIGTERM, SIGHUP) its daemons are stopped "

@@ -167,6 +167,12 @@ def render(report: dict[str, Any]) -> None:
             prog = (f"{100 * v['progress_done'] / v['progress_total']:.0f}%"
                     if v.get("progress_total") else "-")
             phase = v["phase"] if report["running"] else "not running"
+            if v.get("paused_since"):  # `cdp pause`: kept across restarts, so shown even then
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["paused_since"]))
+                phase = (f"paused since {when}" if phase == "paused"
+                         else f"{phase} (paused since {when})")
+            if v.get("resync") and report["running"] and v["phase"] != "resync":
+                phase += f", resync {v['resync']}"
             nbd = v.get("nbd")
             if nbd and report["running"]:
                 # nbd volumes: capturing every write, or behind (spilling, tracking: pull-ahead)

@@ -35,6 +35,17 @@ writes, so each member gets an epoch whose time is the cut's; each is labelled
 once acknowledged. A member that drops what it captured before then (it fell
 behind, a reconnect) fails the request: run it again.
 
+Per-volume operator requests (`cdp pause|resume|resync`, cdp.source.pause)::
+
+    -> {"op": "pause", "volumes": ["vm1-disk0"]}
+    <- {"ok": true, "volumes": {"vm1-disk0": {"paused_since": T, "changed": true, ...}}}
+    -> {"op": "resync", "volumes": ["vm1-disk0"], "wait": true}
+    <- {"ok": true, "volumes": {"vm1-disk0": {"blocks": 1, "epoch": 1240, ...}}}
+    <- {"ok": false, "error": "...", "unknown": ["x"], "known": [...]}
+
+Pause and resume answer at once. A resync answers once queued, or with
+"wait" once finished (compared, differing blocks sent and acknowledged).
+
 Scan queue (`FairGate`): at most `max_concurrent_scans` scans or resyncs run
 at once across the volumes; the others wait in arrival order (FIFO) with
 phase "queued". Each start and end is logged with a time stamp.
@@ -63,6 +74,7 @@ from cdp.transport import Link
 
 log = logging.getLogger(__name__)
 SOCKET = "control.sock"
+VOLUME_OPS = ("pause", "resume", "resync")
 MAX_REQUEST = 4096
 POLL = 0.05
 
@@ -126,6 +138,8 @@ class Daemon(Protocol):
     wake: dict[str, asyncio.Event]
     link: Link | None
     nbd: dict[str, Any]
+
+    def _write_status(self) -> None: ...
 
 
 @dataclass
@@ -202,8 +216,11 @@ class Control:
             req = json.loads(line)
         except (ValueError, asyncio.LimitOverrunError, TimeoutError):
             return {"ok": False, "error": "expected one JSON line of at most 4 KiB"}
+        if isinstance(req, dict) and req.get("op") in VOLUME_OPS:
+            return await self._volume_op(req, reader)
         if not isinstance(req, dict) or req.get("op") != "checkpoint":
-            return {"ok": False, "error": "unknown request (expected op = checkpoint)"}
+            return {"ok": False, "error": "unknown request (expected op = checkpoint, pause, "
+                    "resume or resync)"}
         move = req.get("move", False)
         if not isinstance(move, bool):
             return {"ok": False, "error": "move is true or false"}
@@ -264,6 +281,8 @@ class Control:
         """One marked cut of the whole group, each member's epoch at it labelled. A member
         whose label names another point stops it (LabelTakenError, saying which members
         were labelled already)."""
+        if paused := [n for n in names if self.src.volumes[n].paused_since]:
+            raise CdpError(f"{', '.join(paused)} of group {group} paused: `cdp resume` first")
         exports: dict[str, Any] = {n: self.src.nbd.get(n) for n in names}
         bad = [n for n, e in exports.items() if getattr(e, "journal", None) is None]
         if bad:
@@ -314,10 +333,83 @@ class Control:
                      epochs[n], label, _moved_text(ans))
         return when, epochs, moved
 
+    # -- pause, resume, resync ------------------------------------------------------
+
+    async def _volume_op(self, req: dict[str, Any], reader: asyncio.StreamReader) -> dict[str, Any]:
+        names = req.get("volumes")
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            return {"ok": False, "error": "name one or more volumes"}
+        known = sorted(self.src.volumes)
+        unknown = [n for n in names if n not in self.src.volumes]
+        if unknown:
+            return {"ok": False, "unknown": unknown, "known": known,
+                    "error": f"no volume {', '.join(map(repr, unknown))} in this source (it has "
+                    f"{', '.join(known)})"}
+        vols = [self.src.volumes[n] for n in dict.fromkeys(names)]
+        op = req["op"]
+        if op == "resync":
+            return await self._resync(vols, bool(req.get("wait")), reader)
+        out: dict[str, Any] = {}
+        try:
+            for vs in vols:
+                changed = vs.pause() if op == "pause" else vs.resume()
+                if changed:
+                    log.info("volume=%s %s (cdp %s)", vs.name,
+                             "paused" if op == "pause" else "resumed", op)
+                    if (wake := self.src.wake.get(vs.name)) is not None:
+                        wake.set()
+                out[vs.name] = {"changed": changed, "paused_since": vs.paused_since or None,
+                                "phase": vs.phase}
+        except CdpError as exc:
+            return {"ok": False, "error": str(exc), "volumes": out}
+        self.src._write_status()
+        return {"ok": True, "volumes": out}
+
+    async def _resync(self, vols: list[VolumeState], wait: bool,
+                      reader: asyncio.StreamReader) -> dict[str, Any]:
+        paused = [vs.name for vs in vols if vs.paused_since]
+        if paused:
+            return {"ok": False, "error": f"{', '.join(paused)} paused: `cdp resume` first (a "
+                    "resync ships what differs)"}
+        asked: dict[str, int] = {}
+        for vs in vols:
+            vs.resync.asked += 1
+            asked[vs.name] = vs.resync.asked
+            log.info("resync requested volume=%s (request %d)", vs.name, vs.resync.asked)
+            if (wake := self.src.wake.get(vs.name)) is not None:
+                wake.set()
+        self.src._write_status()
+        if not wait:
+            return {"ok": True, "volumes": {vs.name: {"queued": True, "phase": vs.phase}
+                                            for vs in vols}}
+        disconnected = asyncio.ensure_future(reader.read(1))  # the client gave up
+        try:
+            while not disconnected.done():
+                for vs in vols:
+                    if vs.resync.done >= asked[vs.name]:
+                        continue
+                    if vs.paused_since:
+                        return {"ok": False, "error": f"{vs.name} was paused before its resync "
+                                "finished; it runs after `cdp resume`"}
+                    if vs.phase == "failed":
+                        return {"ok": False, "error": f"{vs.name} failed: {vs.error} (its resync "
+                                "stays queued until it recovers)"}
+                if all(vs.resync.done >= asked[vs.name] for vs in vols):
+                    return {"ok": True, "volumes": {vs.name: {
+                        "blocks": vs.resync.blocks, "epoch": vs.resync.epoch} for vs in vols}}
+                await asyncio.sleep(POLL)
+        finally:
+            disconnected.cancel()
+        return {"ok": False, "error": "client went away"}
+
     # -- cutting and labelling -----------------------------------------------------
 
     def request(self, r: _Request) -> None:
         vs = self.src.volumes[r.volume]
+        if vs.paused_since:
+            r.done.set_exception(CdpError(f"volume {r.volume} is paused: nothing would reach the "
+                                          "replica; `cdp resume` it first"))
+            return
         if vs.cfg.mode == "nbd":
             self._spawn(self._nbd_checkpoint(r))
         else:
@@ -467,6 +559,40 @@ def _failure(exc: BaseException) -> dict[str, Any]:
         out.update(code=exc.wire_code, volume=exc.volume,
                    label_on={"epoch": exc.epoch, "time": exc.time})
     return out
+
+
+def ask(state_dir: Path, request: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Client side: send one request to the running source and return its answer (a dict);
+    CdpError if the source is not running or says nothing, TimeoutError after `timeout`."""
+    path = state_dir / SOCKET
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise CdpError(f"the source is not running (no control socket at {path}); start it "
+                           "(`cdp source -c ...`, or its service) and try again") from None
+        s.sendall((json.dumps(request) + "\n").encode())
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    except TimeoutError:
+        raise TimeoutError(f"no answer from the source within {timeout:.0f}s") from None
+    except OSError as exc:
+        raise CdpError(f"cannot talk to the source at {path}: {exc}") from None
+    finally:
+        s.close()
+    try:
+        answer = json.loads(buf)
+    except ValueError:
+        raise CdpError("the source closed the control channel without an answer") from None
+    if not isinstance(answer, dict):
+        raise CdpError("the source answered something unexpected")
+    return answer
 
 
 def request_checkpoint(state_dir: Path, volume: str | None, label: str, timeout: float,

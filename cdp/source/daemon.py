@@ -68,6 +68,7 @@ from cdp.source.control import Control, FairGate
 from cdp.source.filesets import REPLIES as FILE_REPLIES
 from cdp.source.filesets import FilesetSync
 from cdp.source.nbdmode import NbdExport, Producer, nbd_session
+from cdp.source.pause import compared, held, refetch
 from cdp.source.scanpace import ScanPacer, cpu_meter, next_scan
 from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
@@ -551,23 +552,29 @@ class Source:
         await self._open(link, vs)
         wake = self.wake[vs.name]
         pacer = self.pacers.setdefault(vs.name, ScanPacer(vs.cfg.min_scan_interval))
+        vs.resync.running = 0  # a resync cut short by a reconnect starts over
         first = True
         while True:
             if (err := self.remote_errors.pop(vs.name, None)) is not None:
                 raise err
-            if not first and vs.need is None:
+            if not first and vs.need is None and not (vs.resync.wanted and not vs.resync.running):
                 vs.phase = "idle" if vs.seeded else vs.phase
                 pacer.min_interval = vs.cfg.min_scan_interval  # SIGHUP may have changed it
                 await next_scan(wake, pacer, vs.cfg.scan_interval)
             first = False
             wake.clear()
+            await held(self, vs)  # `cdp pause`: until resumed
             pacer.started(time.monotonic())
             if vs.need is not None:
                 # the receiver dropped epoch `need` and all later ones: roll back and rescan
                 vs.undo_from(vs.need, self.index)
                 vs.need = None
+            if vs.resync.wanted and not vs.resync.running:
+                await refetch(self, link, vs)  # `cdp resync`: compare with the replica's image
             async with self.control.checkpoints(vs):  # `cdp checkpoint` requests this scan serves
-                await self._scan_once(link, vs)
+                whole = await self._scan_once(link, vs)
+            if whole:
+                compared(self, vs)
 
     async def _fetch_map(self, link: Link, vs: VolumeState, opened: Opened) -> None:
         assert vs.geo is not None
@@ -605,11 +612,14 @@ class Source:
                     self.index.add(h, vs.name, i, epoch)
         vs.indexed = True
 
-    async def _scan_once(self, link: Link, vs: VolumeState) -> None:
+    async def _scan_once(self, link: Link, vs: VolumeState) -> bool:
+        """One scan; True if it covered the whole volume (not cut short by a pause or a Need)."""
         async with self.gate.slot(vs, "scan"):  # max_concurrent_scans, first come first served
-            await self._scan_now(link, vs)
+            if vs.paused_since:
+                return False  # paused while queued: no hooks, no reads
+            return await self._scan_now(link, vs)
 
-    async def _scan_now(self, link: Link, vs: VolumeState) -> None:
+    async def _scan_now(self, link: Link, vs: VolumeState) -> bool:
         """One scan. Its epochs carry two times (docs/how-it-works.md, "Scans see torn state"): `capture`,
         everything that finished before it is in, and `until`, nothing that finished after
         it is. pre_scan quiesces until post_scan: both are the moment the hook returned (a
@@ -632,7 +642,7 @@ class Source:
                 finally:  # thaw right after the copy, whether it worked or not
                     thawed = True
                     await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
-            await self._stream_scan(link, vs, path, capture, until)
+            return await self._stream_scan(link, vs, path, capture, until)
         finally:
             if cfg.snapshot == "reflink":
                 with contextlib.suppress(OSError):
@@ -641,8 +651,8 @@ class Source:
                 await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
 
     async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float,
-                           until: float | None) -> None:
-        vs.phase = "scanning" if vs.seeded else "seeding"
+                           until: float | None) -> bool:
+        vs.phase = "resync" if vs.resync.running else "scanning" if vs.seeded else "seeding"
         vs.stats["scans"] += 1
         assert vs.geo is not None
         t0 = time.monotonic()
@@ -651,10 +661,15 @@ class Source:
         seeded = vs.seeded
 
         skipped = 0  # bytes of holes: zero without being read
+        short = False  # stopped by a pause before the end
 
         def produce(builder: EpochBuilder, progress: Callable[..., None],
-                    cancelled: Callable[[], bool]) -> None:
+                    cancelled: Callable[[], bool]) -> bool:
+            nonlocal short
             assert vs.geo is not None and vs.smap is not None
+
+            def stop() -> bool:  # `cdp pause`: what was found so far is committed, then no more
+                return cancelled() or bool(vs.paused_since)
 
             def hole(n: int) -> None:
                 nonlocal skipped
@@ -662,7 +677,7 @@ class Source:
                 progress(n, read=False)
 
             def throttle(n: int) -> None:
-                take_blocking(self.reads, n, cancelled)
+                take_blocking(self.reads, n, stop)
 
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -672,21 +687,27 @@ class Source:
                 # what a rescan cost spaces the next one (scanpace.DUTY); a seed predicts nothing
                 with cpu_meter(pacer) if seeded else contextlib.nullcontext():
                     for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                                  cancelled=cancelled, throttle=throttle, holes=hole):
+                                                  cancelled=stop, throttle=throttle, holes=hole):
                         builder.add(block, h, content)
             finally:
                 os.close(fd)
+            short = stop() and not cancelled()
+            return short
 
         def read_end() -> float:
             return time.time() if until is None else until  # None: an epoch ends its reads now
 
         await self.stream(link, vs, capture, produce, until=read_end)
-        if vs.need is None:
-            vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
-            dt = time.monotonic() - t0
-            log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 else logging.DEBUG,
-                    "volume=%s scan done in %.1fs (%s read, %s of holes skipped)", vs.name, dt,
-                    format_bytes(vs.progress[0] - skipped), format_bytes(skipped))
+        if vs.need is not None:
+            return False
+        vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
+        dt = time.monotonic() - t0
+        whole = not short
+        log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 or not whole else logging.DEBUG,
+                "volume=%s scan %s in %.1fs (%s read, %s of holes skipped)", vs.name,
+                "done" if whole else "stopped (paused)", dt,
+                format_bytes(vs.progress[0] - skipped), format_bytes(skipped))
+        return whole
 
     async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
                      split: bool = True, total: int | None = None,
@@ -737,9 +758,9 @@ class Source:
                 vs.progress = (done, vs.progress[1])
                 vs.stats["scanned" if read else "skipped"] += n
 
-            produce(builder, progress, cancel.is_set)
+            short = produce(builder, progress, cancel.is_set)
             builder.commit()
-            emit(("end",))
+            emit(("end", bool(short)))
 
         scan_task = asyncio.ensure_future(asyncio.to_thread(work))
         sender = asyncio.create_task(self._send_ops(link, vs, q, room, capture))
@@ -799,6 +820,8 @@ class Source:
                 vs.stats["wire"] += await link.send(commit)
                 last_epoch = op[1]
             elif kind == "end":
+                if op[1]:
+                    return  # cut short (paused): the replica is not current as of `capture`
                 if last_epoch is None and not vs.pending:
                     vs.current_as_of = capture  # nothing changed: the replica is current
                     vs.confirmed_at = time.time()

@@ -39,6 +39,8 @@ from cdp.errors import ConfigError, RemoteError, TrackerError
 from cdp.messages import Opened
 from cdp.nbd.server import NbdListenError, NbdServer, NbdServerError, is_loopback
 from cdp.source.control import FairGate
+from cdp.source.pause import Daemon as PauseDaemon
+from cdp.source.pause import compared, held, refetch
 from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.extents import BlockRuns
@@ -50,10 +52,12 @@ from cdp.units import format_bytes
 log = logging.getLogger(__name__)
 IDLE_CURRENT_EVERY = 2.0  # seconds between "the replica is current" notes while the guest is idle
 T = TypeVar("T")
-Producer = Callable[[EpochBuilder, Callable[[int], None], Callable[[], bool]], None]
+# fills the builder; returns True if it stopped before the end on purpose (a pause): the epochs
+# sent are not the state as of the capture time
+Producer = Callable[[EpochBuilder, Callable[[int], None], Callable[[], bool]], bool | None]
 
 
-class Source(Protocol):
+class Source(PauseDaemon, Protocol):
     """What an nbd session uses of the source daemon (cdp.source.daemon.Source)."""
 
     index: DedupIndex
@@ -155,17 +159,27 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
     # replicated since (hot) need no second look; otherwise (a fetched map) trust nothing
     resumed = bool(before[0]) and vs.replica_id == before[0] and opened.epoch >= before[1]
     journal.requeue(everything=opened.epoch == 0, trust_hot=resumed)
+    vs.resync.running = 0  # a resync cut short by a reconnect starts over
     last_current = 0.0
     busy = True  # something was sent since the replica was last said to be current
     while True:
         if (err := src.remote_errors.pop(vs.name, None)) is not None:
             raise err
+        if vs.paused_since:
+            await _hold(src, vs, journal)
         if vs.need is not None:
             vs.undo_from(vs.need, src.index)
             vs.need = None
             journal.requeue()
+        if vs.resync.wanted and not vs.resync.running:
+            await refetch(src, link, vs)  # `cdp resync`: the replica's image, hashed
+            journal.requeue(everything=True)  # then compare every region with it
         # while epochs are in flight, look again soon: idleness is known once they are acked
         unit = await journal.take(timeout=0.02 if vs.pending or busy else 1.0)
+        if vs.paused_since:  # paused meanwhile: nothing more goes out (the regions stay dirty)
+            if unit is not None:
+                journal.release(unit)
+            continue
         if unit is None:
             now = time.time()
             if (journal.mode == "capture" and not journal.has_open and not journal.sealed
@@ -191,6 +205,18 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
             journal.release(unit)
         if vs.need is None and vs.name in link.session.volumes:
             journal.unit_done(unit.seq, last)
+            if isinstance(unit, Resync):
+                compared(src, vs)  # the resync `cdp resync` asked for (if any) ran to its end
+
+
+async def _hold(src: Source, vs: VolumeState, journal: WriteJournal) -> None:
+    """Paused: the guest goes on writing, the journal keeps only the dirty regions (on disk);
+    once resumed, they are resynced."""
+    journal.pause()
+    try:
+        await held(src, vs)
+    finally:
+        journal.resume()
 
 
 def group_of(src: Source, vs: VolumeState) -> tuple[str, list[str]]:

@@ -12,6 +12,7 @@ Saved state, ``<state_dir>/<volume>/``::
 
     hashes      smap as of `epoch` (16 bytes per block)
     meta.json   {replica_id, epoch, size, block_size}
+    paused.json {since}: present while `cdp pause` holds the volume (survives restarts)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cdp.blocks import Geometry, pack_u64, runs
 from cdp.codec import HASH_LEN, compress
 from cdp.config import VolumeConfig
 from cdp.durable import atomic_write, atomic_write_json, make_private_dir, read_json
+from cdp.errors import CdpError
 from cdp.messages import Cut, Data, Ref, Zero
 from cdp.protocol import MAX_ZERO_RUNS
 from cdp.ratelimit import TokenBucket
@@ -50,6 +52,27 @@ class Pending:
     undo: list[tuple[int, bytes]] = field(default_factory=list)
     ref_hashes: list[bytes] = field(default_factory=list)
     committed: bool = False
+
+
+@dataclass
+class ResyncState:
+    """`cdp resync` requests of one volume (this run): numbered as asked, the one being served,
+    the last one finished (compared, differing blocks sent and acknowledged)."""
+
+    asked: int = 0
+    running: int = 0  # the request the resync under way serves (0: none)
+    done: int = 0
+    changed_before: float = 0  # vs.stats["changed"] when the running one began
+    blocks: int = 0  # blocks the last finished one found differing (and sent)
+    epoch: int = 0  # the acknowledged epoch that holds them
+
+    @property
+    def wanted(self) -> bool:
+        """A request waits that no resync under way serves."""
+        return self.asked > max(self.done, self.running)
+
+    def status(self) -> str:
+        return "running" if self.running else ("queued" if self.wanted else "")
 
 
 class DedupIndex:
@@ -116,11 +139,48 @@ class VolumeState:
         self.bucket = TokenBucket(cfg.rate_limit)  # paces what is sent for this volume
         self.status_extra: Callable[[], dict[str, Any]] | None = None  # mode-specific status
         self.on_adopt: Callable[[bytearray], None] | None = None  # sees each map taken (failback)
+        self.paused_since = self._paused_since()  # `cdp pause`: 0.0 while not paused
+        self.resync = ResyncState()  # `cdp resync`
 
     def configure(self, cfg: VolumeConfig) -> None:
         """Take a reloaded config (same volume, same path and geometry)."""
         self.cfg = cfg
         self.bucket.set_rate(cfg.rate_limit)
+
+    # -- pause (`cdp pause` / `cdp resume`) ----------------------------------
+
+    def _paused_since(self) -> float:
+        try:
+            return float(read_json(self.dir / "paused.json")["since"])
+        except FileNotFoundError:
+            return 0.0
+        except (OSError, ValueError, KeyError, TypeError):
+            return time.time()  # unreadable: stay paused (a maintenance window is not undone)
+
+    def pause(self) -> bool:
+        """Hold the volume: nothing more is shipped until resume(); recorded on disk first, so
+        a restart keeps it. False if it already was paused."""
+        if self.paused_since:
+            return False
+        since = time.time()
+        try:
+            make_private_dir(self.dir)
+            atomic_write_json(self.dir / "paused.json", {"since": since})
+        except OSError as exc:
+            raise CdpError(f"cannot record the pause of {self.name} in {self.dir}: {exc}") from exc
+        self.paused_since = since
+        return True
+
+    def resume(self) -> bool:
+        """Ship again (the changes made meanwhile first). False if it was not paused."""
+        if not self.paused_since:
+            return False
+        try:
+            (self.dir / "paused.json").unlink(missing_ok=True)
+        except OSError as exc:
+            raise CdpError(f"cannot remove {self.dir / 'paused.json'}: {exc}") from exc
+        self.paused_since = 0.0
+        return True
 
     # -- persistence ---------------------------------------------------------
 
@@ -235,6 +295,8 @@ class VolumeState:
             "size": self.geo.size if self.geo else 0,
             "block_size": self.geo.block_size if self.geo else self.cfg.block_size,
             "rate_limit": self.bucket.rate, "mode": self.cfg.mode,
+            "paused": bool(self.paused_since), "paused_since": self.paused_since or None,
+            "resync": self.resync.status(), "resync_blocks": self.resync.blocks,
             **(self.status_extra() if self.status_extra is not None else {}),
         }
 

@@ -169,6 +169,7 @@ class WriteJournal:
         self.touched: set[int] = set()  # tracking mode: blocks written since the resync began reading
         self.touched_zeros = BlockRuns()  # tracking mode: blocks zeroed since then, not written after
         self.resync_pending = True
+        self.paused = False  # `cdp pause`: only the dirty map notes writes (see pause())
         self.region_seq: dict[int, int] = dict.fromkeys(dirty.dirty_regions(), 1)
         self.units: list[_Unit] = []
         self.acked_epoch = 0
@@ -211,8 +212,9 @@ class WriteJournal:
             return
         self.stats.zeroed_bytes += min(self.geo.size, hi * bs) - lo * bs
         if self.mode == "tracking":
-            self.touched.difference_update(_in_range(self.touched, lo, hi))  # zero is their latest
-            self.touched_zeros.add(lo, hi)  # known zero: nothing to read at the cut
+            if not self.paused:
+                self.touched.difference_update(_in_range(self.touched, lo, hi))  # zero is latest
+                self.touched_zeros.add(lo, hi)  # known zero: nothing to read at the cut
         else:
             if not self.has_open:
                 self._opened()
@@ -234,6 +236,8 @@ class WriteJournal:
     def _touch(self, first: int, last: int, spill: bool = True) -> None:
         """Blocks first..last now hold data: capture their content (tracking mode: note them)."""
         if self.mode == "tracking":
+            if self.paused:
+                return  # the dirty map has the region; a resync reads it after resume
             self.touched.update(range(first, last + 1))
             if self.touched_zeros:
                 self.touched_zeros.remove(first, last + 1)
@@ -399,6 +403,26 @@ class WriteJournal:
         self.units.clear()
         self.mode = "tracking"
         self.touched, self.touched_zeros = set(), BlockRuns()
+        self.resync_pending = True
+        self._ready.set()
+
+    def pause(self) -> None:
+        """Shipping stops (`cdp pause`), between units: drop what was captured and keep only
+        the dirty regions (the guest keeps writing; the persistent map has them); resume()
+        resyncs them. Unlike a fall-back this is on purpose: no warning, not counted."""
+        if self.paused:
+            return
+        self.paused = True
+        self.open, self.open_bytes, self.open_zeros = {}, 0, BlockRuns()
+        self._drop_sealed()
+        self.mode = "tracking"
+        self.touched, self.touched_zeros = set(), BlockRuns()
+        self.resync_pending = True
+
+    def resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
         self.resync_pending = True
         self._ready.set()
 

@@ -449,3 +449,24 @@ def test_group_units_say_since_when_the_previous_state_held_and_a_marked_cut_sta
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     run(main())
+
+
+def test_a_paused_journal_keeps_only_the_dirty_regions_and_resyncs_them_on_resume(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        await v.write(0, b"a" * BS)  # captured, then dropped by the pause: region 0 stays dirty
+        v.j.pause()
+        assert v.j.mode == "tracking" and v.j.open == {} and v.j.stats.fallbacks == 0
+        await v.write(22 * BS, b"b" * 3 * BS)  # the guest goes on: regions 5 and 6
+        await v.j.flushed()
+        assert v.j.touched == set() and v.j.sealed == []  # no content, no block list kept
+        assert v.dirty.dirty_regions() == [0, 5, 6]  # on disk: a crash forgets nothing
+        v.j.resume()
+        unit = await v.j.take(0)
+        assert isinstance(unit, Resync)
+        bpr = REGION // BS
+        assert unit.spans == [(0, bpr), (5 * bpr, 2 * bpr)]
+
+    run(main())

@@ -138,3 +138,32 @@ def test_dedup_index_is_bounded(cap: int) -> None:
     for i in range(5):
         idx.add(bytes([i]) * 16, "v", i, 1)
     assert len(idx) == cap
+
+
+def test_a_pause_is_kept_on_disk_until_resumed(tmp_path: Path) -> None:
+    vs = volume(tmp_path)
+    assert not vs.paused_since and vs.status()["paused"] is False
+    assert vs.pause() is True
+    since = vs.paused_since
+    assert since and vs.pause() is False and vs.paused_since == since  # already paused
+    again = volume(tmp_path)  # a restart
+    assert again.paused_since == since and again.status()["paused_since"] == since
+    assert again.resume() is True and again.resume() is False
+    assert volume(tmp_path).paused_since == 0.0
+    (tmp_path / "state" / "v" / "paused.json").write_text("{not json")
+    assert volume(tmp_path).paused_since > 0  # unreadable: stays paused rather than ship
+
+
+def test_resync_requests_are_served_in_turn() -> None:
+    from cdp.source.volume import ResyncState
+
+    r = ResyncState()
+    assert not r.wanted and r.status() == ""
+    r.asked += 1
+    assert r.wanted and r.status() == "queued"
+    r.running = r.asked
+    assert not r.wanted and r.status() == "running"
+    r.asked += 1  # asked again while one runs: that one started too early to serve it
+    assert r.wanted and r.status() == "running"
+    r.done, r.running = r.running, 0
+    assert r.wanted and r.status() == "queued"
