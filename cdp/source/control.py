@@ -86,6 +86,7 @@ class FairGate:
         self.limit = max(1, limit)
         self.busy = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waited: dict[str, bool] = {}  # volumes whose next slot came after a wait
 
     @contextlib.asynccontextmanager
     async def slot(self, vs: VolumeState, what: str) -> AsyncIterator[None]:
@@ -97,6 +98,7 @@ class FairGate:
             before = vs.phase
             vs.phase = "queued"
             log.info("%s queued volume=%s ahead=%d", what, vs.name, len(self._waiters) - 1)
+            self._waited[vs.name] = True
             try:
                 await fut
             except asyncio.CancelledError:
@@ -109,13 +111,18 @@ class FairGate:
             finally:
                 if vs.phase == "queued":
                     vs.phase = before
+        # quiet by default: a written scan volume rescans up to four times a second; a scan
+        # that had to queue, and one that ran long, are worth an info line
+        waited = self._waited.pop(vs.name, False)
         t0 = time.time()
-        log.info("%s start volume=%s t=%.3f", what, vs.name, t0)
+        log.log(logging.INFO if waited else logging.DEBUG, "%s start volume=%s t=%.3f", what,
+                vs.name, t0)
         try:
             yield
         finally:
             t1 = time.time()
-            log.info("%s end volume=%s t=%.3f seconds=%.3f", what, vs.name, t1, t1 - t0)
+            log.log(logging.INFO if waited or t1 - t0 > 5 else logging.DEBUG,
+                    "%s end volume=%s t=%.3f seconds=%.3f", what, vs.name, t1, t1 - t0)
             self._release()
 
     def _release(self) -> None:
