@@ -159,9 +159,11 @@ def _list(args: argparse.Namespace) -> int:
                 for s in await repo.snapshots()]
 
     snaps = _arun(main())
-    text = "\n".join(f"{s['snapshot'][:8]}  {_when(s['time'])}  {s['hostname']}  " + ", ".join(
+    rows = [f"{s['snapshot'][:8]:<8}  {_when(s['time']):<19}  {s['hostname']:<12}  " + ", ".join(
         f"{v['volume']} ({format_bytes(v['size'])}, epoch {v['epoch']})" for v in s["volumes"])
-        for s in snaps) or "no snapshots"
+        for s in snaps]
+    text = "\n".join([f"{'snapshot':<8}  {'time':<19}  {'receiver':<12}  volumes (size, epoch)", *rows]
+                     ) if rows else "no snapshots"
     _out(args, snaps, text)
     return 0
 

@@ -33,8 +33,8 @@ def _fuse() -> Any:
     try:
         import mfusepy
     except ImportError:
-        raise MountError("cdp mount needs the Python package mfusepy: pip install -e '.[mount]' in "
-                         "the checkout") from None
+        raise MountError("cdp mount needs the Python package mfusepy: reinstall cdp from the checkout "
+                         "(pip install .), which brings it") from None
     except OSError as exc:  # mfusepy loads libfuse at import
         raise MountError(f"cdp mount needs libfuse ({exc}): apt-get install fuse3") from None
     return mfusepy
@@ -56,6 +56,9 @@ def is_mounted(path: Path) -> bool:
 
 
 def check_mountpoint(path: Path) -> None:
+    """Refuse early (exit 2), before a point is pinned or a snapshot fetched: no FUSE, or a
+    mount point that is not an empty folder."""
+    _fuse()
     if not path.is_dir():
         raise MountError(f"{printable(str(path))}: not a folder; create an empty folder to mount on")
     if is_mounted(path):
