@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from cdp.cli.tables import print_table
 from cdp.config import config_kind as detect_kind
 from cdp.config import load_receiver, load_source
 from cdp.durable import read_json
@@ -121,16 +122,12 @@ def _b(n: float) -> str:
 
 
 def render(report: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     def safe(text: str) -> str:  # errors carry what a peer said: no escapes, no rich markup
         return escape(printable(text))
 
-    console = Console()
-    if not console.is_terminal:  # piped or logged: whole words rather than a terminal's width
-        console = Console(width=160)
     t = Table(title=f"cdp {report['kind']} status")
     if report["kind"] == "receiver":
         for col in ("volume", "epoch", "applied", "lag (RPO)", "points (window)", "logical",
@@ -194,4 +191,4 @@ def render(report: dict[str, Any]) -> None:
         t.caption = (f"archives: running {', '.join(arch.get('running', [])) or '-'}; queued "
                      f"{', '.join(arch.get('queue', [])) or '-'}; last runs: "
                      f"{'; '.join(runs) or '-'}")
-    console.print(t)
+    print_table(t)  # off a terminal at the table's own width: no cell cut short
