@@ -3,6 +3,7 @@ folders and files (owner only, whatever the umask) and the lock a daemon holds o
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
@@ -39,11 +40,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True,
+                 sync_dir: bool = True) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new file, never a mix.
 
     The temporary name is unique per process and thread, so concurrent writers of one
     path never write into each other's temporary file (the last rename wins).
+    sync_dir=False: the content is durable before the rename but the rename itself is not
+    yet; the caller fsyncs the folder later (before it relies on the new file surviving).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
@@ -56,8 +60,42 @@ def atomic_write(path: Path, data: bytes | memoryview, *, sync: bool = True) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    if sync:
+    if sync and sync_dir:
         fsync_dir(path.parent)
+
+
+def fdatasync_all(fds: list[int]) -> None:
+    """fdatasync several files at once: the device sees one burst of writes and flushes
+    that it can merge, instead of one flush after another."""
+    if len(fds) <= 1:
+        for fd in fds:
+            os.fdatasync(fd)
+        return
+    futs = [_sync_pool().submit(os.fdatasync, fd) for fd in fds[1:]]
+    err: BaseException | None = None
+    try:
+        os.fdatasync(fds[0])
+    except OSError as exc:
+        err = exc
+    for f in futs:
+        try:
+            f.result()
+        except OSError as exc:
+            err = err or exc
+    if err is not None:
+        raise err
+
+
+_sync_executor: concurrent.futures.ThreadPoolExecutor | None = None
+_sync_lock = threading.Lock()
+
+
+def _sync_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _sync_executor
+    with _sync_lock:
+        if _sync_executor is None:
+            _sync_executor = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="cdp-sync")
+        return _sync_executor
 
 
 def make_private_dir(path: Path) -> Path:
@@ -134,8 +172,9 @@ class DirLock:
             self._fd = -1
 
 
-def atomic_write_json(path: Path, obj: Any, *, sync: bool = True) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), sync=sync)
+def atomic_write_json(path: Path, obj: Any, *, sync: bool = True, sync_dir: bool = True) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), sync=sync,
+                 sync_dir=sync_dir)
 
 
 def read_json(path: Path) -> Any:

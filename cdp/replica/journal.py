@@ -74,7 +74,7 @@ import msgpack
 import xxhash
 
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, runs, unpack_u64
-from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
+from cdp.codec import HASH_LEN, block_hash, compress_many, decompress, zero_hash
 from cdp.durable import atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
 from cdp.errors import CdpError, LabelTakenError, PointError, ReplicaError
 
@@ -85,6 +85,7 @@ _ENTRY = struct.Struct(">QQI16s")
 _TRAILER = struct.Struct(">8sQIQ16s")
 NO_HASH = bytes(HASH_LEN)
 READ_SPAN = 4 * 1024 * 1024  # old blocks are read in runs of at most this
+QUEUE_BYTES = 8 * 1024 * 1024  # old blocks held for compression at most (compress_many)
 OFF = "OFF"  # present while the journal is switched off
 LABELS = "labels.json"
 DATA, RAW, ZERO, COPY = 2, 3, 4, 6  # WAL record kinds (wal.py), repeated to keep this module leaf
@@ -154,19 +155,37 @@ class UndoWriter:
         self._fh.write(MAGIC)
         self._pos = len(MAGIC)
         self._index: list[bytes] = []
+        self._queued: list[tuple[int, bytes | memoryview, bytes]] = []
+        self._queued_bytes = 0
 
     def add(self, block: int, old: bytes | memoryview | None, old_hash: bytes) -> None:
         """Save a block's old content (None: it was all zeros)."""
         if old is None:
             self._index.append(_ENTRY.pack(block, 0, 0, NO_HASH))
             return
-        frame = compress(old)
-        self._fh.write(frame)
-        self._index.append(_ENTRY.pack(block, self._pos, len(frame), old_hash))
-        self._pos += len(frame)
+        self._queued.append((block, old, old_hash))
+        self._queued_bytes += len(old)
+        if self._queued_bytes >= QUEUE_BYTES:
+            self._drain()
+
+    @property
+    def count(self) -> int:
+        """Blocks saved so far."""
+        return len(self._index) + len(self._queued)
+
+    def _drain(self) -> None:
+        """Compress the queued blocks (on two threads when there are many) and write them."""
+        frames = compress_many([old for _, old, _ in self._queued])
+        for (block, _, old_hash), frame in zip(self._queued, frames, strict=True):
+            self._fh.write(frame)
+            self._index.append(_ENTRY.pack(block, self._pos, len(frame), old_hash))
+            self._pos += len(frame)
+        self._queued = []
+        self._queued_bytes = 0
 
     def finish(self, meta: dict[str, Any]) -> int:
         """Write index, meta and trailer; fsync; rename into place; returns the file size."""
+        self._drain()
         index = b"".join(self._index)
         mbytes = msgpack.packb(meta, use_bin_type=True)
         nums = struct.pack(">QIQ", self._pos, len(self._index), len(mbytes))
@@ -404,16 +423,17 @@ class Journal:
 
     def prepare(self, epoch: int, commit: list[Any], bodies: Callable[[], Iterable[list[Any]]],
                 image_fd: int, hash_fd: int, base: dict[str, Any],
-                restore: Callable[[UndoFile], None], cut: dict[str, Any] | None = None) -> None:
+                restore: Callable[[UndoFile], None], cut: dict[str, Any] | None = None) -> bool:
         """Save what `epoch` will overwrite, durably, unless a matching undo file already exists.
+        True when an undo file of `epoch` is durable (False: the journal is off for it).
 
         Called with the image at epoch-1 (or, on replay, possibly partly at
         epoch, in which case the undo file exists and is reused). `cut`: the
         epoch's Cut marker (groups.py); base["held"]: how long epoch-1 is known to
         have held (groups.py, held.json).
         """
-        if not self.retention.enabled or epoch == self._untrusted:
-            return
+        if not self.saves(epoch):
+            return False
         fp = fingerprint(commit)
         p = self.path(epoch)
         if p.exists():
@@ -427,7 +447,7 @@ class Journal:
                         # made before a crash or failure: the image may be half new, keep it
                         with self._mutex:
                             self._infos[epoch] = (keep_time(u.meta), u.size)
-                        return
+                        return True
                     restore(u)  # an orphan of another epoch E: back to E-1 first
                 finally:
                     u.close()
@@ -450,6 +470,11 @@ class Journal:
                     raise
         with self._mutex:
             self._infos[epoch] = (keep_time(meta), size)
+        return True
+
+    def saves(self, epoch: int) -> bool:
+        """Whether applying `epoch` makes (or reuses) an undo file first."""
+        return self.retention.enabled and epoch != self._untrusted
 
     def _write(self, epoch: int, new: dict[int, bytes], zeros: list[tuple[int, int]],
                image_fd: int, hash_fd: int, meta: dict[str, Any]) -> int:
@@ -477,7 +502,7 @@ class Journal:
                     self._save_run(w, start, n, new, image_fd, hash_fd)
                     start += n
                     count -= n
-            meta["count"] = len(w._index)
+            meta["count"] = w.count
             return w.finish(meta)
         except BaseException:
             w.abort()

@@ -20,14 +20,22 @@ Layout of ``<data_dir>/<volume>/``::
                 newest epoch's Cut marker and the group it named
 
 Applying an epoch: every record goes to the WAL as it arrives; at commit the
-WAL is fsync'd and the space the epoch needs is reserved (seal: a full disk
-fails before the image is touched); then the records are applied to the image
-and the hash map, both are fsync'd, and only then the state file advances
-(apply). Before the first block reaches the image, the journal saves what
-the epoch overwrites (an undo file, durable before any image write). Epochs
-apply strictly in order. On open, WALs holding whole committed epochs next
-in line after the state are replayed (idempotent; an undo file made before
-the crash is reused, see journal.py); anything else in them is discarded.
+space the epoch needs is reserved (seal: a full disk fails before the image is
+touched). Before the first block reaches the image, the journal saves what the
+epoch overwrites (an undo file, durable before any image write); then the
+records are applied to the image and the hash map, and image, hash map and WAL
+are fdatasync'd in one burst; only then the state file advances (apply), and
+the epoch is acknowledged. The WAL needs no fsync of its own at seal: until
+the image is synced, a crash that loses the WAL finds the undo file of an
+epoch with no committed WAL and writes it back (the image returns to the epoch
+before). Without an undo file (journal off) the WAL is fsync'd at seal, as the
+only way forward. state.json is replaced atomically (its content fsync'd) but
+its folder is fsync'd only before the next epoch that reuses the WAL file of
+this one begins (or at close): until then a crash may bring back the state
+before, and the WAL, still durable and whole, replays the epoch. Epochs apply
+strictly in order. On open, WALs holding whole committed epochs next in line
+after the state are replayed (idempotent; an undo file made before the crash
+is reused, see journal.py); anything else in them is discarded.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from cdp.durable import (
     DIR_MODE,
     atomic_write_json,
     create_private,
+    fdatasync_all,
     fsync_dir,
     make_private_dir,
     read_json,
@@ -125,6 +134,7 @@ class Replica:
         self.image_fd = os.open(path / "image", os.O_RDWR)
         self.hash_fd = os.open(path / "hashes", os.O_RDWR)
         self.hashes_reserved = False
+        self._state_renamed = False  # state.json was replaced, its folder not fsync'd since
         # One writer per volume, always: at most one epoch being received, and sealed epochs
         # (durable in their WAL, not yet applied) are tracked so that no Begin reuses their WAL
         # file or their number, whichever connection it comes from.
@@ -232,6 +242,7 @@ class Replica:
                 return wal.read_log(p)
 
             self._apply(records, None)
+        self.sync_state()  # the replayed state survives before its WALs are emptied
         for p in logs:
             wal.clear(p)
         if self.journal.retention.enabled:
@@ -290,7 +301,23 @@ class Replica:
             os.unlink(path)
         fsync_dir(self.journal.dir)
 
+    def sync_state(self) -> None:
+        """Make the last state.json rename durable (its content is durable already).
+
+        Each epoch's apply replaces state.json without fsyncing the folder: until
+        then a crash may bring back the state before, and the epoch is replayed
+        from its WAL, which is durable and kept until this runs (before the next
+        epoch that reuses that WAL file begins, and at close)."""
+        if self._state_renamed:
+            fsync_dir(self.path)
+            self._state_renamed = False
+
     def close(self) -> None:
+        if self._lock_fd >= 0:
+            try:
+                self.sync_state()
+            except OSError:
+                pass
         for fd in (self.image_fd, self.hash_fd, self._lock_fd):
             try:
                 os.close(fd)
@@ -340,6 +367,10 @@ class Replica:
                 held = (f"epoch {self.state.epoch} applied"
                         + (f", {sorted(self._sealed)} sealed and applying" if self._sealed else ""))
                 raise WriterConflict(f"{vol}: epoch {epoch} cannot follow ({held})")
+            try:
+                self.sync_state()  # `epoch` overwrites the WAL of epoch-2: its state must hold
+            except OSError as exc:
+                raise ReplicaError(f"{vol}: cannot make the replica state durable: {exc}") from None
             w = EpochWriter(self, epoch, when)
             self._receiving = w
             return w
@@ -363,10 +394,15 @@ class Replica:
 
     def _apply(self, records: Callable[[], Iterable[wal.Record]],
                cache: dict[int, bytes] | None, bodies: Callable[[], Iterable[list]] | None = None,
-               ) -> None:
+               unsynced_wal: Path | None = None) -> None:
         """Journal, then apply a committed epoch's records to image and hash map, then advance
-        the state. `records()` iterates the epoch (blobs included); `bodies()` its metadata."""
-        geo = self.geometry
+        the state. `records()` iterates the epoch (blobs included); `bodies()` its metadata.
+
+        `unsynced_wal`: the epoch's WAL, written but not yet fdatasync'd (seal leaves that
+        to here when an undo file is made first). With a durable undo file before the first
+        image write, a crash before the WAL is durable rolls the image back (journal.recover);
+        without one, the WAL is made durable before the image is touched."""
+        saved = False
         if self.journal.retention.enabled:
             get_bodies = bodies or (lambda: (r.body for r in records()))
             tail = deque(get_bodies(), maxlen=2)  # [CUT,] COMMIT
@@ -374,9 +410,31 @@ class Replica:
             if last is None or last[0] != wal.COMMIT:
                 raise ReplicaError("WAL has no commit record")
             base = {**asdict(self.state), "held": read_held(self.path, self.state.epoch)}
-            self.journal.prepare(self.state.epoch + 1, last, get_bodies, self.image_fd,
-                                 self.hash_fd, base, self.restore,
-                                 cut=tail[0][1] if tail[0][0] == wal.CUT else None)
+            saved = self.journal.prepare(self.state.epoch + 1, last, get_bodies, self.image_fd,
+                                         self.hash_fd, base, self.restore,
+                                         cut=tail[0][1] if tail[0][0] == wal.CUT else None)
+        wal_fd = -1
+        if unsynced_wal is not None:
+            wal_fd = os.open(unsynced_wal, os.O_RDONLY)
+            if not saved:
+                try:
+                    os.fdatasync(wal_fd)
+                finally:
+                    os.close(wal_fd)
+                wal_fd = -1
+        try:
+            commit, cut = self._write_records(records, cache)
+            # one burst: image, hash map and (if still due) the WAL; an ack needs all three
+            fdatasync_all([self.image_fd, self.hash_fd] + ([wal_fd] if wal_fd >= 0 else []))
+        finally:
+            if wal_fd >= 0:
+                os.close(wal_fd)
+        self._advance(commit, cut)
+
+    def _write_records(self, records: Callable[[], Iterable[wal.Record]],
+                       cache: dict[int, bytes] | None) -> tuple[list, dict[str, Any] | None]:
+        """The epoch's records into image and hash map (not yet durable); (COMMIT, CUT)."""
+        geo = self.geometry
         commit: list | None = None
         cut: dict[str, Any] | None = None
         for rec in records():
@@ -408,8 +466,10 @@ class Replica:
                                    f"after epoch {self.state.epoch}")
         if commit is None:  # pragma: no cover - callers checked
             raise ReplicaError("WAL has no commit record")
-        os.fdatasync(self.image_fd)
-        os.fdatasync(self.hash_fd)
+        return commit, cut
+
+    def _advance(self, commit: list, cut: dict[str, Any] | None) -> None:
+        """The state moves to the applied epoch (the folder's fsync waits: see sync_state)."""
         st = self.state
         delta = commit[4] if len(commit) > 4 and isinstance(commit[4], dict) else {}
         counters = {k: st.counters.get(k, 0) + int(delta.get(k, 0)) for k in COUNTERS}
@@ -420,7 +480,8 @@ class Replica:
                               "epoch_until": max(float(commit[2]), until),
                               "applied_at": time.time(), "counters": counters,
                               "cut": cut, "group": group})
-        atomic_write_json(self.path / "state.json", asdict(new))
+        atomic_write_json(self.path / "state.json", asdict(new), sync_dir=False)
+        self._state_renamed = True
         self.state = new
         self.journal.applied(new.epoch)
 
@@ -469,6 +530,7 @@ class EpochWriter:
         self._wal_path = replica.wal_path(epoch)
         self._done = False
         self._sealed = False
+        self._wal_unsynced = False
         self._records: list[tuple[int, list, int]] = []  # (offset, meta, blob length)
         try:
             self._wal = wal.WalWriter(self._wal_path, epoch)
@@ -685,7 +747,11 @@ class EpochWriter:
                 self._log([wal.CUT, self.cut])  # right before COMMIT: Replica._apply finds it
             self._log([wal.COMMIT, self.epoch, self.time, blocks, self.counters,
                        max(self.time, until)])
-            self._wal.sync()
+            if self.replica.journal.saves(self.epoch):
+                self._wal.flush()  # fdatasync'd at apply, with the image (see Replica._apply)
+                self._wal_unsynced = True
+            else:
+                self._wal.sync()
             self._wal.close()
             self._reserve()
         except OSError as exc:
@@ -698,7 +764,8 @@ class EpochWriter:
         rep = self.replica
         assert self._sealed
         try:
-            rep._apply(self._replay, self._cache, lambda: (b for _, b, _ in self._records))
+            rep._apply(self._replay, self._cache, lambda: (b for _, b, _ in self._records),
+                       unsynced_wal=self._wal_path if self._wal_unsynced else None)
         except OSError as exc:
             # The WAL holds the whole epoch: reopening the replica replays it. Until then it
             # stays counted as sealed: nothing may begin after it on this (closing) replica.

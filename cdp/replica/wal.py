@@ -1,7 +1,8 @@
 """The write-ahead log of one epoch.
 
 Layout of ``<data_dir>/<volume>/wal.<epoch % 2>``: a sequence of records,
-appended while an epoch arrives, made durable with one fsync at commit::
+appended while an epoch arrives, made durable with one fdatasync (at commit, or
+with the image at apply when an undo file protects the apply: see store.py)::
 
     record := u32 meta_len | u32 blob_len | u64 epoch (big-endian)
               | 16-byte xxh3-128 of meta+blob, seeded with the epoch

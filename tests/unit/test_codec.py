@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp.codec import HASH_LEN, block_hash, compress, decompress, zero_hash
+from cdp.codec import HASH_LEN, block_hash, compress, compress_many, decompress, zero_hash
 from cdp.errors import RemoteProtocolError
 
 SAMPLES = [
@@ -167,3 +168,13 @@ def test_compress_thread_safe():
         t.join()
     assert not errors
     assert len(results) == 8
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 40])
+def test_compress_many_keeps_order_small_and_large(n: int) -> None:
+    """A large batch is split between two threads; the frames still come back in order."""
+    rng = random.Random(n)
+    chunks = [rng.randbytes(65536) if k % 2 else bytes([k]) * 65536 for k in range(n)]
+    frames = compress_many(chunks)
+    assert len(frames) == n
+    assert [decompress(f, 65536) for f in frames] == chunks
