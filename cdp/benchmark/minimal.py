@@ -10,6 +10,7 @@ written on top for extra rows that say so in their name and in `--json`.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from cdp.configkeys import TABLES, toml_value
@@ -77,7 +78,30 @@ def parse_knobs(text: str) -> dict[str, str]:
         out[key] = _toml(value)
     if not out:
         raise UsageError(f"--tuned: no knob given (e.g. {DEFAULT_TUNED})")
+    _check(out)
     return out
+
+
+def _check(knobs: dict[str, str]) -> None:
+    """Load a source config with `knobs` as the daemon would: a bad value is refused now, not
+    after the default rows have run."""
+    from cdp.config import load_source  # the loader, only when there is something to check
+    from cdp.errors import ConfigError
+
+    with tempfile.TemporaryDirectory(prefix="cdp-bench-knobs-") as tmp:
+        (Path(tmp) / "bench.token").write_text("0" * 64 + "\n")
+        (Path(tmp) / "bench.token").chmod(0o600)
+        for mode in ("scan", "nbd"):
+            if mode == "nbd" and not any(TABLES["volume"].get(k) and TABLES["volume"][k].only
+                                         == "nbd" for k in knobs):
+                continue
+            conf = Path(tmp) / "source.toml"
+            conf.write_text(source_config(7400, "bench", Path(tmp) / "image", mode,
+                                          "unix:nbd.sock" if mode == "nbd" else None, knobs))
+            try:
+                load_source(conf)
+            except ConfigError as exc:
+                raise UsageError(f"--tuned: {str(exc).removeprefix(f'{conf}: ')}") from None
 
 
 def describe(knobs: dict[str, str]) -> str:

@@ -154,16 +154,20 @@ def _steady(pair: CdpPair, image: Path, size: int, rate: int, seconds: float,
     end = pair.snapshot()
     pair.wait_current(t_end)
     res = _cdp_result(name, pair, before, t_end - start, image, size, written)
-    lags = sorted(lag for t, lag in samples if t >= WARMUP) or [0.0]
     warm = warm or before
     wall = max(end.at - warm.at, 1e-9)
-    res.extra = {"rate": rate, "sampled_from": WARMUP, "samples": len(lags),
-                 "rpo_p50": statistics.median(lags),
-                 "rpo_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))],
-                 "rpo_max": lags[-1], "series": samples,
+    res.extra = {"rate": rate, **rpo_stats(samples, WARMUP), "series": samples,
                  "cpu_share_source": (end.cpu_source - warm.cpu_source) / wall,
                  "cpu_share_receiver": (end.cpu_receiver - warm.cpu_receiver) / wall}
     return res
+
+
+def rpo_stats(samples: list[tuple[float, float]], since: float) -> dict[str, float]:
+    """p50, p99 and max of the RPO samples (seconds into the load, lag) taken from `since` on."""
+    lags = sorted(lag for t, lag in samples if t >= since) or [0.0]
+    return {"sampled_from": since, "samples": sum(1 for t, _ in samples if t >= since),
+            "rpo_p50": statistics.median(lags),
+            "rpo_p99": lags[min(len(lags) - 1, int(len(lags) * 0.99))], "rpo_max": lags[-1]}
 
 
 def _rate_cap(root: Path, image: Path, size: int, cap: int, seconds: float,
