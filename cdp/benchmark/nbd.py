@@ -1,12 +1,16 @@
 """The nbd scenarios of `cdp bench`: the write path with replication on, beside plain qemu-nbd.
 
-Same workloads, same client (`qemu-img bench`), over a Unix socket as a local
-VM would open the disk, one after the other on this machine: first through
-`qemu-nbd` serving a copy of the image (the baseline:
-no replication at all), then through the cdp source's export with a real
-receiver applying every epoch. Reported: IOPS, MB/s, the share of
-qemu-nbd's throughput, and the RPO sampled while the load runs (how far the
-replica's newest state is behind the guest) and the catch-up time after it.
+Same workloads, same client (cdp/benchmark/nbdload.py: the data mix of the
+scan scenarios, every 4 KiB unique, at the workload's block size and queue
+depth; not `qemu-img bench`, whose one repeated pattern dedup and
+compression remove), over a Unix socket as a local VM would open the disk,
+one after the other on this machine: first through `qemu-nbd` serving a copy
+of the image (the baseline: no replication at all), then through the cdp
+source's export with a real receiver applying every epoch. Reported: IOPS,
+MB/s, the share of qemu-nbd's throughput, the dedup and compression ratios
+cdp saw (a degenerate workload shows there), and the RPO sampled while the
+load runs (how far the replica's newest state is behind the guest) and the
+catch-up time after it.
 
 "incremental 1% (nbd)" rewrites 1% of the blocks with the generated data mix
 through a small NBD client and times how long after the guest's last FLUSH
@@ -16,11 +20,12 @@ rsync's incremental run on the same change.
 
 from __future__ import annotations
 
+import json
 import random
-import re
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -46,11 +51,12 @@ class Workload:
     def count(self, size: int, budget: int) -> int:
         return max(16, min(size, budget) // self.block)
 
-    def args(self, size: int, budget: int, pattern: int) -> list[str]:
-        step = self.block if self.sequential else self.block * 7919  # a prime stride: scattered
-        return ["-w", "-c", str(self.count(size, budget)), "-d", str(self.depth),
-                "-s", str(self.block), "-S", str(step), f"--pattern={pattern}",
-                f"--flush-interval={self.flush_every}"]
+    def argv(self, socket: Path, export: str, count: int, seed: int) -> list[str]:
+        """The nbdload command line for `count` requests of this workload."""
+        return [sys.executable, "-P", "-m", "cdp.benchmark.nbdload", str(socket), export,
+                "--block", str(self.block), "--depth", str(self.depth), "--count", str(count),
+                "--flush-every", str(self.flush_every), "--seed", str(seed),
+                *(["--sequential"] if self.sequential else [])]
 
 
 WORKLOADS = (
@@ -62,18 +68,18 @@ BUDGET = {"4k random": 64 << 20, "64k random": 256 << 20, "1M sequential": 512 <
 
 
 def have_tools() -> bool:
-    return shutil.which("qemu-img") is not None and shutil.which("qemu-nbd") is not None
+    return shutil.which("qemu-nbd") is not None
 
 
-def qemu_img_bench(url: str, args: list[str]) -> float:
-    """Seconds `qemu-img bench` reports for one run against an NBD URL."""
-    out = run(["qemu-img", "bench", "-f", "raw", *args, url], timeout=1800)
+def drive(socket: Path, export: str, w: Workload, count: int, seed: int) -> float:
+    """Seconds the nbdload writer took for `count` requests of `w` against an export."""
+    out = run(w.argv(socket, export, count, seed), timeout=1800, name="nbd load")
     if out.returncode != 0:
-        raise RuntimeError(f"qemu-img bench failed: {out.stderr.strip() or out.stdout.strip()}")
-    m = re.search(r"Run completed in ([0-9.]+) seconds", out.stdout)
-    if not m:
-        raise RuntimeError(f"qemu-img bench said: {out.stdout.strip()}")
-    return float(m.group(1))
+        raise RuntimeError(f"the nbd load writer failed: {out.stderr.strip()[-800:]}")
+    try:
+        return float(json.loads(out.stdout)["seconds"])
+    except (ValueError, KeyError) as exc:
+        raise RuntimeError(f"the nbd load writer said: {out.stdout.strip()[-300:]}") from exc
 
 
 def run_baseline(root: Path, image: Path, progress: Progress) -> dict[str, float]:
@@ -94,19 +100,21 @@ def run_baseline(root: Path, image: Path, progress: Progress) -> dict[str, float
         out = {}
         for i, w in enumerate(WORKLOADS):
             progress(f"nbd {w.name}: qemu-nbd (baseline) ...")
-            out[w.name] = qemu_img_bench(f"nbd+unix:///bench?socket={sock}",
-                                         w.args(size, BUDGET[w.name], 0x30 + i))
+            out[w.name] = drive(sock, "bench", w, w.count(size, BUDGET[w.name]), 0x30 + i)
         return out
     finally:
         stop_all([proc])
         copy.unlink(missing_ok=True)
 
 
-def _sample_rpo(pair: CdpPair, stop: threading.Event, samples: list[float]) -> None:
+def _sample_rpo(pair: CdpPair, stop: threading.Event, samples: list[float],
+                since: float = 0.0) -> None:
+    """Every 50 ms until `stop`, from the time.time() `since` on: how old the replica is."""
     while not stop.is_set():
         point = pair.rpo_point()
-        if point:
-            samples.append(max(0.0, time.time() - point))
+        now = time.time()
+        if point and now >= since:
+            samples.append(max(0.0, now - point))
         stop.wait(0.05)
 
 
@@ -123,7 +131,8 @@ def run_cdp_workloads(pair: CdpPair, size: int, baseline: dict[str, float], prog
         th = threading.Thread(target=_sample_rpo, args=(pair, stop, samples), daemon=True)
         th.start()
         try:
-            seconds = qemu_img_bench(pair.nbd_url, w.args(size, BUDGET[w.name], 0x30 + i))
+            seconds = drive(pair.nbd_socket, pair.VOLUME, w, w.count(size, BUDGET[w.name]),
+                            0x30 + i)
             t_end = time.time()
             catch_up = pair.wait_current(t_end)["confirmed_at"] - t_end  # when the source knew
         finally:
@@ -159,16 +168,18 @@ def incremental(pair: CdpPair, size: int, fraction: float, seed: int) -> tuple[f
     return t_flush - t0, st["confirmed_at"] - t_flush, len(chosen) * BS
 
 
-def steady(pair: CdpPair, size: int, rate: int, seconds: float,
-           progress: Progress) -> tuple[float, int, list[float]]:
+def steady(pair: CdpPair, size: int, rate: int, seconds: float, progress: Progress,
+           warmup: float) -> tuple[float, int, list[float]]:
     """Write 64 KiB blocks of the data mix at `rate` bytes/s through the export for `seconds`,
-    flushing every 64 writes; sample the RPO. Returns (seconds, bytes written, lags)."""
+    flushing every 64 writes; sample the RPO from `warmup` seconds in (the steady state).
+    Returns (seconds, bytes written, lags)."""
     rng = random.Random(31)
     blocks = size // BS
     client = NbdClient(str(pair.nbd_socket), pair.VOLUME)
     samples: list[float] = []
     stop = threading.Event()
-    th = threading.Thread(target=_sample_rpo, args=(pair, stop, samples), daemon=True)
+    th = threading.Thread(target=_sample_rpo, args=(pair, stop, samples, time.time() + warmup),
+                          daemon=True)
     written = n = 0
     start = time.monotonic()
     th.start()

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cdp.benchmark.minimal import describe, receiver_config, source_config
 from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, reset_peak, spawn, stop_all, wait_port
+from cdp.config import load_receiver, load_source
 from cdp.durable import read_json
 
 
@@ -30,33 +32,37 @@ class CdpPair:
 
     VOLUME = "bench"
 
-    def __init__(self, root: Path, image: Path, *, source_extra: str = "",
-                 volume_extra: str = "", block_size: int | None = 65536, mode: str = "scan") -> None:
+    def __init__(self, root: Path, image: Path, *, mode: str = "scan",
+                 knobs: dict[str, str] | None = None, replica_dir: Path | None = None) -> None:
+        """Configs as `cdp init` and a user's minimal config would have them: names, addresses,
+        paths and the token, every tuning knob at its shipped default; `knobs` (key -> TOML
+        value, see minimal.py) sets some anyway, for the rows labelled as tuned; `replica_dir`
+        puts the receiver's data_dir there instead of beside the configs."""
         self.root = root
         self.image = image
+        self.knobs = dict(knobs or {})
         self.port = free_port()
         self.nbd_port = free_port() if mode == "nbd" else 0
-        if mode == "nbd":
-            volume_extra = (f'nbd_listen = "127.0.0.1:{self.nbd_port}, unix:nbd.sock"\n'
-                            f"{volume_extra}")
+        self.data_dir = replica_dir or root / "replicas"
         root.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         token = root / "bench.token"
         fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32) + "\n")
         (root / "receiver.toml").write_text(
-            f'[receiver]\nlisten = "127.0.0.1:{self.port}"\ndata_dir = "replicas"\n'
-            f'[[receiver.client]]\nname = "bench"\ntoken_file = "bench.token"\n'
-            f'volumes = ["{self.VOLUME}"]\n')
+            receiver_config(self.port, self.VOLUME, None if replica_dir is None else self.data_dir))
+        nbd_listen = f"127.0.0.1:{self.nbd_port}, unix:nbd.sock" if mode == "nbd" else None
         (root / "source.toml").write_text(
-            f'[source]\nname = "bench"\nreceiver = "127.0.0.1:{self.port}"\n'
-            f'token_file = "bench.token"\nstate_dir = "state"\nreconnect_min = "0.1s"\n'
-            f"{source_extra}\n"
-            f'[[volume]]\nname = "{self.VOLUME}"\npath = "{image}"\nmode = "{mode}"\n'
-            f'{f"block_size = {block_size}" if block_size else ""}\n'
-            'scan_interval = "5s"\nmin_scan_interval = "0.02s"\n'
-            f"{volume_extra}\n")
+            source_config(self.port, self.VOLUME, image, mode, nbd_listen, self.knobs))
+        load_receiver(root / "receiver.toml")  # a bad knob: a config error now, not a dead daemon
+        load_source(root / "source.toml")
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    @property
+    def config(self) -> str:
+        """Which config the rows of this pair used: "defaults", or "tuned: key=value, ..."."""
+        return describe(self.knobs)
 
     @property
     def nbd_socket(self) -> Path:
@@ -69,7 +75,7 @@ class CdpPair:
 
     @property
     def replica(self) -> Path:
-        return self.root / "replicas" / self.VOLUME / "image"
+        return self.data_dir / self.VOLUME / "image"
 
     def start(self, which: str) -> float:
         """Start 'receiver' or 'source'; returns the time just before it was started."""
@@ -95,7 +101,7 @@ class CdpPair:
 
     def state(self) -> dict[str, Any] | None:
         try:
-            return read_json(self.root / "replicas" / self.VOLUME / "state.json")
+            return read_json(self.data_dir / self.VOLUME / "state.json")
         except (OSError, ValueError):
             return None
 
@@ -109,7 +115,7 @@ class CdpPair:
         """The source time of the newest state the replica holds (0 if none yet)."""
         st = self.state() or {}
         try:
-            live = read_json(self.root / "replicas" / self.VOLUME / "status.json")
+            live = read_json(self.data_dir / self.VOLUME / "status.json")
         except (OSError, ValueError):
             live = {}
         return max(st.get("epoch_time", 0.0), live.get("current_as_of", 0.0))

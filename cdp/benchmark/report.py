@@ -8,6 +8,8 @@ from typing import Any
 from cdp.benchmark.runner import Result
 from cdp.errors import UsageError
 
+PEERS = ("qemu-nbd", "fdatasync")  # rows measured without cdp's counters
+
 
 def ratios(results: list[Result]) -> dict[str, float]:
     """rsync time / cdp time per scenario run by both (how many times faster cdp is)."""
@@ -43,7 +45,8 @@ def table(results: list[Result]) -> None:
     from cdp.units import format_bytes
 
     sp = ratios(results)
-    t = Table(title="cdp bench (MB/s = 10^6 bytes/s of the scenario's data; CPU per GiB of volume)")
+    t = Table(title="cdp bench: shipped defaults unless a row names its knobs (MB/s = 10^6 "
+              "bytes/s of the scenario's data; CPU per GiB of volume)")
     for col in ("scenario", "tool", "time", "MB/s", "wire", "compr.", "dedup", "CPU s/GiB src/rcv",
                 "peak MiB src/rcv", "equal", "vs rsync"):
         t.add_column(col, no_wrap=True)
@@ -64,15 +67,26 @@ def table(results: list[Result]) -> None:
                          f"caught up {r.extra['catch_up']:.2f}s after")
         if r.scenario == "incremental 1% (nbd)" and r.tool == "cdp" and r.scenario in sp:
             note = f"{versus(sp[r.scenario])} (writes took {r.extra['write_seconds']:.2f}s)"
-        if r.scenario in ("steady", "nbd steady"):
+        if r.scenario.startswith(("steady", "nbd steady")) and "rpo_p50" in r.extra:
             note = (f"RPO p50 {r.extra['rpo_p50']:.2f}s p99 {r.extra['rpo_p99']:.2f}s at "
-                    f"{format_bytes(r.extra['rate'])}/s")
-        t.add_row(r.scenario, r.tool, f"{r.seconds:.2f}s", f"{r.mbps:.0f}", format_bytes(r.wire),
+                    f"{format_bytes(r.extra['rate'])}/s, from {r.extra['sampled_from']:g}s in")
+            if "cpu_share_source" in r.extra:
+                note += (f"; CPU {r.extra['cpu_share_source']:.0%} src, "
+                         f"{r.extra['cpu_share_receiver']:.0%} rcv")
+        if r.tool == "fdatasync":
+            note = "this folder's durable sequential writes: the ceiling for a seed"
+        if r.scenario.startswith("seed") and "of_device" in r.extra:
+            seed_note = (f"{r.extra['of_device']:.0%} of the disk's "
+                         f"{r.extra['device_mbps']:.0f} MB/s")
+            note = f"{note}; {seed_note}" if note else seed_note
+        peers = r.tool in PEERS
+        t.add_row(r.scenario, r.tool, f"{r.seconds:.2f}s", f"{r.mbps:.0f}",
+                  "-" if peers else format_bytes(r.wire),
                   f"{d['compression_ratio']:.2f}x" if d["compression_ratio"] else "-",
                   f"{d['dedup_ratio']:.2f}x" if d["dedup_ratio"] else "-",
-                  f"{cs:.2f} / {cr:.2f}",
-                  f"{r.peak_source / 2**20:.0f} / {r.peak_receiver / 2**20:.0f}",
-                  "yes" if r.equal else "NO", note)
+                  "-" if peers else f"{cs:.2f} / {cr:.2f}",
+                  "-" if peers else f"{r.peak_source / 2**20:.0f} / {r.peak_receiver / 2**20:.0f}",
+                  "-" if peers else ("yes" if r.equal else "NO"), note)
     print_table(t)
 
 
@@ -83,8 +97,8 @@ def plot(results: list[Result], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib (in cdp's environment)") from None
-    scen = [r.scenario for r in results if r.tool == "cdp" and r.scenario not in ("steady",
-                                                                                  "rate cap")]
+    scen = [r.scenario for r in results if r.tool == "cdp" and r.scenario != "rate cap"
+            and not r.scenario.startswith(("steady", "nbd"))]
     steady = next((r for r in results if r.scenario == "steady"), None)
     fig, axes = plt.subplots(1, 2 if steady else 1, figsize=(12 if steady else 7, 4.5))
     ax = axes[0] if steady else axes

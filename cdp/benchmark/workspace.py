@@ -43,6 +43,7 @@ from cdp.errors import UsageError
 MARKER = ".cdp-run.json"
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 PREFIXES = ("cdp-demo-", "cdp-bench-")
+SHM = Path("/dev/shm")
 
 
 class Interrupted(BaseException):
@@ -148,10 +149,13 @@ class Workspace:
     made: bool
     before: set[str] = field(default_factory=set)
     swept: list[Path] = field(default_factory=list)  # abandoned folders removed at the start
+    elsewhere: list[Path] = field(default_factory=list)  # folders of ours outside `root`
 
     @classmethod
     def open(cls, verb: str, workdir: Path | None, keep: bool) -> Workspace:
         swept = sweep_abandoned()
+        if SHM.is_dir() and Path(tempfile.gettempdir()).resolve() != SHM:
+            swept += sweep_abandoned(SHM)  # replicas seeded onto tmpfs by a killed bench
         if workdir is None:
             ws = cls(verb, Path(tempfile.mkdtemp(prefix=f"cdp-{verb}-")), keep, made=True)
         else:
@@ -175,26 +179,47 @@ class Workspace:
         ws._mark()
         return ws
 
-    def _mark(self) -> None:
+    def _mark(self, root: Path | None = None, made: bool | None = None) -> None:
         data = {"verb": self.verb, "pid": os.getpid(), "start": _start_time(os.getpid()),
-                "keep": self.keep, "made": self.made, "before": sorted(self.before)}
-        tmp = self.root / (MARKER + ".tmp")
+                "keep": self.keep, "made": self.made if made is None else made,
+                "before": sorted(self.before) if root is None else []}
+        root = root or self.root
+        tmp = root / (MARKER + ".tmp")
         tmp.write_text(json.dumps(data) + "\n")
-        os.replace(tmp, self.root / MARKER)
+        os.replace(tmp, root / MARKER)
+
+    def folder_in(self, parent: Path) -> Path:
+        """A new folder of this run under `parent` (another file system: a --replica-dir, a
+        tmpfs), marked like the work folder and removed with it; abandoned ones swept first."""
+        self.swept += sweep_abandoned(parent)
+        with procs.guarded():  # no folder made and left untracked
+            try:
+                path = Path(tempfile.mkdtemp(prefix=f"cdp-{self.verb}-", dir=parent))
+            except OSError as exc:
+                raise UsageError(f"{parent}: cannot make a folder there "
+                                 f"({exc.strerror or exc})") from None
+            self.elsewhere.append(path)
+            self._mark(path, made=True)
+        return path
 
     def close(self) -> str:
         """Remove what the run made (unless keep); a phrase saying what became of it."""
         errors: list[str] = []
+        for path in self.elsewhere:
+            (path / MARKER).unlink(missing_ok=True)
         (self.root / MARKER).unlink(missing_ok=True)
         if self.keep:
-            return f"kept {self.root}"
+            return f"kept {', '.join(map(str, [self.root, *self.elsewhere]))}"
+        for path in self.elsewhere:
+            _rmtree(path, errors)
         _remove_made(self.root, self.made, self.before, errors)
         if errors:
             return (f"could not remove all of {self.root} ({'; '.join(errors[:3])}"
                     f"{' ...' if len(errors) > 3 else ''})")
+        also = "".join(f" and {p}" for p in self.elsewhere)
         if self.made:
-            return f"removed {self.root}"
-        return f"removed what it made in {self.root}"
+            return f"removed {self.root}{also}"
+        return f"removed what it made in {self.root}{also}"
 
     def log_tails(self, lines: int = 8) -> str:
         """The last lines of each daemon log in the folder: for a failure, before removal."""

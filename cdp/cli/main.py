@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from cdp import __version__
+from cdp.benchmark.minimal import DEFAULT_TUNED
 from cdp.cli import logs
 from cdp.errors import CdpError, ConfigError, WrongConfigError
 
@@ -79,15 +80,26 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "bench", help="throughput benchmark with real processes on loopback, optionally vs rsync",
         description="Seed, incremental (1% and 10% of blocks rewritten) and steady-load "
-        "scenarios with a real receiver and source on 127.0.0.1; every result is checked byte "
-        "for byte. --compare rsync runs rsync --inplace --no-whole-file -B 65536 against a "
-        "local rsync daemon on the same data in the same run. " + _ENDING)
+        "scenarios with a real receiver and source on 127.0.0.1, both with the shipped "
+        "defaults (configs name only hosts, addresses, paths and the token); every result is "
+        "checked byte for byte, and the seed is set against the replica disk's measured rate "
+        "of fdatasync'd writes. --compare rsync runs rsync --inplace --no-whole-file -B 65536 "
+        "against a local rsync daemon on the same data in the same run. " + _ENDING)
     s.add_argument("--size", default="2GiB", help="generated image size (default 2GiB)")
     s.add_argument("--image", type=Path, help="benchmark a copy of this image instead")
     s.add_argument("--compare", choices=["rsync"], help="run rsync side by side")
     s.add_argument("--scenarios", default="seed,incremental,steady",
-                   help="comma-separated: seed, incremental, steady, nbd (default: the first "
-                   "three; nbd runs write workloads through the NBD export beside qemu-nbd)")
+                   help="comma-separated: seed, incremental, steady, seed-tmpfs, nbd (default: "
+                   "the first three; seed-tmpfs seeds once more onto /dev/shm to show the rate "
+                   "when the disk is not the limit; nbd runs write workloads through the NBD "
+                   "export beside qemu-nbd)")
+    s.add_argument("--tuned", nargs="?", const=DEFAULT_TUNED, metavar="KEY=VALUE,...",
+                   help="also run seed/incremental/steady with these knobs set ([source] or "
+                   f"[[volume]] keys; default {DEFAULT_TUNED}): extra rows labelled with them. "
+                   "Without it every row uses the shipped defaults")
+    s.add_argument("--replica-dir", type=Path, metavar="DIR",
+                   help="put the receivers' replicas in a new folder under DIR (e.g. a tmpfs or "
+                   "another disk), removed at the end; the disk row measures DIR")
     s.add_argument("--steady-rate", default="32MiB", help="write rate of the steady load, per s")
     s.add_argument("--steady-seconds", type=float, default=15.0)
     s.add_argument("--rate-cap", default=None,
@@ -224,13 +236,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from cdp.benchmark import report
-    from cdp.benchmark.runner import run_bench
+    from cdp.benchmark.minimal import parse_knobs
+    from cdp.benchmark.runner import SCENARIOS, run_bench
     from cdp.units import parse_size
 
     scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
-    unknown = set(scenarios) - {"seed", "incremental", "steady", "nbd"}
+    unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
-        raise ConfigError(f"--scenarios: unknown {', '.join(sorted(unknown))}")
+        raise ConfigError(f"--scenarios: unknown {', '.join(sorted(unknown))} "
+                          f"(choose from {', '.join(SCENARIOS)})")
+    tuned = parse_knobs(args.tuned) if args.tuned is not None else None
     try:
         size = parse_size(args.size)
         rate = parse_size(args.steady_rate.removesuffix("/s"))
@@ -252,7 +267,8 @@ def _bench(args: argparse.Namespace) -> int:
         results = run_bench(size=size, image=args.image, compare=args.compare,
                             scenarios=scenarios, steady_rate=rate,
                             steady_seconds=args.steady_seconds, workdir=args.dir, keep=args.keep,
-                            progress=progress, rate_cap=cap, rate_seconds=args.rate_seconds)
+                            progress=progress, rate_cap=cap, rate_seconds=args.rate_seconds,
+                            tuned=tuned, replica_dir=args.replica_dir)
     finally:
         if tty:
             print("\r\033[K", end="", file=sys.stderr)

@@ -26,7 +26,14 @@ def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
         assert scen in report["speedup_vs_rsync"]
     steady = next(x for x in report["results"] if x["scenario"] == "steady")
     assert steady["extra"]["rpo_p99"] >= steady["extra"]["rpo_p50"] >= 0
-    for x in report["results"]:
+    # the steady state only: samples every 0.1 s from 1 s into the 3-s load, not from its start
+    assert steady["extra"]["sampled_from"] == 1.0 and 0 < steady["extra"]["samples"] <= 22
+    assert steady["extra"]["cpu_share_source"] > 0 and steady["extra"]["cpu_share_receiver"] > 0
+    assert {x["config"] for x in report["results"] if x["tool"] == "cdp"} == {"defaults"}
+    assert {x["config"] for x in report["results"] if x["tool"] == "rsync"} == {
+        "rsync --inplace --no-whole-file -B 65536 --times --stats"}
+    assert [x["tool"] for x in report["results"]].count("fdatasync") == 1  # the disk's rate
+    for x in (x for x in report["results"] if x["tool"] != "fdatasync"):
         assert x["seconds"] > 0 and x["cpu_source"] >= 0 and x["peak_receiver"] > 0
         if x["tool"] == "cdp" and x["scenario"].startswith("incremental"):
             # only the rewritten blocks cross the wire (compressed), never the whole image
@@ -42,7 +49,8 @@ def test_bench_on_a_users_image_leaves_it_untouched(tmp_path) -> None:
                 timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert report["all_equal"] and {x["scenario"] for x in report["results"]} == {
+    assert report["all_equal"] and {x["scenario"] for x in report["results"]
+                                    if x["tool"] == "cdp"} == {
         "seed", "incremental 1%", "incremental 10%"}
     assert file_hash(image) == before  # the benchmark rewrote its own copy
 
@@ -68,6 +76,10 @@ def test_bench_nbd_scenarios_beside_qemu_nbd_and_rsync(tmp_path) -> None:
         assert ours["extra"]["of_baseline"] > 0
         assert ours["extra"]["rpo_p99"] >= ours["extra"]["rpo_p50"] >= 0
         assert ours["wire"] > 0  # the writes were replicated, not just served
+        # realistic data: a constant pattern (qemu-img bench) showed dedup ratios of 16384x
+        assert ours["dedup_ratio"] < 1.1, ours
+        assert 1.1 < ours["compression_ratio"] < 4, ours
+        assert ours["config"] == "defaults" and base["config"].startswith("qemu-nbd")
     steady = rows[("nbd steady", "cdp")]
     assert steady["extra"]["rpo_p99"] >= steady["extra"]["rpo_p50"] >= 0 and steady["wire"] > 0
     inc = rows[("incremental 1% (nbd)", "cdp")]
