@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from archive_fixtures import receiver_with_archive
-from conftest import file_hash, run_cdp
+from helpers import file_hash, run_cdp
 
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress

@@ -7,8 +7,7 @@ import random
 import shutil
 
 import pytest
-
-from tests.conftest import file_hash, make_image, run_cdp
+from helpers import file_hash, make_image, run_cdp
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
