@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         "bench", help="throughput benchmark with real processes on loopback, optionally vs rsync",
         description="Seed, incremental (1% and 10% of blocks rewritten) and steady-load "
         "scenarios with a real receiver and source on 127.0.0.1; every result is checked byte "
-        "for byte. --compare rsync runs rsync --inplace --no-whole-file -B 65536 against a "
-        "local rsync daemon on the same data in the same run. " + _ENDING)
+        "for byte. --compare rsync runs rsync --inplace --no-whole-file -B 65536 --ignore-times "
+        "against a local rsync daemon on the same data in the same run. " + _ENDING)
     s.add_argument("--size", default="2GiB", help="generated image size (default 2GiB)")
     s.add_argument("--image", type=Path, help="benchmark a copy of this image instead")
     s.add_argument("--compare", choices=["rsync"], help="run rsync side by side")
