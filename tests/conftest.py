@@ -7,6 +7,7 @@ too, so older `from conftest import ...` lines keep working.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,14 @@ from helpers import (  # noqa: F401  (re-exported for `from conftest import ...`
     write_env,
     write_random_blocks,
 )
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """Workers for `-n auto` (pyproject's addopts): twice the CPUs, 4 to 8, since most tests
+    wait on daemons, subprocesses and sockets rather than compute. CDP_TEST_WORKERS overrides."""
+    if want := os.environ.get("CDP_TEST_WORKERS"):
+        return int(want)
+    return min(8, max(4, 2 * (os.cpu_count() or 1)))
 
 
 @pytest.fixture
