@@ -48,7 +48,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         self.now = 0.0
         real_select = self._selector.select  # type: ignore[attr-defined]
 
-        def select(timeout: float | None = None) -> list:  # type: ignore[type-arg]
+        def select(timeout: float | None = None) -> list[object]:
             if timeout is not None and timeout > 0:
                 self.now += timeout
             return real_select(None if timeout is None else 0)
