@@ -52,8 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from chaosrig import ChaosRig, Resume  # noqa: E402
-from conftest import MiB  # noqa: E402
 from faultproxy import FAULT_KINDS, plan_faults  # noqa: E402
+from helpers import MiB  # noqa: E402
 
 from cdp.units import parse_size  # noqa: E402
 

@@ -34,7 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (  # noqa: E402
+from faultproxy import FaultProxy  # noqa: E402
+from helpers import (  # noqa: E402
     BS,
     Daemons,
     MiB,
@@ -45,7 +46,6 @@ from conftest import (  # noqa: E402
     write_env,
     write_random_blocks,
 )
-from faultproxy import FaultProxy  # noqa: E402
 
 from cdp.units import parse_size  # noqa: E402
 

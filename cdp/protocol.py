@@ -329,7 +329,8 @@ class SourceSession(_Session):
                 vs.committed.append(msg.epoch)
                 vs.expected += 1
         elif isinstance(msg, Current):
-            self._vol(msg.volume, False)
+            if self._vol(msg.volume, False).readonly:  # the receiver refuses it
+                raise LocalProtocolError(f"{msg.volume}: opened read-only, no Current to report")
         elif isinstance(msg, Ping):
             if len(self.pings) >= MAX_UNANSWERED:
                 raise LocalProtocolError(f"more than {MAX_UNANSWERED} Pings awaiting an answer")

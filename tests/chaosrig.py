@@ -1,8 +1,8 @@
 """The chaos rig shared by tests/integration/test_chaos.py and bench/chaos_soak.py.
 
-A receiver and a source run as real processes (`python -m cdp ...`, conftest.Daemon) with a
+A receiver and a source run as real processes (`python -m cdp ...`, helpers.Daemon) with a
 FaultProxy between them, one client ("host1") protecting a scan volume, an nbd volume or
-both. The daemons run with their shipped liveness and retry defaults: conftest's shorter
+both. The daemons run with their shipped liveness and retry defaults: helpers.write_env's shorter
 reconnect_min/reconnect_max are taken out of the source config, and nothing else about
 timeouts is set (only the scan intervals, as the other integration tests do).
 
@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conftest import (
+from faultproxy import Fault, FaultPlan, FaultProxy
+from helpers import (
     BS,
     CdpEnv,
     Daemon,
@@ -55,7 +56,6 @@ from conftest import (
     write_env,
     write_random_blocks,
 )
-from faultproxy import Fault, FaultPlan, FaultProxy
 
 from cdp.benchmark.nbdclient import NbdClient
 from cdp.errors import CdpError
@@ -106,7 +106,7 @@ class ChaosRig:
     # -- setup ---------------------------------------------------------------------------
 
     def _configure(self) -> None:
-        """Shipped retry defaults (conftest sets reconnect_min/max for speed) and the
+        """Shipped retry defaults (helpers.write_env sets reconnect_min/max for speed) and the
         volumes' modes: write_env writes every volume in scan mode."""
         sf = self.env.source
         text = sf.toml.read_text()

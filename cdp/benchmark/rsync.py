@@ -13,7 +13,9 @@ from pathlib import Path
 from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, spawn, stop_all, wait_port
 from cdp.errors import UsageError
 
-RSYNC_ARGS = ["--inplace", "--no-whole-file", "-B", "65536", "--times", "--stats"]
+# --ignore-times: rsync's quick check compares mtimes in whole seconds, so an image rewritten
+# within the second of the previous run would be skipped (and found unequal); always delta.
+RSYNC_ARGS = ["--inplace", "--no-whole-file", "-B", "65536", "--times", "--ignore-times", "--stats"]
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         "scenarios with a real receiver and source on 127.0.0.1, both with the shipped "
         "defaults (configs name only hosts, addresses, paths and the token); every result is "
         "checked byte for byte, and the seed is set against the replica disk's measured rate "
-        "of fdatasync'd writes. --compare rsync runs rsync --inplace --no-whole-file -B 65536 "
+        "of fdatasync'd writes. --compare rsync runs rsync --inplace --no-whole-file -B 65536 --ignore-times "
         "against a local rsync daemon on the same data in the same run. " + _ENDING)
     s.add_argument("--size", default="2GiB", help="generated image size (default 2GiB)")
     s.add_argument("--image", type=Path, help="benchmark a copy of this image instead")

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     make_image,

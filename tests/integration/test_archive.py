@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from archive_fixtures import S3Server, disk_image, ext4_image, receiver_with_archive, rewrite, write_password
-from conftest import MiB, file_hash, free_port, run_cdp
+from helpers import MiB, file_hash, free_port, run_cdp
 
 from cdp.archive.backend import run_sync
 from cdp.archive.job import file_opener, init_repo, open_repo, run_archive

@@ -7,14 +7,11 @@ import random
 import time
 from pathlib import Path
 
-import pytest
 from archive_fixtures import receiver_with_archive
-from conftest import file_hash, run_cdp
+from helpers import file_hash, run_cdp
 
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress
-
-pytest.importorskip("cdp.replica.pointview", reason="the replica's point-in-time view is not built yet")
 from cdp.replica import Replica
 
 BS = 64 * 1024

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from archive_fixtures import disk_image, receiver_with_archive
-from conftest import MiB, file_hash, run_cdp, scaled, wait_for
+from helpers import MiB, file_hash, run_cdp, scaled, wait_for
 
 from cdp.archive.job import file_opener, open_repo, run_archive
 from cdp.archive.maint import verify

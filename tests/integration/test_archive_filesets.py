@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from conftest import add_fileset, make_image, run_cdp, wait_converged, wait_for
+from helpers import add_fileset, make_image, run_cdp, wait_converged, wait_for
 
 SET = "vm1-config"
 

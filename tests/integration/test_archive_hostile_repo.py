@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from archive_fixtures import S3Server, receiver_with_archive
-from conftest import run_cdp
+from helpers import run_cdp
 
 from cdp.archive import crypto
 from cdp.archive import lock as locks

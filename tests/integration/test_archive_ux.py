@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from archive_fixtures import receiver_with_archive
-from conftest import MiB, run_cdp
+from helpers import MiB, run_cdp
 
 from cdp.archive.backend import run_sync
 from cdp.archive.job import file_opener, init_repo, run_archive

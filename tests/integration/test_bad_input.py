@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     BS,
     CdpEnv,
     Daemon,

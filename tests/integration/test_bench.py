@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 
 import pytest
+from helpers import file_hash, make_image, run_cdp
 
-from tests.conftest import file_hash, make_image, run_cdp
+from cdp.benchmark.rsync import RsyncDaemon
+
+
+def _unequal(report: dict) -> list[tuple[str, str]]:
+    """The (scenario, tool) results whose copy differs from the image, for a failure message."""
+    return [(x["scenario"], x["tool"]) for x in report["results"] if not x["equal"]]
 
 
 @pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
@@ -19,7 +26,7 @@ def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
                 timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert report["all_equal"] is True
+    assert report["all_equal"] is True, _unequal(report)
     got = {(x["scenario"], x["tool"]) for x in report["results"]}
     for scen in ("seed", "incremental 1%", "incremental 10%"):
         assert (scen, "cdp") in got and (scen, "rsync") in got
@@ -49,8 +56,8 @@ def test_bench_on_a_users_image_leaves_it_untouched(tmp_path) -> None:
                 timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert report["all_equal"] and {x["scenario"] for x in report["results"]
-                                    if x["tool"] == "cdp"} == {
+    assert report["all_equal"], _unequal(report)
+    assert {x["scenario"] for x in report["results"] if x["tool"] == "cdp"} == {
         "seed", "incremental 1%", "incremental 10%"}
     assert file_hash(image) == before  # the benchmark rewrote its own copy
 
@@ -68,7 +75,7 @@ def test_bench_nbd_scenarios_beside_qemu_nbd_and_rsync(tmp_path) -> None:
                 timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
-    assert report["all_equal"] is True
+    assert report["all_equal"] is True, _unequal(report)
     rows = {(x["scenario"], x["tool"]): x for x in report["results"]}
     for w in ("4k random", "64k random", "1M sequential"):
         base, ours = rows[(f"nbd {w}", "qemu-nbd")], rows[(f"nbd {w}", "cdp")]
@@ -86,3 +93,23 @@ def test_bench_nbd_scenarios_beside_qemu_nbd_and_rsync(tmp_path) -> None:
     assert 0 < inc["wire"] < inc["image"] / 4
     assert ("incremental 1% (nbd)", "rsync") in rows
     assert "incremental 1% (nbd)" in report["speedup_vs_rsync"]
+
+
+@pytest.mark.skipif(shutil.which("rsync") is None, reason="rsync is not installed")
+def test_rsync_side_sends_an_image_rewritten_within_the_same_second(tmp_path) -> None:
+    """rsync's quick check compares mtimes in whole seconds: without --ignore-times a rewrite
+    in the second of the previous run is skipped and the comparison copy goes stale."""
+    image = tmp_path / "image.raw"
+    rng = random.Random(5)
+    image.write_bytes(rng.randbytes(1 << 20))
+    rs = RsyncDaemon(tmp_path / "rsync")
+    try:
+        rs.run(image)
+        with open(image, "r+b") as fh:  # same size; mtime most likely within the same second
+            fh.write(rng.randbytes(4096))
+        os.utime(image, ns=(0, (rs.dest / image.name).stat().st_mtime_ns + 1))  # surely so
+        run = rs.run(image)
+    finally:
+        rs.stop()
+    assert file_hash(rs.dest / image.name) == file_hash(image)
+    assert run.wire > 4096

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 from chaosrig import ChaosRig
-from conftest import MiB, scaled, wait_for
 from faultproxy import FAULT_KINDS, FaultPlan, FaultProxy, plan_faults
+from helpers import MiB, scaled, wait_for
 
 SEED = 12
 

@@ -7,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import MiB, bytes_hash, file_hash, run_cdp
+from helpers import MiB, bytes_hash, file_hash, run_cdp
 from test_nbdmode import converge, qemu_io, start_nbd
 
 from cdp.replica.journal import list_points

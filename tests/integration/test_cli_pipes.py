@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cdp, scaled
+from helpers import run_cdp, scaled
 
 
 def _closed_pipe_run(*args: str | Path) -> subprocess.CompletedProcess[str]:

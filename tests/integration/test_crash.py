@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 
-from conftest import (
+from helpers import (
     BS,
     MiB,
     bytes_hash,

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from faultproxy import FaultProxy
+from helpers import (
     BS,
     MiB,
     assert_replica_equal,
@@ -27,7 +28,6 @@ from conftest import (
     wait_for,
     write_random_blocks,
 )
-from faultproxy import FaultProxy
 
 from cdp.config import load_source
 from cdp.errors import ConfigError, LocalProtocolError, RemoteProtocolError

@@ -7,9 +7,9 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import run_cdp
 
 from cdp.demo import DemoDisk
-from tests.conftest import run_cdp
 
 E2FSPROGS = all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "e2fsck"))
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import scaled, wait_for
+from helpers import scaled, wait_for
 
 DEMO = ["demo", "--size", "32MiB"]  # the demo's smallest useful image; it has no duration option
 BENCH = ["bench", "--size", "1MiB", "--scenarios", "steady", "--steady-seconds", "600",

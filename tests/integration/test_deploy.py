@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     make_image,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     BS,
     MiB,
     assert_replica_equal,

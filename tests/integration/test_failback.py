@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from conftest import (
+from helpers import (
     BS,
     CountingProxy,
     Daemon,

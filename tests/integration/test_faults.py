@@ -9,7 +9,8 @@ import random
 import threading
 import time
 
-from conftest import (
+from faultproxy import FaultProxy
+from helpers import (
     BS,
     MiB,
     assert_replica_equal,
@@ -19,7 +20,6 @@ from conftest import (
     wait_for,
     write_random_blocks,
 )
-from faultproxy import FaultProxy
 
 from cdp.benchmark.nbdclient import NbdClient
 

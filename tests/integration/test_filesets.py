@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from conftest import (
+from helpers import (
     MiB,
     add_fileset,
     files_list,

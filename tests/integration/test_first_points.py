@@ -12,7 +12,7 @@ import random
 import re
 import time
 
-from conftest import MiB, run_cdp, wait_converged, wait_for
+from helpers import MiB, run_cdp, wait_converged, wait_for
 
 VOL = "vol1"
 DROPPED = "oldest recovery point"

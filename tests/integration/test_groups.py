@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     CdpEnv,
     Daemons,
     bytes_hash,

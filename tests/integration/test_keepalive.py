@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import time
 
-from tests.conftest import make_image, scaled, wait_converged
+from helpers import make_image, scaled, wait_converged
 
 
 def _run(cdp_env, daemons, keepalive: str) -> tuple[str, str]:

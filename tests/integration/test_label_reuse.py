@@ -10,7 +10,7 @@ import shutil
 import time
 
 import pytest
-from conftest import MiB, run_cdp, wait_converged
+from helpers import MiB, run_cdp, wait_converged
 from test_groups import DISKS, GROUP, Writer, settle, start_group
 
 from cdp.replica.journal import list_points, read_labels

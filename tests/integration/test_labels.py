@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, bytes_hash, file_hash, run_cdp, wait_converged, wait_for
+from helpers import MiB, bytes_hash, file_hash, run_cdp, wait_converged, wait_for
 
 from cdp.replica.journal import list_points
 from cdp.replica.pointview import open_view

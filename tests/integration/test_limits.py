@@ -11,7 +11,7 @@ import random
 import signal
 import time
 
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     make_image,

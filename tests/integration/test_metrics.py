@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     free_port,
@@ -116,7 +116,17 @@ def test_metrics_match_the_replica_state(cdp_env, daemons) -> None:
         s, "cdp_source_bytes_total", volume=VOL, kind="skipped") >= 16 * MiB  # read + holes
     # what the source sent is what the receiver counted on the wire
     assert val(s, "cdp_source_bytes_total", volume=VOL, kind="wire") >= state["counters"]["wire"]
-    assert val(s, "cdp_source_volume_phase", volume=VOL, phase=vstat["phase"]) == 1
+    # exactly one phase is 1; status.json is rewritten once a second while the gauge is live and
+    # a scan starts every second, so the two are compared at a moment when both show the same
+    live = {dict(k[1])["phase"] for k, v in s.items()
+            if k[0] == "cdp_source_volume_phase" and dict(k[1])["volume"] == VOL and v == 1}
+    assert len(live) == 1, live
+
+    def phases_agree() -> bool:
+        written = (env.source.volume_status(VOL) or {}).get("phase")
+        return val(scrape(src_port), "cdp_source_volume_phase", volume=VOL, phase=written) == 1
+
+    wait_for(phases_agree, 10, what="the phase gauge to show status.json's phase")
     assert 0 <= val(s, "cdp_source_lag_seconds", volume=VOL) < 30
 
     # hostile input counts as an error of its kind and changes nothing

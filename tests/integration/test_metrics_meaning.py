@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from conftest import (
+from helpers import (
     BS,
     MiB,
     assert_replica_equal,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from archive_fixtures import receiver_with_archive
-from conftest import BS, MiB, bytes_hash, file_hash, run_cdp, scaled, wait_for
+from helpers import BS, MiB, bytes_hash, file_hash, run_cdp, scaled, wait_for
 
 from cdp.archive.backend import run_sync
 from cdp.archive.job import init_repo, run_archive

@@ -22,7 +22,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import free_port, scaled, wait_for
+from helpers import free_port, scaled, wait_for
 from test_nbd_qemu import _serve
 from test_nbd_qemu import qemu_io as qemu_io_checked
 from test_nbd_tls import Pki, make_pki, qemu_tls

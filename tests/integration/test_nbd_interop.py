@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import scaled
 
-from tests.conftest import scaled
 from tests.integration.test_nbd_qemu import Running, _serve, data_ranges
 
 MiB = 1024 * 1024

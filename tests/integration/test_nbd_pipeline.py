@@ -14,10 +14,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import scaled
 
 from cdp.nbd import protocol as p
 from cdp.nbd.server import QUEUE_BYTES, NbdServer
-from tests.conftest import scaled
 
 SIZE = 4 * 1024 * 1024
 

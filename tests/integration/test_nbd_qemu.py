@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import scaled
 
 from cdp.nbd.server import NbdServer
-from tests.conftest import scaled
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-io") is None or shutil.which("qemu-img") is None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import MiB, assert_replica_equal, scaled, wait_converged, wait_for
+from helpers import MiB, assert_replica_equal, scaled, wait_converged, wait_for
 from test_nbd_qemu import _serve
 
 from cdp.config import load_source

@@ -24,8 +24,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from helpers import scaled, wait_for
 
-from tests.conftest import scaled, wait_for
 from tests.integration.test_nbd_qemu import Running, _serve
 
 MiB = 1024 * 1024

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import scaled, wait_converged, wait_for
+from helpers import scaled, wait_converged, wait_for
 from test_nbdmode import qemu_io, start_nbd
 
 from cdp.benchmark.nbdclient import NbdClient

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     CdpEnv,
     Daemons,
     assert_replica_equal,
@@ -199,7 +199,7 @@ def _random_image(size: int, seed: int) -> bytes:
 @pytest.mark.slow
 def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, counting_proxy) -> None:
     size = 96 * MiB
-    from conftest import free_port
+    from helpers import free_port
 
     port = free_port()
     proxy = counting_proxy(port)

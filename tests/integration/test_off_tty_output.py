@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import MiB, scaled, write_env
+from helpers import MiB, scaled, write_env
 
 
 def _piped(*args: object, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import shutil
 import time
 
 import pytest
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     free_port,

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import BS, MiB, run_cdp
+from helpers import BS, MiB, run_cdp
 
 from cdp.planner import Pass, percentile, seeding_seconds, summarize, window_rates
 

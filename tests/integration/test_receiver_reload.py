@@ -16,7 +16,7 @@ import socket
 import time
 import urllib.request
 
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     free_port,

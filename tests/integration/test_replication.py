@@ -11,7 +11,7 @@ import json
 import random
 import time
 
-from conftest import (
+from helpers import (
     BS,
     MiB,
     assert_replica_equal,

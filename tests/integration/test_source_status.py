@@ -7,7 +7,7 @@ import json
 import random
 import time
 
-from conftest import MiB, free_port, make_image, run_cdp, wait_for
+from helpers import MiB, free_port, make_image, run_cdp, wait_for
 from test_metrics import scrape, val, wait_metrics_port
 
 VOL = "vol1"

@@ -8,7 +8,7 @@ import random
 import re
 import time
 
-from conftest import MiB, assert_replica_equal, make_image, wait_converged, write_random_blocks
+from helpers import MiB, assert_replica_equal, make_image, wait_converged, write_random_blocks
 
 VOLS = ["v1", "v2", "v3", "v4"]
 EVENT = re.compile(r"(scan) (start|end) volume=(\S+) t=([\d.]+)")

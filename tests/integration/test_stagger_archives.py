@@ -10,7 +10,7 @@ import re
 import time
 from pathlib import Path
 
-from conftest import Daemon, free_port, read_json, run_cdp, wait_for
+from helpers import Daemon, free_port, read_json, run_cdp, wait_for
 
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress

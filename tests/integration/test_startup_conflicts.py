@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import CdpEnv, MiB, free_port, make_image, run_cdp, wait_for
+from helpers import CdpEnv, MiB, free_port, make_image, run_cdp, wait_for
 
 
 def _start(*args: str | Path) -> subprocess.CompletedProcess[str]:

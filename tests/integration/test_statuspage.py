@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     MiB,
     assert_replica_equal,
     free_port,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CdpEnv, read_json
+from helpers import CdpEnv, read_json
 
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, zero_hash

@@ -526,11 +526,11 @@ def test_oversized_header_after_valid_frames(msgs, length):
 #
 # The moves below match what the daemons do (bugs found here earlier are fixed and have
 # their own tests in tests/unit/test_protocol.py):
-# the source never sends a volume-level Error, never Begins on a read-only volume, and
-# keeps at most WINDOW epochs unanswered (as the daemon does; sessions alone do not); the
-# receiver sends volume Errors only for volumes it has open or was asked to open, and no
-# unasked-for Hashes. Unauthorized Opens are left to the unit tests (their VolumeError
-# comes out of receive_data by design).
+# the source never sends a volume-level Error and keeps at most WINDOW epochs unanswered
+# (as the daemon does; sessions alone do not); the receiver sends volume Errors only for
+# volumes it has open or was asked to open, and no unasked-for Hashes. Unauthorized Opens
+# are left to the unit tests (their VolumeError comes out of receive_data by design).
+# Some Opens are read-only: the source session itself must refuse a Begin there.
 
 
 def _snapshot(sess) -> dict:
@@ -549,7 +549,6 @@ class Conversation:
         self.unread = {"source": [], "receiver": []}  # messages in flight, by sender
         self.unanswered_open: set[str] = set()
         self.unanswered_hashes: dict[str, int] = {}
-        self.readonly: set[str] = set()
 
     def prefix(self, open_volumes: bool) -> None:
         """Authenticate (and open both volumes) the straightforward way."""
@@ -578,8 +577,8 @@ class Conversation:
             if s.state is State.READY:
                 for v in self.VOLUMES:
                     vs = s.volumes.get(v)
-                    if vs is None:
-                        out.append(Open(v, 1 << 20, 65536))
+                    if vs is None:  # sometimes read-only: a Begin there must be refused
+                        out += [Open(v, 1 << 20, 65536)] * 2 + [Open(v, 1 << 20, 65536, readonly=True)]
                         continue
                     e = vs.expected
                     if vs.in_epoch:
@@ -623,9 +622,8 @@ class Conversation:
         return None
 
     def try_send(self, side: str, msg: Message) -> None:
-        if isinstance(msg, Begin) and msg.volume in self.src.volumes and (
-                msg.volume in self.readonly or not self._may_begin(msg.volume)):
-            return  # known: SourceSession lets Begin through on a read-only volume
+        if isinstance(msg, Begin) and msg.volume in self.src.volumes and not self._may_begin(msg.volume):
+            return  # the daemon's window, which sessions alone do not keep
         s = self.session(side)
         before = _snapshot(s)
         try:
@@ -638,8 +636,6 @@ class Conversation:
     def sent(self, side: str, msg: Message, frame: bytes) -> None:
         self.wire[side] += frame
         self.unread[side].append(msg)
-        if isinstance(msg, Open):
-            (self.readonly.add if msg.readonly else self.readonly.discard)(msg.volume)
         if side == "receiver":
             if isinstance(msg, Opened | Error):
                 self.unanswered_open.discard(msg.volume)

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     CdpEnv,
     Daemon,
     Daemons,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_cdp
+from helpers import run_cdp
 
 from cdp.cli.init import RECEIVER_BLOCKS, SOURCE_BLOCKS, Block, Line, init, receiver_lines, source_lines
 from cdp.config import (

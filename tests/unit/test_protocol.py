@@ -737,6 +737,17 @@ def test_source_refuses_begin_on_readonly_volume():
         p.src.send(Begin("vm1", 1, 0.0))
 
 
+def test_source_refuses_current_on_readonly_volume():
+    """The receiver refuses Current there, so the source session must not send it."""
+    p = ready(None)
+    p.src_send(Open("vm1", BS, BS, readonly=True))
+    p.rcv_send(Opened("vm1", "r", 0, 0.0))
+    with pytest.raises(LocalProtocolError, match="read-only"):
+        p.src.send(Current("vm1", 0, 0.0))
+    with pytest.raises(RemoteProtocolError, match="read-only"):
+        p.s2r(encode(Current("vm1", 0, 0.0)))
+
+
 def test_receiver_refuses_volume_error_before_welcome():
     p = Pair()
     p.s2r(p.src.start())

@@ -208,10 +208,27 @@ def test_take_blocking_stops_waiting_when_cancelled():
     assert not t.is_alive()
 
 
-def test_unlimited_take_returns_at_once():
-    b = TokenBucket(None)
-    take_blocking(b, 1 << 40)
-    asyncio.run(take(b, 1 << 40))
+def test_unlimited_take_returns_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cap: neither take nor take_blocking sleeps, however much is taken, and nothing is owed."""
+    clock = FakeClock()  # never advances: any wait would have to sleep
+
+    def no_sleep(seconds: float, *args: object) -> None:
+        raise AssertionError(f"an unlimited bucket slept {seconds}s")
+
+    async def no_async_sleep(seconds: float, *args: object) -> None:
+        no_sleep(seconds)
+
+    monkeypatch.setattr("cdp.ratelimit.time.sleep", no_sleep)
+    monkeypatch.setattr("cdp.ratelimit.asyncio.sleep", no_async_sleep)
+    b = TokenBucket(None, clock=clock)
+    for _ in range(3):
+        take_blocking(b, 1 << 40)
+        asyncio.run(take(b, 1 << 40))
+    assert b.delay(1 << 40) == 0
+    assert b.remaining(b.reserve(1 << 40)) == 0
+    b.set_rate(64 * KiB)  # capping it later starts from a full bucket, not from the bytes taken
+    assert b.delay(int(b.burst)) == 0
+    assert b.delay(64 * KiB) == pytest.approx(1.0)
 
 
 # -- parsing ---------------------------------------------------------------------

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import run_cdp
+from helpers import run_cdp
 
 import cdp.replica.check as check
 from cdp.blocks import Geometry, pack_u64
