@@ -38,7 +38,7 @@ def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
     assert steady["extra"]["cpu_share_source"] > 0 and steady["extra"]["cpu_share_receiver"] > 0
     assert {x["config"] for x in report["results"] if x["tool"] == "cdp"} == {"defaults"}
     assert {x["config"] for x in report["results"] if x["tool"] == "rsync"} == {
-        "rsync --inplace --no-whole-file -B 65536 --times --stats"}
+        "rsync --inplace --no-whole-file -B 65536 --times --ignore-times --stats"}
     assert [x["tool"] for x in report["results"]].count("fdatasync") == 1  # the disk's rate
     for x in (x for x in report["results"] if x["tool"] != "fdatasync"):
         assert x["seconds"] > 0 and x["cpu_source"] >= 0 and x["peak_receiver"] > 0
