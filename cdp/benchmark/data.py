@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 
 BS = 64 * 1024
@@ -46,6 +47,12 @@ def generate(path: Path, size: int, seed: int = 7) -> None:
 
 def rewrite(path: Path, fraction: float, seed: int) -> int:
     """Overwrite a random `fraction` of the blocks in place; returns bytes written."""
+    return rewrite_timed(path, fraction, seed)[0]
+
+
+def rewrite_timed(path: Path, fraction: float, seed: int) -> tuple[int, float]:
+    """rewrite(), also returning when the last write returned (before the fsync that makes
+    them durable): a scan that starts after that reads every new block."""
     rng = random.Random(seed)
     size = path.stat().st_size
     blocks = size // BS
@@ -55,7 +62,8 @@ def rewrite(path: Path, fraction: float, seed: int) -> int:
             fh.seek(i * BS)
             fh.write(text_block(rng) if rng.random() < 0.5 else rng.randbytes(BS))
         fh.flush()
+        written = time.time()
         os.fsync(fh.fileno())
-    return n * BS
+    return n * BS, written
 
 

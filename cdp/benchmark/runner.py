@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cdp.benchmark import Progress, disk
-from cdp.benchmark.data import BS, generate, rewrite, text_block
+from cdp.benchmark.data import BS, generate, rewrite_timed, text_block
 from cdp.benchmark.pair import CdpPair, Snapshot
 from cdp.benchmark.rsync import RSYNC_ARGS, RsyncDaemon, RsyncRun
 from cdp.benchmark.workspace import Workspace, session
@@ -74,6 +74,7 @@ class Result:
         d["compression_ratio"] = self.data / self.compressed if self.compressed else None
         d["dedup_ratio"] = (self.data + self.dedup) / self.data if self.data else None
         return d
+
 
 
 def _equal(a: Path, b: Path, size: int) -> bool:
@@ -366,11 +367,13 @@ def _scan_rows(pair: CdpPair, img: Path, size: int, scenarios: list[str], *, suf
             progress(f"{name}{suffix}: cdp ...")
             pair.reset_peaks()
             before = pair.snapshot()
-            changed = rewrite(img, frac, seed=salt + n)
-            t1 = time.time()
-            st = pair.wait_current(t1)
-            results.append(_cdp_result(name + suffix, pair, before, st["confirmed_at"] - t1, img,
-                                       size, changed))
+            changed, written = rewrite_timed(img, frac, seed=salt + n)
+            t1 = time.time()  # the writes are durable on the source: the clock starts
+            # current as of a scan that began after the last write returned: it read them all
+            # (it may have begun during the fsync, and then it can even end before t1: 0 s)
+            st = pair.wait_current(written)
+            results.append(_cdp_result(name + suffix, pair, before,
+                                       max(0.0, st["confirmed_at"] - t1), img, size, changed))
             if rs and dest:
                 progress(f"{name}: rsync ...")
                 results.append(_rsync_result(name, rs.run(img), img, dest, size, changed))
