@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from cdp import codec, frames
+from cdp import codec
 from cdp.blocks import Geometry, pack_u64, runs
-from cdp.messages import Data
 from cdp.replica import Replica
 from cdp.tracker.scan import scan, zero_map
+from cdp.wire import frames
+from cdp.wire.messages import Data
 
 BLOCK = 64 * 1024
 MiB = 1024 * 1024
@@ -230,6 +231,7 @@ EPOCH_BLOCKS = 1024  # 64 MiB logical per epoch
 @pytest.fixture
 def replica(tmp_path: Path):
     rep = Replica.open(tmp_path / "replicas", "v", Geometry(REPLICA_SIZE, BLOCK), create=True)
+    rep.seeded(0)  # a whole replica: every epoch goes through the WAL (the seed: test_seed_path)
     yield rep
     rep.close()
 
@@ -272,3 +274,68 @@ def test_wal_epoch(benchmark, replica, mixed, throughput, layout):
     assert state is replica.state and state.epoch >= 1
     assert replica.stored_hashes(0, 1) in (codec.block_hash(mixed.blocks[0]), codec.zero_hash(BLOCK))
     throughput(EPOCH_BLOCKS * BLOCK, data=data_bytes, compressed=sum(len(b[3]) for b in batches))
+
+
+# -- 7. the seed path, end to end in one process ------------------------------------
+
+SEED_EPOCH = 64 * MiB  # the source's max_epoch_bytes
+
+
+def _seed_round(blocks: list[bytes], rep: Replica, level: int = 1) -> int:
+    """What a seed does with `blocks` (non-zero, realistic) at both ends, minus the socket and
+    the scan: the source batches 2 MiB, compresses and frames (frames.encode); the receiver
+    decodes the byte stream in 1 MiB reads (FrameDecoder), checks and stores each Data
+    (EpochWriter.add_data), and commits an epoch every SEED_EPOCH bytes. Returns wire bytes."""
+    dec = frames.FrameDecoder()
+    wire = 0
+    epoch = rep.state.epoch
+    w = None
+    pending = bytearray()
+    for start in range(0, len(blocks), BATCH_BLOCKS):
+        chunk = blocks[start:start + BATCH_BLOCKS]
+        if w is None:
+            epoch += 1
+            w = rep.begin(epoch, time.time())
+        raw = b"".join(chunk)
+        msg = Data("v", epoch, pack_u64(range(start, start + len(chunk))),
+                   b"".join(codec.block_hash(b) for b in chunk), len(raw), codec.compress(raw, level))
+        pending += frames.encode(msg)
+        wire += len(pending)
+        while len(pending) >= MiB or (pending and start + BATCH_BLOCKS >= len(blocks)):
+            for got in dec.feed(bytes(pending[:MiB])):
+                assert isinstance(got, Data)
+                w.add_data(got.indices, got.hashes, got.raw_len, got.zdata)
+            del pending[:MiB]
+        if w.blocks * BLOCK >= SEED_EPOCH or start + BATCH_BLOCKS >= len(blocks):
+            w.commit(w.blocks)
+            w = None
+    return wire
+
+
+@pytest.mark.parametrize("replica_kind", ["seeding", "whole"])
+def test_seed_path(benchmark, tmp_path, mixed, throughput, replica_kind):
+    """A 64 MiB first seed of the mixed set's non-zero blocks (zeros are never sent in a seed),
+    encode to apply, into a new replica each round: "seeding" places the data in the image at
+    receipt (a replica never yet whole), "whole" takes the WAL path every later epoch takes."""
+    blocks = mixed.nonzero
+    geo = Geometry(len(blocks) * BLOCK, BLOCK)
+    made: list[Replica] = []
+
+    def setup():
+        for old in made:
+            old.close()
+        rep = Replica.open(tmp_path / f"r{len(made)}", "v", geo, create=True)
+        if replica_kind == "whole":
+            rep.seeded(0)
+        made.append(rep)
+        return (blocks, rep), {}
+
+    try:
+        wire = benchmark.pedantic(_seed_round, setup=setup, rounds=5, iterations=1, warmup_rounds=1)
+        rep = made[-1]
+        assert rep.state.seeding == (replica_kind == "seeding")
+        assert rep.read_block(len(blocks) - 1) == blocks[-1] and rep.read_block(0) == blocks[0]
+    finally:
+        for old in made:
+            old.close()
+    throughput(len(blocks) * BLOCK, wire=wire)

@@ -51,6 +51,12 @@ class LocalProtocolError(ProtocolError):
     """We tried to send something the protocol does not allow: a bug in cdp."""
 
 
+class PeerTooOldError(ProtocolError):
+    """The peer's protocol version lacks what was asked for; the message says whom to upgrade."""
+
+    wire_code = "too_old"
+
+
 class AuthError(CdpError):
     """Authentication failed: wrong token, unknown client, or a receiver we cannot trust."""
 

@@ -2,15 +2,16 @@
 
 Opt-in: ``metrics_listen = "127.0.0.1:9740"`` in ``[receiver]`` or ``[source]``.
 Each daemon owns one registry. Per-volume figures (lag, epochs, bytes, recovery
-window, queue depth, nbd pull-ahead state) are read at scrape time from the
-daemon's own objects by a custom collector: the scrape runs on the daemon's
-event loop (the endpoint is an asyncio handler), so it sees one consistent
-moment and costs nothing between scrapes. Event metrics (apply latency,
-errors by kind, connections) are ordinary counters and histograms bumped
-where the event happens.
+window, queue depth, nbd pull-ahead state) come from the daemon's status
+snapshot (cdp.status), taken at scrape time by a custom collector: the scrape
+runs on the daemon's event loop (the endpoint is an asyncio handler), so it
+sees one consistent moment and costs nothing between scrapes. Event metrics
+(apply latency, errors by kind, connections) are ordinary counters and
+histograms bumped where the event happens.
 
-The daemons are passed in as plain objects (duck-typed): this module sits
-beside them, not under them, so it imports neither.
+The daemons are passed in as anything with a `status()` method (cdp.status's
+ReceiverView / SourceView): this module sits beside them, not under them, so
+it imports neither.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cdp.durable import read_json
+from cdp.source.phase import Phase
+from cdp.status import ReceiverView, SourceView
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -40,8 +41,7 @@ SOURCE_BYTES = ("scanned", "skipped", "logical", "data", "compressed", "zero", "
 NBD_GAUGES = ("open_bytes", "backlog_bytes", "backlog_epochs", "dirty_regions", "hot_regions",
               "touched_blocks")
 NBD_COUNTERS = ("cuts", "merged", "fallbacks", "resyncs", "writes", "map_syncs")
-PHASES = ("starting", "opening", "fetching map", "seeding", "scanning", "sending", "idle",
-          "resync", "paused", "disconnected", "failed")
+PHASES = tuple(p.value for p in Phase)  # every one is exported, 0 or 1
 APPLY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -87,7 +87,8 @@ class HttpEndpoint:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
             self._server = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -96,7 +97,8 @@ class HttpEndpoint:
             if self._busy > MAX_CLIENTS:
                 return
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                     ConnectionError):
                 return
@@ -109,12 +111,14 @@ class HttpEndpoint:
             if not head_only:
                 writer.write(body)
             with contextlib.suppress(ConnectionError, TimeoutError):
-                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    await writer.drain()
         finally:
             self._busy -= 1
             writer.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2)
+                async with asyncio.timeout(2):
+                    await writer.wait_closed()
 
     async def _respond(self, head: bytes) -> tuple[int, str, bytes, bool]:
         text = "text/plain; charset=utf-8"
@@ -152,60 +156,6 @@ def _loopback(host: str) -> bool:
         return False
 
 
-# -- per-volume snapshots (also used by the status page) ---------------------------------
-
-
-def receiver_volumes(rx: Any, now: float | None = None) -> list[dict[str, Any]]:
-    """One dict per volume the receiver knows this run: state, lag, rates, recovery window."""
-    now = time.time() if now is None else now
-    out = []
-    for name in sorted(set(rx.replicas) | set(rx.live)):
-        rep = rx.replicas.get(name)
-        live = rx.live.get(name)
-        if rep is not None:
-            st = rep.state
-            state = {"epoch": st.epoch, "epoch_time": st.epoch_time, "applied_at": st.applied_at,
-                     "size": st.size, "block_size": st.block_size,
-                     "counters": dict(st.counters)}
-            points, oldest, jbytes = _journal_window(rep.journal)
-            points += 1  # the current state is a point too
-        else:  # closed after an error: what is on disk
-            try:
-                raw = read_json(Path(rx.cfg.data_dir) / name / "state.json")
-            except (OSError, ValueError):
-                continue
-            state = {k: raw.get(k, 0) for k in ("epoch", "epoch_time", "applied_at", "size",
-                                                "block_size")}
-            state["counters"] = dict(raw.get("counters", {}))
-            points, oldest, jbytes = 1, None, 0
-        as_of = max(state["epoch_time"], live.current_as_of if live else 0.0)
-        rate, wire_rate = live.rate(now) if live else (0.0, 0.0)
-        pending = sum(len(c.chain.get(name, ())) for c in list(rx._by_id.values()))
-        receiving = any(name in c.writers for c in list(rx._by_id.values()))
-        out.append({
-            "volume": name, **state, "current_as_of": as_of,
-            "lag": (now - as_of) if as_of else None,
-            "connected": name in rx.owners, "client": live.client if live else "",
-            "error": live.error if live else "", "rate": rate, "wire_rate": wire_rate,
-            "pending_epochs": pending, "receiving": receiving,
-            "points": points, "oldest_point_time": oldest,
-            "window": (now - oldest) if oldest else 0.0, "journal_bytes": jbytes,
-            "promoted": rx.promoted(name) is not None,
-        })
-    return out
-
-
-def _journal_window(journal: Any) -> tuple[int, float | None, int]:
-    """(undo files, base time of the oldest, their bytes) from the journal's in-memory index."""
-    lock = getattr(journal, "_mutex", None)
-    with lock if lock is not None else contextlib.nullcontext():
-        infos = dict(getattr(journal, "_infos", {}))
-    if not infos:
-        return 0, None, 0
-    oldest = min(infos)
-    return len(infos), infos[oldest][0] or None, sum(size for _, size in infos.values())
-
-
 # -- collectors ---------------------------------------------------------------------------
 
 
@@ -238,11 +188,10 @@ def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
 
 
 class _Base:
-    def __init__(self, daemon: Any, prefix: str) -> None:
+    def __init__(self, prefix: str) -> None:
         from prometheus_client import CollectorRegistry, Counter
         from prometheus_client.process_collector import ProcessCollector
 
-        self.daemon = daemon
         self.registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=self.registry)
         self.errors = Counter(f"{prefix}_errors", "Errors by kind (wire error code, 'protocol', "
@@ -291,18 +240,16 @@ class _Base:
 
 
 class ReceiverMetrics(_Base):
-    """cdp_receiver_* metrics of a running receiver (cdp.receiver.Receiver)."""
+    """cdp_receiver_* metrics of a running receiver (cdp.receiver.daemon.Receiver)."""
 
-    def __init__(self, rx: Any) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+    def __init__(self, rx: ReceiverView) -> None:
+        from prometheus_client import Counter, Histogram
 
-        super().__init__(rx, "cdp_receiver")
+        super().__init__("cdp_receiver")
+        self.rx = rx
         self.apply_seconds = Histogram("cdp_receiver_apply_seconds", "Time to apply one sealed "
                                        "epoch to the replica (fsync'd)", ["volume"],
                                        buckets=APPLY_BUCKETS, registry=self.registry)
-        self.open_connections = Gauge("cdp_receiver_open_connections", "Connections open now",
-                                      registry=self.registry)
-        self.open_connections.set_function(lambda: len(rx._conns))
         self.takeovers = Counter("cdp_receiver_takeovers", "Connections superseded by a new "
                                  "connection of the same client (a reconnect after a link fault)",
                                  registry=self.registry)
@@ -311,7 +258,9 @@ class ReceiverMetrics(_Base):
         self.apply_seconds.labels(volume).observe(seconds)
 
     def families(self) -> Iterable[Metric]:
-        vols = receiver_volumes(self.daemon)
+        snap = self.rx.status()
+        conns = _gauge("cdp_receiver_open_connections", "Connections open now", [])
+        conns.add_metric([], snap.connections)
         f: dict[str, Any] = {
             "epoch": _gauge("cdp_receiver_epoch", "Last epoch applied to the replica",
                             ["volume"]),
@@ -345,49 +294,37 @@ class ReceiverMetrics(_Base):
                                "promoted (no more epochs)", ["volume"]),
             "size": _gauge("cdp_receiver_volume_size_bytes", "Volume size", ["volume"]),
         }
-        for v in vols:
-            n = v["volume"]
-            c = v["counters"]
-            f["epoch"].add_metric([n], v["epoch"])
+        for v in snap.volumes:
+            n = v.volume
+            c = v.counters
+            f["epoch"].add_metric([n], v.epoch)
             f["epochs"].add_metric([n], c.get("epochs", 0))
             f["blocks"].add_metric([n], c.get("blocks", 0))
             for kind in RECEIVER_BYTES:
                 f["bytes"].add_metric([n, kind], c.get(kind, 0))
-            if v["lag"] is not None:
-                f["lag"].add_metric([n], max(0.0, v["lag"]))
-                f["as_of"].add_metric([n], v["current_as_of"])
-            f["applied_at"].add_metric([n], v["applied_at"])
-            f["rate"].add_metric([n, "logical"], v["rate"])
-            f["rate"].add_metric([n, "wire"], v["wire_rate"])
-            f["points"].add_metric([n], v["points"])
-            f["window"].add_metric([n], v["window"])
-            f["jbytes"].add_metric([n], v["journal_bytes"])
-            f["pending"].add_metric([n], v["pending_epochs"])
-            f["connected"].add_metric([n], 1 if v["connected"] else 0)
-            f["failed"].add_metric([n], 1 if v["error"] else 0)
-            f["promoted"].add_metric([n], 1 if v["promoted"] else 0)
-            f["size"].add_metric([n], v["size"])
-        return f.values()
+            if v.lag is not None:
+                f["lag"].add_metric([n], max(0.0, v.lag))
+                f["as_of"].add_metric([n], v.current_as_of)
+            f["applied_at"].add_metric([n], v.applied_at)
+            f["rate"].add_metric([n, "logical"], v.rate)
+            f["rate"].add_metric([n, "wire"], v.wire_rate)
+            f["points"].add_metric([n], v.points)
+            f["window"].add_metric([n], v.window or 0.0)
+            f["jbytes"].add_metric([n], v.journal_bytes)
+            f["pending"].add_metric([n], v.pending_epochs or 0)
+            f["connected"].add_metric([n], 1 if v.connected else 0)
+            f["failed"].add_metric([n], 1 if v.error else 0)
+            f["promoted"].add_metric([n], 1 if v.promoted else 0)
+            f["size"].add_metric([n], v.size)
+        return [conns, *f.values()]
 
 
 class SourceMetrics(_Base):
     """cdp_source_* metrics of a running source (cdp.source.daemon.Source)."""
 
-    def __init__(self, src: Any) -> None:
-        from prometheus_client import Gauge
-
-        super().__init__(src, "cdp_source")
-        self.connected = Gauge("cdp_source_connected", "1 while connected to the receiver",
-                               registry=self.registry)
-        self.connected.set_function(lambda: 1 if src.connected else 0)
-        self.failing_since = Gauge("cdp_source_connection_failing_since_timestamp_seconds",
-                                   "When the current run of failed or lost connections to the "
-                                   "receiver began; 0 while connected", registry=self.registry)
-        self.failing_since.set_function(lambda: 0 if src.connected else src.link_error_since)
-        self.next_connect = Gauge("cdp_source_next_connect_timestamp_seconds", "When the next "
-                                  "connection attempt is due; 0 while connected",
-                                  registry=self.registry)
-        self.next_connect.set_function(lambda: 0 if src.connected else src.next_connect)
+    def __init__(self, src: SourceView) -> None:
+        super().__init__("cdp_source")
+        self.src = src
 
     def disconnected(self, err: BaseException) -> None:
         """Count why a connection ended (see Source._log_disconnect)."""
@@ -404,8 +341,17 @@ class SourceMetrics(_Base):
         self.error(kind)
 
     def families(self) -> Iterable[Metric]:
-        src = self.daemon
+        snap = self.src.status()
         now = time.time()
+        link = [_gauge("cdp_source_connected", "1 while connected to the receiver", []),
+                _gauge("cdp_source_connection_failing_since_timestamp_seconds", "When the current "
+                       "run of failed or lost connections to the receiver began; 0 while "
+                       "connected", []),
+                _gauge("cdp_source_next_connect_timestamp_seconds", "When the next connection "
+                       "attempt is due; 0 while connected", [])]
+        link[0].add_metric([], 1 if snap.connected else 0)
+        link[1].add_metric([], 0 if snap.connected else snap.link_error_since)
+        link[2].add_metric([], 0 if snap.connected else snap.next_connect)
         f: dict[str, Any] = {
             "acked": _gauge("cdp_source_acked_epoch", "Last epoch the receiver acknowledged",
                             ["volume"]),
@@ -447,28 +393,26 @@ class SourceMetrics(_Base):
         nbd_c: dict[str, Any] = {
             k: _counter(f"cdp_source_nbd_{k}", f"nbd mode: {k.replace('_', ' ')}", ["volume"])
             for k in NBD_COUNTERS}
-        for vs in list(src.volumes.values()):
-            st = vs.status()
-            n = st["volume"]
-            f["acked"].add_metric([n], st["acked_epoch"])
-            f["epochs"].add_metric([n], st["stats"].get("epochs", 0))
-            f["pending"].add_metric([n], st["pending_epochs"])
-            if st["current_as_of"]:
-                f["lag"].add_metric([n], max(0.0, now - st["current_as_of"]))
+        for st in snap.volumes:
+            n = st.volume
+            f["acked"].add_metric([n], st.acked_epoch)
+            f["epochs"].add_metric([n], st.stats.get("epochs", 0))
+            f["pending"].add_metric([n], st.pending_epochs)
+            if st.current_as_of:
+                f["lag"].add_metric([n], max(0.0, now - st.current_as_of))
             for kind in SOURCE_BYTES:
-                f["bytes"].add_metric([n, kind], st["stats"].get(kind, 0))
-            f["changed"].add_metric([n], st["stats"].get("changed", 0))
-            f["scans"].add_metric([n], st["stats"].get("scans", 0))
-            f["needs"].add_metric([n], st["stats"].get("needs", 0))
-            f["rate"].add_metric([n], st["rate"])
-            f["progress"].add_metric([n], st["progress_done"])
-            f["total"].add_metric([n], st["progress_total"])
-            phases = set(PHASES) | {st["phase"]}
-            for ph in sorted(phases):
-                f["phase"].add_metric([n, ph], 1 if ph == st["phase"] else 0)
-            f["failed"].add_metric([n], 1 if st["error"] else 0)
-            f["paused"].add_metric([n], 1 if st.get("paused") else 0)
-            nbd = st.get("nbd")
+                f["bytes"].add_metric([n, kind], st.stats.get(kind, 0))
+            f["changed"].add_metric([n], st.stats.get("changed", 0))
+            f["scans"].add_metric([n], st.stats.get("scans", 0))
+            f["needs"].add_metric([n], st.stats.get("needs", 0))
+            f["rate"].add_metric([n], st.rate)
+            f["progress"].add_metric([n], st.progress_done)
+            f["total"].add_metric([n], st.progress_total)
+            for ph in sorted(set(PHASES) | {st.phase}):
+                f["phase"].add_metric([n, ph], 1 if ph == st.phase else 0)
+            f["failed"].add_metric([n], 1 if st.error else 0)
+            f["paused"].add_metric([n], 1 if st.paused else 0)
+            nbd = st.nbd
             if nbd:
                 for mode in ("capture", "tracking"):
                     f["nbd_mode"].add_metric([n, mode], 1 if nbd.get("mode") == mode else 0)
@@ -476,4 +420,4 @@ class SourceMetrics(_Base):
                     nbd_g[k].add_metric([n], nbd.get(k, 0))
                 for k in NBD_COUNTERS:
                     nbd_c[k].add_metric([n], nbd.get(k, 0))
-        return [*f.values(), *nbd_g.values(), *nbd_c.values()]
+        return [*link, *f.values(), *nbd_g.values(), *nbd_c.values()]

@@ -21,7 +21,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from cdp.metrics import HttpEndpoint, Response, receiver_volumes
+from cdp.metrics import HttpEndpoint, Response
+from cdp.status import ReceiverView, VolumeStatus
 from cdp.units import format_bytes
 
 SAMPLE_INTERVAL = 1.0
@@ -32,9 +33,10 @@ Sample = tuple[float, float | None, float, float]  # time, lag, logical rate, wi
 
 
 class StatusPage:
-    """Samples a running receiver (cdp.receiver.Receiver) and serves the page."""
+    """Samples a running receiver's status snapshot (cdp.receiver.daemon.Receiver.status) and serves
+    the page."""
 
-    def __init__(self, rx: Any) -> None:
+    def __init__(self, rx: ReceiverView) -> None:
         self.rx = rx
         self.samples: dict[str, deque[Sample]] = {}
         self.started = time.time()
@@ -84,27 +86,27 @@ class StatusPage:
             self.sample()
             await asyncio.sleep(SAMPLE_INTERVAL)
 
-    def sample(self, now: float | None = None) -> list[dict[str, Any]]:
+    def sample(self, now: float | None = None) -> tuple[VolumeStatus, ...]:
         now = time.time() if now is None else now
-        vols = receiver_volumes(self.rx, now)
+        vols = self.rx.status(now).volumes
         for v in vols:
-            ring = self.samples.setdefault(v["volume"], deque(maxlen=KEEP))
-            ring.append((now, v["lag"], v["rate"], v["wire_rate"]))
+            ring = self.samples.setdefault(v.volume, deque(maxlen=KEEP))
+            ring.append((now, v.lag, v.rate, v.wire_rate))
         return vols
 
     # -- JSON ------------------------------------------------------------------------
 
     def report(self, history: bool = True) -> dict[str, Any]:
-        now = time.time()
-        vols = receiver_volumes(self.rx, now)
-        for v in vols:
-            if history:
+        """The receiver's snapshot as JSON, with when this page started and, per volume, the
+        samples of the last hour."""
+        snap = self.rx.status().to_dict()
+        rep = {"generated": snap.pop("generated"), "started": self.started, **snap}
+        if history:
+            for v in rep["volumes"]:
                 ring = list(self.samples.get(v["volume"], ()))
                 v["history"] = {"time": [s[0] for s in ring], "lag": [s[1] for s in ring],
                                 "rate": [s[2] for s in ring], "wire_rate": [s[3] for s in ring]}
-        return {"generated": now, "started": self.started, "data_dir": str(self.rx.cfg.data_dir),
-                "listen": f"{self.rx.cfg.listen[0]}:{self.rx.port}",
-                "connections": len(self.rx._conns), "volumes": vols}
+        return rep
 
     def json(self, query: str = "") -> Response:
         body = json.dumps(self.report(history="history=0" not in query.split("&")))

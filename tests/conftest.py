@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 
+# An illegal change of a source volume's phase (cdp/source/phase.py) is raised, not only logged,
+# in this process and in every daemon the tests start.
+os.environ["CDP_STRICT_PHASES"] = "1"
+
 # -- archive tests: a SeaweedFS S3 server for the session (see archive_fixtures.py) --------------
 from archive_fixtures import s3_env, s3_server  # noqa: F401
 from helpers import (  # noqa: F401  (re-exported for `from conftest import ...`)

@@ -512,3 +512,15 @@ def files_list(env: CdpEnv, *args: str) -> Any:
     r = run_cdp("files", "list", "-c", env.receiver_toml, *args, "--json")
     assert r.returncode == 0, f"cdp files list {args} exited {r.returncode}: {r.stderr}"
     return json.loads(r.stdout)
+
+
+def one_volume_source(tmp_path: Path) -> Path:
+    """A minimal source config with one 64 KiB scan volume "v" (for unit tests of the source's
+    per-volume objects; the receiver address is never dialled)."""
+    (tmp_path / "vol.img").write_bytes(b"\0" * 65536)
+    (tmp_path / "t").write_text("x" * 64 + "\n")
+    (tmp_path / "t").chmod(0o600)
+    (tmp_path / "s.toml").write_text(
+        '[source]\nname = "h"\nreceiver = "127.0.0.1:1"\ntoken_file = "t"\nstate_dir = "st"\n'
+        '[[volume]]\nname = "v"\npath = "vol.img"\n')
+    return tmp_path / "s.toml"

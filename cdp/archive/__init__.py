@@ -3,7 +3,8 @@
 Modules: crypto (keys, sealing, chunk ids), pack (pack file format), backend
 (directory and S3), repo (index, manifests, chunk reads), lock, job (runs),
 restore (images and a random-access snapshot file), maint (verify, prune),
-files (single files out of an archived image), retention and schedule (pure).
+files (single files out of an archived image), retention (pure); schedules are
+cdp/schedule.py (pure, also read by the config loader).
 The daemon calls `run_archive(cfg, name)` when `due(archive_cfg, last, now)`.
 """
 

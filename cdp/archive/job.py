@@ -32,11 +32,11 @@ from cdp.archive.backend import open_backend, run_sync
 from cdp.archive.crypto import ID_LEN, ZERO_ID
 from cdp.archive.pack import PackWriter, encode_blob
 from cdp.archive.repo import Manifest, Repository, VolumeSnap
-from cdp.archive.schedule import is_due, parse_schedule
 from cdp.archive.view import PointReader, open_replica
 from cdp.codec import HASH_LEN, zero_hash
 from cdp.config import ArchiveConfig, ReceiverConfig
 from cdp.errors import ArchiveError, ConfigError
+from cdp.schedule import is_due, parse_schedule
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import contextlib
 import gc
-import io
 import os
 import secrets
 import stat
@@ -26,6 +25,7 @@ import cdp.archive.lock as locks
 from cdp.archive.crypto import ZERO_ID
 from cdp.archive.job import Progress
 from cdp.archive.repo import Manifest, Repository, VolumeSnap
+from cdp.blockfile import BlockFile
 from cdp.errors import ArchiveError, UsageError
 
 T = TypeVar("T")
@@ -151,57 +151,18 @@ class Portal:
         self.close()
 
 
-class SnapshotImage(io.RawIOBase):
+class SnapshotImage(BlockFile):
     """One volume of a snapshot as a read-only seekable file; chunks fetched on demand."""
 
     def __init__(self, repo: Repository, v: VolumeSnap, portal: Portal, cache_chunks: int = 8) -> None:
-        super().__init__()
+        super().__init__(cache_chunks)
         self.repo, self.v, self.portal = repo, v, portal
+        self.size, self.block = v.size, v.chunk_size
         self.ids = v.ids()
-        self.pos = 0
-        self.cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self.cache_chunks = cache_chunks
         self.fetches = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.v.size}[whence]
-        if base + offset < 0:
-            raise OSError("seek before the start of the image")
-        self.pos = base + offset
-        return self.pos
-
-    def _chunk(self, i: int) -> bytes:
-        data = self.cache.get(i)
-        if data is not None:
-            self.cache.move_to_end(i)
-            return data
-        n = min(self.v.chunk_size, self.v.size - i * self.v.chunk_size)
+    def fetch(self, i: int) -> bytes:
+        n = min(self.block, self.size - i * self.block)
         data = self.portal.call(self.repo.read_chunk(self.ids[i], n))
         self.fetches += self.ids[i] != ZERO_ID
-        self.cache[i] = data
-        if len(self.cache) > self.cache_chunks:
-            self.cache.popitem(last=False)
         return data
-
-    def readinto(self, b: Any) -> int:
-        mv = memoryview(b).cast("B")
-        want = min(len(mv), max(0, self.v.size - self.pos))
-        got = 0
-        cs = self.v.chunk_size
-        while got < want:
-            i, within = divmod(self.pos, cs)
-            data = self._chunk(i)
-            n = min(want - got, len(data) - within)
-            mv[got:got + n] = data[within:within + n]
-            got += n
-            self.pos += n
-        return got

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cdp.errors import ArchiveError
+from cdp.replica.pointview import open_view
 
 
 class PointReader(Protocol):
@@ -28,11 +29,6 @@ class PointReader(Protocol):
 
 def open_replica(data_dir: Path, volume: str, point: int | None = None) -> PointReader:
     """The replica of `volume` as of `point` (None: the latest), frozen while it is read."""
-    try:
-        from cdp.replica.pointview import open_view  # type: ignore[import-not-found, unused-ignore]
-    except ImportError:
-        raise ArchiveError("this cdp cannot read replicas at a point in time yet "
-                           "(cdp.replica.pointview is missing); archive runs need it") from None
     view: PointReader = open_view(data_dir, volume, point)
     return view
 

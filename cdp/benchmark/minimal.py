@@ -1,7 +1,7 @@
 """The configs `cdp bench` runs its daemons with: what a config must say, and nothing else.
 
 A benchmark is only worth quoting if it measures what users get, so the
-daemons run with every tuning knob at its shipped default (cdp/configkeys.py):
+daemons run with every tuning knob at its shipped default (cdp/config/keys.py):
 the files name the host, the volume, the addresses, the paths and the token,
 as a minimal config written by hand or after `cdp init` would. `--tuned`
 knobs (`key=value`, any [source] or [[volume]] key with a default) are
@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from cdp.configkeys import TABLES, toml_value
+from cdp.config.keys import TABLES, toml_value
 from cdp.errors import UsageError
 
 DEFAULT_TUNED = "min_scan_interval=0.02s"

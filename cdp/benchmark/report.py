@@ -79,6 +79,10 @@ def table(results: list[Result]) -> None:
             seed_note = (f"{r.extra['of_device']:.0%} of the disk's "
                          f"{r.extra['device_mbps']:.0f} MB/s")
             note = f"{note}; {seed_note}" if note else seed_note
+        if len(r.extra.get("runs", ())) > 1:  # a median: show the spread beside it
+            runs = r.extra["runs"]
+            spread = f"median of {len(runs)}: {min(runs):.2f}-{max(runs):.2f}s"
+            note = f"{note}; {spread}" if note else spread
         peers = r.tool in PEERS
         t.add_row(r.scenario, r.tool, f"{r.seconds:.2f}s", f"{r.mbps:.0f}",
                   "-" if peers else format_bytes(r.wire),

@@ -22,8 +22,8 @@ from typing import Any
 from cdp.cli.points import fmt_time
 from cdp.config import load_source
 from cdp.errors import CdpError, LabelTakenError, UsageError
-from cdp.messages import valid_label
 from cdp.units import parse_duration
+from cdp.wire.messages import valid_label
 
 
 def register(sub: Any) -> None:

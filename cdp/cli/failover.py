@@ -123,7 +123,7 @@ def run_promote(args: argparse.Namespace) -> int:
 
 def _point(data_dir: Path, volume: str, text: str | None) -> int | None:
     """--point: an epoch number or a point's label (cdp checkpoint)."""
-    from cdp.replica.journal import resolve_point
+    from cdp.replica.points import resolve_point
 
     return None if text is None else resolve_point(data_dir / volume, text)
 

@@ -1,6 +1,6 @@
 """`cdp init DIR`: a working pair of example configs, a token and a small example image.
 
-The configs are written from the key declarations in cdp/configkeys.py, so
+The configs are written from the key declarations in cdp/config/keys.py, so
 every key the loader accepts is in them, with its default (or an example and
 what leaving it out means) and a one-line explanation. A file is a list of
 blocks, one per table; the keys an example needs are set, the others are
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp.configkeys import TABLES, Key, toml_value
+from cdp.config.keys import TABLES, Key, toml_value
 from cdp.errors import UsageError
 
 COLUMN = 34  # where the explanations start
@@ -27,7 +27,7 @@ WIDTH = 100  # explanations wrap before this
 class Block:
     """One table of an example file."""
 
-    table: str  # its TOML path, a key of configkeys.TABLES
+    table: str  # its TOML path, a key of cdp.config.keys.TABLES
     on: bool  # False: the whole block is commented out
     set: dict[str, Any] = field(default_factory=dict)  # what the example needs, in this order
     array: bool = False  # [[table]] rather than [table]

@@ -113,7 +113,7 @@ def _positionals(args: argparse.Namespace, cfg: Any) -> None:
     if args.point or args.label or args.at or args.snapshot:
         raise UsageError(f"{which!r} names the point or snapshot already: drop --point, --label, "
                          "--at and --snapshot, or the positional")
-    from cdp.replica.journal import read_labels
+    from cdp.replica.points import read_labels
 
     vol_dir = cfg.data_dir / args.volume
     is_label = args.volume not in ("", ".", "..") and "/" not in args.volume and (

@@ -11,7 +11,7 @@ from typing import Any
 from cdp.config import load_receiver, valid_name
 from cdp.durable import read_json
 from cdp.errors import UsageError
-from cdp.replica.journal import generation, list_points, remove_label, resolve_point
+from cdp.replica.points import generation, list_points, remove_label, resolve_point
 from cdp.replica.store import PROMOTED
 from cdp.units import format_bytes
 

@@ -12,7 +12,14 @@ from cdp.config import config_kind as detect_kind
 from cdp.config import load_receiver, load_source
 from cdp.durable import read_json
 from cdp.errors import ConfigError
-from cdp.receiver import read_status
+from cdp.status import (
+    LiveFacts,
+    PointsFacts,
+    ReplicaFacts,
+    SourceStatus,
+    VolumeStatus,
+    volume_status,
+)
 from cdp.textsafe import printable
 
 
@@ -35,61 +42,66 @@ def collect(path: Path) -> dict[str, Any]:
     now = time.time()
     if config_kind(path) == "receiver":
         cfg = load_receiver(path)
-        vols = []
-        for entry in read_status(cfg.data_dir):
-            st, live = entry["state"], entry["live"]
-            fresh = live.get("updated", 0) > now - 5
-            as_of = max(st.get("epoch_time", 0.0), live.get("current_as_of", 0.0))
-            vols.append({
-                "volume": st["volume"], "epoch": st["epoch"], "epoch_time": st["epoch_time"],
-                "applied_at": st["applied_at"], "current_as_of": as_of,
-                "lag": (now - as_of) if as_of else None,
-                "connected": bool(fresh and live.get("connected")),
-                "client": live.get("client", ""), "rate": live.get("rate", 0.0) if fresh else 0.0,
-                "wire_rate": live.get("wire_rate", 0.0) if fresh else 0.0,
-                "error": live.get("error", ""), "size": st["size"],
-                "block_size": st["block_size"], "counters": st["counters"],
-                **_window(cfg.data_dir / st["volume"], now),
-            })
         from cdp.archive.scheduler import read_state
 
-        return {"kind": "receiver", "data_dir": str(cfg.data_dir), "volumes": vols,
+        return {"kind": "receiver", "data_dir": str(cfg.data_dir),
+                "volumes": [v.to_dict() for v in receiver_volumes(cfg.data_dir, now)],
                 "archives": read_state(cfg.data_dir)}
     cfg_s = load_source(path)
     try:
-        data = read_json(cfg_s.state_dir / "status.json")
-    except (OSError, ValueError):
-        data = {"volumes": [], "connected": False}
-    running = data.get("updated", 0) > now - 5
-    for v in data.get("volumes", []):
-        if v.get("current_as_of"):
-            v["lag"] = now - v["current_as_of"]
-    connected = bool(running and data.get("connected"))
-    failing = running and not connected and bool(data.get("link_error"))
+        snap = SourceStatus.from_dict(read_json(cfg_s.state_dir / "status.json"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        snap = SourceStatus(source=cfg_s.name)
+    running = snap.updated > now - 5
+    connected = running and snap.connected
+    failing = running and not connected and bool(snap.link_error)
     return {"kind": "source", "running": running, "connected": connected,
-            "rate_limit": data.get("rate_limit"), "read_limit": data.get("read_limit"),
-            "window": data.get("window"), "volumes": data.get("volumes", []),
+            "rate_limit": snap.rate_limit, "read_limit": snap.read_limit,
+            "window": snap.window, "volumes": [v.at(now).to_dict() for v in snap.volumes],
             # why the source is not connected, since when, and when it tries again
-            "link_error": data.get("link_error", "") if failing else "",
-            "link_error_since": data.get("link_error_since") if failing else None,
-            "next_connect": data.get("next_connect") if failing else None}
+            "link_error": snap.link_error if failing else "",
+            "link_error_since": snap.link_error_since if failing else None,
+            "next_connect": snap.next_connect if failing else None}
 
 
-def _window(vol_dir: Path, now: float) -> dict[str, Any]:
-    """The recovery window: how many points, the oldest one, journal bytes; promoted or not."""
+def receiver_volumes(data_dir: Path, now: float) -> list[VolumeStatus]:
+    """Each replica in `data_dir` from its files: state.json, the receiver's status.json (live
+    facts, trusted while fresh), the journal's points; what a running receiver's own snapshot
+    says the same way."""
+    out: list[VolumeStatus] = []
+    if not data_dir.is_dir():
+        return out
+    for d in sorted(data_dir.iterdir()):
+        if not d.is_dir() or d.name.startswith(".") or not (d / "state.json").exists():
+            continue
+        try:
+            raw = read_json(d / "state.json")
+        except (OSError, ValueError):
+            continue
+        try:
+            live = read_json(d / "status.json")
+        except (OSError, ValueError):
+            live = {}
+        fresh = live.get("updated", 0) > now - 5
+        state = ReplicaFacts.from_dict(raw)
+        out.append(volume_status(str(raw.get("volume", d.name)), state,
+                                 LiveFacts.from_dict(live, fresh=fresh), _points(d, state),
+                                 promoted=(d / "promoted.json").exists(), now=now))
+    return out
+
+
+def _points(vol_dir: Path, state: ReplicaFacts) -> PointsFacts:
+    """The recovery window from the journal on disk: points, the oldest one, journal bytes."""
     from cdp.errors import CdpError
-    from cdp.replica.journal import list_points
+    from cdp.replica.points import list_points
 
     try:
         pts = list_points(vol_dir)
     except (CdpError, OSError, ValueError, KeyError):
         pts = []
-    oldest = pts[0] if pts else None
-    return {"points": len(pts), "oldest_point_epoch": oldest.epoch if oldest else None,
-            "oldest_point_time": oldest.time if oldest else None,
-            "window": (now - oldest.time) if oldest and oldest.time else None,
-            "journal_bytes": sum(p.size for p in pts),
-            "promoted": (vol_dir / "promoted.json").exists()}
+    if not pts:
+        return PointsFacts(0, None, None, 0)
+    return PointsFacts(len(pts), pts[0].epoch, pts[0].time, sum(p.size for p in pts))
 
 
 def _not_connected(report: dict[str, Any], now: float | None = None) -> str:

@@ -18,7 +18,7 @@ from cdp.drills.checks import CheckResult, run_checks
 from cdp.drills.clone import Clone, make_clone
 from cdp.errors import PointError, UsageError
 from cdp.replica.groups import member_point
-from cdp.replica.journal import Point, empty_point_message, find_point, list_points
+from cdp.replica.points import Point, empty_point_message, find_point, list_points
 from cdp.replica.pointview import open_view
 from cdp.units import parse_duration
 

@@ -68,7 +68,8 @@ from cdp.drills.workdirs import WORK_PREFIX, exclusive
 from cdp.durable import DIR_MODE, atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
 from cdp.errors import CdpError, DrillError, UsageError
 from cdp.replica.journal import Retention
-from cdp.replica.store import PROMOTED, Replica, ReplicaState
+from cdp.replica.state import ReplicaState
+from cdp.replica.store import PROMOTED, Replica
 from cdp.tracker.scan import volume_size
 from cdp.units import parse_hostport
 
@@ -382,7 +383,8 @@ async def _ship(src: Any, volume: str, t0: float, timeout: float, where: str) ->
     finally:
         src.stop()
         with contextlib.suppress(CdpError, asyncio.CancelledError):
-            await asyncio.wait_for(task, 30)
+            async with asyncio.timeout(30):
+                await task
     s = vs.stats
     bs = vs.geo.block_size
     return {"block_sends": int((s["data"] + s["zero"] + s["dedup"] + bs - 1) // bs),

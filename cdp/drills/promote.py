@@ -32,8 +32,8 @@ from typing import Any
 
 from cdp.durable import atomic_write_json, read_json
 from cdp.errors import DrillError, PointError, UsageError
-from cdp.replica.journal import (
-    Retention,
+from cdp.replica.journal import Retention
+from cdp.replica.points import (
     drop_labels,
     empty_point_message,
     list_points,

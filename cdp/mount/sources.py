@@ -13,7 +13,6 @@ cannot delete its packs until the mount ends.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import io
 import logging
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cdp.archive.files import FileSystem, open_fs
+from cdp.blockfile import BlockFile
 from cdp.config import ReceiverConfig, valid_name
 from cdp.errors import ArchiveError, UsageError
 
@@ -59,7 +59,7 @@ class Opened:
                 self.closers.pop()()
 
 
-class ReaderFile(io.RawIOBase):
+class ReaderFile(BlockFile):
     """A Reader as a seekable read-only file for the file-system parsers, with a small block cache.
 
     Caching is safe because what a mount shows never changes; it spares the
@@ -67,51 +67,11 @@ class ReaderFile(io.RawIOBase):
     """
 
     def __init__(self, reader: Reader, block: int = 64 * 1024) -> None:
-        super().__init__()
-        self.reader, self.block, self.pos = reader, block, 0
-        self.cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        super().__init__(CACHE_BLOCKS)
+        self.reader, self.block, self.size = reader, block, reader.size
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.reader.size}[whence]
-        if base + offset < 0:
-            raise OSError("seek before the start of the image")
-        self.pos = base + offset
-        return self.pos
-
-    def _block(self, i: int) -> bytes:
-        data = self.cache.get(i)
-        if data is None:
-            data = self.reader.read(i * self.block, self.block)
-            self.cache[i] = data
-            if len(self.cache) > CACHE_BLOCKS:
-                self.cache.popitem(last=False)
-        else:
-            self.cache.move_to_end(i)
-        return data
-
-    def readinto(self, b: Any) -> int:
-        mv = memoryview(b).cast("B")
-        want = min(len(mv), max(0, self.reader.size - self.pos))
-        got = 0
-        while got < want:
-            i, within = divmod(self.pos, self.block)
-            data = self._block(i)
-            n = min(want - got, len(data) - within)
-            if n <= 0:
-                break
-            mv[got:got + n] = data[within:within + n]
-            got += n
-            self.pos += n
-        return got
+    def fetch(self, i: int) -> bytes:
+        return self.reader.read(i * self.block, self.block)
 
 
 def attach_fs(opened: Opened, fh: io.RawIOBase, partition: int | None) -> None:
@@ -133,7 +93,7 @@ def open_point(cfg: ReceiverConfig, volume: str, *, point: str | None = None, at
                label: str | None = None, partition: int | None = None) -> Opened:
     """The replica of `volume` as of a point: --point (epoch or label), --label, --at, or the latest."""
     from cdp.drills.drill import choose_point
-    from cdp.replica.journal import resolve_point
+    from cdp.replica.points import resolve_point
     from cdp.replica.pointview import open_view
 
     if not valid_name(volume):

@@ -2,19 +2,18 @@
 
 The source will serve each protected volume to its VM over NBD so that every
 write passes through cdp (write intercept instead of rescanning the image).
-`protocol` is pure (bytes in, `events` out) and speaks the handshake, STARTTLS,
-structured replies and `base:allocation` block status; `server` does the file,
-socket and TLS I/O.
+`protocol` is pure (bytes in, `events` out) and speaks the handshake (in
+`handshake`), STARTTLS, structured replies and `base:allocation` block status,
+with the wire layout and numbers in `spec`; `server` does the file, socket and
+TLS I/O.
 """
 
 from __future__ import annotations
 
-from cdp.nbd.protocol import (
+from cdp.nbd.events import (
     BlockStatus,
     Disconnect,
     Flush,
-    NbdProtocolError,
-    NbdServerSession,
     Negotiated,
     Read,
     StartTls,
@@ -22,6 +21,8 @@ from cdp.nbd.protocol import (
     Write,
     WriteZeroes,
 )
+from cdp.nbd.protocol import NbdServerSession
+from cdp.nbd.spec import NbdProtocolError
 
 __all__ = [
     "BlockStatus",

@@ -1,7 +1,7 @@
 """The events an NBD server session hands to its caller: frozen dataclasses, one per request kind.
 
-Kept apart from the session (cdp.nbd.protocol, which re-exports them) so the
-state machine module stays small.
+Kept apart from the session (cdp.nbd.protocol and its handshake half,
+cdp.nbd.handshake), which both produce them.
 """
 
 from __future__ import annotations

@@ -10,20 +10,9 @@ that we can answer in-band (a range past the end, an unknown command) is
 answered with an errno by the session itself and never becomes an event, so the
 caller only sees requests it can execute as they stand.
 
-Wire layout (all integers big-endian), from the NBD protocol spec (doc/proto.md)::
-
-    server greeting  "NBDMAGIC" | "IHAVEOPT" | u16 handshake flags (FIXED_NEWSTYLE|NO_ZEROES)
-    client flags     u32
-    option request   "IHAVEOPT" | u32 option | u32 length | data
-    option reply     u64 0x3e889045565a9 | u32 option | u32 reply type | u32 length | data
-    meta option data u32 name length | name | u32 query count | (u32 length | query)*
-    request          u32 0x25609513 | u16 flags | u16 type | u64 cookie | u64 offset | u32 length
-                     [+ length bytes of payload for WRITE]
-    simple reply     u32 0x67446698 | u32 error | u64 cookie [+ data for a successful READ]
-    structured chunk u32 0x668e33ef | u16 flags (DONE) | u16 type | u64 cookie | u32 length | payload
-      OFFSET_DATA    u64 offset | data               OFFSET_HOLE  u64 offset | u32 size
-      BLOCK_STATUS   u32 context id | (u32 extent length | u32 status flags)+
-      ERROR          u32 errno | u16 message length | message
+The session is split in two along the protocol's phases: option negotiation
+is its base class Handshake (cdp.nbd.handshake), transmission (requests and
+replies) is here; the wire layout and every number live in cdp.nbd.spec.
 
 States::
 
@@ -44,158 +33,70 @@ NBD_REP_ERR_TLS_REQD and EXPORT_NAME hangs up, because it cannot be refused.
 from __future__ import annotations
 
 import errno
-import struct
 from collections.abc import Iterable
-from enum import Enum
 
-from cdp.errors import LocalProtocolError, RemoteProtocolError
+from cdp.errors import LocalProtocolError
 from cdp.nbd.events import (
     BlockStatus,
     Disconnect,
     Event,
     Flush,
-    Negotiated,
     Read,
-    StartTls,
     Trim,
     Write,
     WriteZeroes,
 )
-
-NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
-OPT_REPLY_MAGIC = 0x3E889045565A9
-REQUEST_MAGIC = 0x25609513
-SIMPLE_REPLY_MAGIC = 0x67446698
-STRUCTURED_REPLY_MAGIC = 0x668E33EF
-
-# Handshake flags (server) and client flags.
-FLAG_FIXED_NEWSTYLE = 1 << 0
-FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0
-FLAG_C_NO_ZEROES = 1 << 1
-
-# Options.
-OPT_EXPORT_NAME = 1
-OPT_ABORT = 2
-OPT_LIST = 3
-OPT_STARTTLS = 5
-OPT_INFO = 6
-OPT_GO = 7
-OPT_STRUCTURED_REPLY = 8
-OPT_LIST_META_CONTEXT = 9
-OPT_SET_META_CONTEXT = 10
-
-# Option reply types.
-REP_ACK = 1
-REP_SERVER = 2
-REP_INFO = 3
-REP_META_CONTEXT = 4
-REP_ERR_UNSUP = (1 << 31) + 1
-REP_ERR_POLICY = (1 << 31) + 2
-REP_ERR_INVALID = (1 << 31) + 3
-REP_ERR_TLS_REQD = (1 << 31) + 5
-REP_ERR_UNKNOWN = (1 << 31) + 6
-
-# Info types.
-INFO_EXPORT = 0
-INFO_BLOCK_SIZE = 3
-
-# Transmission flags.
-TFLAG_HAS_FLAGS = 1 << 0
-TFLAG_READ_ONLY = 1 << 1
-TFLAG_SEND_FLUSH = 1 << 2
-TFLAG_SEND_FUA = 1 << 3
-TFLAG_SEND_TRIM = 1 << 5
-TFLAG_SEND_WRITE_ZEROES = 1 << 6
-TFLAG_SEND_DF = 1 << 7
-TRANSMISSION_FLAGS = (TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM
-                      | TFLAG_SEND_WRITE_ZEROES)
-
-# Command flags and types.
-CMD_FLAG_FUA = 1 << 0
-CMD_FLAG_NO_HOLE = 1 << 1
-CMD_FLAG_DF = 1 << 2
-CMD_FLAG_REQ_ONE = 1 << 3
-CMD_READ = 0
-CMD_WRITE = 1
-CMD_DISC = 2
-CMD_FLUSH = 3
-CMD_TRIM = 4
-CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
-
-# Structured reply flags and chunk types.
-REPLY_FLAG_DONE = 1 << 0
-REPLY_TYPE_NONE = 0
-REPLY_TYPE_OFFSET_DATA = 1
-REPLY_TYPE_OFFSET_HOLE = 2
-REPLY_TYPE_BLOCK_STATUS = 5
-REPLY_TYPE_ERROR = (1 << 15) + 1
-REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
-
-# The one metadata context we serve, its id in SET_META_CONTEXT replies and its status flags.
-BASE_ALLOCATION = "base:allocation"
-BASE_ALLOCATION_ID = 1
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-
-# The errno values NBD defines; the numbers are the Linux ones. The spec asks for quota and
-# file-size errors to be reported as ENOSPC; any other errno goes out as EIO.
-NBD_ERRNOS = frozenset({errno.EPERM, errno.EIO, errno.ENOMEM, errno.EINVAL, errno.ENOSPC,
-                        errno.EOVERFLOW, errno.ENOTSUP, errno.ESHUTDOWN})
-_ERRNO_ALIASES = {errno.EDQUOT: errno.ENOSPC, errno.EFBIG: errno.ENOSPC}
-
-MAX_REQUEST = 32 * 1024 * 1024  # largest READ/WRITE payload; advertised as the maximum block size
-PREFERRED_BLOCK = 4096
-MAX_OPTION_DATA = 64 * 1024  # names are at most 4096 bytes; nothing we accept needs more
-MAX_OPTIONS = 256  # options haggled before transmission; stops a client looping forever
-MAX_NAME = 4096
-MAX_EXTENTS = 1 << 16  # per BLOCK_STATUS reply (the spec's ceiling is 2^20); clients ask again
-RECV_BUFFER = 64 * 1024  # initial receive buffer: enough for the handshake of an idle connection
-RECV_BUFFER_MAX = 4 << 20  # grows (instead of compacting) up to this; back to it when a huge WRITE is done
-MIN_RECV_ROOM = 64 * 1024  # get_buffer() never offers less free space than this
-
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_OPT_HEADER = struct.Struct(">QII")
-_OPT_REPLY = struct.Struct(">QIII")
-_REQUEST = struct.Struct(">IHHQQI")
-_SIMPLE_REPLY = struct.Struct(">IIQ")
-_CHUNK = struct.Struct(">IHHQI")
-_CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + the u64 offset of OFFSET_DATA
-_HOLE = struct.Struct(">QI")
-_ERROR = struct.Struct(">IH")
-_EXTENT = struct.Struct(">II")
-_INFO_EXPORT = struct.Struct(">HQH")
-_INFO_BLOCK_SIZE = struct.Struct(">HIII")
+from cdp.nbd.handshake import Handshake
+from cdp.nbd.spec import (
+    ALLOWED_FLAGS,
+    BASE_ALLOCATION_ID,
+    CHUNK,
+    CHUNK_OFFSET,
+    CMD_BLOCK_STATUS,
+    CMD_DISC,
+    CMD_FLAG_DF,
+    CMD_FLAG_FUA,
+    CMD_FLAG_NO_HOLE,
+    CMD_FLAG_REQ_ONE,
+    CMD_FLUSH,
+    CMD_READ,
+    CMD_TRIM,
+    CMD_WRITE,
+    CMD_WRITE_ZEROES,
+    ERRNO_ALIASES,
+    ERROR,
+    EXTENT,
+    FLAG_FIXED_NEWSTYLE,
+    FLAG_NO_ZEROES,
+    HOLE,
+    IHAVEOPT,
+    MAX_EXTENTS,
+    MAX_NAME,
+    MAX_REQUEST,
+    MIN_RECV_ROOM,
+    NBD_ERRNOS,
+    NBDMAGIC,
+    RECV_BUFFER,
+    RECV_BUFFER_MAX,
+    REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS,
+    REPLY_TYPE_ERROR,
+    REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    U16,
+    U32,
+    U64,
+    NbdProtocolError,
+    Phase,
+)
 
 
-class NbdProtocolError(RemoteProtocolError):
-    """The NBD client broke the protocol; the connection must be closed (flush data_to_send first)."""
-
-
-class Phase(Enum):
-    CLIENT_FLAGS = "client-flags"
-    OPTIONS = "options"
-    TRANSMISSION = "transmission"
-    CLOSED = "closed"
-
-
-# Which command flags each command may carry. SEND_FUA is advertised, so the spec says FUA must
-# be accepted (and may be ignored) on every command. DF needs structured replies (checked apart).
-_ALLOWED_FLAGS = {
-    CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF,
-    CMD_WRITE: CMD_FLAG_FUA,
-    CMD_FLUSH: CMD_FLAG_FUA,
-    CMD_TRIM: CMD_FLAG_FUA,
-    CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-    CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
-}
-
-
-class NbdServerSession:
+class NbdServerSession(Handshake):
     """One NBD connection, server side, without I/O.
 
     exports maps export name to size in bytes. Requests may be answered in
@@ -234,8 +135,8 @@ class NbdServerSession:
         self._out: list[bytes] = []
         # cookie -> (command, offset, length, flags) of requests handed out and not answered yet
         self._pending: dict[int, tuple[int, int, int, int]] = {}
-        self._out.append(_U64.pack(NBDMAGIC) + _U64.pack(IHAVEOPT)
-                         + _U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        self._out.append(U64.pack(NBDMAGIC) + U64.pack(IHAVEOPT)
+                         + U16.pack(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
 
     # --- public API -------------------------------------------------------------------------
 
@@ -243,11 +144,6 @@ class NbdServerSession:
     def pending(self) -> frozenset[int]:
         """Cookies of requests handed out and not yet replied to."""
         return frozenset(self._pending)
-
-    @property
-    def transmission_flags(self) -> int:
-        """What the client is told it may use: SEND_DF only once structured replies are on."""
-        return TRANSMISSION_FLAGS | (TFLAG_SEND_DF if self.structured else 0)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the client, in order; empties the outgoing buffer."""
@@ -359,13 +255,13 @@ class NbdServerSession:
         if error:
             self._error(cookie, error, message)
         elif command != CMD_READ:
-            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
         elif self.structured:
-            self._out.append(_CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
+            self._out.append(CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE,
                                                 REPLY_TYPE_OFFSET_DATA, cookie, 8 + length, offset))
             self._out.append(data)
         else:
-            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie))
             self._out.append(data)
 
     def reply_hole(self, cookie: int) -> None:
@@ -375,10 +271,10 @@ class NbdServerSession:
             raise LocalProtocolError("NBD reply_hole is only for a READ")
         del self._pending[cookie]
         if self.structured:
-            self._out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE,
-                                         cookie, _HOLE.size) + _HOLE.pack(offset, length))
+            self._out.append(CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE,
+                                         cookie, HOLE.size) + HOLE.pack(offset, length))
         else:
-            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + bytes(length))
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie) + bytes(length))
 
     def reply_block_status(self, cookie: int, extents: Iterable[tuple[int, int]]) -> None:
         """Answer a BlockStatus with consecutive (length, status flags) extents from its offset.
@@ -393,12 +289,12 @@ class NbdServerSession:
         end = offset + length
         limit = 1 if flags & CMD_FLAG_REQ_ONE else MAX_EXTENTS
         pos = offset
-        parts = [_U32.pack(BASE_ALLOCATION_ID)]
+        parts = [U32.pack(BASE_ALLOCATION_ID)]
         for ext_len, status in extents:
             if ext_len <= 0 or not 0 <= status < 1 << 32:
                 raise LocalProtocolError(f"NBD extent ({ext_len}, {status:#x}) is malformed")
             take = min(ext_len, end - pos)
-            parts.append(_EXTENT.pack(take, status))
+            parts.append(EXTENT.pack(take, status))
             pos += take
             if pos >= end or len(parts) > limit:
                 break
@@ -406,7 +302,7 @@ class NbdServerSession:
             raise LocalProtocolError("NBD block status reply needs at least one extent")
         del self._pending[cookie]
         payload = b"".join(parts)
-        self._out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
+        self._out.append(CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
                                      cookie, len(payload)) + payload)
 
     def _answering(self, cookie: int) -> tuple[int, int, int, int]:
@@ -416,190 +312,16 @@ class NbdServerSession:
             return self._pending[cookie]
         except KeyError:
             raise LocalProtocolError(f"NBD reply to unknown cookie {cookie:#x}") from None
-
-    # --- handshake --------------------------------------------------------------------------
-
-    def _client_flags(self) -> bool:
-        if self._end - self._start < 4:
-            return False
-        (flags,) = _U32.unpack_from(self._rbuf, self._start)
-        self._start += 4
-        if flags & ~(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES):
-            raise NbdProtocolError(f"NBD client sent unknown client flags {flags:#x}")
-        if not flags & FLAG_C_FIXED_NEWSTYLE:
-            raise NbdProtocolError("NBD client does not speak fixed newstyle negotiation")
-        self.no_zeroes = bool(flags & FLAG_C_NO_ZEROES)
-        self.phase = Phase.OPTIONS
-        return True
-
-    def _option(self, events: list[Event]) -> bool:
-        start = self._start
-        if self._end - start < _OPT_HEADER.size:
-            return False
-        magic, option, length = _OPT_HEADER.unpack_from(self._rbuf, start)
-        if magic != IHAVEOPT:
-            raise NbdProtocolError(f"bad NBD option magic {magic:#x}")
-        if length > MAX_OPTION_DATA:
-            raise NbdProtocolError(f"NBD option {option} carries {length} bytes, over {MAX_OPTION_DATA}")
-        end = start + _OPT_HEADER.size + length
-        if self._end < end:
-            self._need = end - start
-            return False
-        self._need = 0
-        data = bytes(self._rview[start + _OPT_HEADER.size:end])
-        self._start = end
-        self._options_seen += 1
-        if self._options_seen > MAX_OPTIONS:
-            raise NbdProtocolError(f"NBD client sent more than {MAX_OPTIONS} options")
-        if option == OPT_ABORT:
-            self._opt_reply(option, REP_ACK)
-            self.phase = Phase.CLOSED
-            events.append(Disconnect())
-        elif option == OPT_STARTTLS:
-            return self._starttls(data, events)
-        elif self.tls_required and not self.tls_active:
-            if option == OPT_EXPORT_NAME:  # cannot be refused in-band: the spec says hang up
-                raise NbdProtocolError("NBD client chose an export before starting the required TLS")
-            self._opt_reply(option, REP_ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
-        elif option == OPT_EXPORT_NAME:
-            self._export_name(data, events)
-        elif option == OPT_LIST:
-            if data:
-                self._opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")
-            else:
-                for name in self.exports:
-                    encoded = name.encode()
-                    self._opt_reply(option, REP_SERVER, _U32.pack(len(encoded)) + encoded)
-                self._opt_reply(option, REP_ACK)
-        elif option in (OPT_INFO, OPT_GO):
-            self._info_or_go(option, data, events)
-        elif option == OPT_STRUCTURED_REPLY:
-            if data:
-                self._opt_reply(option, REP_ERR_INVALID, b"NBD_OPT_STRUCTURED_REPLY takes no data")
-            else:
-                self.structured = True
-                self._opt_reply(option, REP_ACK)
-        elif option in (OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT):
-            self._meta_context(option, data)
-        else:
-            self._opt_reply(option, REP_ERR_UNSUP, b"option not supported")
-        return True
-
-    def _opt_reply(self, option: int, reply_type: int, data: bytes = b"") -> None:
-        self._out.append(_OPT_REPLY.pack(OPT_REPLY_MAGIC, option, reply_type, len(data)) + data)
-
-    def _starttls(self, data: bytes, events: list[Event]) -> bool:
-        if not self.tls_offered:
-            self._opt_reply(OPT_STARTTLS, REP_ERR_UNSUP, b"TLS is not configured on this server")
-            return True
-        if self.tls_active:
-            self._opt_reply(OPT_STARTTLS, REP_ERR_INVALID, b"TLS is already active")
-            return True
-        if data:
-            self._opt_reply(OPT_STARTTLS, REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
-            return True
-        if self._end > self._start:
-            # The client must wait for our ACK before its TLS handshake; anything else is garbage.
-            raise NbdProtocolError("NBD client sent data after NBD_OPT_STARTTLS without waiting")
-        self._opt_reply(OPT_STARTTLS, REP_ACK)
-        # The spec: nothing negotiated in clear text survives the upgrade.
-        self.tls_active = True
-        self.structured = False
-        self.meta_contexts = ()
-        self._meta_export = None
-        events.append(StartTls())
-        return False  # stop parsing: the next bytes are TLS records for the caller to decrypt
-
-    def _lookup(self, raw: bytes) -> str | None:
-        try:
-            name = raw.decode()
-        except UnicodeDecodeError:
-            return None
-        return name if name in self.exports else None
-
-    def _export_name(self, data: bytes, events: list[Event]) -> None:
-        # The old-style option has no error reply: an unknown export means hanging up.
-        name = self._lookup(data)
-        if name is None:
-            raise NbdProtocolError(f"NBD client asked for unknown export {data[:100]!r}")
-        size = self.exports[name]
-        self._out.append(_U64.pack(size) + _U16.pack(self.transmission_flags))
-        if not self.no_zeroes:
-            self._out.append(bytes(124))
-        self._enter_transmission(name, events)
-
-    def _info_or_go(self, option: int, data: bytes, events: list[Event]) -> None:
-        if len(data) < 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"option data too short")
-            return
-        (name_len,) = _U32.unpack_from(data)
-        if name_len > len(data) - 6:
-            self._opt_reply(option, REP_ERR_INVALID, b"export name length past the option data")
-            return
-        raw = data[4:4 + name_len]
-        (count,) = _U16.unpack_from(data, 4 + name_len)
-        if len(data) != 6 + name_len + 2 * count:
-            self._opt_reply(option, REP_ERR_INVALID, b"information request count does not match length")
-            return
-        requests = {_U16.unpack_from(data, 6 + name_len + 2 * i)[0] for i in range(count)}
-        name = self._lookup(raw)
-        if name is None:
-            self._opt_reply(option, REP_ERR_UNKNOWN, b"no such export")
-            return
-        size = self.exports[name]
-        self._opt_reply(option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, size, self.transmission_flags))
-        if INFO_BLOCK_SIZE in requests:
-            self._opt_reply(option, REP_INFO, _INFO_BLOCK_SIZE.pack(
-                INFO_BLOCK_SIZE, 1, PREFERRED_BLOCK, self.max_request))
-        self._opt_reply(option, REP_ACK)
-        if option == OPT_GO:
-            self._enter_transmission(name, events)
-
-    def _meta_context(self, option: int, data: bytes) -> None:
-        if option == OPT_SET_META_CONTEXT:  # replaces the selection, even when it fails
-            self.meta_contexts = ()
-            self._meta_export = None
-        if not self.structured:
-            self._opt_reply(option, REP_ERR_INVALID, b"negotiate structured replies first")
-            return
-        parsed = _parse_meta_request(data)
-        if parsed is None:
-            self._opt_reply(option, REP_ERR_INVALID, b"malformed metadata context request")
-            return
-        raw, queries = parsed
-        name = self._lookup(raw)
-        if name is None:
-            self._opt_reply(option, REP_ERR_UNKNOWN, b"no such export")
-            return
-        if option == OPT_LIST_META_CONTEXT:
-            # No query lists everything; "base:" is the namespace wildcard the spec requires.
-            if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
-                self._opt_reply(option, REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION.encode())
-        elif BASE_ALLOCATION in queries:
-            self.meta_contexts = (BASE_ALLOCATION,)
-            self._meta_export = name
-            self._opt_reply(option, REP_META_CONTEXT,
-                            _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
-        self._opt_reply(option, REP_ACK)
-
-    def _enter_transmission(self, name: str, events: list[Event]) -> None:
-        self.export = name
-        self.size = self.exports[name]
-        if self._meta_export != name:  # contexts were chosen for another export: none apply
-            self.meta_contexts = ()
-        self.phase = Phase.TRANSMISSION
-        events.append(Negotiated(name, self.size))
-
     # --- transmission -----------------------------------------------------------------------
 
     def _request(self, events: list[Event]) -> bool:
         start = self._start
-        if self._end - start < _REQUEST.size:
+        if self._end - start < REQUEST.size:
             return False
-        magic, flags, command, cookie, offset, length = _REQUEST.unpack_from(self._rbuf, start)
+        magic, flags, command, cookie, offset, length = REQUEST.unpack_from(self._rbuf, start)
         if magic != REQUEST_MAGIC:
             raise NbdProtocolError(f"bad NBD request magic {magic:#x}")
-        end = start + _REQUEST.size
+        end = start + REQUEST.size
         if command == CMD_WRITE:
             if length > self.max_request:
                 # The payload cannot be skipped safely: answer, then hang up.
@@ -610,7 +332,7 @@ class NbdServerSession:
                 self._need = end - start
                 return False
             self._need = 0
-            data = bytes(self._rview[start + _REQUEST.size:end])  # the one copy of a payload
+            data = bytes(self._rview[start + REQUEST.size:end])  # the one copy of a payload
         else:
             data = b""
         self._start = end
@@ -644,7 +366,7 @@ class NbdServerSession:
 
     def _check(self, flags: int, command: int, offset: int, length: int) -> tuple[int, str]:
         """(errno, why) to refuse a request with, or (0, "") to hand it to the caller."""
-        allowed = _ALLOWED_FLAGS.get(command)
+        allowed = ALLOWED_FLAGS.get(command)
         if allowed is None:
             return errno.EINVAL, f"command {command} is not supported"
         if flags & ~allowed or (flags & CMD_FLAG_DF and not self.structured):
@@ -665,40 +387,12 @@ class NbdServerSession:
 
     def _error(self, cookie: int, err: int, message: str = "") -> None:
         """An error reply: an ERROR chunk once structured replies are on, else a simple reply."""
-        err = _ERRNO_ALIASES.get(err, err)
+        err = ERRNO_ALIASES.get(err, err)
         if err not in NBD_ERRNOS:
             err = errno.EIO
         if self.structured:
             text = message.encode()[:MAX_NAME]
-            self._out.append(_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie,
-                                         _ERROR.size + len(text)) + _ERROR.pack(err, len(text)) + text)
+            self._out.append(CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie,
+                                         ERROR.size + len(text)) + ERROR.pack(err, len(text)) + text)
         else:
-            self._out.append(_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie))
-
-
-def _parse_meta_request(data: bytes) -> tuple[bytes, list[str]] | None:
-    """(export name, queries) of a LIST/SET_META_CONTEXT request, or None if malformed."""
-    if len(data) < 8:
-        return None
-    (name_len,) = _U32.unpack_from(data)
-    if name_len > MAX_NAME or 8 + name_len > len(data):
-        return None
-    raw = data[4:4 + name_len]
-    (count,) = _U32.unpack_from(data, 4 + name_len)
-    pos = 8 + name_len
-    queries = []
-    for _ in range(count):  # every query takes at least 4 bytes, so this ends with the data
-        if pos + 4 > len(data):
-            return None
-        (qlen,) = _U32.unpack_from(data, pos)
-        pos += 4
-        if qlen > MAX_NAME or pos + qlen > len(data):
-            return None
-        try:
-            queries.append(data[pos:pos + qlen].decode())
-        except UnicodeDecodeError:
-            return None
-        pos += qlen
-    if pos != len(data):
-        return None
-    return raw, queries
+            self._out.append(SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, err, cookie))

@@ -17,24 +17,25 @@ length)` is awaited before a WRITE, TRIM or WRITE_ZEROES touches the file (the
 source makes the range dirty in its persistent map first, so a crash between
 the write and the capture can never lose track of it); `changed(offset,
 length)` runs after the change reached the file and before the client hears
-success (the source captures the blocks for the open epoch); `flushed()` is
+success (the source captures the blocks for the open epoch). A tracker that
+also has `wrote(offset, data)` hears a WRITE there instead, with its payload,
+when nothing else can have touched the range between the pwrite and the call
+(a write run on the loop thread, no await between the two): it can take the
+blocks the write covers whole from the payload instead of reading them back
+from the image. `flushed()` is
 awaited after a FLUSH made the image durable and before the client hears
 success (the source cuts an epoch there). A tracker that also has
 `zeroed(offset, length)` hears TRIM and WRITE_ZEROES there instead of in
 `changed`, so it can keep them as extents without reading what they cleared
-(a kernel client trims up to 4 GiB at once). A hook that raises turns the
+(a kernel client trims up to 4 GiB at once). A tracker that also has
+`flush_started()` hears of a FLUSH before the fdatasync: every write before
+it has completed by then (requests run in order), so the source cuts the
+epoch there and replication overlaps the source's own flush. A hook that raises turns the
 request into an EIO reply: the client must not believe in a write that cdp did
 not track.
 
-Who may connect: beyond loopback the server insists on TLS with client
-certificates (an ssl context with CERT_REQUIRED) unless told `allow_any_client`.
-A Unix socket is created inside a private 0700 directory, given its owner,
-group and mode there (default: cdp's user, 0600), and only then renamed into
-place, so it is never more open than asked; an existing path is replaced only
-when it is a stale socket of ours, never a symlink, a file or a live socket.
-
-BLOCK_STATUS (`base:allocation`) and all-zero READs are answered from the
-image's holes, found with lseek(SEEK_DATA/SEEK_HOLE).
+Listening sockets and who may connect are cdp.nbd.listen; the file I/O,
+holes included, is cdp.nbd.image.
 """
 
 from __future__ import annotations
@@ -42,38 +43,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import socket
 import ssl
-import stat
-import tempfile
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from cdp.durable import write_zeros
-from cdp.errors import CdpError, ListenError
-from cdp.nbd.events import Request
-from cdp.nbd.protocol import (
-    MAX_EXTENTS,
-    STATE_HOLE,
-    STATE_ZERO,
+from cdp.nbd.events import (
     BlockStatus,
     Disconnect,
     Event,
     Flush,
-    NbdProtocolError,
-    NbdServerSession,
     Negotiated,
     Read,
+    Request,
     StartTls,
     Trim,
     Write,
     WriteZeroes,
 )
+from cdp.nbd.image import allocation_extents, is_hole, pread_exact, pwrite_all, write_at, zero_range
+from cdp.nbd.listen import NbdListenError, NbdServerError, bind_unix, check_reach
+from cdp.nbd.protocol import NbdServerSession
+from cdp.nbd.spec import NbdProtocolError
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +76,6 @@ QUEUE_BYTES = 8 * 1024 * 1024  # WRITE payload received but not executed: stop r
 QUEUE_EVENTS = 1024  # requests received but not executed: stop reading above this
 INLINE_MAX = 1024 * 1024  # reads/writes up to this size run on the loop thread
 TLS_HANDSHAKE_TIMEOUT = 30.0
-_ZERO_CHUNK = bytes(1 << 20)
-
-
-class NbdServerError(CdpError):
-    """The NBD server could not open its image or bind its address."""
-
-
-class NbdListenError(NbdServerError, ListenError):
-    """The NBD export's address cannot be used: taken, or a path that is not ours to replace."""
 
 
 class ChangeTracker(Protocol):
@@ -109,178 +95,28 @@ class ZeroTracker(ChangeTracker, Protocol):
     def zeroed(self, offset: int, length: int) -> None: ...
 
 
-def is_loopback(host: str) -> bool:
-    """Only this machine can reach host (a host name other than localhost may resolve anywhere)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+@runtime_checkable
+class WriteTracker(ChangeTracker, Protocol):
+    """A ChangeTracker that takes a WRITE with its payload (see the module docstring)."""
+
+    def wrote(self, offset: int, data: bytes) -> None: ...
 
 
-def _refuse_existing(path: Path, owner: int | None = None) -> None:
-    """NbdListenError unless path is free or a stale socket of ours (nobody accepts on it); a
-    socket of `owner` (nbd_socket_owner) counts as ours."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise NbdListenError(f"{path} is a symlink; the NBD socket is never created through one: "
-                             "remove it, or point nbd_listen at a path in a folder only cdp writes")
-    if not stat.S_ISSOCK(st.st_mode):
-        raise NbdListenError(f"{path} exists and is not a socket; remove it or choose another "
-                             "unix: path for nbd_listen")
-    if st.st_uid not in (os.geteuid(), owner):
-        raise NbdListenError(f"{path} is a socket of user {st.st_uid}, not ours; remove it or choose "
-                             "another unix: path for nbd_listen")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        return  # stale: left by a process that is gone
-    except OSError as exc:
-        raise NbdListenError(f"{path}: cannot tell whether another process serves it ({exc}); "
-                             "remove it if none does") from None
-    finally:
-        probe.close()
-    raise NbdListenError(f"another process serves {path} already; stop it or choose another path")
+@runtime_checkable
+class AheadTracker(ChangeTracker, Protocol):
+    """A ChangeTracker that, when a WRITE has to wait (a clean region made dirty durably),
+    prepares the writes queued behind it in the same wait: one sync for a queue of random
+    writes instead of one per request (the server runs a connection's requests in order)."""
+
+    async def before_changes(self, offset: int, length: int,
+                             ahead: Iterable[tuple[int, int]]) -> None: ...
 
 
-def bind_unix(path: Path, owner: int | None = None, group: int | None = None,
-              mode: int = 0o600) -> tuple[socket.socket, tuple[int, int]]:
-    """A Unix socket bound at path with its owner, group and mode from its first instant; its
-    (dev, inode).
+@runtime_checkable
+class FlushTracker(ChangeTracker, Protocol):
+    """A ChangeTracker that hears of a FLUSH before the image is made durable."""
 
-    Bound inside a fresh 0700 directory next to path (whatever the umask, no
-    one else can reach it there), chown'ed and chmod'ed there, then renamed
-    over path: rename never follows a symlink, and `_refuse_existing` runs
-    just before it. None keeps our own user or group.
-    """
-    _refuse_existing(path, owner)
-    parent = path.parent
-    try:
-        pst = os.stat(parent)
-    except FileNotFoundError:
-        raise NbdListenError(f"folder {parent} for the NBD socket does not exist: create it, owned "
-                             "by cdp's user and writable by no one else (e.g. mode 0750)") from None
-    if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
-        log.warning("%s is writable by every user: anyone could replace the NBD socket %s; use a "
-                    "folder only cdp writes (e.g. /run/cdp, mode 0700 or 0750)", parent, path.name)
-    tmpdir = tempfile.mkdtemp(prefix=".c", dir=parent)  # mode 0700
-    tmp = os.path.join(tmpdir, "s")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, 0o600)
-        if owner is not None or group is not None:
-            try:
-                os.chown(tmp, -1 if owner is None else owner, -1 if group is None else group)
-            except PermissionError:
-                whom = " and ".join(f"{k} {v}" for k, v in (("user", owner), ("group", group))
-                                    if v is not None)
-                raise NbdServerError(
-                    f"cannot give the NBD socket {path} to {whom}: only root may choose the "
-                    "owner (nbd_socket_owner), and other users only a group they are in "
-                    "(nbd_socket_group)") from None
-        os.chmod(tmp, mode)
-        _refuse_existing(path, owner)
-        os.rename(tmp, path)
-        st = os.lstat(path)
-    except BaseException:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(tmpdir)
-    return sock, (st.st_dev, st.st_ino)
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    n = os.pwrite(fd, data, offset)
-    if n == len(data):
-        return
-    view = memoryview(data)[n:]
-    offset += n
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n
-
-
-def _pread_exact(fd: int, length: int, offset: int) -> bytes:
-    first = os.pread(fd, length, offset)
-    if len(first) == length:
-        return first
-    parts = [first]
-    offset += len(first)
-    length -= len(first)
-    while length > 0:
-        chunk = os.pread(fd, length, offset)
-        if not chunk:  # the file shrank under us: what lies past its end reads as zeros
-            parts.append(bytes(length))
-            break
-        parts.append(chunk)
-        offset += len(chunk)
-        length -= len(chunk)
-    return b"".join(parts)
-
-
-def _write_zero_bytes(fd: int, offset: int, length: int) -> None:
-    """Zeros written as data: for WRITE_ZEROES with NO_HOLE, where deallocating is forbidden."""
-    while length > 0:
-        n = min(length, len(_ZERO_CHUNK))
-        _pwrite_all(fd, memoryview(_ZERO_CHUNK)[:n], offset)
-        offset += n
-        length -= n
-
-
-def _next_data(fd: int, pos: int) -> int | None:
-    """Where data starts at or after pos; None past the last data; pos itself if lseek cannot tell."""
-    try:
-        return os.lseek(fd, pos, os.SEEK_DATA)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:  # nothing but hole from pos to the end of the file
-            return None
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here: all data
-            return pos
-        raise
-
-
-def is_hole(fd: int, offset: int, length: int) -> bool:
-    """The range holds no data at all (reads as zeros without reading)."""
-    start = _next_data(fd, offset)
-    return start is None or start >= offset + length
-
-
-def allocation_extents(fd: int, offset: int, length: int) -> list[tuple[int, int]]:
-    """base:allocation extents (length, flags) covering [offset, offset+length): holes read as zero.
-
-    At most MAX_EXTENTS; the client asks again for the rest.
-    """
-    end = offset + length
-    pos = offset
-    out: list[tuple[int, int]] = []
-    while pos < end and len(out) < MAX_EXTENTS:
-        data = _next_data(fd, pos)
-        data = end if data is None else min(data, end)
-        if data > pos:
-            out.append((data - pos, STATE_HOLE | STATE_ZERO))
-            pos = data
-            continue
-        try:
-            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-        except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENXIO):
-                raise
-            hole = end
-        hole = max(hole, pos + 1)  # pos holds data, so the next hole lies beyond it
-        out.append((hole - pos, 0))
-        pos = hole
-    return out
+    def flush_started(self) -> None: ...
 
 
 class NbdServer:
@@ -329,6 +165,12 @@ class NbdServer:
         self._zeroed: Callable[[int, int], None] | None = (
             tracker.zeroed if isinstance(tracker, ZeroTracker)
             else tracker.changed if tracker is not None else None)
+        self._wrote: Callable[[int, bytes], None] | None = (
+            tracker.wrote if isinstance(tracker, WriteTracker)
+            else None if tracker is None else lambda offset, data: tracker.changed(offset, len(data)))
+        self._flush_started: Callable[[], None] | None = (
+            tracker.flush_started if isinstance(tracker, FlushTracker) else None)
+        self._before_ahead = tracker.before_changes if isinstance(tracker, AheadTracker) else None
         self._unix_id: tuple[int, int] | None = None  # (dev, inode) of the socket we created
         self.size = 0
         self._fd = -1
@@ -355,7 +197,7 @@ class NbdServer:
         """Open the image and start listening; NbdServerError if either fails."""
         if self.host is None and self.unix_path is None:
             raise NbdServerError("NBD server needs a TCP host or a Unix socket path")
-        self._check_reach()
+        check_reach(self.host, self.tls, self.tls_required, self.allow_any_client)
         try:
             self._fd = os.open(self.image, os.O_RDWR | os.O_CLOEXEC)
             self.size = os.fstat(self._fd).st_size
@@ -382,19 +224,6 @@ class NbdServer:
                  f"{self.host}:{self.tcp_port}" if self.host is not None else "",
                  f" {self.unix_path}" if self.unix_path is not None else "",
                  " (TLS required)" if self.tls_required else " (TLS offered)" if self.tls else "")
-
-    def _check_reach(self) -> None:
-        """Beyond loopback, only clients with a certificate (or allow_any_client): else refuse."""
-        host, tls = self.host, self.tls
-        if host is None or is_loopback(host):
-            return
-        if tls is None or not self.tls_required:
-            raise NbdServerError(f"NBD export on {host} is reachable beyond this machine and TLS is "
-                                 "not required: serve it on 127.0.0.1 or a unix: socket, or add TLS")
-        if tls.verify_mode != ssl.CERT_REQUIRED and not self.allow_any_client:
-            raise NbdServerError(f"NBD export on {host} is reachable beyond this machine and "
-                                 "accepts clients without a certificate: set client_ca (or "
-                                 "allow_any_client, if any TLS client may use the disk)")
 
     async def close(self) -> None:
         """Stop accepting, close connections, wait for their handlers, then close the image."""
@@ -426,29 +255,36 @@ class NbdServer:
             return event.length > self.inline_max
         return True
 
-    async def _execute(self, session: NbdServerSession, event: Request) -> None:
-        """Run one request and answer it; OSError becomes its errno, a failing hook EIO."""
+    async def _execute(self, session: NbdServerSession, event: Request,
+                       queued: Iterable[object] = ()) -> None:
+        """Run one request and answer it; OSError becomes its errno, a failing hook EIO.
+        `queued`: the requests read behind it (for AheadTracker)."""
         fd = self._fd
         small = self.inline_max
         try:
             if isinstance(event, Write):
                 tracker = self.tracker
-                if tracker is not None:
+                if self._before_ahead is not None:
+                    await self._before_ahead(event.offset, len(event.data), (
+                        (w.offset, len(w.data)) for w in queued if isinstance(w, Write)))
+                elif tracker is not None:
                     await tracker.before_change(event.offset, len(event.data))
                 if len(event.data) <= small and not event.fua:
-                    _pwrite_all(fd, event.data, event.offset)
+                    pwrite_all(fd, event.data, event.offset)
+                    if self._wrote is not None:  # no await since the pwrite: the payload is the image
+                        self._wrote(event.offset, event.data)
                 else:
-                    await asyncio.to_thread(self._write, fd, event.data, event.offset, event.fua)
-                if tracker is not None:
-                    tracker.changed(event.offset, len(event.data))
+                    await asyncio.to_thread(write_at, fd, event.data, event.offset, event.fua)
+                    if tracker is not None:  # another write may have landed meanwhile: read back
+                        tracker.changed(event.offset, len(event.data))
             elif isinstance(event, Read):
                 if is_hole(fd, event.offset, event.length):
                     session.reply_hole(event.cookie)
                     return
                 if event.length <= small:
-                    data = _pread_exact(fd, event.length, event.offset)
+                    data = pread_exact(fd, event.length, event.offset)
                 else:
-                    data = await asyncio.to_thread(_pread_exact, fd, event.length, event.offset)
+                    data = await asyncio.to_thread(pread_exact, fd, event.length, event.offset)
                 session.reply(event.cookie, data=data)
                 return
             elif isinstance(event, BlockStatus):
@@ -462,10 +298,12 @@ class NbdServer:
                     await tracker.before_change(event.offset, event.length)
                 # Trimmed contents are unspecified; zeroing them keeps source and replica equal.
                 no_hole = isinstance(event, WriteZeroes) and event.no_hole
-                await asyncio.to_thread(self._zero, fd, event.offset, event.length, no_hole, event.fua)
+                await asyncio.to_thread(zero_range, fd, event.offset, event.length, no_hole, event.fua)
                 if self._zeroed is not None:
                     self._zeroed(event.offset, event.length)
             elif isinstance(event, Flush):
+                if self._flush_started is not None:
+                    self._flush_started()
                 await asyncio.to_thread(os.fdatasync, fd)
                 if self.tracker is not None:
                     await self.tracker.flushed()
@@ -476,21 +314,6 @@ class NbdServer:
         except Exception as exc:
             log.exception("NBD hook failed for %s", type(event).__name__)
             session.reply(event.cookie, errno.EIO, message=f"change tracking failed: {exc}")
-
-    @staticmethod
-    def _write(fd: int, data: bytes, offset: int, fua: bool) -> None:
-        _pwrite_all(fd, data, offset)
-        if fua:
-            os.fdatasync(fd)
-
-    @staticmethod
-    def _zero(fd: int, offset: int, length: int, no_hole: bool, fua: bool) -> None:
-        if no_hole:
-            _write_zero_bytes(fd, offset, length)
-        else:
-            write_zeros(fd, offset, length)
-        if fua:
-            os.fdatasync(fd)
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -636,7 +459,7 @@ class _Connection(asyncio.BufferedProtocol):
             else:
                 if server._blocks(event):
                     self._send()
-                await server._execute(session, event)
+                await server._execute(session, event, self.events)
             if not self.events:
                 self._send()
                 await self._drain()

@@ -45,7 +45,8 @@ from cdp.blocks import Geometry, block_spans, data_extents, runs
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.durable import read_json
 from cdp.errors import ReplicaError
-from cdp.replica.store import NO_HASH, PROMOTED
+from cdp.replica.state import NO_HASH
+from cdp.replica.store import PROMOTED
 
 SPAN = 8 * 1024 * 1024  # bytes read per call; at least one block
 SETTLE = 1.0  # seconds a mismatch must hold still to count

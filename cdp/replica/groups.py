@@ -34,7 +34,7 @@ from typing import Any
 
 from cdp.durable import read_json
 from cdp.errors import PointError, UsageError
-from cdp.replica.journal import Point, list_points, resolve_point
+from cdp.replica.points import Point, list_points, resolve_point
 from cdp.replica.pointview import PointView, open_view
 
 

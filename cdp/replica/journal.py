@@ -7,21 +7,8 @@ from the *oldest* undo file with epoch > P that holds it. Point P is kept
 while undo files P+1 .. current all exist; dropping the oldest file drops
 the oldest point and never touches the image.
 
-Layout of an undo file (written as ``.undo.<E>.tmp``, fsync'd, renamed,
-directory fsync'd: it exists whole or not at all)::
-
-    "CDPUNDO1"
-    frames        one zstd frame per saved block (old content), back to back
-    index         count x (u64 block | u64 frame offset | u32 frame length
-                           | 16-byte xxh3-128 of the old content)
-                  frame length 0: the block was all zeros (hash = 16 zero bytes)
-    meta          msgpack map: epoch, time, label, base_epoch, base_time,
-                  base_until (point base_epoch holds no write that finished
-                  later at the source), base_label, fingerprint (which WAL
-                  epoch it belongs to), cut and base_cut (the Cut markers of
-                  E and E-1, see groups.py), base_held, ...
-    trailer       "CDPUNDO1" | u64 index offset | u32 count | u64 meta length
-                  | 16-byte xxh3-128 of index + meta + these three numbers
+The format of one undo file is in undo.py; which points a replica folder
+holds, their labels and the pins of their readers in points.py.
 
 Crash safety rests on one ordering: the undo file of E is durable before the
 first byte of E reaches the image. So on replay, an existing undo file for
@@ -29,70 +16,34 @@ the WAL's epoch was made from the untouched image and is reused; a missing
 one means the image is still at E-1 and it is made again. An undo file newer
 than the state that belongs to no committed WAL is an orphan (or a rollback
 cut short): its content is written back, restoring E-1 exactly, then it goes.
-
-Readers in other processes (pointview.py) pin the point they read: a pin is
-a file ``pins/<P>.<pid>.<nonce>`` they hold a shared flock on; retention
-never drops an undo file a live pin needs. ``pins.lock`` (flock'd briefly)
-orders pin creation against pruning.
-
-Labels (``cdp checkpoint``): ``labels.json`` beside ``journal/`` maps epoch
-numbers to labels, ``{"<epoch>": {"label": TEXT, "time": T, "generation": G}}``
-(plus ``"moved_from": [EPOCH, CAPTURE_TIME]`` when ``--move`` took it off another
-point); rewritten atomically under ``pins.lock``. A label names one point: set_label
-refuses a label that names another kept point unless told to move it. (The undo files'
-own ``label`` meta field stays unset: undo files are immutable and a label can be removed.) A labelled point
-holds retention back like a pin: its undo files and every newer one are
-kept until ``cdp points --unlabel``. Keeping point L therefore costs every
-undo file after L, i.e. the old content of every block rewritten since L,
-once per epoch that rewrote it; see docs/recovery.md.
-
-Generations: promote rolls the image back, drops the journal and starts a new
-generation (state.json ``generation``, 1 if absent); replication after failback
-then reuses epoch numbers for another history. Undo files (meta ``generation``)
-and labels belong to the generation they were made in: points of another one are
-not listed and labels of another one name nothing (promote drops them; records
-without the field are generation 1). A label whose point is no longer kept holds
-nothing back and is dropped at the next prune.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import xxhash
 
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, runs, unpack_u64
-from cdp.codec import HASH_LEN, block_hash, compress_many, decompress, zero_hash
-from cdp.durable import atomic_write_json, create_private, fsync_dir, make_private_dir, read_json
-from cdp.errors import CdpError, LabelTakenError, PointError, ReplicaError
+from cdp.codec import HASH_LEN, zero_hash
+from cdp.durable import fsync_dir, make_private_dir
+from cdp.replica.points import keep_time, label_floor, min_pin, pins_locked
+from cdp.replica.undo import NO_HASH, JournalCorrupt, UndoFile, UndoWriter, read_meta, undo_epochs, undo_name
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"CDPUNDO1"
-_ENTRY = struct.Struct(">QQI16s")
-_TRAILER = struct.Struct(">8sQIQ16s")
-NO_HASH = bytes(HASH_LEN)
 READ_SPAN = 4 * 1024 * 1024  # old blocks are read in runs of at most this
-QUEUE_BYTES = 8 * 1024 * 1024  # old blocks held for compression at most (compress_many)
 OFF = "OFF"  # present while the journal is switched off
-LABELS = "labels.json"
 DATA, RAW, ZERO, COPY = 2, 3, 4, 6  # WAL record kinds (wal.py), repeated to keep this module leaf
-
-
-class JournalCorrupt(Exception):
-    """An undo file does not check out (internal)."""
 
 
 @dataclass(frozen=True)
@@ -107,185 +58,11 @@ class Retention:
         return self.max_age != 0 and self.max_bytes != 0
 
 
-@dataclass(frozen=True)
-class Point:
-    """A recovery point: the replica as of `epoch`."""
-
-    epoch: int
-    time: float  # the epoch's capture time at the source: what finished before is in
-    size: int  # journal bytes that only this point needs (dropping it frees them)
-    keep_bytes: int  # journal bytes needed to read this point
-    label: str | None = None
-    current: bool = False
-    until: float = 0.0  # no write that finished after it at the source is in (0: `time`)
-    group: str | None = None  # a cut of this consistency group (cdp.replica.groups)
-    held: float = 0.0  # a group cut: the volume is known to have held it through this time
-
-
-def undo_name(epoch: int) -> str:
-    return f"undo.{epoch:016d}"
-
-
-def epoch_of(name: str) -> int | None:
-    if not name.startswith("undo.") or len(name) != 21:
-        return None
-    try:
-        return int(name[5:])
-    except ValueError:
-        return None
-
-
 def fingerprint(commit: list[Any]) -> str:
     """Identifies one committed WAL epoch: its number, capture time, block count, counters."""
     counters = commit[4] if len(commit) > 4 and isinstance(commit[4], dict) else {}
     text = repr((commit[1], float(commit[2]), commit[3], sorted(counters.items())))
     return xxhash.xxh3_64_hexdigest(text.encode())
-
-
-# -- one undo file ---------------------------------------------------------------
-
-
-class UndoWriter:
-    """Streams one epoch's undo file; finish() makes it durable under its final name."""
-
-    def __init__(self, directory: Path, epoch: int) -> None:
-        self.final = directory / undo_name(epoch)
-        self.tmp = directory / f".{undo_name(epoch)}.tmp"
-        self._fh = create_private(self.tmp, buffering=1 << 20)
-        self._fh.write(MAGIC)
-        self._pos = len(MAGIC)
-        self._index: list[bytes] = []
-        self._queued: list[tuple[int, bytes | memoryview, bytes]] = []
-        self._queued_bytes = 0
-
-    def add(self, block: int, old: bytes | memoryview | None, old_hash: bytes) -> None:
-        """Save a block's old content (None: it was all zeros)."""
-        if old is None:
-            self._index.append(_ENTRY.pack(block, 0, 0, NO_HASH))
-            return
-        self._queued.append((block, old, old_hash))
-        self._queued_bytes += len(old)
-        if self._queued_bytes >= QUEUE_BYTES:
-            self._drain()
-
-    @property
-    def count(self) -> int:
-        """Blocks saved so far."""
-        return len(self._index) + len(self._queued)
-
-    def _drain(self) -> None:
-        """Compress the queued blocks (on two threads when there are many) and write them."""
-        frames = compress_many([old for _, old, _ in self._queued])
-        for (block, _, old_hash), frame in zip(self._queued, frames, strict=True):
-            self._fh.write(frame)
-            self._index.append(_ENTRY.pack(block, self._pos, len(frame), old_hash))
-            self._pos += len(frame)
-        self._queued = []
-        self._queued_bytes = 0
-
-    def finish(self, meta: dict[str, Any]) -> int:
-        """Write index, meta and trailer; fsync; rename into place; returns the file size."""
-        self._drain()
-        index = b"".join(self._index)
-        mbytes = msgpack.packb(meta, use_bin_type=True)
-        nums = struct.pack(">QIQ", self._pos, len(self._index), len(mbytes))
-        digest = xxhash.xxh3_128_digest(index + mbytes + nums)
-        self._fh.write(index)
-        self._fh.write(mbytes)
-        self._fh.write(_TRAILER.pack(MAGIC, self._pos, len(self._index), len(mbytes), digest))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        size = self._fh.tell()
-        self._fh.close()
-        os.replace(self.tmp, self.final)
-        fsync_dir(self.final.parent)
-        return size
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self._fh.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
-
-
-class UndoFile:
-    """A checked undo file, open for reading; entries map block -> (offset, length, old hash)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDONLY)
-        try:
-            self.meta, self.entries = self._load()
-        except BaseException:
-            os.close(self.fd)
-            raise
-        self.size = os.fstat(self.fd).st_size
-
-    def _load(self) -> tuple[dict[str, Any], dict[int, tuple[int, int, bytes]]]:
-        size = os.fstat(self.fd).st_size
-        if size < len(MAGIC) + _TRAILER.size:
-            raise JournalCorrupt(f"{self.path}: too short")
-        tr = os.pread(self.fd, _TRAILER.size, size - _TRAILER.size)
-        magic, ioff, count, mlen, digest = _TRAILER.unpack(tr)
-        if magic != MAGIC or ioff + count * _ENTRY.size + mlen + _TRAILER.size != size:
-            raise JournalCorrupt(f"{self.path}: bad trailer")
-        body = os.pread(self.fd, count * _ENTRY.size + mlen, ioff)
-        nums = struct.pack(">QIQ", ioff, count, mlen)
-        if xxhash.xxh3_128_digest(body + nums) != digest:
-            raise JournalCorrupt(f"{self.path}: index does not match its checksum")
-        try:
-            meta = msgpack.unpackb(body[count * _ENTRY.size:], raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise JournalCorrupt(f"{self.path}: meta does not decode: {exc}") from None
-        if not isinstance(meta, dict):
-            raise JournalCorrupt(f"{self.path}: meta is not a map")
-        entries = {}
-        for k in range(count):
-            block, off, n, h = _ENTRY.unpack_from(body, k * _ENTRY.size)
-            entries[block] = (off, n, h)
-        return meta, entries
-
-    @property
-    def epoch(self) -> int:
-        return int(self.meta["epoch"])
-
-    def read(self, entry: tuple[int, int, bytes], length: int) -> bytes:
-        """A saved block's old content, checked against its hash."""
-        off, n, h = entry
-        if n == 0:
-            return bytes(length)
-        try:
-            fd = self.fd if self.fd >= 0 else os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ReplicaError(f"{self.path} was dropped (journaling switched off, or the "
-                               "volume promoted): this point can no longer be read") from None
-        try:
-            blob = os.pread(fd, n, off)
-        finally:
-            if fd != self.fd:
-                os.close(fd)
-        try:
-            data = decompress(blob, length)
-        except CdpError as exc:
-            raise ReplicaError(f"{self.path}: saved block is corrupt ({exc})") from None
-        if block_hash(data) != h:
-            raise ReplicaError(f"{self.path}: saved block does not match its hash; the journal "
-                               "is damaged")
-        return data
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def read_meta(path: Path) -> tuple[dict[str, Any], int]:
-    """The meta map and size of an undo file, reading only its tail."""
-    u = UndoFile(path)
-    try:
-        return u.meta, u.size
-    finally:
-        u.close()
 
 
 # -- what an epoch changes --------------------------------------------------------
@@ -336,11 +113,17 @@ class Journal:
         return self.dir / undo_name(epoch)
 
     def epochs(self) -> list[int]:
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        return sorted(e for n in names if (e := epoch_of(n)) is not None)
+        return undo_epochs(self.dir)
+
+    def kept(self) -> tuple[int, int | None, float, int]:
+        """(undo files kept, epoch of the oldest, its base time, their bytes) from the in-memory
+        index: cheap enough for every status snapshot (no directory listing)."""
+        with self._mutex:
+            infos = dict(self._infos)
+        if not infos:
+            return 0, None, 0.0, 0
+        oldest = min(infos)
+        return len(infos), oldest, infos[oldest][0], sum(size for _, size in infos.values())
 
     # -- open / recovery ---------------------------------------------------------
 
@@ -513,7 +296,7 @@ class Journal:
         geo = self.geo
         old_hashes = os.pread(hash_fd, count * HASH_LEN, start * HASH_LEN)
         old_hashes += bytes(count * HASH_LEN - len(old_hashes))
-        need: list[int] = []
+        need: list[tuple[int, bytes]] = []  # (block, its hash in the map: no need to rehash it)
         for k in range(count):
             i = start + k
             oh = old_hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
@@ -526,19 +309,18 @@ class Journal:
             if old_zero:
                 w.add(i, None, NO_HASH)
             else:
-                need.append(i)
+                need.append((i, oh))
         if not need:
             return
-        first, last = need[0], need[-1]
+        first, last = need[0][0], need[-1][0]
         off = geo.offset(first)
         end = geo.offset(last) + geo.length(last)
         data = os.pread(image_fd, end - off, off)
         data += bytes(end - off - len(data))
         mv = memoryview(data)
-        for i in need:
+        for i, oh in need:
             a = geo.offset(i) - off
-            blk = mv[a:a + geo.length(i)]
-            w.add(i, blk, block_hash(blk))
+            w.add(i, mv[a:a + geo.length(i)], oh)
 
     def applied(self, epoch: int) -> None:
         """The state reached `epoch`: drop points the retention no longer keeps."""
@@ -621,306 +403,3 @@ def _log_dropped(volume: str, times: dict[int, float], why: str) -> None:
     level = logging.WARNING if why != "retention" else logging.INFO
     log.log(level, "journal: volume=%s dropped %d oldest recovery point(s) (%s): %s", volume,
             len(points), why, span)
-
-
-# -- pins: readers keep the undo files they need ------------------------------------
-
-
-@contextlib.contextmanager
-def pins_locked(vol_dir: Path) -> Iterator[None]:
-    """Briefly serialize pin creation against pruning (an flock on pins.lock)."""
-    fd = os.open(vol_dir / "pins.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def live_pins(vol_dir: Path) -> list[int]:
-    """Points pinned by live readers; pins of dead processes are removed (call under the lock)."""
-    d = vol_dir / "pins"
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return []
-    out = []
-    for name in names:
-        p = d / name
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                with contextlib.suppress(ValueError):
-                    out.append(int(name.split(".")[0]))
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)  # its reader is gone
-        finally:
-            os.close(fd)
-    return out
-
-
-def min_pin(vol_dir: Path) -> int | None:
-    return min(live_pins(vol_dir), default=None)
-
-
-# -- labels: named points that outlive retention ------------------------------------------
-
-
-def generation(vol_dir: Path) -> int:
-    """The replica's generation (state.json; 1 before promote ever ran, or if unreadable)."""
-    try:
-        return int(read_json(vol_dir / "state.json").get("generation", 1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return 1
-
-
-def _label_records(vol_dir: Path, strict: bool = False) -> dict[int, dict[str, Any]]:
-    """Every record of labels.json, any generation; unreadable: {} (logged) or, if strict,
-    ReplicaError (a rewrite must not lose the labels it cannot read)."""
-    try:
-        raw = read_json(vol_dir / LABELS)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        if strict:
-            raise ReplicaError(f"{vol_dir / LABELS} is unreadable ({exc}): fix or remove it, "
-                               "then label again") from None
-        log.error("%s is unreadable (%s): labels are ignored until it is fixed",
-                  vol_dir / LABELS, exc)
-        return {}
-    out: dict[int, dict[str, Any]] = {}
-    if isinstance(raw, dict):
-        for k, v in raw.items():
-            with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
-                out[int(k)] = {**v, "label": str(v["label"]),
-                               "generation": int(v.get("generation", 1))}
-    return out
-
-
-def read_labels(vol_dir: Path) -> dict[int, str]:
-    """epoch -> label of the replica's points ({} if none; an unreadable file counts as none).
-
-    Only labels of the current generation count: an epoch number of an earlier one (before
-    a promote) names another history, whatever number the replica has reached since.
-    """
-    gen = generation(vol_dir)
-    return {e: r["label"] for e, r in _label_records(vol_dir).items() if r["generation"] == gen}
-
-
-def _write_labels(vol_dir: Path, labels: dict[int, dict[str, Any]]) -> None:
-    atomic_write_json(vol_dir / LABELS, {str(e): v for e, v in sorted(labels.items())})
-
-
-def _current_records(vol_dir: Path) -> dict[int, dict[str, Any]]:
-    gen = generation(vol_dir)
-    return {e: r for e, r in _label_records(vol_dir, strict=True).items()
-            if r["generation"] == gen}
-
-
-def set_label(vol_dir: Path, epoch: int, label: str, now: float | None = None, *,
-              move: bool = False) -> tuple[int, float] | None:
-    """Label point `epoch` durably. A label names one point: if it names another point that
-    is still kept, LabelTakenError unless `move` (then it moves). Returns (point, capture
-    time) it moved from, None if it moved from nowhere. Checked and written under
-    pins.lock, so of two racing checkpoints with one label only one takes it."""
-    with pins_locked(vol_dir):
-        recs = _current_records(vol_dir)
-        mine = recs.get(epoch)
-        if mine is not None and mine["label"] == label:  # again (a resend after a reconnect)
-            frm = mine.get("moved_from")
-            return (int(frm[0]), float(frm[1])) if isinstance(frm, list) and len(frm) == 2 else None
-        other = next((e for e, r in recs.items() if r["label"] == label), None)
-        moved: tuple[int, float] | None = None
-        if other is not None:
-            when = {p.epoch: p.time for p in list_points(vol_dir)}.get(other)
-            if when is None:  # its point is gone: the label names nothing (prune drops it)
-                log.info("label %r named point %d of %s, no longer kept: it names point %d now",
-                         label, other, vol_dir.name, epoch)
-            elif not move:
-                raise LabelTakenError(vol_dir.name, label, other, when)
-            else:
-                moved = (other, when)
-            del recs[other]
-        recs[epoch] = {"label": label, "time": time.time() if now is None else now,
-                       "generation": generation(vol_dir)}
-        if moved is not None:
-            recs[epoch]["moved_from"] = list(moved)
-        _write_labels(vol_dir, recs)  # labels of earlier generations go
-    return moved
-
-
-def remove_label(vol_dir: Path, epoch: int) -> str | None:
-    """Unlabel point `epoch`; returns the label it had (None: it had none)."""
-    with pins_locked(vol_dir):
-        recs = _current_records(vol_dir)
-        gone = recs.pop(epoch, None)
-        if gone is not None:
-            _write_labels(vol_dir, recs)
-    return None if gone is None else str(gone["label"])
-
-
-def drop_labels(vol_dir: Path) -> dict[int, str]:
-    """Remove every label (promote: no point of the old history survives); returns them."""
-    with pins_locked(vol_dir):
-        recs = _label_records(vol_dir)
-        if recs or (vol_dir / LABELS).exists():
-            _write_labels(vol_dir, {})
-    return {e: r["label"] for e, r in recs.items()}
-
-
-def label_floor(vol_dir: Path, oldest: int | None) -> int | None:
-    """The oldest labelled point retention must keep (call under pins_locked).
-
-    `oldest` is the oldest point still kept (None: only the current one). Labels of
-    points already gone (journaling was switched off, a damaged undo file) hold nothing
-    back: they are dropped here, with a warning.
-    """
-    gen = generation(vol_dir)
-    recs = _label_records(vol_dir)
-    mine = {e: r for e, r in recs.items() if r["generation"] == gen}
-    gone = [e for e in mine if oldest is not None and e < oldest]
-    if gone:
-        log.warning("labels %s name points that are no longer kept: dropped",
-                    ", ".join(f"{mine[e]['label']!r} (epoch {e})" for e in gone))
-        with contextlib.suppress(OSError):
-            _write_labels(vol_dir, {e: r for e, r in mine.items() if e not in gone})
-    return min((e for e in mine if e not in gone), default=None)
-
-
-def resolve_point(vol_dir: Path, text: str) -> int:
-    """--point: an epoch number, or the label of a point; PointError if no point has it."""
-    if text.isdigit():
-        return int(text)
-    for epoch, label in read_labels(vol_dir).items():
-        if label == text:
-            return epoch
-    gen = generation(vol_dir)
-    for epoch, rec in _label_records(vol_dir).items():
-        if rec["label"] == text and rec["generation"] != gen:
-            raise PointError(f"label {text!r} named point {epoch} of {vol_dir.name} before it "
-                             "was promoted: that point is gone (`cdp points` lists the points "
-                             "and labels kept now)")
-    for path in sorted(vol_dir.glob("promoted*.json")):
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            dropped = read_json(path).get("labels_dropped") or {}
-            for epoch, label in dropped.items():
-                if label == text:
-                    raise PointError(
-                        f"label {text!r} named point {epoch} of {vol_dir.name}, dropped when "
-                        f"the volume was promoted ({path.name}): the replica no longer holds "
-                        "that point (`cdp points` lists the points and labels kept now)")
-    raise PointError(f"no point of {vol_dir.name} is labelled {text!r} (`cdp points` lists "
-                     "the labels)")
-
-
-# -- listing points (any process) -----------------------------------------------------
-
-
-def list_points(vol_dir: Path) -> list[Point]:
-    """The recovery points kept for a replica folder, oldest first; the last is the current."""
-    try:
-        st = read_json(vol_dir / "state.json")
-    except (OSError, ValueError) as exc:
-        raise ReplicaError(f"{vol_dir}: no readable replica state ({exc})") from None
-    n = int(st["epoch"])
-    gen = int(st.get("generation", 1))
-    j = Journal(vol_dir, Geometry(st["size"], st["block_size"]), Retention())
-    eps = set(j.epochs())
-    chain: list[tuple[int, dict[str, Any], int]] = []
-    e = n
-    while e in eps:
-        try:
-            meta, size = read_meta(j.path(e))
-        except (JournalCorrupt, FileNotFoundError):
-            break  # dropped meanwhile, or damaged: older points are not readable
-        if int(meta.get("generation", 1)) != gen:
-            break  # made before a promote: another history under the same epoch numbers
-        chain.append((e, meta, size))
-        e -= 1
-    labels = read_labels(vol_dir)
-    t = float(st.get("epoch_time", 0.0))
-    group = _group_of(st.get("cut"))
-    points = [Point(n, t, 0, 0, labels.get(n), True, max(t, float(st.get("epoch_until", 0.0))),
-                    group, max(t, read_held(vol_dir, n)) if group else 0.0)]
-    keep = 0
-    for e, meta, size in chain:
-        keep += size
-        t = float(meta.get("base_time", 0.0))
-        group = _group_of(meta.get("base_cut"))
-        points.append(Point(e - 1, t, size, keep, labels.get(e - 1), False,
-                            max(t, float(meta.get("base_until", 0.0))), group,
-                            keep_time(meta) if group else 0.0))
-    points.reverse()
-    return points
-
-
-# -- cuts of consistency groups (groups.py): how long a point is known to have held -----------
-
-HELD = "held.json"
-
-
-def _group_of(cut: Any) -> str | None:
-    return (cut.get("group") or None) if isinstance(cut, dict) else None
-
-
-def keep_time(meta: dict[str, Any]) -> float:
-    """Until when point E-1 of undo file E's meta is needed, for retention by age: its capture
-    time, or for a group cut the last instant it is known to have held (so a group's cuts
-    age out together, whichever member captured its state earlier)."""
-    t = float(meta.get("base_time", 0.0))
-    if _group_of(meta.get("base_cut")) is None:
-        return t
-    cut = meta.get("cut")
-    since = float(cut.get("since", 0.0)) if isinstance(cut, dict) else 0.0
-    return max(t, since, float(meta.get("base_held", 0.0)))
-
-
-def read_held(vol_dir: Path, epoch: int) -> float:
-    """When the source last said the replica still equalled `epoch` (0: never, or not that epoch)."""
-    try:
-        raw = read_json(vol_dir / HELD)
-        return float(raw["time"]) if int(raw["epoch"]) == epoch else 0.0
-    except (OSError, ValueError, TypeError, KeyError):
-        return 0.0
-
-
-def note_held(vol_dir: Path, epoch: int, when: float) -> None:
-    """Record that the source held epoch `epoch` through `when` (message Current). Not fsync'd:
-    losing it only makes the group's newest common cut older until the next note."""
-    if read_held(vol_dir, epoch) < when:
-        try:
-            atomic_write_json(vol_dir / HELD, {"epoch": epoch, "time": when}, sync=False)
-        except OSError as exc:
-            log.warning("%s: cannot record that epoch %d held (%s)", vol_dir / HELD, epoch, exc)
-
-
-def find_point(points: list[Point], at: float) -> Point | None:
-    """The newest point captured at or before `at`: none of its writes finished after `at`.
-
-    A point read over a period (a scan without snapshot or quiesce hook) qualifies once its
-    reads ended (`until`), not at its start. Point 0 is the empty replica before the first
-    epoch: nothing was captured, so it is never the answer (`--at` before the first epoch
-    finds no point).
-    """
-    best = None
-    for p in points:
-        if p.epoch > 0 and max(p.time, p.until) <= at:
-            best = p
-    return best
-
-
-def empty_point_message(volume: str, points: list[Point]) -> str:
-    """Why point 0 cannot be drilled or promoted: it is the replica before the first epoch,
-    nothing was replicated into it."""
-    first = next((p for p in points if p.epoch > 0), None)
-    then = ("nothing is replicated yet: wait for the first seed to finish (`cdp status`)"
-            if first is None else f"the first restorable point is {first.epoch}, captured "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(first.time))}")
-    return (f"point 0 of {volume} is the empty replica before the first epoch: nothing was "
-            f"replicated into it; {then}")

@@ -16,7 +16,7 @@ content, which is what P holds). If an epoch was applied without an undo
 file (journaling switched off), the view cannot be right any more and says
 so instead of returning wrong data.
 
-A view pins its point (journal.py: pins/), so retention never drops the
+A view pins its point (points.py: pins/), so retention never drops the
 undo files it reads; the pin goes with close() or with the process.
 """
 
@@ -34,7 +34,8 @@ from cdp.blocks import Geometry
 from cdp.codec import HASH_LEN, zero_hash
 from cdp.durable import make_private_dir, read_json
 from cdp.errors import PointError, ReplicaError
-from cdp.replica.journal import NO_HASH, JournalCorrupt, UndoFile, list_points, pins_locked, undo_name
+from cdp.replica.points import list_points, pins_locked
+from cdp.replica.undo import NO_HASH, JournalCorrupt, UndoFile, undo_name
 
 PROMOTED = "promoted.json"
 OPEN_FILES = 256  # undo files kept open; the others are opened for each read

@@ -11,7 +11,7 @@ Layout of ``<data_dir>/<volume>/``::
                 cumulative counters, generation (a new one at each promote: recovery
                 points and labels belong to one); replaced atomically after each epoch
     lock        flock'd while a process has the replica open: nobody else writes it
-    journal/    undo files, one per epoch: the recovery points (see journal.py)
+    journal/    undo files, one per epoch: the recovery points (see journal.py, undo.py)
     pins/ pins.lock   readers of earlier points (pointview.py) keep their undo files
     promoted.json     present once `cdp failover promote` took the volume over:
                 the receiver accepts no more epochs for it
@@ -36,11 +36,13 @@ before, and the WAL, still durable and whole, replays the epoch. Epochs apply
 strictly in order. On open, WALs holding whole committed epochs next in line
 after the state are replayed (idempotent; an undo file made before the crash
 is reused, see journal.py); anything else in them is discarded.
+
+Seeding (state.json "seeding"): block data goes into the image as it arrives, not
+through the WAL; see writer.py.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -50,12 +52,12 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import cdp.replica.wal as wal
-from cdp.blocks import Geometry, keys_in_runs, merge_runs, pack_u64, runs, unpack_u64
+from cdp.blocks import Geometry, block_spans, data_extents, merge_runs, runs, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, decompress, zero_hash
 from cdp.durable import (
     DIR_MODE,
@@ -67,17 +69,15 @@ from cdp.durable import (
     read_json,
     write_zeros,
 )
-from cdp.errors import DiskFullError, RemoteProtocolError, ReplicaError, VolumeError
-from cdp.replica.journal import Journal, Retention, UndoFile, fingerprint, read_held
+from cdp.errors import DiskFullError, ReplicaError, VolumeError
+from cdp.replica.journal import Journal, Retention, fingerprint
+from cdp.replica.points import read_held
+from cdp.replica.state import COUNTERS, NO_HASH, ReplicaState, is_enospc, zero_entry
+from cdp.replica.undo import UndoFile
+from cdp.replica.writer import EpochWriter
 
 log = logging.getLogger(__name__)
 
-NO_HASH = bytes(HASH_LEN)
-COUNTERS = ("epochs", "blocks", "logical", "data", "compressed", "dedup", "zero", "wire")
-MAX_BATCH_RAW = 64 * 1024 * 1024
-APPLY_CACHE = 32 * 1024 * 1024
-RAW_RECORD = 4 * 1024 * 1024
-SPACE_MARGIN = 1024 * 1024  # kept free beyond what an epoch needs (metadata, state)
 PROMOTED = "promoted.json"
 
 
@@ -87,38 +87,12 @@ def promoted_message(volume: str, path: Path) -> str:
             f"again, move {path} away (or fail back) and restart the source")
 
 
-@dataclass
-class ReplicaState:
-    volume: str
-    size: int
-    block_size: int
-    replica_id: str
-    created: float
-    epoch: int = 0
-    epoch_time: float = 0.0
-    epoch_until: float = 0.0  # no write that finished later at the source is in (0: epoch_time)
-    applied_at: float = 0.0
-    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    format: int = 1
-    generation: int = 1  # bumped by promote: epoch numbers restart from the promoted image
-    cut: dict[str, Any] | None = None  # the epoch's Cut marker (nbd): groups.py
-    group: dict[str, Any] | None = None  # {"name", "members"}: the last group a Cut named
-
-    @property
-    def geometry(self) -> Geometry:
-        return Geometry(self.size, self.block_size)
-
-
 class ReplicaBusy(ReplicaError):
     """Another process (the receiver) has the replica open."""
 
 
 class WriterConflict(ReplicaError):
     """An epoch cannot begin: another is being received, or one is sealed and still applying."""
-
-
-def _is_enospc(exc: OSError) -> bool:
-    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 class Replica:
@@ -141,6 +115,8 @@ class Replica:
         self._writers = threading.RLock()  # EpochWriter() may abort inside begin()
         self._receiving: EpochWriter | None = None
         self._sealed: set[int] = set()
+        # sealed, unapplied epochs: the blocks each writes at apply, and whether it zeroes any
+        self._inflight: dict[int, tuple[frozenset[int], bool]] = {}
 
     # -- opening -------------------------------------------------------------
 
@@ -170,7 +146,7 @@ class Replica:
                 raise ReplicaError(
                     f"{path / 'state.json'} is unreadable ({exc}); the replica needs repair") from None
         except OSError as exc:
-            if _is_enospc(exc):
+            if is_enospc(exc):
                 raise DiskFullError(f"no space to create replica {volume!r} in {root}") from None
             raise ReplicaError(f"cannot open replica {path}: {exc.strerror}") from None
         if geometry is not None and (geometry.size, geometry.block_size) != (
@@ -186,7 +162,7 @@ class Replica:
             rep._recover()
         except OSError as exc:
             rep.close()
-            if _is_enospc(exc):
+            if is_enospc(exc):
                 raise DiskFullError(
                     f"replica {volume!r} has a committed epoch to finish but the disk is full; "
                     "free space and it is replayed on the next open") from None
@@ -205,7 +181,8 @@ class Replica:
         with create_private(tmp / "hashes") as fh:
             fh.truncate(geo.blocks * HASH_LEN)
             os.fsync(fh.fileno())
-        state = ReplicaState(volume, geo.size, geo.block_size, uuid.uuid4().hex, time.time())
+        state = ReplicaState(volume, geo.size, geo.block_size, uuid.uuid4().hex, time.time(),
+                             seeding=True)
         atomic_write_json(tmp / "state.json", asdict(state))
         os.rename(tmp, root / volume)
         fsync_dir(root)
@@ -242,12 +219,56 @@ class Replica:
                 return wal.read_log(p)
 
             self._apply(records, None)
+        if self.state.seeding:
+            self._unplace()
         self.sync_state()  # the replayed state survives before its WALs are emptied
         for p in logs:
             wal.clear(p)
         if self.journal.retention.enabled:
             self.journal.journal_on()
         self.journal.applied(self.state.epoch)
+
+    def _unplace(self) -> None:
+        """Seeding: every block the hash map holds as zero reads as zero again, durably.
+
+        Data placed at receipt (EpochWriter._placeable) by an epoch that was never
+        committed, or was aborted, lies in blocks the map still holds as zero: zeroed
+        here, the image is the state's epoch exactly, and the source, seeing zero in
+        the map, sends those blocks again. Only the image's data extents are looked at."""
+        geo = self.geometry
+        step = 1 << 14  # blocks per hash-map read
+        zeroed = 0
+        for first, count in block_spans(data_extents(self.image_fd, geo.size), geo):
+            for start in range(first, first + count, step):
+                n = min(step, first + count - start)
+                old = os.pread(self.hash_fd, n * HASH_LEN, start * HASH_LEN)
+                old += bytes(n * HASH_LEN - len(old))
+                zeros = [start + k for k in range(n)
+                         if zero_entry(old[k * HASH_LEN:(k + 1) * HASH_LEN],
+                                        geo.length(start + k))]
+                for s, c in runs(zeros):
+                    end = min(geo.size, (s + c) * geo.block_size)
+                    write_zeros(self.image_fd, s * geo.block_size, end - s * geo.block_size)
+                    zeroed += c
+        if zeroed:
+            os.fdatasync(self.image_fd)
+            log.info("zeroed blocks placed by an unfinished seed epoch volume=%s blocks=%d",
+                     self.state.volume, zeroed)
+
+    def seeded(self, epoch: int) -> bool:
+        """The source says the replica is whole as of `epoch` (message Current): seeding ends
+        for good. Only between epochs; False if nothing changed (not seeding, or not now)."""
+        with self._writers:
+            st = self.state
+            if (not st.seeding or epoch != st.epoch or self._receiving is not None
+                    or self._sealed):
+                return False
+            new = ReplicaState(**{**asdict(st), "seeding": False})
+            atomic_write_json(self.path / "state.json", asdict(new))
+            self._state_renamed = False  # atomic_write_json synced the folder
+            self.state = new
+        log.info("replica whole volume=%s epoch=%d: seeding done", st.volume, epoch)
+        return True
 
     def restore(self, undo: UndoFile) -> None:
         """Write back what an undo file saved (image and hash map), durably; idempotent."""
@@ -387,8 +408,10 @@ class Replica:
                 self._receiving = None
             if sealed and not applied:
                 self._sealed.add(w.epoch)
+                self._inflight[w.epoch] = (frozenset(w._touched), w.zeroes)
             else:
                 self._sealed.discard(w.epoch)
+                self._inflight.pop(w.epoch, None)
 
     # -- applying ------------------------------------------------------------
 
@@ -442,6 +465,9 @@ class Replica:
             if kind in (wal.DATA, wal.RAW):
                 indices = unpack_u64(rec.body[1])
                 hashes = rec.body[2]
+                if rec.body[-1] is wal.PLACED:  # the data is in the image since its receipt
+                    self._write_blocks(indices, hashes, None)
+                    continue
                 if kind == wal.DATA:
                     data = cache.pop(rec.offset, None) if cache is not None else None
                     if data is None:
@@ -497,360 +523,17 @@ class Replica:
             os.pwrite(self.image_fd, data, self.geometry.offset(dst))
             os.pwrite(self.hash_fd, h, dst * HASH_LEN)
 
-    def _write_blocks(self, indices, hashes: bytes, data: bytes) -> None:
+    def _write_blocks(self, indices, hashes: bytes, data: bytes | None) -> None:
+        """Blocks into image and hash map; data None: the hash map only (placed data)."""
         geo = self.geometry
-        mv = memoryview(data)
+        mv = memoryview(data) if data is not None else None
         pos = 0  # byte position in data
         k = 0  # position in indices
         for start, count in runs(indices):
             end = min(geo.size, (start + count) * geo.block_size)
             n = end - start * geo.block_size
-            os.pwrite(self.image_fd, mv[pos:pos + n], start * geo.block_size)
+            if mv is not None:
+                os.pwrite(self.image_fd, mv[pos:pos + n], start * geo.block_size)
             os.pwrite(self.hash_fd, hashes[k * HASH_LEN:(k + count) * HASH_LEN], start * HASH_LEN)
             pos += n
             k += count
-
-
-class EpochWriter:
-    """Receives one epoch into the WAL, checking everything, then applies it at commit."""
-
-    def __init__(self, replica: Replica, epoch: int, when: float) -> None:
-        self.replica = replica
-        self.epoch = epoch
-        self.time = when
-        self.cut: dict[str, Any] | None = None  # mark_cut
-        self.geo = replica.geometry
-        self.blocks = 0
-        self.counters = dict.fromkeys(COUNTERS, 0)
-        self._touched: list[int] = []  # indices that need space at apply
-        self._local: dict[bytes, int] = {}  # hash -> block written by this epoch's data
-        self._cache: dict[int, bytes] = {}  # decompressed DATA records, kept for apply
-        self._written: dict[int, bytes] = {}  # block -> hash it holds so far in this epoch
-        self._cached = 0
-        self._wal_path = replica.wal_path(epoch)
-        self._done = False
-        self._sealed = False
-        self._wal_unsynced = False
-        self._records: list[tuple[int, list, int]] = []  # (offset, meta, blob length)
-        try:
-            self._wal = wal.WalWriter(self._wal_path, epoch)
-            self._log([wal.BEGIN, epoch, when])
-        except OSError as exc:
-            self._fail(exc)
-
-    def _fail(self, exc: OSError) -> None:
-        self.abort()
-        if _is_enospc(exc):
-            raise DiskFullError(
-                f"{self.replica.state.volume}: receiver disk is full while writing epoch "
-                f"{self.epoch}; the replica stays at epoch {self.replica.state.epoch}. "
-                "Free space; replication resumes by itself") from None
-        raise ReplicaError(f"{self.replica.state.volume}: WAL write failed: {exc}") from None
-
-    def _indices(self, blob: bytes, hashes: bytes) -> list[int]:
-        idx = unpack_u64(blob).tolist()
-        if len(hashes) != HASH_LEN * len(idx):
-            raise RemoteProtocolError(f"{len(idx)} indices but {len(hashes)} bytes of hashes")
-        n = self.geo.blocks
-        bad = next((i for i in idx if i >= n), None)
-        if bad is not None:
-            raise VolumeError(
-                f"{self.replica.state.volume}: block {bad} is past the end of the volume "
-                f"({n} blocks)", code="bounds", volume=self.replica.state.volume)
-        return idx
-
-    def add_data(self, indices: bytes, hashes: bytes, raw_len: int, zdata: bytes) -> None:
-        """Verified whole blocks into the WAL (the hashes must match the content)."""
-        idx = self._indices(indices, hashes)
-        want = sum(self.geo.length(i) for i in idx)
-        if raw_len != want or raw_len > MAX_BATCH_RAW:
-            raise RemoteProtocolError(f"Data raw_len {raw_len} does not match its blocks ({want})")
-        data = decompress(zdata, raw_len)
-        mv = memoryview(data)
-        pos = 0
-        for k, i in enumerate(idx):
-            n = self.geo.length(i)
-            if block_hash(mv[pos:pos + n]) != hashes[k * HASH_LEN:(k + 1) * HASH_LEN]:
-                raise VolumeError(
-                    f"{self.replica.state.volume}: block {i} does not match its hash "
-                    "(corrupted in transit?)", code="integrity", volume=self.replica.state.volume)
-            pos += n
-        try:
-            off = self._log([wal.DATA, indices, hashes, raw_len], zdata)
-        except OSError as exc:
-            self._fail(exc)
-        pos = 0
-        for k, i in enumerate(idx):
-            n = self.geo.length(i)
-            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
-            self._local.setdefault(h, i)
-            self._written[i] = h
-            pos += n
-        if self._cached + raw_len <= APPLY_CACHE:
-            self._cache[off] = data
-            self._cached += raw_len
-        self._touched.extend(idx)
-        self._count(len(idx), raw_len, data=raw_len, compressed=len(zdata))
-
-    def _count(self, blocks: int, logical: int, **kw: int) -> None:
-        self.blocks += blocks
-        self.counters["blocks"] += blocks
-        self.counters["logical"] += logical
-        for k, v in kw.items():
-            self.counters[k] += v
-
-    def add_zero(self, runs_blob: bytes) -> None:
-        pairs = unpack_u64(runs_blob, "zero runs")
-        if len(pairs) % 2:
-            raise RemoteProtocolError("zero runs must be (start, count) pairs")
-        n = self.geo.blocks
-        total = 0
-        logical = 0
-        for start, count in zip(pairs[::2], pairs[1::2], strict=True):
-            if count == 0 or start >= n or count > n - start:
-                raise VolumeError(
-                    f"{self.replica.state.volume}: zero run {start}+{count} is outside the volume "
-                    f"({n} blocks)", code="bounds", volume=self.replica.state.volume)
-            total += count
-            logical += min(self.geo.size, (start + count) * self.geo.block_size) - (
-                start * self.geo.block_size)
-        try:
-            self._log([wal.ZERO, runs_blob])
-        except OSError as exc:
-            self._fail(exc)
-        if self._written:  # zeroed after being written: no longer a copy source
-            for i in list(keys_in_runs(sorted(self._written), merge_runs(pairs))):
-                self._written[i] = NO_HASH
-        self._count(total, logical, zero=logical)
-
-    def resolve_local(self, indices: bytes, hashes: bytes,
-                      from_indices: bytes) -> tuple[bytes, bytes, bytes]:
-        """Turn references to content received earlier in this epoch into COPY records.
-
-        No data moves: at apply the block is copied from where this epoch wrote
-        it. These need no image read now, so they need not wait for earlier
-        epochs to land. Returns the references left to resolve.
-        """
-        idx = self._indices(indices, hashes)
-        fidx = unpack_u64(from_indices).tolist()
-        if len(fidx) != len(idx):
-            raise RemoteProtocolError("Ref: indices and from_indices differ in length")
-        dst: list[int] = []
-        src: list[int] = []
-        hs: list[bytes] = []
-        rest: list[int] = []
-        for k, i in enumerate(idx):
-            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
-            b = self._local.get(h)
-            if b is not None and self._written.get(b) != h:  # overwritten since: look again
-                b = next((x for x, xh in self._written.items() if xh == h), None)
-                if b is None:
-                    del self._local[h]
-                else:
-                    self._local[h] = b
-            if b is not None and self.geo.length(b) == self.geo.length(i) and b != i:
-                dst.append(i)
-                src.append(b)
-                hs.append(h)
-                self._written[i] = h
-            else:
-                rest.append(k)
-        if dst:
-            try:
-                self._log([wal.COPY, pack_u64(dst), b"".join(hs), pack_u64(src)])
-            except OSError as exc:
-                self._fail(exc)
-            n = sum(self.geo.length(i) for i in dst)
-            self._touched.extend(dst)
-            self._count(len(dst), n, dedup=n)
-        return (pack_u64(idx[k] for k in rest),
-                b"".join(hashes[k * HASH_LEN:(k + 1) * HASH_LEN] for k in rest),
-                pack_u64(fidx[k] for k in rest))
-
-    def add_refs(self, indices: bytes, hashes: bytes, source: Replica | None,
-                 from_indices: bytes) -> list[int]:
-        """Resolve references to content the replica images hold; returns those it cannot.
-
-        Each candidate is read and rehashed before use: a stale or wrong
-        reference is detected, never applied. The data goes into the WAL, so
-        the epoch does not depend on the other image staying as it is.
-        """
-        if source is self.replica:  # repeats within this epoch first: no image read
-            indices, hashes, from_indices = self.resolve_local(indices, hashes, from_indices)
-        idx = self._indices(indices, hashes)
-        fidx = unpack_u64(from_indices).tolist()
-        if len(fidx) != len(idx):
-            raise RemoteProtocolError("Ref: indices and from_indices differ in length")
-        got_idx: list[int] = []
-        got_hash: list[bytes] = []
-        got_data: list[bytes] = []
-        got_bytes = 0
-        missing: list[int] = []
-        for k, (i, f) in enumerate(zip(idx, fidx, strict=True)):
-            h = hashes[k * HASH_LEN:(k + 1) * HASH_LEN]
-            n = self.geo.length(i)
-            data = None
-            if source is not None and f < source.geometry.blocks:
-                try:
-                    data = source.read_block(f)
-                except OSError:  # that replica went away (closed after an error): send data
-                    data = None
-            if data is None or len(data) != n or block_hash(data) != h:
-                missing.append(i)
-                continue
-            got_idx.append(i)
-            got_hash.append(h)
-            got_data.append(data)
-            got_bytes += n
-            if got_bytes >= RAW_RECORD:
-                self._add_raw(got_idx, got_hash, got_data)
-                got_idx, got_hash, got_data, got_bytes = [], [], [], 0
-        if got_idx:
-            self._add_raw(got_idx, got_hash, got_data)
-        return missing
-
-    def _add_raw(self, idx: list[int], hashes: list[bytes], data: list[bytes]) -> None:
-        raw = b"".join(data)
-        try:
-            self._log([wal.RAW, pack_u64(idx), b"".join(hashes)], raw)
-        except OSError as exc:
-            self._fail(exc)
-        self._touched.extend(idx)
-        for i, h in zip(idx, hashes, strict=True):
-            self._written[i] = h
-        self._count(len(idx), len(raw), dedup=len(raw))
-
-    def add_wire(self, nbytes: int) -> None:
-        self.counters["wire"] += nbytes
-
-    def mark_cut(self, when: float, since: float, group: str, members: list[str]) -> None:
-        """The epoch ends at a cut (message Cut): `when` becomes its time; logged at seal."""
-        self.time = when
-        self.cut = {"time": when, "since": since, "group": group, "members": list(members)}
-
-    def commit(self, blocks: int) -> ReplicaState:
-        """seal() then apply(): the epoch is durable and applied; then ack."""
-        self.seal(blocks)
-        return self.apply()
-
-    def seal(self, blocks: int, until: float = 0.0) -> None:
-        """Make the epoch durable in the WAL and reserve its space; the image is untouched.
-
-        `until`: no write that finished later at the source is in the epoch (0: its time)."""
-        if blocks != self.blocks:
-            self.abort()
-            raise RemoteProtocolError(
-                f"Commit says {blocks} blocks but {self.blocks} arrived in epoch {self.epoch}")
-        self.counters["epochs"] = 1
-        try:
-            if self.cut is not None:
-                self._log([wal.CUT, self.cut])  # right before COMMIT: Replica._apply finds it
-            self._log([wal.COMMIT, self.epoch, self.time, blocks, self.counters,
-                       max(self.time, until)])
-            if self.replica.journal.saves(self.epoch):
-                self._wal.flush()  # fdatasync'd at apply, with the image (see Replica._apply)
-                self._wal_unsynced = True
-            else:
-                self._wal.sync()
-            self._wal.close()
-            self._reserve()
-        except OSError as exc:
-            self._fail(exc)
-        self._sealed = True
-        self.replica._writer_ended(self, sealed=True, applied=False)
-
-    def apply(self) -> ReplicaState:
-        """Apply the sealed epoch (the one before it must be applied); returns the new state."""
-        rep = self.replica
-        assert self._sealed
-        try:
-            rep._apply(self._replay, self._cache, lambda: (b for _, b, _ in self._records),
-                       unsynced_wal=self._wal_path if self._wal_unsynced else None)
-        except OSError as exc:
-            # The WAL holds the whole epoch: reopening the replica replays it. Until then it
-            # stays counted as sealed: nothing may begin after it on this (closing) replica.
-            self._done = True
-            if _is_enospc(exc):
-                raise DiskFullError(
-                    f"{rep.state.volume}: disk full while applying epoch {self.epoch}; it is kept "
-                    "in the WAL and replayed when the replica is reopened") from None
-            raise ReplicaError(f"{rep.state.volume}: apply failed: {exc}") from None
-        self._done = True  # the WAL may stay: its epoch is now <= the state's, never replayed
-        rep._writer_ended(self, sealed=True, applied=True)
-        return rep.state
-
-    def _log(self, body: list, blob: bytes = b"") -> int:
-        off = self._wal.append(body, blob)
-        self._records.append((off, body, len(blob)))
-        return off
-
-    def _replay(self) -> Iterator[wal.Record]:
-        """This epoch's records from memory; block data from the apply cache or the WAL."""
-        fd = os.open(self._wal_path, os.O_RDONLY)
-        try:
-            for off, body, blen in self._records:
-                if blen and off not in self._cache:
-                    _, blob, _ = wal.read_record(fd, off, self.epoch)
-                else:
-                    blob = b""
-                yield wal.Record(off, body, blob)
-        finally:
-            os.close(fd)
-
-    def _reserve(self) -> None:
-        """Check that the space the epoch needs is free, so ENOSPC strikes before any write.
-
-        Only holes of the image that the epoch fills need new space. Measured
-        rather than posix_fallocate'd: writing into fallocated (unwritten)
-        extents ran at a fifth of the speed on ext4 here. Another process
-        filling the disk between this check and the writes can still cause
-        ENOSPC mid-apply; the sealed WAL then finishes the epoch on reopen.
-        """
-        geo = self.geo
-        fd = self.replica.image_fd
-        spans = list(runs(sorted(set(self._touched))))
-        st = os.fstatvfs(fd)
-        free = st.f_bavail * st.f_frsize
-        if free >= SPACE_MARGIN + sum(c for _, c in spans) * geo.block_size:
-            return self._reserve_hashes()  # room even if every block were a hole: no need to look
-        need = SPACE_MARGIN  # tight: count only the holes (SEEK_HOLE is O(file) on some FS)
-        for start, count in spans:
-            off, end = start * geo.block_size, min(geo.size, (start + count) * geo.block_size)
-            while off < end:
-                try:
-                    hole = os.lseek(fd, off, os.SEEK_HOLE)
-                except OSError:
-                    need += end - off  # cannot tell: assume all of it needs space
-                    break
-                if hole >= end:
-                    break
-                try:
-                    data = os.lseek(fd, hole, os.SEEK_DATA)
-                except OSError:
-                    data = end  # ENXIO: a hole up to the end of the file
-                need += min(data, end) - hole
-                off = data
-        if free < need:
-            raise OSError(errno.ENOSPC, f"{need} bytes needed, {free} free")
-        self._reserve_hashes()
-
-    def _reserve_hashes(self) -> None:
-        """The hash map is small and written everywhere over time: allocate it once per open."""
-        if not self.replica.hashes_reserved:
-            os.posix_fallocate(self.replica.hash_fd, 0, self.geo.blocks * HASH_LEN)
-            self.replica.hashes_reserved = True
-
-    def abort(self) -> None:
-        """Drop the epoch: the WAL is emptied, the image was never touched."""
-        if self._done or self._sealed:
-            return  # a sealed epoch is durable: it is applied, or replayed on reopen
-        self._done = True
-        self.replica._writer_ended(self, sealed=False, applied=False)
-        try:
-            self._wal.close()
-        except (OSError, AttributeError):
-            pass
-        try:  # rare (disconnect, Need, full disk): give the space back
-            os.truncate(self._wal_path, 0)
-        except OSError:
-            pass

@@ -11,6 +11,8 @@ with the image at apply when an undo file protects the apply: see store.py)::
         [BEGIN,  epoch, time]                                    -
         [DATA,   indices:u64[], hashes:16B[], raw_len]           zstd frame (verified wire data)
         [RAW,    indices:u64[], hashes:16B[]]                    block bytes (resolved references)
+        [DATA,   indices, hashes, raw_len, PLACED]               -   (data in the image already:
+        [RAW,    indices, hashes, PLACED]                        -    a seeding replica, writer.py)
         [ZERO,   runs:(u64 start, u64 count)[]]                  -
         [COPY,   indices:u64[], hashes:16B[], sources:u64[]]     -
                  (block indices[i] gets the content that block sources[i]
@@ -47,6 +49,7 @@ import msgpack
 import xxhash
 
 BEGIN, DATA, RAW, ZERO, COMMIT, COPY, CUT = 1, 2, 3, 4, 5, 6, 7
+PLACED = True  # last item of a DATA or RAW record whose data went into the image at receipt
 _HEAD = struct.Struct(">IIQ16s")
 MAX_RECORD = 1 << 30
 

@@ -7,9 +7,9 @@ from collections.abc import Awaitable, Callable
 
 from cdp.config import SourceConfig
 from cdp.errors import ProtocolError, RemoteError, TransportError
-from cdp.messages import Challenge, Error, GetHashes, Hashes, Message, Welcome
-from cdp.protocol import SourceSession
-from cdp.transport import Link, client_tls
+from cdp.wire.messages import Challenge, Error, GetHashes, Hashes, Message, Welcome
+from cdp.wire.source_session import SourceSession
+from cdp.wire.transport import Link, client_tls
 
 # An attempt that hangs (a path that still black-holes new connections) must not hold up the
 # next one for long: TCP and TLS get CONNECT_TIMEOUT, the two tiny handshake round trips
@@ -24,9 +24,9 @@ async def connect(cfg: SourceConfig) -> Link:
     ctx = client_tls(cfg.tls) if cfg.tls else None
     server_hostname = (cfg.tls.server_name or host) if cfg.tls else None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(
-            host, port, ssl=ctx, server_hostname=server_hostname, limit=1 << 20),
-            CONNECT_TIMEOUT)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ctx, server_hostname=server_hostname, limit=1 << 20)
     except (OSError, TimeoutError) as exc:
         raise TransportError(f"cannot connect to receiver {host}:{port}: {exc}") from None
     session = SourceSession(cfg.name, cfg.token, cfg.max_frame)

@@ -62,15 +62,16 @@ import os
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from cdp.errors import CdpError, LabelTakenError
-from cdp.messages import Label, Labelled, LabelTaken, valid_label
+from cdp.source.phase import Phase
 from cdp.source.volume import VolumeState
-from cdp.transport import Link
+from cdp.wire.messages import Label, Labelled, LabelTaken, valid_label
+from cdp.wire.transport import Link
 
 log = logging.getLogger(__name__)
 SOCKET = "control.sock"
@@ -96,7 +97,7 @@ class FairGate:
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             before = vs.phase
-            vs.phase = "queued"
+            vs.phase = Phase.QUEUED
             log.info("%s queued volume=%s ahead=%d", what, vs.name, len(self._waiters) - 1)
             self._waited[vs.name] = True
             try:
@@ -109,7 +110,7 @@ class FairGate:
                         self._waiters.remove(fut)
                 raise
             finally:
-                if vs.phase == "queued":
+                if vs.phase == Phase.QUEUED:
                     vs.phase = before
         # quiet by default: a written scan volume rescans up to four times a second; a scan
         # that had to queue, and one that ran long, are worth an info line
@@ -138,11 +139,17 @@ class FairGate:
         return sum(1 for f in self._waiters if not f.done())
 
 
+class Woken(Protocol):
+    wake: asyncio.Event  # set: the volume's task runs now (a scan, or a paused one rechecks)
+
+
 class Daemon(Protocol):
     """What the control channel uses of the source daemon (cdp.source.daemon.Source)."""
 
     volumes: dict[str, VolumeState]
-    wake: dict[str, asyncio.Event]
+
+    @property
+    def workers(self) -> Mapping[str, Woken]: ...
     link: Link | None
     nbd: dict[str, Any]
 
@@ -219,7 +226,8 @@ class Control:
             if uid not in (0, os.getuid()):
                 return {"ok": False, "error": "permission denied"}
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
+            async with asyncio.timeout(10):
+                line = await reader.readline()
             req = json.loads(line)
         except (ValueError, asyncio.LimitOverrunError, TimeoutError):
             return {"ok": False, "error": "expected one JSON line of at most 4 KiB"}
@@ -363,8 +371,8 @@ class Control:
                 if changed:
                     log.info("volume=%s %s (cdp %s)", vs.name,
                              "paused" if op == "pause" else "resumed", op)
-                    if (wake := self.src.wake.get(vs.name)) is not None:
-                        wake.set()
+                    if (w := self.src.workers.get(vs.name)) is not None:
+                        w.wake.set()
                 out[vs.name] = {"changed": changed, "paused_since": vs.paused_since or None,
                                 "phase": vs.phase}
         except CdpError as exc:
@@ -383,8 +391,8 @@ class Control:
             vs.resync.asked += 1
             asked[vs.name] = vs.resync.asked
             log.info("resync requested volume=%s (request %d)", vs.name, vs.resync.asked)
-            if (wake := self.src.wake.get(vs.name)) is not None:
-                wake.set()
+            if (w := self.src.workers.get(vs.name)) is not None:
+                w.wake.set()
         self.src._write_status()
         if not wait:
             return {"ok": True, "volumes": {vs.name: {"queued": True, "phase": vs.phase}
@@ -398,7 +406,7 @@ class Control:
                     if vs.paused_since:
                         return {"ok": False, "error": f"{vs.name} was paused before its resync "
                                 "finished; it runs after `cdp resume`"}
-                    if vs.phase == "failed":
+                    if vs.phase == Phase.FAILED:
                         return {"ok": False, "error": f"{vs.name} failed: {vs.error} (its resync "
                                 "stays queued until it recovers)"}
                 if all(vs.resync.done >= asked[vs.name] for vs in vols):
@@ -421,7 +429,7 @@ class Control:
             self._spawn(self._nbd_checkpoint(r))
         else:
             self._queued.setdefault(r.volume, []).append(r)
-            self.src.wake[r.volume].set()
+            self.src.workers[r.volume].wake.set()
 
     @contextlib.asynccontextmanager
     async def checkpoints(self, vs: VolumeState) -> AsyncIterator[None]:
@@ -458,7 +466,7 @@ class Control:
             r.done.set_exception(CdpError(f"volume {r.volume} is not being served over NBD"))
             return
         idle = (journal.mode == "capture" and not getattr(journal, "open", None)
-                and not getattr(journal, "sealed", None) and not vs.pending and vs.phase == "idle")
+                and not getattr(journal, "sealed", None) and not vs.pending and vs.phase == Phase.IDLE)
         journal.cut()
         if idle:
             await self._label(vs, vs.acked, [r])
@@ -525,7 +533,8 @@ class Control:
                     if self.src.link is not link:
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(fut), 0.5)
+                        async with asyncio.timeout(0.5):
+                            await asyncio.shield(fut)
                 if fut.done():
                     ans = fut.result()
                     if isinstance(ans, LabelTaken):

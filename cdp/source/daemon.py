@@ -20,16 +20,11 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from cdp.blocks import Geometry
-from cdp.codec import zero_hash
 from cdp.config import SourceConfig, load_source, log_reload, reload_source
 from cdp.durable import DirLock, atomic_write_json
 from cdp.errors import (
@@ -37,53 +32,47 @@ from cdp.errors import (
     AuthError,
     CdpError,
     ListenError,
-    ProtocolError,
     RemoteError,
     TrackerError,
     TransportError,
 )
-from cdp.messages import (
+from cdp.lifecycle import cancel_and_wait, dump_tasks, serve, start_reload
+from cdp.metrics import SourceMetrics
+from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take
+from cdp.source.connect import connect
+from cdp.source.control import Control, FairGate
+from cdp.source.filesets import REPLIES as FILE_REPLIES
+from cdp.source.filesets import FilesetSync
+from cdp.source.nbdmode import NbdExport
+from cdp.source.nbdworker import NbdWorker
+from cdp.source.phase import Phase
+from cdp.source.scanworker import ScanWorker
+from cdp.source.volume import DedupIndex, VolumeState
+from cdp.source.worker import VolumeWorker
+from cdp.status import SourceStatus
+from cdp.tracker.scan import volume_size
+from cdp.tracker.watch import Watcher
+from cdp.units import format_bytes
+from cdp.wire.messages import (
     Ack,
-    Begin,
     Bye,
-    Commit,
     Current,
     Error,
-    GetHashes,
-    Hashes,
     Labelled,
     LabelTaken,
     Message,
     Need,
-    Open,
-    Opened,
     Ping,
     Pong,
+    has,
 )
-from cdp.metrics import SourceMetrics
-from cdp.protocol import SourceSession
-from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take, take_blocking
-from cdp.source.connect import connect, fetch_hashes
-from cdp.source.control import Control, FairGate
-from cdp.source.filesets import REPLIES as FILE_REPLIES
-from cdp.source.filesets import FilesetSync
-from cdp.source.nbdmode import NbdExport, Producer, nbd_session
-from cdp.source.pause import compared, held, refetch
-from cdp.source.scanpace import ScanPacer, cpu_meter, next_scan
-from cdp.source.volume import Cancelled as _Cancelled
-from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
-from cdp.tracker.consistency import reflink_snapshot, run_hook
-from cdp.tracker.scan import CHUNK as SCAN_CHUNK
-from cdp.tracker.scan import scan, volume_size, zero_map
-from cdp.tracker.watch import Watcher
-from cdp.transport import Backoff, Link
-from cdp.units import format_bytes
+from cdp.wire.source_session import SourceSession
+from cdp.wire.transport import Backoff, Link
 
 log = logging.getLogger(__name__)
-SAVE_EVERY = 60.0
+TEARDOWN_GRACE = 15.0  # seconds a failed connection's tasks get to end before that is a bug report
+STATUS_SPACING = 0.05  # seconds between two writes of status.json when the replica moves on
 SCHEDULE_EVERY = 5.0  # seconds between checks of the time-of-day windows
-PACE_SLICE = 0.1  # under a cap, one Data frame or scan read carries at most this long at the cap
-MIN_PACED_BATCH = 256 * 1024  # ...but Data frames no smaller than this (compression, overhead)
 LINK_PROGRESS = 64 * 1024  # the link took this much since: alive, though the receiver is silent
 LOCK_FILE = ".source.lock"  # in state_dir: flock'd by the running source, holds its pid
 
@@ -96,20 +85,17 @@ class Source:
         self.volumes = {v.name: VolumeState(v, cfg.state_dir) for v in cfg.volumes}
         self.index = DedupIndex(cfg.dedup_index_entries)
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdp-z")
-        self.wake: dict[str, asyncio.Event] = {}
-        self.pacers: dict[str, ScanPacer] = {}  # scan volumes: when the next scan may start
-        self.inbox: dict[str, asyncio.Queue[Message]] = {}
-        self.acked_event: dict[str, asyncio.Event] = {}
-        self.scan_cancel: dict[str, threading.Event] = {}
-        self.scan_goal: dict[str, tuple[int, float]] = {}  # last epoch of a scan, its capture time
-        self.remote_errors: dict[str, RemoteError] = {}
+        self.workers: dict[str, VolumeWorker] = {
+            name: (NbdWorker if vs.cfg.mode == "nbd" else ScanWorker)(vs, self)
+            for name, vs in self.volumes.items()}
         self._stop = asyncio.Event()
+        self._status_due = asyncio.Event()  # the replica became current as of a newer time
         self.connected = False
         self.link_error = ""  # why the last connection failed or ended ("" while connected)
         self.link_error_since = 0.0  # when the current run of failed connections began
         self.next_connect = 0.0  # when the next attempt is due (0 while connected)
         self.link: Link | None = None
-        self.pings = True  # False once an older receiver refused a Ping
+        self.pings = True  # whether the receiver's protocol has Ping (see _watchdog)
         self.net = TokenBucket(None)  # frames sent, all volumes together
         self.reads = TokenBucket(None)  # scan reads, all volumes together
         self.caps: Caps | None = None
@@ -150,15 +136,7 @@ class Source:
 
     def reload(self) -> None:
         """SIGHUP: reload the config file in the background."""
-        task = asyncio.get_running_loop().create_task(self._reload())
-        self._background.add(task)
-        task.add_done_callback(self._reloaded)
-
-    def _reloaded(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("config reload failed (internal error), still running with the previous "
-                      "config: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        start_reload(self._background, self._reload(), log)
 
     async def _reload(self) -> None:
         async with self._reload_lock:
@@ -178,14 +156,14 @@ class Source:
             self._apply_schedule()
             self._write_status()
 
-    async def _pace(self, vs: VolumeState, msg: Message) -> None:
+    async def pace(self, vs: VolumeState, msg: Message) -> None:
         """Wait until `msg` may go: the volume's cap first, then the source's."""
         n = _wire_estimate(msg)
         await take(vs.bucket, n)
         await take(self.net, n)
 
-    async def _send(self, link: Link, vs: VolumeState, msg: Message) -> int:
-        await self._pace(vs, msg)
+    async def send(self, link: Link, vs: VolumeState, msg: Message) -> int:
+        await self.pace(vs, msg)
         return await link.send(msg)
 
     # -- main loop -----------------------------------------------------------
@@ -209,11 +187,8 @@ class Source:
         loop = asyncio.get_running_loop()
         watcher = Watcher(loop)
         for name, vs in self.volumes.items():
-            self.wake[name] = asyncio.Event()
-            self.acked_event[name] = asyncio.Event()
-            self.scan_cancel[name] = threading.Event()
             if vs.cfg.mode == "scan":
-                watcher.watch(vs.cfg.path, self.wake[name].set)
+                watcher.watch(vs.cfg.path, self.workers[name].wake.set)
             try:
                 size = volume_size(vs.cfg.path)
                 vs.load(Geometry(size, vs.cfg.block_size))
@@ -221,7 +196,7 @@ class Source:
                     export = self.nbd[name] = NbdExport(vs, vs.dir)
                     await export.start()
             except TrackerError as exc:
-                vs.error, vs.phase = str(exc), "failed"
+                vs.error, vs.phase = str(exc), Phase.FAILED
                 log.error("volume=%s: %s", name, exc)
         groups: dict[str, list[NbdExport]] = {}
         for name, export in self.nbd.items():
@@ -262,7 +237,8 @@ class Source:
                 self._write_status()  # `cdp status` shows why, since when, and the next try
                 log.info("reconnecting in %.1fs", delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
         finally:
             watcher.stop()
             await self.control.stop()
@@ -270,13 +246,12 @@ class Source:
             for export in self.nbd.values():
                 await export.stop()
             for name, vs in self.volumes.items():
-                self.scan_cancel[name].set()
+                self.workers[name].cancel.set()
                 if vs.smap is not None:
                     vs.undo_from(vs.acked + 1)
                     with contextlib.suppress(OSError):
                         vs.save()
-            status.cancel()
-            schedule.cancel()
+            await cancel_and_wait(status, schedule, *self._background)
             self._write_status()
             self.pool.shutdown(wait=True, cancel_futures=True)
             await self.metrics.close()
@@ -286,11 +261,6 @@ class Source:
         self.metrics.disconnected(err)
         self.link_error = str(err) or type(err).__name__
         self.link_error_since = self.link_error_since or time.time()
-        if isinstance(err, RemoteError) and f"unknown message type {Ping.TYPE}" in err.remote_message:
-            self.pings = False  # mixed versions while upgrading: go on without Ping
-            log.warning("the receiver does not know Ping (an older cdp): from now on a dead link "
-                        "is noticed only while epochs await acknowledgement; upgrade the receiver")
-            return
         if isinstance(err, RemoteError) and err.code == "superseded":
             log.warning("the receiver closed this connection: a newer connection named %r took "
                         "over its volumes (normal after a link fault; if it keeps happening, "
@@ -309,6 +279,8 @@ class Source:
     async def _connection(self, backoff: Backoff) -> None:
         link = await connect(self.cfg)
         self.link = link
+        assert isinstance(link.session, SourceSession)
+        self.pings = has(link.session.version, "ping")  # the version the receiver chose
         self.connected = True
         self.link_error, self.link_error_since, self.next_connect = "", 0.0, 0.0
         self.metrics.connections.inc()
@@ -318,7 +290,7 @@ class Source:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._reader(link))
                 for vs in self.volumes.values():
-                    tg.create_task(self._volume(link, vs))
+                    tg.create_task(self.workers[vs.name].run(link))
                 tg.create_task(self._stop_watch(link))
                 tg.create_task(self._keepalive(link))
                 tg.create_task(self._watchdog(link))
@@ -333,8 +305,8 @@ class Source:
             self.connected = False
             self.link = None
             for vs in self.volumes.values():
-                if vs.phase not in ("failed",):
-                    vs.phase = "disconnected"
+                if vs.phase is not Phase.FAILED:
+                    vs.phase = Phase.DISCONNECTED
             await link.close()
 
     async def _keepalive(self, link: Link) -> None:
@@ -404,11 +376,25 @@ class Source:
         finally:
             if ping is not None:
                 ping.cancel()
+            self.spawn(self._teardown_watch(link))  # the connection is ending: it must, soon
+
+    async def _teardown_watch(self, link: Link) -> None:
+        """A connection whose tasks have not all ended TEARDOWN_GRACE after it began to end
+        holds every volume (no reconnect, pending epochs forever): a task ignores its
+        cancellation. Never silent: an error, and where every task waits, go to the log."""
+        await asyncio.sleep(TEARDOWN_GRACE)
+        if self.link is link:
+            log.error("the connection to %s began to end %.0fs ago and has not: a task ignores "
+                      "its cancellation, so no volume can reconnect (a bug in cdp: please "
+                      "report it with the task dump that follows; restarting the source "
+                      "recovers)", link.peer, TEARDOWN_GRACE)
+            dump_tasks()
 
     async def _stop_watch(self, link: Link) -> None:
         await self._stop.wait()
         with contextlib.suppress(CdpError, TimeoutError):
-            await asyncio.wait_for(link.send(Bye("source shutting down")), 5)
+            async with asyncio.timeout(5):
+                await link.send(Bye("source shutting down"))
         raise _Stopped
 
     async def _reader(self, link: Link) -> None:
@@ -428,440 +414,66 @@ class Source:
                 if vs is None:
                     continue
                 if isinstance(msg, Ack):
-                    self._on_ack(link, vs, msg)
+                    self.workers[vol].on_ack(link, msg)
                 elif isinstance(msg, Labelled | LabelTaken):
                     self.control.labelled(msg)
                 elif isinstance(msg, Need):
-                    vs.need = msg.epoch
-                    vs.stats["needs"] += 1
-                    self.scan_cancel[vol].set()
-                    self.acked_event[vol].set()
+                    self.workers[vol].needed(msg.epoch)
                     log.info("receiver could not resolve references volume=%s epoch=%d; "
                              "re-sending", vol, msg.epoch)
                 else:
-                    if isinstance(msg, Error):  # the receiver stopped this volume
-                        self.remote_errors[vol] = RemoteError(msg.code, msg.message, vol)
-                        self.scan_cancel[vol].set()
-                        self.acked_event[vol].set()
-                    self.inbox.setdefault(vol, asyncio.Queue()).put_nowait(msg)
+                    self.workers[vol].deliver(msg)  # an Error: the receiver stopped this volume
 
-    def _on_ack(self, link: Link, vs: VolumeState, msg: Ack) -> None:
-        p = vs.acknowledged(msg.epoch)
-        export = self.nbd.get(vs.name)
-        if export is not None and export.journal is not None:
-            export.journal.acked(msg.epoch)
-        vs.stats["epochs"] += 1
-        self.acked_event[vs.name].set()
-        goal = self.scan_goal.get(vs.name)
-        if p is not None and goal and goal[0] == msg.epoch:
-            vs.current_as_of = goal[1]
-            vs.confirmed_at = time.time()
-            vs.seeded = True
-            self._spawn(self._send_current(link, vs))
-        if not vs.pending and vs.seeded and vs.phase == "sending":
-            vs.phase = "idle"  # all acknowledged: not "sending" until the next scan
-        if not vs.pending and time.time() - vs.saved_at > SAVE_EVERY:
-            vs.saved_at = time.time()  # one save at a time
-            self._spawn(asyncio.to_thread(self._save, vs))
+    def confirm(self, vs: VolumeState, as_of: float) -> None:
+        """The replica is known to hold everything written before `as_of` (source time).
+        status.json says so at once, not at its next 1 s tick: `cdp status`, monitoring and
+        `cdp bench` see the moment the replica became current, not a later confirmation."""
+        vs.current_as_of = as_of
+        vs.confirmed_at = time.time()
+        vs.seeded = True
+        self._status_due.set()
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
         """A fire-and-forget task that is kept referenced until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    @staticmethod
-    def _save(vs: VolumeState) -> None:
-        try:
-            vs.save()
-        except OSError as exc:
-            log.warning("volume=%s: cannot save the block map (%s); a restart will fetch it "
-                        "from the receiver instead", vs.name, exc)
-
-    async def _send_current(self, link: Link, vs: VolumeState) -> None:
-        with contextlib.suppress(CdpError):
-            await self._pace(vs, Current(vs.name, vs.acked, vs.current_as_of))
-            if vs.name in link.session.volumes and not link.session.volumes[vs.name].in_epoch:
-                await link.send(Current(vs.name, vs.acked, vs.current_as_of))
-
-    async def _expect(self, vs: VolumeState, kind: type[Message]) -> Message:
-        msg = await self.inbox.setdefault(vs.name, asyncio.Queue()).get()
-        if isinstance(msg, Error):
-            raise RemoteError(msg.code, msg.message, vs.name)
-        if not isinstance(msg, kind):
-            raise ProtocolError(f"{vs.name}: expected {kind.__name__}, got {type(msg).__name__}")
-        return msg
-
-    # -- per volume ----------------------------------------------------------
-
-    async def _volume(self, link: Link, vs: VolumeState) -> None:
-        retry = Backoff(self.cfg.reconnect_min, self.cfg.retry_max)
-        while True:
-            started, acked = time.monotonic(), vs.acked
-            try:
-                await self._volume_session(link, vs)
-            except RemoteError as exc:
-                self.metrics.error(f"remote_{exc.code}")
-                vs.phase, vs.error = "failed", str(exc)
-                log.error("volume=%s stopped by the receiver: %s", vs.name, exc.remote_message)
-                if exc.code in PERMANENT_CODES:
-                    # e.g. promoted at the DR site: retrying cannot help; the other volumes go on
-                    log.error("volume=%s: not retrying (%s); fix it and restart the source",
-                              vs.name, exc.code)
-                    await asyncio.Event().wait()
-            except TrackerError as exc:
-                vs.phase, vs.error = "failed", str(exc)
-                log.error("volume=%s: %s", vs.name, exc)
-                with contextlib.suppress(CdpError):
-                    await self._send(link, vs, Error("tracker", str(exc), vs.name))
-            self.inbox.pop(vs.name, None)
-            if vs.acked != acked or time.monotonic() - started >= self.cfg.retry_max:
-                retry.reset()  # it worked for a while: a new fault starts from the short delay
-            delay = retry.next()
-            log.info("volume=%s: retrying in %.1fs", vs.name, delay)
-            await asyncio.sleep(delay)
-
-    async def _open(self, link: Link, vs: VolumeState) -> Opened:
-        """Open the volume on the receiver and make smap describe what the replica holds."""
-        size = await asyncio.to_thread(volume_size, vs.cfg.path)
-        geo = Geometry(size, vs.cfg.block_size)
-        if vs.geo != geo:
-            vs.load(geo)
-        vs.phase = "opening"
-        self.remote_errors.pop(vs.name, None)
-        self.inbox.pop(vs.name, None)
-        await self._send(link, vs, Open(vs.name, geo.size, geo.block_size))
-        opened = await self._expect(vs, Opened)
-        assert isinstance(opened, Opened)
-        vs.error = ""
-        if vs.reconcile(opened.replica_id, opened.epoch):
-            log.info("volume=%s resuming at epoch %d", vs.name, opened.epoch)
-            if not vs.indexed:
-                self._index_map(vs, opened.epoch)
-        else:
-            await self._fetch_map(link, vs, opened)
-        return opened
-
-    async def _volume_session(self, link: Link, vs: VolumeState) -> None:
-        if vs.cfg.mode == "nbd":
-            export = self.nbd.get(vs.name)
-            if export is None:
-                raise TrackerError(f"volume {vs.name} is not served over NBD: {vs.error or 'see the log'}")
-            await nbd_session(self, link, vs, export)
-            return
-        await self._open(link, vs)
-        wake = self.wake[vs.name]
-        pacer = self.pacers.setdefault(vs.name, ScanPacer(vs.cfg.min_scan_interval))
-        vs.resync.running = 0  # a resync cut short by a reconnect starts over
-        first = True
-        while True:
-            if (err := self.remote_errors.pop(vs.name, None)) is not None:
-                raise err
-            if not first and vs.need is None and not (vs.resync.wanted and not vs.resync.running):
-                vs.phase = "idle" if vs.seeded else vs.phase
-                pacer.min_interval = vs.cfg.min_scan_interval  # SIGHUP may have changed it
-                await next_scan(wake, pacer, vs.cfg.scan_interval)
-            first = False
-            wake.clear()
-            await held(self, vs)  # `cdp pause`: until resumed
-            pacer.started(time.monotonic())
-            if vs.need is not None:
-                # the receiver dropped epoch `need` and all later ones: roll back and rescan
-                vs.undo_from(vs.need, self.index)
-                vs.need = None
-            if vs.resync.wanted and not vs.resync.running:
-                await refetch(self, link, vs)  # `cdp resync`: compare with the replica's image
-            async with self.control.checkpoints(vs):  # `cdp checkpoint` requests this scan serves
-                whole = await self._scan_once(link, vs)
-            if whole:
-                compared(self, vs)
-
-    async def _fetch_map(self, link: Link, vs: VolumeState, opened: Opened) -> None:
-        assert vs.geo is not None
-        n = vs.geo.blocks
-        vs.phase = "fetching map"
-        if opened.epoch == 0:
-            smap = zero_map(vs.geo)
-            log.info("volume=%s: new replica, seeding", vs.name)
-        else:
-            log.info("volume=%s: fetching the replica's block map (epoch %d, %d blocks)",
-                     vs.name, opened.epoch, n)
-            await self._pace(vs, GetHashes(vs.name, 0, n, False))
-            smap = await fetch_hashes(link, vs.name, n, False,
-                                      lambda: self._expect(vs, Hashes))
-        vs.adopt(opened.replica_id, opened.epoch, smap)
-        vs.seeded = opened.epoch > 0
-        if opened.epoch > 0:
-            self._index_map(vs, opened.epoch)
-        else:
-            vs.indexed = True  # a new replica holds nothing to refer to
-
-    def _index_map(self, vs: VolumeState, epoch: int) -> None:
-        """What the replica holds is available for references from every volume."""
-        assert vs.geo is not None and vs.smap is not None
-        smap, zero = memoryview(vs.smap), zero_hash(vs.geo.block_size)
-        step = 4096
-        zeros = zero * step
-        for first in range(0, vs.geo.blocks, step):
-            n = min(step, vs.geo.blocks - first)
-            if smap[first * 16:(first + n) * 16] == zeros[:n * 16]:
-                continue  # a stretch of zero blocks (most of a sparse volume): nothing to index
-            for i in range(first, first + n):
-                h = bytes(smap[i * 16:(i + 1) * 16])
-                if h != zero and h != zero_hash(vs.geo.length(i)):
-                    self.index.add(h, vs.name, i, epoch)
-        vs.indexed = True
-
-    async def _scan_once(self, link: Link, vs: VolumeState) -> bool:
-        """One scan; True if it covered the whole volume (not cut short by a pause or a Need)."""
-        async with self.gate.slot(vs, "scan"):  # max_concurrent_scans, first come first served
-            if vs.paused_since:
-                return False  # paused while queued: no hooks, no reads
-            return await self._scan_now(link, vs)
-
-    async def _scan_now(self, link: Link, vs: VolumeState) -> bool:
-        """One scan. Its epochs carry two times (docs/how-it-works.md, "Scans see torn state"): `capture`,
-        everything that finished before it is in, and `until`, nothing that finished after
-        it is. pre_scan quiesces until post_scan: both are the moment the hook returned (a
-        write it waited for is in). A reflink copy is one instant inside the copy call.
-        Otherwise the scan reads over a period: its start, and the end of each epoch's reads.
-        """
-        cfg = vs.cfg
-        await run_hook(cfg.pre_scan, "pre_scan", vs.name, cfg.path)
-        capture = time.time()
-        until = capture if cfg.pre_scan else None  # None: read over a period
-        path = cfg.path
-        snap = vs.dir / "snapshot"
-        thawed = False  # post_scan runs exactly once, whatever fails: a guest is never left frozen
-        try:
-            if cfg.snapshot == "reflink":
-                try:
-                    capture = time.time()
-                    path = await asyncio.to_thread(reflink_snapshot, cfg.path, snap)
-                    until = capture if cfg.pre_scan else time.time()
-                finally:  # thaw right after the copy, whether it worked or not
-                    thawed = True
-                    await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
-            return await self._stream_scan(link, vs, path, capture, until)
-        finally:
-            if cfg.snapshot == "reflink":
-                with contextlib.suppress(OSError):
-                    snap.unlink()
-            if not thawed:
-                await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
-
-    async def _stream_scan(self, link: Link, vs: VolumeState, path: Path, capture: float,
-                           until: float | None) -> bool:
-        vs.phase = "resync" if vs.resync.running else "scanning" if vs.seeded else "seeding"
-        vs.stats["scans"] += 1
-        assert vs.geo is not None
-        t0 = time.monotonic()
-        chunk = _paced(SCAN_CHUNK, self.reads.rate, vs.geo.block_size)
-        pacer = self.pacers.setdefault(vs.name, ScanPacer(vs.cfg.min_scan_interval))
-        seeded = vs.seeded
-
-        skipped = 0  # bytes of holes: zero without being read
-        short = False  # stopped by a pause before the end
-
-        def produce(builder: EpochBuilder, progress: Callable[..., None],
-                    cancelled: Callable[[], bool]) -> bool:
-            nonlocal short
-            assert vs.geo is not None and vs.smap is not None
-
-            def stop() -> bool:  # `cdp pause`: what was found so far is committed, then no more
-                return cancelled() or bool(vs.paused_since)
-
-            def hole(n: int) -> None:
-                nonlocal skipped
-                skipped += n
-                progress(n, read=False)
-
-            def throttle(n: int) -> None:
-                take_blocking(self.reads, n, stop)
-
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
-            try:
-                # what a rescan cost spaces the next one (scanpace.DUTY); a seed predicts nothing
-                with cpu_meter(pacer) if seeded else contextlib.nullcontext():
-                    for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                                  cancelled=stop, throttle=throttle, holes=hole):
-                        builder.add(block, h, content)
-            finally:
-                os.close(fd)
-            short = stop() and not cancelled()
-            return short
-
-        def read_end() -> float:
-            return time.time() if until is None else until  # None: an epoch ends its reads now
-
-        await self.stream(link, vs, capture, produce, until=read_end)
-        if vs.need is not None:
-            return False
-        vs.phase = "sending" if vs.pending else ("idle" if vs.seeded else vs.phase)
-        dt = time.monotonic() - t0
-        whole = not short
-        log.log(logging.INFO if vs.stats["scans"] <= 1 or dt > 5 or not whole else logging.DEBUG,
-                "volume=%s scan %s in %.1fs (%s read, %s of holes skipped)", vs.name,
-                "done" if whole else "stopped (paused)", dt,
-                format_bytes(vs.progress[0] - skipped), format_bytes(skipped))
-        return whole
-
-    async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
-                     split: bool = True, total: int | None = None,
-                     until: Callable[[], float] | None = None) -> int | None:
-        """Run `produce` in a thread feeding an EpochBuilder; send what it builds as it comes.
-
-        Returns the last epoch committed (None if nothing changed). Raises
-        _Cancelled-free: a Need, an error or a shutdown ends it early (check
-        vs.need and the link). With split=False an epoch is never cut in two
-        (an NBD epoch must stay one state the guest had). `until()` is called when an
-        epoch's reads are done: no write that finished later is in it (None: `capture`).
-        """
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
-        room = threading.Semaphore(self.cfg.workers * 2 + 2)  # ops between scan and socket
-        cancel = self.scan_cancel[vs.name]
-        cancel.clear()
-        assert vs.geo is not None
-        vs.progress = (0, vs.geo.size if total is None else total)
-        # under a cap, frames and reads are small enough to be paced smoothly
-        caps = [r for r in (vs.bucket.rate, self.net.rate) if r is not None]
-        batch = _paced(self.cfg.batch_bytes, min(caps) if caps else None, MIN_PACED_BATCH)
-        last: list[int] = []
-
-        def emit(op: tuple[Any, ...]) -> None:
-            # room first (bounded memory), then a fire-once hand-off: an op is never queued twice
-            while not room.acquire(timeout=0.5):
-                if cancel.is_set():
-                    raise _Cancelled
-            if cancel.is_set():
-                raise _Cancelled
-            if op[0] == "commit":
-                last.append(op[1])
-                op = (*op, capture if until is None else until())
-            loop.call_soon_threadsafe(q.put_nowait, op)
-
-        def work() -> None:
-            builder = EpochBuilder(vs, self.volumes, self.index, self.pool, emit,
-                                   capture_time=capture, batch_bytes=batch,
-                                   max_epoch_bytes=self.cfg.max_epoch_bytes if split else 1 << 62,
-                                   level=self.cfg.compress_level)
-            done = 0
-
-            def progress(n: int, read: bool = True) -> None:
-                """`n` more bytes covered: read, or known without reading (holes)."""
-                nonlocal done
-                done += n
-                vs.progress = (done, vs.progress[1])
-                vs.stats["scanned" if read else "skipped"] += n
-
-            short = produce(builder, progress, cancel.is_set)
-            builder.commit()
-            emit(("end", bool(short)))
-
-        scan_task = asyncio.ensure_future(asyncio.to_thread(work))
-        sender = asyncio.create_task(self._send_ops(link, vs, q, room, capture))
-        try:
-            await asyncio.wait({scan_task, sender}, return_when=asyncio.FIRST_EXCEPTION)
-            if sender.done() and sender.exception() is not None:
-                raise sender.exception()  # type: ignore[misc]
-            if scan_task.done():
-                exc = scan_task.exception()
-                if exc is not None:
-                    # cancelled (Need, error, shutdown) or failed: "end" will never come
-                    sender.cancel()
-                    if not isinstance(exc, _Cancelled):
-                        raise exc
-                else:
-                    await sender  # it drains the queue up to "end"
-        finally:
-            cancel.set()
-            sender.cancel()
-            with contextlib.suppress(BaseException):
-                await scan_task
-            with contextlib.suppress(BaseException):
-                await sender
-        return last[-1] if last else None
-
-    async def _send_ops(self, link: Link, vs: VolumeState, q: asyncio.Queue[tuple[Any, ...]],
-                        room: threading.Semaphore, capture: float) -> None:
-        last_epoch = None
-        while True:
-            op = await q.get()
-            room.release()
-            if vs.need is not None or vs.name not in link.session.volumes:
-                return  # the epoch was dropped (Need) or the volume stopped (Error)
-            kind = op[0]
-            if kind == "begin":
-                while vs.unacked_committed() >= self.cfg.window and vs.need is None:
-                    self.acked_event[vs.name].clear()
-                    await self.acked_event[vs.name].wait()
-                if vs.need is not None:
-                    return
-                vs.stats["wire"] += await self._send(link, vs, Begin(vs.name, op[1], op[2]))
-            elif kind == "data":
-                msg = await asyncio.wrap_future(op[1])
-                vs.stats["compressed"] += len(msg.zdata)
-                n = await self._send(link, vs, msg)
-                vs.stats["wire"] += n
-                vs.rate_window.append((time.time(), msg.raw_len))
-            elif kind == "msg":
-                vs.stats["wire"] += await self._send(link, vs, op[1])
-            elif kind == "commit":
-                commit = Commit(vs.name, op[1], op[2], op[3])
-                await self._pace(vs, commit)
-                with vs.lock:
-                    p = vs.pending.get(op[1])
-                    if p is not None:
-                        p.committed = True
-                vs.stats["wire"] += await link.send(commit)
-                last_epoch = op[1]
-            elif kind == "end":
-                if op[1]:
-                    return  # cut short (paused): the replica is not current as of `capture`
-                if last_epoch is None and not vs.pending:
-                    vs.current_as_of = capture  # nothing changed: the replica is current
-                    vs.confirmed_at = time.time()
-                    vs.seeded = True
-                    await self._send_current(link, vs)
-                elif last_epoch is not None:
-                    self.scan_goal[vs.name] = (last_epoch, capture)
-                    if last_epoch <= vs.acked and not vs.pending:
-                        vs.current_as_of = capture
-                        vs.confirmed_at = time.time()
-                        vs.seeded = True
-                return
 
     # -- status --------------------------------------------------------------
 
     async def _status_loop(self) -> None:
         last_log = 0.0
         while True:
-            await asyncio.sleep(1.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._status_due.wait()
+            self._status_due.clear()
             self._write_status()
+            await asyncio.sleep(STATUS_SPACING)  # at most ~20 writes/s under a steady load
             now = time.monotonic()
             if now - last_log >= 10:
                 last_log = now
                 for vs in self.volumes.values():
-                    if vs.phase in ("seeding", "scanning") and vs.progress[1]:
+                    if vs.phase in (Phase.SEEDING, Phase.SCANNING) and vs.progress[1]:
                         log.info("volume=%s %s %.0f%% (%s of %s)", vs.name, vs.phase,
                                  100 * vs.progress[0] / vs.progress[1],
                                  format_bytes(vs.progress[0]), format_bytes(vs.progress[1]))
 
+    def status(self) -> SourceStatus:
+        """The one snapshot of this source that metrics and status.json are made of."""
+        return SourceStatus(
+            source=self.cfg.name, connected=self.connected, pid=os.getpid(),
+            link_error=self.link_error, link_error_since=self.link_error_since,
+            next_connect=self.next_connect, updated=time.time(), rate_limit=self.net.rate,
+            read_limit=self.reads.rate, window=self.caps.window if self.caps else None,
+            volumes=tuple(vs.status() for vs in self.volumes.values()),
+            filesets=tuple(self.files.status()))
+
     def _write_status(self) -> None:
         with contextlib.suppress(OSError):
-            atomic_write_json(self.cfg.state_dir / "status.json", {
-                "source": self.cfg.name, "connected": self.connected, "pid": os.getpid(),
-                "link_error": self.link_error, "link_error_since": self.link_error_since,
-                "next_connect": self.next_connect,
-                "updated": time.time(), "rate_limit": self.net.rate, "read_limit": self.reads.rate,
-                "window": self.caps.window if self.caps else None,
-                "volumes": [vs.status() for vs in self.volumes.values()],
-                "filesets": self.files.status(),
-            }, sync=False)
+            atomic_write_json(self.cfg.state_dir / "status.json", self.status().to_dict(),
+                              sync=False)
 
 
 class _Stopped(Exception):
@@ -872,11 +484,6 @@ def _quiet(task: asyncio.Task[Any]) -> None:
     """A fire-and-forget send: its failure shows elsewhere (the link is dropped)."""
     if not task.cancelled():
         task.exception()
-
-
-def _paced(size: int, rate: float | None, floor: int) -> int:
-    """`size`, or less under a cap: about PACE_SLICE seconds' worth, not below `floor`."""
-    return size if rate is None else min(size, max(floor, int(rate * PACE_SLICE)))
 
 
 def _wire_estimate(msg: Message) -> int:
@@ -891,12 +498,7 @@ def run_source(cfg: SourceConfig) -> int:
     """Run until SIGTERM/SIGINT; SIGHUP reloads the config. Returns the exit code."""
 
     async def main() -> None:
-        src = Source(cfg)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, src.stop)
-        loop.add_signal_handler(signal.SIGHUP, src.reload)
-        await src.run()
+        await serve(Source(cfg))
 
     asyncio.run(main())
     return 0

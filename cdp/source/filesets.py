@@ -51,12 +51,12 @@ from cdp.blocks import unpack_u64
 from cdp.codec import compress
 from cdp.config import FilesetConfig
 from cdp.errors import CdpError, ProtocolError
-from cdp.messages import FileAck, FileDelete, FileError, FileOpen, FileOpened, FilePut, Message
-from cdp.protocol import valid_file_path
 from cdp.ratelimit import TokenBucket, take
 from cdp.tracker.watch import WRITE_EVENTS
-from cdp.transport import Link
 from cdp.units import format_bytes
+from cdp.wire.messages import FileAck, FileDelete, FileError, FileOpen, FileOpened, FilePut, Message
+from cdp.wire.session import valid_file_path
+from cdp.wire.transport import Link
 
 log = logging.getLogger(__name__)
 REPLIES = (FileOpened, FileAck, FileError)
@@ -316,7 +316,8 @@ class FilesetSync:
                 log.error("%s; the other sets and volumes go on", exc)
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(st.wake.wait(), st.cfg.scan_interval)
+                async with asyncio.timeout(st.cfg.scan_interval):
+                    await st.wake.wait()
             await asyncio.sleep(SETTLE)
 
     async def _check(self, link: Link, bucket: TokenBucket, st: _SetState, limit: int) -> None:

@@ -9,9 +9,9 @@ from functools import partial
 from cdp.blocks import Geometry
 from cdp.config import SourceConfig
 from cdp.errors import CdpError, RemoteError
-from cdp.messages import Bye, Error, Message, Open, Opened
 from cdp.source.connect import connect, fetch_hashes
-from cdp.transport import Link
+from cdp.wire.messages import Bye, Error, Message, Open, Opened
+from cdp.wire.transport import Link
 
 
 async def replica_hashes(cfg: SourceConfig, volumes: dict[str, Geometry],
@@ -45,6 +45,7 @@ async def replica_hashes(cfg: SourceConfig, volumes: dict[str, Geometry],
             out[name] = (msg.epoch, bytes(blob))
     finally:
         with contextlib.suppress(CdpError, TimeoutError):  # a clean end, not a lost connection
-            await asyncio.wait_for(link.send(Bye("verify done")), 5)
+            async with asyncio.timeout(5):
+                await link.send(Bye("verify done"))
         await link.close()
     return out

@@ -30,24 +30,28 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol, TypeVar
 
 from cdp.blocks import Geometry, runs
 from cdp.codec import HASH_LEN, block_hash, zero_hash
-from cdp.errors import ConfigError, RemoteError, TrackerError
-from cdp.messages import Opened
-from cdp.nbd.server import NbdListenError, NbdServer, NbdServerError, is_loopback
+from cdp.errors import ConfigError, TrackerError
+from cdp.nbd.listen import NbdListenError, NbdServerError, is_loopback
+from cdp.nbd.server import NbdServer
 from cdp.source.control import FairGate
 from cdp.source.pause import Daemon as PauseDaemon
+from cdp.source.pause import Worker as PauseWorker
 from cdp.source.pause import compared, held, refetch
-from cdp.source.volume import Cancelled, DedupIndex, EpochBuilder, VolumeState
+from cdp.source.phase import Phase
+from cdp.source.volume import Cancelled, EpochBuilder, VolumeState
+from cdp.tracker.capture import Captured, Resync
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.extents import BlockRuns
-from cdp.tracker.journal import Captured, Resync, WriteJournal
+from cdp.tracker.journal import WriteJournal
 from cdp.tracker.scan import scan, scan_spans, volume_size
-from cdp.transport import Link, server_tls
 from cdp.units import format_bytes
+from cdp.wire.messages import Opened
+from cdp.wire.transport import Link, server_tls
 
 log = logging.getLogger(__name__)
 IDLE_CURRENT_EVERY = 2.0  # seconds between "the replica is current" notes while the guest is idle
@@ -57,20 +61,25 @@ T = TypeVar("T")
 Producer = Callable[[EpochBuilder, Callable[[int], None], Callable[[], bool]], bool | None]
 
 
+class Worker(PauseWorker, Protocol):
+    """What an nbd session uses of its volume's worker (cdp.source.worker.VolumeWorker)."""
+
+    async def open(self, link: Link) -> Opened: ...
+
+    async def send_current(self, link: Link) -> None: ...
+
+    async def stream(self, link: Link, capture: float, produce: Producer, *,
+                     split: bool = True, total: int | None = None) -> int | None: ...
+
+
 class Source(PauseDaemon, Protocol):
     """What an nbd session uses of the source daemon (cdp.source.daemon.Source)."""
 
-    index: DedupIndex
-    remote_errors: dict[str, RemoteError]
     gate: FairGate
     volumes: dict[str, VolumeState]
 
-    async def _open(self, link: Link, vs: VolumeState) -> Opened: ...
-
-    async def _send_current(self, link: Link, vs: VolumeState) -> None: ...
-
-    async def stream(self, link: Link, vs: VolumeState, capture: float, produce: Producer, *,
-                     split: bool = True, total: int | None = None) -> int | None: ...
+    @property
+    def workers(self) -> Mapping[str, Worker]: ...
 
 
 class NbdExport:
@@ -154,16 +163,17 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
     if journal is None:
         raise TrackerError(f"volume {vs.name} is not being served over NBD (see the log)")
     before = (vs.replica_id, vs.acked)
-    opened = await src._open(link, vs)
+    opened = await src.workers[vs.name].open(link)
     # resumed at or past what was acknowledged: the replica holds every acked epoch, so regions
     # replicated since (hot) need no second look; otherwise (a fetched map) trust nothing
     resumed = bool(before[0]) and vs.replica_id == before[0] and opened.epoch >= before[1]
     journal.requeue(everything=opened.epoch == 0, trust_hot=resumed)
+    journal.in_flight = lambda: bool(vs.pending)  # group commit: see WriteJournal.take
     vs.resync.running = 0  # a resync cut short by a reconnect starts over
     last_current = 0.0
     busy = True  # something was sent since the replica was last said to be current
     while True:
-        if (err := src.remote_errors.pop(vs.name, None)) is not None:
+        if (err := src.workers[vs.name].take_error()) is not None:
             raise err
         if vs.paused_since:
             await _hold(src, vs, journal)
@@ -184,12 +194,12 @@ async def nbd_session(src: Source, link: Link, vs: VolumeState, export: NbdExpor
             now = time.time()
             if (journal.mode == "capture" and not journal.has_open and not journal.sealed
                     and not vs.pending and (busy or now - last_current >= IDLE_CURRENT_EVERY)):
-                vs.phase = "idle"
+                vs.phase = Phase.IDLE
                 vs.current_as_of = now  # nothing written since the last acknowledged cut
                 vs.confirmed_at = now
                 last_current = now
                 busy = False
-                await src._send_current(link, vs)
+                await src.workers[vs.name].send_current(link)
             continue
         busy = True
         try:
@@ -228,7 +238,7 @@ def group_of(src: Source, vs: VolumeState) -> tuple[str, list[str]]:
 
 
 async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) -> int | None:
-    vs.phase = "sending"
+    vs.phase = Phase.SENDING
     group, members = group_of(src, vs)
 
     def produce(builder: EpochBuilder, progress: Callable[[int], None],
@@ -247,7 +257,7 @@ async def _captured(src: Source, link: Link, vs: VolumeState, unit: Captured) ->
                 builder.add(b, h, None if zero else memoryview(content))
         builder.mark_cut(unit.time, unit.since if group else 0.0, group, members, force=unit.mark)
 
-    return await src.stream(link, vs, unit.time, produce, split=False, total=unit.nbytes)
+    return await src.workers[vs.name].stream(link, unit.time, produce, split=False, total=unit.nbytes)
 
 
 def _add_zero_runs(builder: EpochBuilder, geo: Geometry, smap: bytearray, zeros: BlockRuns,
@@ -286,7 +296,7 @@ async def _resync(src: Source, link: Link, vs: VolumeState, journal: WriteJourna
 
 async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
                       unit: Resync) -> int | None:
-    vs.phase = "resync" if vs.seeded else "seeding"
+    vs.phase = Phase.RESYNC if vs.seeded else Phase.SEEDING
     group, members = group_of(src, vs)
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
@@ -341,7 +351,7 @@ async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJo
         # the last epoch is the state at that cut (a group member's always exists: see above)
         builder.mark_cut(when, 0.0, group, members, force=bool(group))
 
-    last = await src.stream(link, vs, unit.time, produce)
+    last = await src.workers[vs.name].stream(link, unit.time, produce)
     dt = time.monotonic() - t0
     if vs.need is None:
         log.info("volume=%s %s done in %.1fs (%s compared)", vs.name,

@@ -22,41 +22,52 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from cdp.errors import RemoteError
-from cdp.messages import GetHashes, Hashes, Message
 from cdp.source.connect import fetch_hashes
+from cdp.source.phase import Phase
 from cdp.source.volume import DedupIndex, VolumeState
-from cdp.transport import Link
+from cdp.wire.messages import GetHashes, Hashes, Message
+from cdp.wire.transport import Link
 
 log = logging.getLogger(__name__)
 POLL = 0.05
+
+
+class Worker(Protocol):
+    """What pausing and resyncing use of a volume's worker (cdp.source.worker.VolumeWorker)."""
+
+    wake: asyncio.Event
+    acked: asyncio.Event
+
+    def take_error(self) -> RemoteError | None: ...
+
+    async def expect(self, kind: type[Message]) -> Message: ...
 
 
 class Daemon(Protocol):
     """What pausing and resyncing use of the source daemon (cdp.source.daemon.Source)."""
 
     index: DedupIndex
-    wake: dict[str, asyncio.Event]
-    acked_event: dict[str, asyncio.Event]
-    remote_errors: dict[str, RemoteError]
 
-    async def _pace(self, vs: VolumeState, msg: Message) -> None: ...
+    @property
+    def workers(self) -> Mapping[str, Worker]: ...
 
-    async def _expect(self, vs: VolumeState, kind: type[Message]) -> Message: ...
+    async def pace(self, vs: VolumeState, msg: Message) -> None: ...
 
-    def _spawn(self, coro: Any) -> None: ...
+    def spawn(self, coro: Any) -> None: ...
 
 
 async def held(src: Daemon, vs: VolumeState) -> None:
     """While the volume is paused: phase "paused", nothing sent; returns once resumed."""
     if not vs.paused_since:
         return
-    vs.phase = "paused"
+    vs.phase = Phase.PAUSED
     log.info("volume=%s paused (since %s): shipping nothing until `cdp resume`", vs.name,
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(vs.paused_since)))
-    wake = src.wake[vs.name]
+    wake = src.workers[vs.name].wake
     while vs.paused_since:
         wake.clear()
         await wake.wait()
@@ -69,32 +80,32 @@ async def refetch(src: Daemon, link: Link, vs: VolumeState) -> None:
     r = vs.resync
     r.running = r.asked
     while True:
-        if (err := src.remote_errors.pop(vs.name, None)) is not None:
+        if (err := src.workers[vs.name].take_error()) is not None:
             raise err
         if vs.need is not None:
             vs.undo_from(vs.need, src.index)
             vs.need = None
         if not vs.pending:
             break
-        acked = src.acked_event[vs.name]
+        acked = src.workers[vs.name].acked
         acked.clear()
         await acked.wait()  # an Ack, a Need or an Error sets it
     assert vs.geo is not None
     geo = vs.geo
-    vs.phase = "fetching map"
+    vs.phase = Phase.FETCHING_MAP
     vs.progress = (0, geo.size)
     r.changed_before = vs.stats["changed"]
     log.info("volume=%s resync: the receiver rehashes the replica's image (epoch %d, %d blocks)",
              vs.name, vs.acked, geo.blocks)
 
     async def hashes() -> Message:
-        msg = await src._expect(vs, Hashes)
+        msg = await src.workers[vs.name].expect(Hashes)
         if isinstance(msg, Hashes):
             done = (msg.start + len(msg.hashes) // 16) * geo.block_size
             vs.progress = (min(done, geo.size), geo.size)
         return msg
 
-    await src._pace(vs, GetHashes(vs.name, 0, geo.blocks, True))
+    await src.pace(vs, GetHashes(vs.name, 0, geo.blocks, True))
     smap = await fetch_hashes(link, vs.name, geo.blocks, True, hashes)
     vs.adopt(vs.replica_id, vs.acked, smap)  # nothing pending: the image at the acked epoch
     vs.progress = (0, geo.size)
@@ -107,7 +118,7 @@ def compared(src: Daemon, vs: VolumeState) -> None:
         return
     with vs.lock:
         target = max([vs.acked, *(e for e, p in vs.pending.items() if p.committed)])
-    src._spawn(_finish(src, vs, r.running, target, vs.stats["needs"]))
+    src.spawn(_finish(src, vs, r.running, target, vs.stats["needs"]))
 
 
 async def _finish(src: Daemon, vs: VolumeState, run: int, target: int, needs: float) -> None:
@@ -123,4 +134,4 @@ async def _finish(src: Daemon, vs: VolumeState, run: int, target: int, needs: fl
     log.info("volume=%s resync done: %d block(s) differed and were sent (epoch %d)", vs.name,
              r.blocks, target)
     if r.wanted:
-        src.wake[vs.name].set()  # asked again while this one ran: the next one starts now
+        src.workers[vs.name].wake.set()  # asked again while this one ran: the next one starts now

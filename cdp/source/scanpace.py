@@ -63,7 +63,8 @@ async def next_scan(wake: asyncio.Event, pacer: ScanPacer, scan_interval: float,
     reason = "event"
     if not wake.is_set():
         try:
-            await asyncio.wait_for(wake.wait(), scan_interval)
+            async with asyncio.timeout(scan_interval):
+                await wake.wait()
         except TimeoutError:
             reason = "timer"
     if reason == "event":  # settle: let the burst finish, within bounds
@@ -74,7 +75,8 @@ async def next_scan(wake: asyncio.Event, pacer: ScanPacer, scan_interval: float,
             if left <= 0:
                 break
             try:
-                await asyncio.wait_for(wake.wait(), left)
+                async with asyncio.timeout(left):
+                    await wake.wait()
             except TimeoutError:
                 break
     delay = pacer.earliest() - clock()

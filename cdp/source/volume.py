@@ -30,9 +30,11 @@ from cdp.codec import HASH_LEN, compress
 from cdp.config import VolumeConfig
 from cdp.durable import atomic_write, atomic_write_json, make_private_dir, read_json
 from cdp.errors import CdpError
-from cdp.messages import Cut, Data, Ref, Zero
-from cdp.protocol import MAX_ZERO_RUNS
 from cdp.ratelimit import TokenBucket
+from cdp.source.phase import Phase, check
+from cdp.status import SourceVolumeStatus
+from cdp.wire.messages import Cut, Data, Ref, Zero
+from cdp.wire.session import MAX_ZERO_RUNS
 
 MAX_REFS_PER_FRAME = 32768
 MAX_ZERO_RUNS_PER_FRAME = MAX_ZERO_RUNS  # the receiver refuses more in one frame
@@ -125,7 +127,7 @@ class VolumeState:
         self.stats: dict[str, float] = dict.fromkeys(  # bytes; changed: blocks; the rest: counts
             ("scanned", "skipped", "changed", "logical", "data", "compressed", "zero", "dedup",
              "wire", "epochs", "scans", "needs"), 0)
-        self.phase = "starting"
+        self._phase = Phase.STARTING  # see cdp/source/phase.py: the life cycle
         self.progress = (0, 0)
         self.current_as_of = 0.0  # source time of the newest state the replica is known to hold
         self.confirmed_at = 0.0  # when that became known (ack, or a scan that found nothing)
@@ -142,6 +144,15 @@ class VolumeState:
         self.paused_since = self._paused_since()  # `cdp pause`: 0.0 while not paused
         self.resync = ResyncState()  # `cdp resync`
 
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, new: Phase) -> None:
+        check(self.name, self._phase, new, seeded=self.seeded)
+        self._phase = new
     def configure(self, cfg: VolumeConfig) -> None:
         """Take a reloaded config (same volume, same path and geometry)."""
         self.cfg = cfg
@@ -279,26 +290,26 @@ class VolumeState:
         with self.lock:
             return sum(1 for p in self.pending.values() if p.committed)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> SourceVolumeStatus:
+        """This volume's part of the source's status snapshot (Source.status)."""
         now = time.time()
         self.rate_window = [w for w in self.rate_window if now - w[0] <= 10]
         rate = sum(w[1] for w in self.rate_window) / 10.0
-        return {
-            "volume": self.name, "path": str(self.cfg.path), "phase": self.phase,
-            "acked_epoch": self.acked, "pending_epochs": len(self.pending),
-            "replica_id": self.replica_id, "seeded": self.seeded,
-            "progress_done": self.progress[0], "progress_total": self.progress[1],
-            "current_as_of": self.current_as_of, "confirmed_at": self.confirmed_at,
-            "lag": (now - self.current_as_of) if self.current_as_of else None,
-            "last_ack": self.last_ack, "rate": rate,
-            "error": self.error, "stats": dict(self.stats),
-            "size": self.geo.size if self.geo else 0,
-            "block_size": self.geo.block_size if self.geo else self.cfg.block_size,
-            "rate_limit": self.bucket.rate, "mode": self.cfg.mode,
-            "paused": bool(self.paused_since), "paused_since": self.paused_since or None,
-            "resync": self.resync.status(), "resync_blocks": self.resync.blocks,
-            **(self.status_extra() if self.status_extra is not None else {}),
-        }
+        extra = self.status_extra() if self.status_extra is not None else {}
+        return SourceVolumeStatus(
+            volume=self.name, path=str(self.cfg.path), phase=self.phase,
+            acked_epoch=self.acked, pending_epochs=len(self.pending),
+            replica_id=self.replica_id, seeded=self.seeded,
+            progress_done=self.progress[0], progress_total=self.progress[1],
+            current_as_of=self.current_as_of, confirmed_at=self.confirmed_at,
+            lag=(now - self.current_as_of) if self.current_as_of else None,
+            last_ack=self.last_ack, rate=rate, error=self.error, stats=dict(self.stats),
+            size=self.geo.size if self.geo else 0,
+            block_size=self.geo.block_size if self.geo else self.cfg.block_size,
+            rate_limit=self.bucket.rate, mode=self.cfg.mode,
+            paused=bool(self.paused_since), paused_since=self.paused_since or None,
+            resync=self.resync.status(), resync_blocks=self.resync.blocks,
+            nbd=extra.get("nbd"))
 
 
 Emit = Callable[[tuple[Any, ...]], None]

@@ -28,7 +28,8 @@ async def run_hook(cmd: str | None, phase: str, volume: str, path: Path) -> None
     env = {**os.environ, "CDP_VOLUME": volume, "CDP_PATH": str(path), "CDP_PHASE": phase}
     proc = await asyncio.create_subprocess_shell(cmd, env=env)
     try:
-        rc = await asyncio.wait_for(proc.wait(), HOOK_TIMEOUT)
+        async with asyncio.timeout(HOOK_TIMEOUT):
+            rc = await proc.wait()
     except TimeoutError:
         proc.kill()
         raise TrackerError(f"{phase} command timed out after {HOOK_TIMEOUT:.0f}s: {cmd}") from None

@@ -6,7 +6,9 @@ has two modes:
 
 capture
     After a write reaches the image, the blocks it touched are read back
-    (from the page cache) into the *open* epoch. A TRIM or WRITE_ZEROES is
+    (from the page cache) into the *open* epoch; a write the server hands over
+    with its payload (`wrote`) gives the blocks it covers whole straight from
+    that payload, and only a partly covered block at either edge is read. A TRIM or WRITE_ZEROES is
     never read: the whole blocks it covers become zero runs (extents) of the
     epoch and only a partly covered block at either edge is read, so a 4 GiB
     trim costs a few ints and no copying on the event loop. A block's latest
@@ -44,71 +46,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp.blocks import Geometry, runs
-from cdp.durable import create_private, make_private_dir
+from cdp.blocks import Geometry
+from cdp.durable import make_private_dir
+from cdp.tracker.capture import (
+    RUN_COST,
+    Captured,
+    Resync,
+    blocks_from_payload,
+    drop_range,
+    in_range,
+    merge_units,
+    pread_padded,
+    read_blocks,
+    split_blocks,
+    write_spill,
+)
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.extents import BlockRuns
 from cdp.units import format_bytes
 
 log = logging.getLogger(__name__)
-RUN_COST = 64  # bytes of memory a zero run is charged against capture_memory
-
-
-@dataclass
-class Captured:
-    """Blocks as they were at one cut (several consecutive cuts, once merged).
-
-    `blocks` holds content, `zeros` the runs of blocks that were all zero at
-    the cut (trims, write-zeroes); the two never overlap. `nbytes` counts the
-    content only. A spilled unit keeps its blocks in a file instead (`spill`,
-    with `order` listing (block, length) in file order; its zero runs stay in
-    memory); read it with items(). `since`: the cut before the unit's first write
-    (the previous unit's state held through it); `mark`: sealed at a marked cut.
-    """
-
-    seq: int
-    time: float
-    blocks: dict[int, bytes]
-    nbytes: int
-    spill: Path | None = None
-    order: list[tuple[int, int]] = field(default_factory=list)
-    zeros: BlockRuns = field(default_factory=BlockRuns)
-    since: float = 0.0
-    mark: bool = False
-
-    def memory(self) -> int:
-        """What the unit holds in memory, as charged against capture_memory."""
-        return (0 if self.spill is not None else self.nbytes) + RUN_COST * len(self.zeros)
-
-    def items(self) -> Iterator[tuple[int, bytes]]:
-        """(block, content) in block order; reads a spilled unit from its file (worker thread)."""
-        if self.spill is None:
-            for b in sorted(self.blocks):
-                yield b, self.blocks[b]
-            return
-        with open(self.spill, "rb") as fh:
-            for b, length in self.order:
-                yield b, fh.read(length)
-
-
-@dataclass
-class Resync:
-    """Regions to read live and compare with the replica; closed at a later cut.
-
-    `spans` are (first block, count) runs covering the dirty regions, or None
-    when every region is dirty (read the whole volume, skipping holes).
-    """
-
-    seq: int
-    time: float
-    spans: list[tuple[int, int]] | None
 
 
 @dataclass
@@ -147,6 +110,9 @@ class WriteJournal:
         self.epoch_interval = epoch_interval
         self.pass_threshold = pass_threshold
         self.batch_delay = min(batch_delay, epoch_interval)
+        # the sender's epochs not yet acknowledged (set by the sender): while some are, an open
+        # epoch is not cut by batch_delay alone but grows until they are (group commit)
+        self.in_flight: Callable[[], bool] = lambda: False
         self.first_write = 0.0  # when the open epoch got its first write
         self.group: tuple[WriteJournal, ...] = ()  # consistency group members (self included)
         self.cooling: dict[int, float] = {}  # replicated regions still marked on disk: since when
@@ -185,6 +151,20 @@ class WriteJournal:
     async def before_change(self, offset: int, length: int) -> None:
         await self.dirty.mark(self.dirty.regions_of(offset, length))
 
+    async def before_changes(self, offset: int, length: int,
+                             ahead: Iterable[tuple[int, int]]) -> None:
+        """before_change; when that has to wait for a sync, the clean regions of the writes
+        queued behind (`ahead`) are made dirty by the same sync. One of them that never
+        runs (the client went away) leaves a region dirty: compared once, nothing lost."""
+        dirty = self.dirty
+        first = dirty.regions_of(offset, length)
+        if all(dirty.is_set(r) for r in first):
+            return
+        regions = set(first)
+        for off, n in ahead:
+            regions.update(dirty.regions_of(off, n))
+        await dirty.mark(sorted(regions))
+
     def changed(self, offset: int, length: int) -> None:
         """A WRITE reached the image: capture the blocks it touched (tracking mode: note them)."""
         if length <= 0:
@@ -192,6 +172,16 @@ class WriteJournal:
         self._note(offset, length)
         bs = self.geo.block_size
         self._touch(offset // bs, min(self.geo.blocks - 1, (offset + length - 1) // bs))
+
+    def wrote(self, offset: int, data: bytes) -> None:
+        """A WRITE reached the image and nothing changed the range since (the server's word):
+        like changed(), but the blocks it covers whole are its payload, not read back."""
+        if not data:
+            return
+        self._note(offset, len(data))
+        bs = self.geo.block_size
+        self._touch(offset // bs, min(self.geo.blocks - 1, (offset + len(data) - 1) // bs),
+                    payload=(offset, data))
 
     def zeroed(self, offset: int, length: int) -> None:
         """A TRIM or WRITE_ZEROES reached the image: whole blocks become a zero run, never read.
@@ -213,12 +203,12 @@ class WriteJournal:
         self.stats.zeroed_bytes += min(self.geo.size, hi * bs) - lo * bs
         if self.mode == "tracking":
             if not self.paused:
-                self.touched.difference_update(_in_range(self.touched, lo, hi))  # zero is latest
+                self.touched.difference_update(in_range(self.touched, lo, hi))  # zero is latest
                 self.touched_zeros.add(lo, hi)  # known zero: nothing to read at the cut
         else:
             if not self.has_open:
                 self._opened()
-            self.open_bytes -= _drop_range(self.open, lo, hi)
+            self.open_bytes -= drop_range(self.open, lo, hi)
             self.open_zeros.add(lo, hi)
         if offset < lo * bs:
             self._touch(lo - 1, lo - 1, spill=False)
@@ -233,8 +223,13 @@ class WriteJournal:
             self.region_seq[r] = self.seq
             self.cooling.pop(r, None)
 
-    def _touch(self, first: int, last: int, spill: bool = True) -> None:
-        """Blocks first..last now hold data: capture their content (tracking mode: note them)."""
+    def _touch(self, first: int, last: int, spill: bool = True,
+               payload: tuple[int, bytes] | None = None) -> None:
+        """Blocks first..last now hold data: capture their content (tracking mode: note them).
+
+        `payload` (offset, data): what was just written there; the blocks it covers whole
+        are taken from it (one block: the payload itself; several: one copy each, so a block
+        kept alone never holds a larger payload in memory), the rest read back."""
         if self.mode == "tracking":
             if self.paused:
                 return  # the dirty map has the region; a resync reads it after resume
@@ -245,17 +240,19 @@ class WriteJournal:
         bs = self.geo.block_size
         start = first * bs
         end = min(self.geo.size, (last + 1) * bs)
-        data = _pread(self.fd, end - start, start)
+        if payload is None:
+            contents = split_blocks(pread_padded(self.fd, end - start, start), start, first, last, self.geo)
+        else:
+            contents = blocks_from_payload(self.fd, self.geo, first, last, *payload)
         if not self.has_open:
             self._opened()
         if self.open_zeros:
             self.open_zeros.remove(first, last + 1)
-        for b in range(first, last + 1):
-            lo = b * bs - start
-            content = data[lo:lo + self.geo.length(b)]
-            old = self.open.get(b)
+        opened = self.open
+        for b, content in zip(range(first, last + 1), contents, strict=True):
+            old = opened.get(b)
             self.open_bytes += len(content) - (len(old) if old is not None else 0)
-            self.open[b] = content
+            opened[b] = content
         self.stats.captured_bytes += end - start
         if spill and self._over_budget():
             self._spill()
@@ -274,8 +271,13 @@ class WriteJournal:
         return (self.open_bytes + RUN_COST * len(self.open_zeros) + self.sealed_bytes
                 > self.capture_memory)
 
-    async def flushed(self) -> None:
+    def flush_started(self) -> None:
+        """A FLUSH arrived: every write before it has completed, so cut now and let the
+        epoch travel while the server makes the image durable (see cdp.nbd.server)."""
         self.cut()
+
+    async def flushed(self) -> None:
+        self.cut()  # writes of other connections that completed during the fdatasync
 
     # -- cutting ----------------------------------------------------------------
 
@@ -306,7 +308,7 @@ class WriteJournal:
             self.stats.cuts += 1
             self._ready.set()
         elif self._finish is not None and not self._finish.done():
-            contents = self._read_blocks(sorted(self.touched))
+            contents = read_blocks(self.fd, self.geo, sorted(self.touched))
             zeros = self.touched_zeros  # disjoint from touched: each block's latest change
             self.touched, self.touched_zeros = set(), BlockRuns()
             self.mode = "capture"
@@ -339,11 +341,7 @@ class WriteJournal:
             path = self.spill_dir / f"{u.seq:012d}"
             try:
                 make_private_dir(self.spill_dir)
-                with create_private(path) as fh:
-                    order = []
-                    for b in sorted(u.blocks):
-                        fh.write(u.blocks[b])
-                        order.append((b, len(u.blocks[b])))
+                order = write_spill(path, u)
             except OSError as exc:
                 log.warning("volume=%s: cannot spill to %s (%s)", self.name, path, exc)
                 path.unlink(missing_ok=True)
@@ -435,6 +433,10 @@ class WriteJournal:
         open epoch is `batch_delay` old it is cut here and taken (any instant
         between completed writes is a state the guest could have crashed in),
         so the RPO is the time to send and apply, not the flush interval.
+        While the sender's last epoch is not acknowledged yet (`in_flight`), the
+        open epoch keeps growing instead and is cut when the ack comes (or at a
+        FLUSH, or epoch_interval): one epoch where the receiver would otherwise
+        queue several, each paying its own fsyncs and undo file.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -450,18 +452,26 @@ class WriteJournal:
             remaining = deadline - loop.time()
             if self.mode == "capture" and self.has_open:
                 wait = self.first_write + self.batch_delay - time.time()
-                if wait <= 0:
+                if wait <= 0 and not self.in_flight():
                     self.cut()
                     continue
                 if remaining <= 0:
                     return None
-                await asyncio.sleep(min(wait, remaining))
+                if wait <= 0:
+                    wait = remaining  # until an ack, a cut (FLUSH) or the timeout
+                # woken early by a cut (a FLUSH): the sealed epoch goes out now, not after
+                # the rest of batch_delay
+                self._ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(wait, remaining)):
+                        await self._ready.wait()
                 continue
             if remaining <= 0:
                 return None
             self._ready.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._ready.wait()
 
     def _dirty_spans(self) -> list[tuple[int, int]] | None:
         regions = self.dirty.dirty_regions()
@@ -482,11 +492,7 @@ class WriteJournal:
 
     def _merge_sealed(self) -> Captured:
         """The oldest spilled unit alone, or every captured unit in memory up to the next spilled
-        one (or up to and including a marked one: its cut must stay a point of its own).
-
-        Merged in order, each block's latest change wins: a later zero run drops
-        earlier content, later content leaves the zero runs.
-        """
+        one (or up to and including a marked one: its cut must stay a point of its own), merged."""
         if self.sealed[0].spill is not None:
             unit = self.sealed.pop(0)
             self.sealed_bytes -= unit.memory()
@@ -497,20 +503,8 @@ class WriteJournal:
         self.sealed_bytes -= sum(u.memory() for u in units)
         if len(units) == 1:
             return units[0]
-        merged: dict[int, bytes] = {}
-        zeros = BlockRuns()
-        for u in units:
-            for start, end in u.zeros:
-                _drop_range(merged, start, end)
-                zeros.add(start, end)
-            if zeros:
-                for first, count in runs(sorted(u.blocks)):
-                    zeros.remove(first, first + count)
-            merged.update(u.blocks)
         self.stats.merged += len(units) - 1
-        return Captured(units[-1].seq, units[-1].time, merged,
-                        sum(len(v) for v in merged.values()), zeros=zeros, since=units[0].since,
-                        mark=units[-1].mark)
+        return merge_units(units)
 
     def next_pass(self) -> list[int] | None:
         """During a resync: blocks written meanwhile, if too many to read at the closing cut."""
@@ -537,6 +531,7 @@ class WriteJournal:
 
     def acked(self, epoch: int) -> None:
         self.acked_epoch = max(self.acked_epoch, epoch)
+        self._ready.set()  # a sender holding the open epoch back (in_flight) may cut it now
         self._settle()
 
     def _settle(self) -> None:
@@ -594,24 +589,7 @@ class WriteJournal:
                 self.cut()
             self._cool(now)
 
-    # -- helpers ------------------------------------------------------------------
-
-    def _read_blocks(self, blocks: list[int]) -> dict[int, bytes]:
-        out: dict[int, bytes] = {}
-        bs = self.geo.block_size
-        i = 0
-        while i < len(blocks):
-            j = i
-            while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1 and j - i < 63:
-                j += 1
-            start = blocks[i] * bs
-            end = min(self.geo.size, (blocks[j] + 1) * bs)
-            data = _pread(self.fd, end - start, start)
-            for b in blocks[i:j + 1]:
-                lo = b * bs - start
-                out[b] = data[lo:lo + self.geo.length(b)]
-            i = j + 1
-        return out
+    # -- status ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         return {
@@ -626,23 +604,3 @@ class WriteJournal:
             "resyncs": self.stats.resyncs, "writes": self.stats.writes,
             "map_syncs": self.dirty.syncs,
         }
-
-
-def _in_range(blocks: dict[int, bytes] | set[int], start: int, end: int) -> list[int]:
-    """The blocks in [start, end), visiting the smaller of the range and the collection: a 4 GiB
-    trim over a few captured blocks, or a few trimmed blocks over a large capture, stays cheap."""
-    if end - start <= len(blocks):
-        return [b for b in range(start, end) if b in blocks]
-    return [b for b in blocks if start <= b < end]
-
-
-def _drop_range(blocks: dict[int, bytes], start: int, end: int) -> int:
-    """Remove the blocks in [start, end) from a capture; returns the bytes dropped."""
-    return sum(len(blocks.pop(b)) for b in _in_range(blocks, start, end))
-
-
-def _pread(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
-    if len(data) < length:  # past the end of a shrunk file: zeros, as the server reads it
-        data += bytes(length - len(data))
-    return data

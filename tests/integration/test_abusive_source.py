@@ -28,8 +28,8 @@ from helpers import (
 
 from cdp.blocks import pack_u64
 from cdp.codec import HASH_LEN, block_hash, zero_hash
-from cdp.messages import Begin, Commit, Open, Zero
-from cdp.protocol import SourceSession
+from cdp.wire.messages import Begin, Commit, Open, Zero
+from cdp.wire.source_session import SourceSession
 
 ABUSED = [f"abuse{i}" for i in range(6)]
 RUNS = 4096  # per frame, each over the whole volume

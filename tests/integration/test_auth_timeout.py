@@ -25,8 +25,8 @@ from helpers import (
 )
 
 from cdp.config import load_receiver
-from cdp.frames import FrameDecoder, encode
-from cdp.messages import PROTOCOL_VERSION, Error, Hello
+from cdp.wire.frames import FrameDecoder, encode
+from cdp.wire.messages import PROTOCOL_VERSION, Error, Hello
 
 VOL = "vol1"
 ATTACKER = "127.0.0.2"  # idle connections come from here; the source from 127.0.0.1

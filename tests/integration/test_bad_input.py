@@ -39,8 +39,8 @@ from helpers import (
 
 from cdp.blocks import pack_u64, unpack_u64
 from cdp.codec import block_hash, compress
-from cdp.frames import FrameDecoder, encode
-from cdp.messages import (
+from cdp.wire.frames import FrameDecoder, encode
+from cdp.wire.messages import (
     Begin,
     Bye,
     Challenge,
@@ -56,7 +56,7 @@ from cdp.messages import (
     Welcome,
     Zero,
 )
-from cdp.protocol import SourceSession
+from cdp.wire.source_session import SourceSession
 
 SIZE = 8 * MiB
 BLOCKS = SIZE // BS

@@ -31,6 +31,9 @@ def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
     for scen in ("seed", "incremental 1%", "incremental 10%"):
         assert (scen, "cdp") in got and (scen, "rsync") in got
         assert scen in report["speedup_vs_rsync"]
+    for x in (x for x in report["results"] if x["scenario"].startswith("incremental")):
+        runs = x["extra"]["runs"]  # one change is one noisy sample: the median of three, each tool
+        assert len(runs) == 3 and x["seconds"] == sorted(runs)[1], x
     steady = next(x for x in report["results"] if x["scenario"] == "steady")
     assert steady["extra"]["rpo_p99"] >= steady["extra"]["rpo_p50"] >= 0
     # the steady state only: samples every 0.1 s from 1 s into the 3-s load, not from its start

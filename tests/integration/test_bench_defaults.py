@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cdp.benchmark.disk import fstype
-from cdp.configkeys import TABLES
+from cdp.config.keys import TABLES
 from tests.conftest import run_cdp
 
 # what a config must say besides its required keys: where things are, never how they run

@@ -10,7 +10,7 @@ import pytest
 from helpers import MiB, bytes_hash, file_hash, run_cdp
 from test_nbdmode import converge, qemu_io, start_nbd
 
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 from cdp.replica.pointview import open_view
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="qemu-io not installed")

@@ -31,10 +31,12 @@ from helpers import (
 
 from cdp.config import load_source
 from cdp.errors import ConfigError, LocalProtocolError, RemoteProtocolError
-from cdp.frames import encode
-from cdp.messages import Ping, Pong
-from cdp.protocol import MAX_UNANSWERED, ReceiverSession, SourceSession
-from cdp.transport import TCP_KEEPALIVE, tcp_keepalive
+from cdp.wire.frames import encode
+from cdp.wire.messages import Ping, Pong
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import MAX_UNANSWERED
+from cdp.wire.source_session import SourceSession
+from cdp.wire.transport import TCP_KEEPALIVE, tcp_keepalive
 
 VOL = "vol1"
 TOKEN = b"0123456789abcdef0123456789abcdef"

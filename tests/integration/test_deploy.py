@@ -75,7 +75,7 @@ def test_example_configs_load(tmp_path: Path, everything: bool) -> None:
 
 
 def test_every_config_key_is_documented_in_the_examples() -> None:
-    source = (ROOT / "cdp" / "config.py").read_text()
+    source = "".join(f.read_text() for f in sorted((ROOT / "cdp" / "config").glob("*.py")))
     keys = set(re.findall(r'\b[a-z]{1,2}t\.get\(\s*"([a-z_]+)"', source))
     assert len(keys) > 30
     tables = {"tls", "client", "volume", "schedule", "keep", "nbd_tls"}  # written as [tables]
@@ -181,10 +181,10 @@ def _metric_names() -> set[str]:
     from types import SimpleNamespace
 
     from cdp.metrics import ReceiverMetrics, SourceMetrics
+    from cdp.status import ReceiverStatus, SourceStatus
 
-    rx = SimpleNamespace(replicas={}, live={}, owners={}, _conns=set(), _by_id={}, cfg=None,
-                         promoted=lambda name: None)
-    src = SimpleNamespace(volumes={}, connected=False, link_error_since=0.0, next_connect=0.0)
+    rx = SimpleNamespace(status=lambda now=None: ReceiverStatus(0.0, "", "", 0, ()))
+    src = SimpleNamespace(status=lambda: SourceStatus("src"))
     names = set()
     for m in (ReceiverMetrics(rx), SourceMetrics(src)):
         names |= {fam.name for fam in m.registry.collect()}

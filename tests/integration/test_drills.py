@@ -34,7 +34,7 @@ from helpers import (
 )
 
 from cdp.replica import Replica
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 from cdp.replica.pointview import open_view
 
 VOL = "vol1"

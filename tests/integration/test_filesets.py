@@ -27,8 +27,8 @@ from helpers import (
 )
 
 from cdp.codec import compress
-from cdp.frames import FrameDecoder
-from cdp.messages import (
+from cdp.wire.frames import FrameDecoder
+from cdp.wire.messages import (
     Challenge,
     FileAck,
     FileDelete,
@@ -39,7 +39,7 @@ from cdp.messages import (
     Message,
     Welcome,
 )
-from cdp.protocol import SourceSession
+from cdp.wire.source_session import SourceSession
 
 VOL = "vol1"
 SET = "vm1-config"

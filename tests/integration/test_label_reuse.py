@@ -13,7 +13,7 @@ import pytest
 from helpers import MiB, run_cdp, wait_converged
 from test_groups import DISKS, GROUP, Writer, settle, start_group
 
-from cdp.replica.journal import list_points, read_labels
+from cdp.replica.points import list_points, read_labels
 
 VOL = "vol1"
 

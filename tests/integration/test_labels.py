@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import MiB, bytes_hash, file_hash, run_cdp, wait_converged, wait_for
 
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 from cdp.replica.pointview import open_view
 
 VOL = "vol1"

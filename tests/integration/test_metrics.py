@@ -26,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cdp.config import load_receiver, load_source
 from cdp.errors import ConfigError
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 
 VOL = "vol1"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -32,7 +32,7 @@ from helpers import (
 )
 from test_metrics import Samples, scrape, val, wait_metrics_port
 
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 
 VOL = "vol1"
 SIZE = 8 * MiB

@@ -26,7 +26,8 @@ from cdp.codec import block_hash, compress
 from cdp.config import load_receiver
 from cdp.mount.serve import is_mounted, unmount
 from cdp.replica import Replica
-from cdp.replica.journal import Retention, list_points, live_pins, set_label
+from cdp.replica.journal import Retention
+from cdp.replica.points import list_points, live_pins, set_label
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"),
                                 reason="/dev/fuse is absent: no FUSE on this machine (modprobe fuse)")

@@ -30,7 +30,8 @@ from test_nbdmode import start_nbd
 
 from cdp.config import load_source
 from cdp.errors import ConfigError
-from cdp.nbd.server import NbdServer, NbdServerError
+from cdp.nbd.listen import NbdServerError
+from cdp.nbd.server import NbdServer
 
 MiB = 1 << 20
 SIZE = 8 * MiB

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from helpers import scaled
 
-from cdp.nbd import protocol as p
+from cdp.nbd import spec as p
 from cdp.nbd.server import QUEUE_BYTES, NbdServer
 
 SIZE = 4 * 1024 * 1024
@@ -55,6 +55,12 @@ async def handshake(port: int, structured: bool = False) -> tuple[asyncio.Stream
     size, _ = struct.unpack(">QH", await reader.readexactly(10))
     assert size == SIZE
     return reader, writer
+
+
+
+async def _within(coro, seconds: float):  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(seconds):
+        return await coro
 
 
 def request(cmd: int, cookie: int, offset: int = 0, length: int = 0, flags: int = 0) -> bytes:
@@ -96,7 +102,7 @@ def test_pipelined_writes_run_in_order_with_back_pressure(image: Path) -> None:
             writer.close()
             return replies
 
-    replies = asyncio.run(asyncio.wait_for(main(), scaled(60)))
+    replies = asyncio.run(_within(main(), scaled(60)))
     assert sorted(replies) == [(i, 0) for i in range(count + 1)]
     assert replies[-1] == (count, 0)  # the flush came last: everything before it was answered
     expected_calls = []
@@ -107,6 +113,36 @@ def test_pipelined_writes_run_in_order_with_back_pressure(image: Path) -> None:
     for offset, data in writes:
         model[offset:offset + len(data)] = data
     assert image.read_bytes() == bytes(model)
+
+
+class PayloadTracker(OrderTracker):
+    """Also takes a WRITE with its payload (WriteTracker)."""
+
+    def wrote(self, offset: int, data: bytes) -> None:
+        self.calls.append(("wrote", offset, len(data)))
+
+
+def test_writes_run_on_the_loop_hand_over_their_payload_the_others_are_read_back(
+        image: Path) -> None:
+    """Only a write with no await between its pwrite and the hook may hand over its payload:
+    one run in a worker thread (large, or FUA) could have been overtaken by another
+    connection's write to the same blocks, so the tracker must read the image instead."""
+    writes = [(0, 4096, 0), (8192, 65536, 0), (4096, 4096, p.CMD_FLAG_FUA), (0, 8192, 0)]
+    tracker = PayloadTracker(image)
+
+    async def main() -> None:
+        async with NbdServer(image, export="", tracker=tracker, inline_max=8192) as server:
+            assert server.tcp_port is not None
+            reader, writer = await handshake(server.tcp_port)
+            for i, (offset, length, flags) in enumerate(writes):
+                writer.write(request(p.CMD_WRITE, i, offset, length, flags) + bytes([i + 1]) * length)
+            for _ in writes:
+                assert struct.unpack(">IIQ", await reader.readexactly(16))[1] == 0
+            writer.close()
+
+    asyncio.run(_within(main(), scaled(30)))
+    assert [c for c in tracker.calls if c[0] != "before"] == [
+        ("wrote", 0, 4096), ("changed", 8192, 65536), ("changed", 4096, 4096), ("wrote", 0, 8192)]
 
 
 def test_oversized_write_is_answered_then_the_connection_closes(image: Path) -> None:
@@ -129,7 +165,7 @@ def test_oversized_write_is_answered_then_the_connection_closes(image: Path) -> 
             assert await reader.readexactly(4096) == bytes(4096)
             writer.close()
 
-    asyncio.run(asyncio.wait_for(main(), scaled(30)))
+    asyncio.run(_within(main(), scaled(30)))
 
 
 def test_close_with_idle_and_half_sent_clients(image: Path) -> None:
@@ -142,13 +178,14 @@ def test_close_with_idle_and_half_sent_clients(image: Path) -> None:
         half.write(request(p.CMD_WRITE, 5, 0, 65536) + bytes(1000))  # payload cut short
         await half.drain()
         await asyncio.sleep(0.05)
-        await asyncio.wait_for(server.close(), scaled(10))
+        async with asyncio.timeout(scaled(10)):
+            await server.close()
         assert await reader.read() == b""
         for w in (idle, half):
             w.close()
         assert image.read_bytes() == bytes(SIZE)  # the half-sent write never ran
 
-    asyncio.run(asyncio.wait_for(main(), scaled(30)))
+    asyncio.run(_within(main(), scaled(30)))
 
 
 def test_structured_reads_of_holes_and_data(image: Path) -> None:
@@ -172,7 +209,7 @@ def test_structured_reads_of_holes_and_data(image: Path) -> None:
             assert payload == struct.pack(">Q", (1 << 20) + 4096) + b"\x5a" * 4096
             writer.close()
 
-    asyncio.run(asyncio.wait_for(main(), scaled(30)))
+    asyncio.run(_within(main(), scaled(30)))
 
 
 def test_failing_hook_is_an_error_chunk_and_the_write_does_not_happen(image: Path) -> None:
@@ -206,7 +243,80 @@ def test_failing_hook_is_an_error_chunk_and_the_write_does_not_happen(image: Pat
                 assert code == err and text in payload[6:6 + mlen].decode()
             writer.close()
 
-    asyncio.run(asyncio.wait_for(main(), scaled(30)))
+    asyncio.run(_within(main(), scaled(30)))
     data = image.read_bytes()
     assert data[:4096] == b"\x77" * 4096
     assert data[8192:12288] == bytes(4096)  # before_change refused: the file was not touched
+
+
+class EarlyCutTracker(OrderTracker):
+    """Also hears of a FLUSH before the fdatasync; notes whether the image was synced yet."""
+
+    def flush_started(self) -> None:
+        self.calls.append(("flush_started", 0, 0))
+
+
+def test_a_flush_is_announced_after_every_earlier_write_and_before_flushed(image: Path) -> None:
+    writes = [(i * 8192, bytes([i + 1]) * 4096) for i in range(40)]
+    tracker = EarlyCutTracker(image)
+
+    async def main() -> None:
+        async with NbdServer(image, export="", tracker=tracker, inline_max=8192) as server:
+            assert server.tcp_port is not None
+            reader, writer = await handshake(server.tcp_port)
+            for i, (offset, data) in enumerate(writes):
+                writer.write(request(p.CMD_WRITE, i, offset, len(data)) + data)
+            writer.write(request(p.CMD_FLUSH, 100))
+            writer.write(request(p.CMD_WRITE, 101, 0, 512) + b"z" * 512)  # after the flush
+            writer.write(request(p.CMD_DISC, 102))
+            for _ in range(len(writes) + 2):
+                _magic, err, _cookie = struct.unpack(">IIQ", await reader.readexactly(16))
+                assert err == 0
+            writer.close()
+
+    asyncio.run(_within(main(), scaled(30)))
+    expected = []
+    for offset, data in writes:
+        expected += [("before", offset, len(data)), ("changed", offset, len(data))]
+    # every write before the FLUSH completed before it is announced; the one after comes after
+    assert tracker.calls == [*expected, ("flush_started", 0, 0), ("flushed", 0, 0),
+                             ("before", 0, 512), ("changed", 0, 512)]
+
+
+class AheadRecorder(OrderTracker):
+    """An AheadTracker: records which queued writes each write was offered to prepare."""
+
+    def __init__(self, image: Path) -> None:
+        super().__init__(image)
+        self.ahead: list[tuple[tuple[int, int], list[tuple[int, int]]]] = []
+
+    async def before_changes(self, offset: int, length: int, ahead) -> None:  # type: ignore[no-untyped-def]
+        self.ahead.append(((offset, length), list(ahead)))
+        await self.before_change(offset, length)
+
+
+def test_a_write_offers_the_writes_queued_behind_it_to_the_tracker(image: Path) -> None:
+    """Random writes sent back to back: each write's before_changes sees the writes read
+    behind it (in order, none already done), so a tracker can make all their regions dirty
+    in one sync; the writes still run, and reach the tracker, strictly in order."""
+    rng = random.Random(8)
+    writes = [(rng.randrange(0, SIZE - 65536, 4096), bytes([i + 1]) * 65536) for i in range(48)]
+    tracker = AheadRecorder(image)
+
+    async def main() -> None:
+        async with NbdServer(image, export="", tracker=tracker, inline_max=8192) as server:
+            assert server.tcp_port is not None
+            reader, writer = await handshake(server.tcp_port)
+            writer.write(b"".join(request(p.CMD_WRITE, i, off, len(d)) + d
+                                  for i, (off, d) in enumerate(writes)))
+            writer.write(request(p.CMD_DISC, 99))
+            for _ in writes:
+                assert struct.unpack(">IIQ", await reader.readexactly(16))[1] == 0
+            writer.close()
+
+    asyncio.run(_within(main(), scaled(30)))
+    ranges = [(off, len(d)) for off, d in writes]
+    assert [own for own, _ in tracker.ahead] == ranges
+    for k, (_, ahead) in enumerate(tracker.ahead):
+        assert ahead == ranges[k + 1:k + 1 + len(ahead)]  # the next writes, in order
+    assert max(len(a) for _, a in tracker.ahead) >= 4, "no write ever saw the queue behind it"

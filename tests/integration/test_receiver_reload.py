@@ -28,7 +28,7 @@ from helpers import (
     write_random_blocks,
 )
 
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 
 SIZE = 2 * MiB
 BLOCKS = SIZE // (64 * 1024)

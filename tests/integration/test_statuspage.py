@@ -24,7 +24,7 @@ from helpers import (
     write_random_blocks,
 )
 
-from cdp.replica.journal import list_points
+from cdp.replica.points import list_points
 from cdp.statuspage import svg_chart
 
 VOL = "vol1"

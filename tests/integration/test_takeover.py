@@ -24,7 +24,9 @@ from helpers import CdpEnv, read_json
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import HASH_LEN, block_hash, compress, zero_hash
 from cdp.config import load_receiver
-from cdp.messages import (
+from cdp.receiver.daemon import Receiver
+from cdp.replica import EpochWriter
+from cdp.wire.messages import (
     Ack,
     Begin,
     Challenge,
@@ -39,10 +41,8 @@ from cdp.messages import (
     Ref,
     Welcome,
 )
-from cdp.protocol import SourceSession
-from cdp.receiver import Receiver
-from cdp.replica import EpochWriter
-from cdp.transport import Link
+from cdp.wire.source_session import SourceSession
+from cdp.wire.transport import Link
 
 VOL = "vol1"
 BS = 4096
@@ -114,12 +114,15 @@ def run_with_receiver(env: CdpEnv, body: Callable[[Receiver, int], Awaitable[Non
         rx = Receiver(load_receiver(env.receiver_toml))
         ready = asyncio.Event()
         task = asyncio.create_task(rx.run(ready))
-        await asyncio.wait_for(ready.wait(), TIMEOUT)
+        async with asyncio.timeout(TIMEOUT):
+            await ready.wait()
         try:
-            await asyncio.wait_for(body(rx, rx.port), 120)
+            async with asyncio.timeout(120):
+                await body(rx, rx.port)
         finally:
             rx.stop()
-            await asyncio.wait_for(task, 60)
+            async with asyncio.timeout(60):
+                await task
 
     asyncio.run(main())
 

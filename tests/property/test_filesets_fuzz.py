@@ -20,10 +20,12 @@ from hypothesis import strategies as st
 
 from cdp.codec import compress
 from cdp.errors import AuthError, RemoteProtocolError, VolumeError
-from cdp.frames import encode
-from cdp.messages import FileAck, FileDelete, FileError, FileOpen, FileOpened, FilePut, Message
-from cdp.protocol import ReceiverSession, SourceSession, State, valid_file_path
 from cdp.replica.files import FilesetStore
+from cdp.wire.frames import encode
+from cdp.wire.messages import FileAck, FileDelete, FileError, FileOpen, FileOpened, FilePut, Message
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import State, valid_file_path
+from cdp.wire.source_session import SourceSession
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
 CLIENTS = {"host1": (TOKEN, ("vm1",))}

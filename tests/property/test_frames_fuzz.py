@@ -27,10 +27,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdp import messages
 from cdp.errors import AuthError, LocalProtocolError, RemoteProtocolError, VolumeError
-from cdp.frames import HEADER, FrameDecoder, decode_payload, encode
-from cdp.messages import (
+from cdp.wire import messages
+from cdp.wire.frames import HEADER, FrameDecoder, decode_payload, encode
+from cdp.wire.messages import (
     MAX_FLOAT,
     PROTOCOL_VERSION,
     Ack,
@@ -49,7 +49,9 @@ from cdp.messages import (
     Ref,
     Zero,
 )
-from cdp.protocol import NONCE_LEN, ReceiverSession, SourceSession, State
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import NONCE_LEN, State
+from cdp.wire.source_session import SourceSession
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

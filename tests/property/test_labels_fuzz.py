@@ -9,9 +9,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cdp.errors import LocalProtocolError, RemoteProtocolError
-from cdp.frames import encode
-from cdp.messages import Ack, Begin, Commit, Data, Label, Labelled, Open, Opened, valid_label
-from cdp.protocol import ReceiverSession, SourceSession, State
+from cdp.wire.frames import encode
+from cdp.wire.messages import Ack, Begin, Commit, Data, Label, Labelled, Open, Opened, valid_label
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import State
+from cdp.wire.source_session import SourceSession
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

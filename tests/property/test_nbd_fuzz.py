@@ -15,8 +15,10 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdp.nbd import protocol as p
-from cdp.nbd.protocol import BlockStatus, NbdProtocolError, NbdServerSession, Negotiated, Read, StartTls
+from cdp.nbd import spec as p
+from cdp.nbd.events import BlockStatus, Event, Negotiated, Read, StartTls
+from cdp.nbd.protocol import NbdServerSession
+from cdp.nbd.spec import NbdProtocolError
 
 SIZE = 1 << 16
 
@@ -148,11 +150,11 @@ def test_valid_structured_conversation_any_split(cuts: list[int]) -> None:
     assert drive([TLS_HEAD, *_split(STRUCTURED, cuts)])
 
 
-def _outcome(feed: Callable[[NbdServerSession, bytes], list[p.Event]], chunks: list[bytes]) -> tuple[
-        list[p.Event], bytes, bool]:
+def _outcome(feed: Callable[[NbdServerSession, bytes], list[Event]], chunks: list[bytes]) -> tuple[
+        list[Event], bytes, bool]:
     """Events, output and whether it closed on a violation, for chunks fed one way."""
     s = NbdServerSession({"d": SIZE, "": 512}, max_request=1 << 16, tls=True)
-    events: list[p.Event] = []
+    events: list[Event] = []
     try:
         for chunk in chunks:
             events += feed(s, chunk)
@@ -161,8 +163,8 @@ def _outcome(feed: Callable[[NbdServerSession, bytes], list[p.Event]], chunks: l
     return events, s.data_to_send(), False
 
 
-def _via_buffer(s: NbdServerSession, chunk: bytes) -> list[p.Event]:
-    events: list[p.Event] = []
+def _via_buffer(s: NbdServerSession, chunk: bytes) -> list[Event]:
+    events: list[Event] = []
     while chunk:
         view = s.get_buffer(-1)
         n = min(len(view), len(chunk))

@@ -44,8 +44,8 @@ from hypothesis import strategies as st
 
 from cdp.blocks import pack_u64
 from cdp.codec import block_hash, compress
-from cdp.frames import FrameDecoder, encode
-from cdp.messages import (
+from cdp.wire.frames import FrameDecoder, encode
+from cdp.wire.messages import (
     Begin,
     Bye,
     Commit,
@@ -64,7 +64,7 @@ from cdp.messages import (
     Ref,
     Zero,
 )
-from cdp.protocol import SourceSession
+from cdp.wire.source_session import SourceSession
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 FUZZ_VOLUMES = ["fz1", "fz2"]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from cdp.blocks import Geometry, keys_in_runs, merge_runs, pack_u64
 from cdp.codec import block_hash, compress
-from cdp.protocol import MAX_ZERO_RUNS
 from cdp.replica import Replica
+from cdp.wire.session import MAX_ZERO_RUNS
 
 RUNS = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 80)), max_size=40)
 

@@ -11,9 +11,9 @@ import pytest
 
 from cdp.archive import crypto, pack
 from cdp.archive.job import chunk_size_for, due
-from cdp.archive.schedule import is_due, parse_schedule
 from cdp.config import ArchiveConfig, KeepPolicy, load_receiver
 from cdp.errors import ArchiveAccessError, ArchiveCorruptError, ConfigError
+from cdp.schedule import is_due, parse_schedule
 
 
 def _receiver(tmp_path: Path, archive: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from cdp.transport import Backoff
+from cdp.wire.transport import Backoff
 
 
 def test_delays_double_up_to_the_cap_and_never_exceed_it() -> None:

@@ -20,9 +20,9 @@ import pytest
 from cdp.blocks import Geometry, unpack_u64
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.config import VolumeConfig
-from cdp.messages import Data, Ref, Zero
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.scan import zero_map
+from cdp.wire.messages import Data, Ref, Zero
 
 BS = 4096
 GEO = Geometry(64 * BS, BS)

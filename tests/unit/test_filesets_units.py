@@ -10,10 +10,12 @@ import xxhash
 from cdp.codec import compress
 from cdp.config import FilesetConfig
 from cdp.errors import LocalProtocolError, RemoteProtocolError, UsageError
-from cdp.messages import FileAck, FileDelete, FileError, FileOpen, FileOpened, FilePut
-from cdp.protocol import FilesetError, ReceiverSession, SourceSession, valid_file_path
 from cdp.replica.files import FilesetStore
 from cdp.source.filesets import read_file, walk, wire_name
+from cdp.wire.messages import FileAck, FileDelete, FileError, FileOpen, FileOpened, FilePut
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import FilesetError, valid_file_path
+from cdp.wire.source_session import SourceSession
 
 TOKEN = b"t" * 32
 
@@ -46,7 +48,7 @@ def test_a_conversation():
 
 
 def _frame(msg):
-    from cdp.frames import encode
+    from cdp.wire.frames import encode
 
     return encode(msg)
 

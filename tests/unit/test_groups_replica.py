@@ -15,7 +15,8 @@ from cdp.codec import block_hash, compress
 from cdp.errors import PointError, UsageError
 from cdp.replica import Replica
 from cdp.replica.groups import choose_cut, group_cuts, member_point, members
-from cdp.replica.journal import Retention, list_points, note_held, read_held, set_label
+from cdp.replica.journal import Retention
+from cdp.replica.points import list_points, note_held, read_held, set_label
 from cdp.replica.pointview import open_view
 
 BS = 4096

@@ -15,9 +15,10 @@ from test_protocol import Pair, ready
 from cdp.blocks import Geometry, pack_u64
 from cdp.cli.logs import LogfmtFormatter
 from cdp.errors import RemoteProtocolError
-from cdp.frames import encode
-from cdp.messages import Begin, Current, FilePut, Hello, Open, Opened, Zero
-from cdp.protocol import MAX_ZERO_RUNS, PREAUTH_MAX_FRAME, PROTOCOL_VERSION, ReceiverSession
+from cdp.wire.frames import encode
+from cdp.wire.messages import PROTOCOL_VERSION, Begin, Current, FilePut, Hello, Open, Opened, Zero
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import MAX_ZERO_RUNS, PREAUTH_MAX_FRAME
 
 CLIENTS = {"host1": (b"0123456789abcdef0123456789abcdef", ("vm1",))}
 

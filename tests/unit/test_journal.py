@@ -15,8 +15,10 @@ from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress, zero_hash
 from cdp.errors import PointError, ReplicaError
 from cdp.replica import Replica
-from cdp.replica.journal import Retention, list_points, undo_name
+from cdp.replica.journal import Retention
+from cdp.replica.points import list_points
 from cdp.replica.pointview import open_view
+from cdp.replica.undo import undo_name
 
 BS = 65536
 GEO = Geometry(24 * BS + 1000, BS)  # a short last block
@@ -102,7 +104,7 @@ def test_unchanged_and_zero_blocks_cost_nothing(rep: Replica, tmp_path: Path) ->
     w = rep.begin(3, T0 + 3)
     w.add_zero(pack_u64([3, 1]))
     w.commit(w.blocks)
-    from cdp.replica.journal import UndoFile
+    from cdp.replica.undo import UndoFile
     u2 = UndoFile(tmp_path / "v" / "journal" / undo_name(2))
     u3 = UndoFile(tmp_path / "v" / "journal" / undo_name(3))
     assert list(u2.entries) == [5] and u2.entries[5][1] == 0  # was zero: no data saved
@@ -185,6 +187,7 @@ def _half_apply(rep: Replica, rng: random.Random, epoch: int, monkeypatch) -> No
 def test_crash_after_undo_during_apply_replays_and_keeps_points(tmp_path: Path,
                                                                 monkeypatch) -> None:
     rep = Replica.open(tmp_path, "v", GEO, create=True)
+    rep.seeded(0)  # whole: data reaches the image at apply (a seed places it at receipt)
     hist = history_of(rep, tmp_path, 4, seed=6)
     rng = random.Random(60)
     _half_apply(rep, rng, 5, monkeypatch)
@@ -207,6 +210,7 @@ def test_crash_after_undo_during_apply_replays_and_keeps_points(tmp_path: Path,
 def test_crash_with_undo_but_no_committed_wal_restores_the_previous_epoch(
         tmp_path: Path, monkeypatch) -> None:
     rep = Replica.open(tmp_path, "v", GEO, create=True)
+    rep.seeded(0)  # whole: data reaches the image at apply (a seed places it at receipt)
     hist = history_of(rep, tmp_path, 3, seed=7)
     _half_apply(rep, random.Random(70), 4, monkeypatch)
     wal_path = rep.wal_path(4)
@@ -244,7 +248,7 @@ def test_rollback_and_a_rollback_cut_short(tmp_path: Path) -> None:
     assert rep.state.epoch == 6 and image(tmp_path) == hist[6]
     assert rep.stored_hashes(0, GEO.blocks) == rep.rehash(0, GEO.blocks)
     # cut short: epoch 6's record written back and the state moved, but the file not yet gone
-    from cdp.replica.journal import UndoFile
+    from cdp.replica.undo import UndoFile
     u = UndoFile(tmp_path / "v" / "journal" / undo_name(6))
     rep.restore(u)
     u.close()
@@ -309,3 +313,34 @@ def test_crash_with_the_journal_off_then_on_offers_no_mixed_point(tmp_path: Path
     with open_view(tmp_path, "v", 3) as v:
         assert v.read(0, GEO.size) == hist[3]
     rep.close()
+
+
+def test_saving_old_blocks_takes_their_hashes_from_the_hash_map(rep: Replica, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """The replica's hash map already holds the hash of every block an epoch overwrites:
+    the undo file records it instead of hashing the old content again, and reading the
+    point back still checks the saved content against it."""
+    hist = history_of(rep, tmp_path, 3, seed=9)
+    import cdp.replica.journal as journal
+    import cdp.replica.undo as undo
+
+    def no_rehash(data: bytes) -> bytes:
+        raise AssertionError("the undo journal hashed an old block again")
+
+    old = [i for i in range(GEO.blocks) if hist[3][i * BS:(i + 1) * BS].strip(b"\0")]
+    assert old  # blocks with data: their old content must be saved
+    rng = random.Random(10)
+    new = [rng.randbytes(GEO.length(i)) for i in old]
+    data = b"".join(new)
+    w = rep.begin(4, T0 + 4)
+    w.add_data(pack_u64(old), b"".join(block_hash(b) for b in new), len(data), compress(data))
+    w.seal(w.blocks)
+    # the undo files are made by journal.py (which needs no hash function) and undo.py
+    monkeypatch.setattr(journal, "block_hash", no_rehash, raising=False)
+    monkeypatch.setattr(undo, "block_hash", no_rehash)
+    w.apply()
+    monkeypatch.undo()
+    with open_view(tmp_path, "v", 3) as v:
+        assert v.read(0, GEO.size) == hist[3]
+    with open_view(tmp_path, "v", 4) as v:
+        assert v.read(0, GEO.size) == image(tmp_path) != hist[3]

@@ -10,7 +10,8 @@ import time
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress
 from cdp.replica import Replica
-from cdp.replica.journal import Retention, list_points
+from cdp.replica.journal import Retention
+from cdp.replica.points import list_points
 
 BS = 64 * 1024
 

@@ -7,13 +7,12 @@ import os
 
 import pytest
 
-from cdp.errors import LocalProtocolError, RemoteProtocolError
-from cdp.frames import encode
-from cdp.messages import (
+from cdp.errors import LocalProtocolError, PeerTooOldError, RemoteProtocolError
+from cdp.wire.frames import encode
+from cdp.wire.messages import (
     Ack,
     Auth,
     Begin,
-    Challenge,
     Commit,
     Data,
     Hello,
@@ -25,7 +24,9 @@ from cdp.messages import (
     from_wire,
     to_wire,
 )
-from cdp.protocol import NONCE_LEN, ReceiverSession, SourceSession, State, source_mac
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import NONCE_LEN, State, source_mac
+from cdp.wire.source_session import SourceSession
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
 CLIENTS = {"host1": (TOKEN, ("vm1",))}.get
@@ -135,8 +136,12 @@ def test_a_protocol_2_source_cannot_move_and_is_not_sent_what_it_cannot_read():
         rcv.unanswered("vm1", 1, "base")
 
 
-def test_a_protocol_3_source_still_needs_a_protocol_3_receiver():
-    src = SourceSession("host1", TOKEN)
-    src.start()
-    with pytest.raises(RemoteProtocolError, match="protocol 2"):
-        src.receive_data(encode(Challenge(2, os.urandom(NONCE_LEN))))
+def test_a_source_does_not_move_a_label_on_a_receiver_that_chose_protocol_2(monkeypatch):
+    monkeypatch.setattr("cdp.wire.messages.PROTOCOL_VERSION", 2)  # the receiver speaks up to 2
+    src, rcv = pair()
+    assert src.version == rcv.version == 2
+    with pytest.raises(PeerTooOldError, match=r"the receiver speaks protocol 2, which lacks moving a "
+                       r"checkpoint label .* upgrade the receiver"):
+        src.send(Label("vm1", 2, "base", True))
+    assert src.state is State.READY  # refused before anything was sent: the session goes on
+    rcv.receive_data(src.send(Label("vm1", 2, "base")))  # a plain label is protocol 1

@@ -12,14 +12,8 @@ from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress
 from cdp.errors import LabelTakenError, PointError
 from cdp.replica import Replica
-from cdp.replica.journal import (
-    Retention,
-    list_points,
-    read_labels,
-    remove_label,
-    resolve_point,
-    set_label,
-)
+from cdp.replica.journal import Retention
+from cdp.replica.points import list_points, read_labels, remove_label, resolve_point, set_label
 from cdp.replica.pointview import open_view
 
 BS = 64 * 1024
@@ -121,7 +115,7 @@ def test_a_label_whose_point_is_gone_names_the_new_point_without_asking(tmp_path
         for e in range(1, 4):
             _epoch(rep, e, {e: rng.randbytes(BS)})
         assert [p.epoch for p in list_points(vol)] == [3]  # all older points aged out
-        from cdp.replica.journal import _write_labels
+        from cdp.replica.points import _write_labels
 
         _write_labels(vol, {1: {"label": "old", "time": 1.0, "generation": 1}})  # left behind
         assert set_label(vol, 3, "old") is None  # no kept point had it: nothing to refuse

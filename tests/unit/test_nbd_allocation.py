@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cdp.nbd.protocol import STATE_HOLE, STATE_ZERO
-from cdp.nbd.server import allocation_extents, is_hole
+from cdp.nbd.image import allocation_extents, is_hole
+from cdp.nbd.spec import STATE_HOLE, STATE_ZERO
 
 MiB = 1 << 20
 HOLE = STATE_HOLE | STATE_ZERO

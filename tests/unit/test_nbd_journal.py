@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from cdp.blocks import Geometry
+from cdp.tracker.capture import Captured, Resync
 from cdp.tracker.dirtymap import DirtyMap
-from cdp.tracker.journal import Captured, Resync, WriteJournal
+from cdp.tracker.journal import WriteJournal
 
 BS = 64 * 1024
 REGION = 4 * BS
@@ -84,7 +85,59 @@ def test_concurrent_marks_share_syncs(tmp_path: Path) -> None:
 
     run(main())
     assert m.dirty_regions() == [0, 1, 2, 3]
-    assert m.syncs <= 4
+    assert m.syncs <= 2  # the first writer's sync, then one for everyone who waited
+
+
+def test_writers_into_distinct_clean_regions_share_one_sync(tmp_path: Path) -> None:
+    """Random writes: each of 16 requests in flight lands in its own clean region; the ones
+    that arrive during a sync are made durable together by the next one."""
+    m = DirtyMap(tmp_path / "dirty", 64 * REGION, REGION)
+    m.open()
+    m.clear(range(m.regions))
+
+    async def main() -> None:
+        await asyncio.gather(*(m.mark([r]) for r in range(16)))
+
+    run(main())
+    assert m.dirty_regions() == list(range(16))
+    assert m.syncs <= 2
+
+
+def test_a_mark_waits_for_the_sync_of_a_region_another_writer_is_marking(
+        tmp_path: Path) -> None:
+    """Two writers into one clean region: the second must not write (mark() must not return)
+    before the first one's fdatasync made the bit durable; a crash in between would leave
+    its write in a region the map on disk calls clean, never compared again."""
+    import threading
+
+    m = DirtyMap(tmp_path / "dirty", 8 * REGION, REGION)
+    m.open()
+    m.clear(range(m.regions))
+    release = threading.Event()
+    real = m._write_sync
+
+    def slow_sync(chunk: bytes, offset: int) -> None:
+        assert release.wait(10)
+        real(chunk, offset)
+
+    m._write_sync = slow_sync  # type: ignore[method-assign]
+
+    async def main() -> None:
+        first = asyncio.ensure_future(m.mark([3]))
+        await asyncio.sleep(0.01)  # first is in its sync
+        second = asyncio.ensure_future(m.mark([3]))
+        await asyncio.sleep(0.05)
+        assert not second.done(), "returned before the region was durable"
+        assert not m.is_set(3)
+        release.set()
+        await asyncio.gather(first, second)
+        assert m.is_set(3)
+
+    run(main())
+    m.close()
+    again = DirtyMap(tmp_path / "dirty", 8 * REGION, REGION)
+    again.open()
+    assert again.dirty_regions() == [3]
 
 
 # -- journal ---------------------------------------------------------------------
@@ -112,6 +165,12 @@ class Volume:
         await self.j.before_change(offset, len(data))
         os.pwrite(self.fd, data, offset)
         self.j.changed(offset, len(data))
+
+    async def write_payload(self, offset: int, data: bytes) -> None:
+        """As the server writes on its loop thread: the tracker gets the payload (wrote)."""
+        await self.j.before_change(offset, len(data))
+        os.pwrite(self.fd, data, offset)
+        self.j.wrote(offset, data)
 
     def image(self) -> bytes:
         return os.pread(self.fd, self.size, 0)
@@ -161,6 +220,41 @@ def test_a_cut_captures_the_state_at_that_instant(tmp_path: Path) -> None:
         assert unit.blocks == v.blocks_of(at_cut, [0, 1])
         assert unit.nbytes == 2 * BS
         assert v.j.open == v.blocks_of(v.image(), [0])
+
+    run(main())
+
+
+def test_a_write_with_its_payload_is_captured_from_it_and_only_its_edges_read_back(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        one = bytes(range(256)) * (BS // 256)
+        await v.write_payload(2 * BS, one)  # exactly one block
+        assert v.j.open[2] is one  # kept as it came: no read, no copy
+        # whole blocks 5..7, partial edges in blocks 4 and 8
+        span = random.Random(5).randbytes(4 * BS)
+        await v.j.before_change(4 * BS + 100, len(span))
+        os.pwrite(v.fd, span, 4 * BS + 100)
+        os.pwrite(v.fd, b"edge" * 8, 4 * BS)  # the edges are read from the image...
+        os.pwrite(v.fd, b"late" * 8, 6 * BS)  # ...the whole blocks never are
+        v.j.wrote(4 * BS + 100, span)
+        img = v.image()
+        assert v.j.open[4] == img[4 * BS:5 * BS] and v.j.open[4].startswith(b"edge")
+        assert v.j.open[8] == img[8 * BS:9 * BS]
+        for b in (5, 6, 7):
+            assert v.j.open[b] == span[b * BS - 4 * BS - 100:(b + 1) * BS - 4 * BS - 100]
+        assert v.j.open_bytes == 6 * BS
+        # the last block, written whole up to the end of the volume; then a cut
+        last = v.size // BS - 1
+        await v.write_payload(last * BS - BS // 2, b"z" * (BS + BS // 2))
+        await v.j.flushed()
+        unit = await v.j.take(0)
+        assert isinstance(unit, Captured)
+        img = v.image()
+        assert unit.blocks[last] == b"z" * BS
+        assert unit.blocks[last - 1] == img[(last - 1) * BS:last * BS]
+        assert unit.nbytes == 8 * BS
 
     run(main())
 
@@ -277,7 +371,8 @@ def test_finish_after_a_quiet_interval_closes_at_once(tmp_path: Path) -> None:
         v.j.epoch_interval = 0.0  # the last cut is older than the interval: cut right away
         unit = await v.j.take(0)
         assert isinstance(unit, Resync)
-        _when, contents, _zeros = await asyncio.wait_for(v.j.finish(), 5)
+        async with asyncio.timeout(5):
+            _when, contents, _zeros = await v.j.finish()
         assert contents == {} and v.j.mode == "capture"
 
     run(main())
@@ -289,10 +384,69 @@ def test_a_free_sender_cuts_the_open_epoch_without_waiting_for_a_flush(tmp_path:
         await _close_initial_resync(v)
         assert await v.j.take(0.05) is None  # nothing written: nothing to take
         await v.write(2 * BS, b"q" * 512)
-        unit = await asyncio.wait_for(v.j.take(5), 10)
+        async with asyncio.timeout(10):
+            unit = await v.j.take(5)
         assert isinstance(unit, Captured)
         assert unit.blocks == v.blocks_of(v.image(), [2])
         assert v.j.open == {}
+
+    run(main())
+
+
+def test_a_flush_wakes_a_sender_waiting_out_the_batch_delay(tmp_path: Path) -> None:
+    """The sender waits batch_delay after the first write before it cuts by itself; a FLUSH
+    cut meanwhile hands it the sealed epoch at once (here batch_delay is an hour)."""
+    async def main() -> None:
+        v = Volume(tmp_path)
+        v.j.batch_delay = 3600.0
+        await _close_initial_resync(v)
+        await v.write(2 * BS, b"q" * 512)
+        taker = asyncio.ensure_future(v.j.take(3600))
+        await asyncio.sleep(0.05)
+        assert not taker.done()  # waiting for more writes to batch
+        await v.write(5 * BS, b"r" * 512)
+        v.j.flush_started()
+        async with asyncio.timeout(30):
+            unit = await taker
+        assert isinstance(unit, Captured)
+        assert unit.blocks == v.blocks_of(v.image(), [2, 5])
+        await v.j.flushed()  # nothing written since: no second epoch
+        assert v.j.sealed == [] and v.j.open == {}
+
+    run(main())
+
+
+def test_while_an_epoch_is_unacknowledged_the_open_epoch_grows_until_the_ack(tmp_path: Path) -> None:
+    """Group commit: batch_delay alone does not cut while the sender's last epoch is in flight;
+    the ack (or a FLUSH) does, and everything written meanwhile travels as one epoch."""
+    async def main() -> None:
+        v = Volume(tmp_path)
+        v.j.batch_delay = 0.0
+        await _close_initial_resync(v)
+        unacked = [True]
+        v.j.in_flight = lambda: unacked[0]
+        await v.write(1 * BS, b"a" * 512)
+        taker = asyncio.ensure_future(v.j.take(3600))
+        await asyncio.sleep(0.05)
+        await v.write(4 * BS, b"b" * 512)
+        await asyncio.sleep(0.05)
+        assert not taker.done() and v.j.stats.cuts == 1  # only the resync's closing cut
+        unacked[0] = False
+        v.j.acked(1)
+        async with asyncio.timeout(30):
+            unit = await taker
+        assert isinstance(unit, Captured)
+        assert unit.blocks == v.blocks_of(v.image(), [1, 4])
+        # in flight again: a FLUSH still cuts at once
+        unacked[0] = True
+        await v.write(7 * BS, b"c" * 512)
+        taker = asyncio.ensure_future(v.j.take(3600))
+        await asyncio.sleep(0.05)
+        assert not taker.done()
+        v.j.flush_started()
+        async with asyncio.timeout(30):
+            unit = await taker
+        assert isinstance(unit, Captured) and list(unit.blocks) == [7]
 
     run(main())
 
@@ -468,5 +622,26 @@ def test_a_paused_journal_keeps_only_the_dirty_regions_and_resyncs_them_on_resum
         assert isinstance(unit, Resync)
         bpr = REGION // BS
         assert unit.spans == [(0, bpr), (5 * bpr, 2 * bpr)]
+
+    run(main())
+
+
+def test_a_sender_cancelled_as_a_write_lands_is_cancelled(tmp_path: Path) -> None:
+    """A connection that ends cancels its volume's sender while it waits in take(). If the
+    cancel and a guest write land together, the sender must still end: a take() that
+    swallowed the cancel (asyncio.wait_for on 3.11) went on to send into a dead link and
+    held the source's connection open forever, never reconnecting."""
+    async def main() -> None:
+        v = Volume(tmp_path)
+        await _close_initial_resync(v)
+        taker = asyncio.ensure_future(v.j.take(30))
+        for _ in range(3):
+            await asyncio.sleep(0)  # waiting for work
+        await v.j.before_change(0, BS)
+        os.pwrite(v.fd, b"w" * BS, 0)
+        v.j.changed(0, BS)  # wakes the taker ...
+        taker.cancel()  # ... in the same instant as its connection ends
+        done, _ = await asyncio.wait({taker}, timeout=5)
+        assert done and taker.cancelled(), "take() swallowed its cancellation"
 
     run(main())

@@ -12,19 +12,10 @@ import struct
 import pytest
 
 from cdp.errors import LocalProtocolError, ProtocolError
-from cdp.nbd import protocol as p
-from cdp.nbd.protocol import (
-    Disconnect,
-    Flush,
-    NbdProtocolError,
-    NbdServerSession,
-    Negotiated,
-    Phase,
-    Read,
-    Trim,
-    Write,
-    WriteZeroes,
-)
+from cdp.nbd import spec as p
+from cdp.nbd.events import Disconnect, Flush, Negotiated, Read, Trim, Write, WriteZeroes
+from cdp.nbd.protocol import NbdServerSession
+from cdp.nbd.spec import NbdProtocolError, Phase
 
 SIZE = 1 << 20
 FLAGS = (p.TFLAG_HAS_FLAGS | p.TFLAG_SEND_FLUSH | p.TFLAG_SEND_FUA | p.TFLAG_SEND_TRIM

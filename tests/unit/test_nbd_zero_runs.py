@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from cdp.blocks import Geometry
 from cdp.durable import write_zeros
+from cdp.tracker.capture import Captured, Resync
 from cdp.tracker.dirtymap import DirtyMap
 from cdp.tracker.extents import BlockRuns
-from cdp.tracker.journal import Captured, Resync, WriteJournal
+from cdp.tracker.journal import WriteJournal
 
 BS = 64 * 1024
 REGION = 4 * BS

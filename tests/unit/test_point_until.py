@@ -9,9 +9,10 @@ import pytest
 from cdp.blocks import Geometry, pack_u64
 from cdp.codec import block_hash, compress
 from cdp.errors import RemoteProtocolError
-from cdp.messages import Commit, from_wire, to_wire
 from cdp.replica import Replica
-from cdp.replica.journal import Point, Retention, find_point, list_points
+from cdp.replica.journal import Retention
+from cdp.replica.points import Point, find_point, list_points
+from cdp.wire.messages import Commit, from_wire, to_wire
 
 
 def test_commit_carries_until_and_takes_an_older_source_without_it() -> None:

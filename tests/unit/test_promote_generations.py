@@ -24,7 +24,8 @@ from cdp.drills.failback import finish
 from cdp.drills.promote import promote
 from cdp.errors import DrillError, PointError
 from cdp.replica import Replica
-from cdp.replica.journal import Retention, list_points, read_labels, resolve_point, set_label
+from cdp.replica.journal import Retention
+from cdp.replica.points import list_points, read_labels, resolve_point, set_label
 from cdp.replica.pointview import open_view
 
 BS = 64 * 1024

@@ -1,4 +1,4 @@
-"""The sans-I/O sessions driven against each other, no sockets (cdp.protocol).
+"""The sans-I/O sessions driven against each other, no sockets (cdp.wire.session).
 
 `Pair` plays h11's ConnectionPair: it moves the bytes one session's send()
 returns into the other's receive_data(), and keeps every byte for inspection.
@@ -12,8 +12,9 @@ import pytest
 
 from cdp.config import load_source
 from cdp.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VolumeError
-from cdp.frames import encode
-from cdp.messages import (
+from cdp.wire.frames import encode
+from cdp.wire.messages import (
+    ALL,
     PROTOCOL_VERSION,
     Ack,
     Auth,
@@ -35,14 +36,9 @@ from cdp.messages import (
     Welcome,
     Zero,
 )
-from cdp.protocol import (
-    NONCE_LEN,
-    ReceiverSession,
-    SourceSession,
-    State,
-    receiver_proof,
-    source_mac,
-)
+from cdp.wire.receiver_session import ReceiverSession
+from cdp.wire.session import NONCE_LEN, State, receiver_proof, source_mac
+from cdp.wire.source_session import SourceSession
 
 TOKEN = b"3f1c0a9e5b7d2468ace13579bdf02468"
 OTHER_TOKEN = b"ffffffffffffffffffffffffffffffff"
@@ -856,7 +852,7 @@ def test_remote_error_closes_session():
 
 
 def test_a_cut_goes_inside_its_epoch_and_names_only_the_clients_volumes():
-    from cdp.messages import Cut
+    from cdp.wire.messages import Cut
 
     p = ready()
     cut = Cut("vm1", 1, 5.0, 4.0, "db", ["vm1", "vm2"])
@@ -878,7 +874,7 @@ def test_a_cut_goes_inside_its_epoch_and_names_only_the_clients_volumes():
 
 
 def test_a_protocol_1_source_is_answered_in_protocol_1():
-    from cdp.frames import FrameDecoder
+    from cdp.wire.frames import FrameDecoder
 
     rcv = ReceiverSession(CLIENTS.get)
     rcv.receive_data(encode(Hello(1, "host1", b"n" * NONCE_LEN)))
@@ -886,3 +882,100 @@ def test_a_protocol_1_source_is_answered_in_protocol_1():
     dec.push(rcv.challenge())
     item = dec.pop()
     assert item is not None and isinstance(item[0], Challenge) and item[0].version == 1
+
+
+def _chosen(hello: Hello) -> int:
+    from cdp.wire.frames import FrameDecoder
+
+    rcv = ReceiverSession(CLIENTS.get)
+    rcv.receive_data(encode(hello))
+    dec = FrameDecoder(4096)
+    dec.push(rcv.challenge())
+    item = dec.pop()
+    assert item is not None and isinstance(item[0], Challenge)
+    assert item[0].version == rcv.version
+    return rcv.version
+
+
+def test_the_receiver_answers_in_the_highest_version_both_speak():
+    n = b"n" * NONCE_LEN
+    assert _chosen(Hello(3, "host1", n)) == 3  # a source before negotiation: its own version
+    assert _chosen(Hello(PROTOCOL_VERSION, "host1", n, 1)) == PROTOCOL_VERSION
+    # a newer source that still speaks ours: ours, not a refusal (sources need not wait for us)
+    assert _chosen(Hello(PROTOCOL_VERSION + 3, "host1", n, PROTOCOL_VERSION)) == PROTOCOL_VERSION
+    with pytest.raises(RemoteProtocolError, match=rf"needs protocol {PROTOCOL_VERSION + 1} or "
+                       r"later.*upgrade the receiver"):
+        _chosen(Hello(PROTOCOL_VERSION + 3, "host1", n, PROTOCOL_VERSION + 1))
+    with pytest.raises(RemoteProtocolError, match="upgrade the source"):
+        _chosen(Hello(0, "host1", n))
+
+
+def test_our_hello_offers_every_version_we_speak_and_an_old_receiver_reads_what_it_knows():
+    from cdp.wire.frames import FrameDecoder
+    from cdp.wire.messages import MIN_PROTOCOL_VERSION
+
+    src = SourceSession("host1", TOKEN)
+    dec = FrameDecoder(4096)
+    dec.push(src.start())
+    item = dec.pop()
+    assert item is not None and item[0] == Hello(PROTOCOL_VERSION, "host1", src.nonce, MIN_PROTOCOL_VERSION)
+    # the source adopts the receiver's choice and gates what that version lacks
+    src.receive_data(encode(Challenge(1, b"c" * NONCE_LEN)))
+    assert src.version == 1
+
+
+# ---------------------------------------------------------------- dispatch tables
+# Each session maps type(msg) to a handler: that equals the isinstance chain it replaced only
+# while no message class subclasses another, and both ends agree on who sends what.
+
+
+def test_no_message_class_subclasses_another():
+    assert len(ALL) > 20
+    for cls in ALL:
+        assert cls.__bases__ == (Message,), cls
+
+
+def test_what_one_end_sends_the_other_receives():
+    # Bye (and a connection-level Error) are taken by _closing before any table
+    assert set(ReceiverSession._ON_RECEIVE) | {Bye} == set(SourceSession._ON_SEND)
+    assert set(SourceSession._ON_RECEIVE) | {Bye} == set(ReceiverSession._ON_SEND)
+    assert set(ReceiverSession._ON_SEND) | set(SourceSession._ON_SEND) == set(ALL)
+    for cls in (ReceiverSession, SourceSession):
+        assert set(cls._RECEIVE_STATES) <= set(cls._ON_RECEIVE)
+        assert set(cls._SEND_ANY_STATE) <= set(cls._ON_SEND)
+
+
+def test_unknown_type_before_auth_is_unexpected_not_unknown():
+    rcv = ReceiverSession(CLIENTS.get)
+    with pytest.raises(RemoteProtocolError, match=r"^unexpected Ack before authentication$"):
+        rcv.receive_data(encode(Ack("vm1", 1, 0.0)))
+    assert rcv.state is State.CLOSED
+
+
+def test_unknown_type_for_a_failed_volume_is_dropped_else_refused():
+    p = ready("vm1")
+    stop = Error("io", "cannot read", "vm1")
+    assert p.src_send(stop) == [stop]
+    assert p.rcv.receive_data(encode(Ack("vm1", 1, 0.0))) == []  # dropped, as before
+    with pytest.raises(RemoteProtocolError, match=r"^a source does not send Ack$"):
+        p.rcv.receive_data(encode(Ack("vm2", 1, 0.0)))
+
+
+def test_handshake_message_out_of_state_names_no_authentication():
+    p = ready(None)
+    with pytest.raises(RemoteProtocolError, match=r"^unexpected Hello$"):
+        p.rcv.receive_data(encode(Hello(4, "host1", b"n" * 32, 1)))
+    q = ready(None)
+    with pytest.raises(RemoteProtocolError, match=r"^unexpected Welcome$"):
+        q.src.receive_data(encode(Welcome(b"p" * 32, ["vm1"], 1 << 20)))
+    with pytest.raises(RemoteProtocolError, match=r"^a receiver does not send Hello$"):
+        ready(None).src.receive_data(encode(Hello(4, "host1", b"n" * 32, 1)))
+
+
+def test_unknown_type_to_send():
+    with pytest.raises(LocalProtocolError, match=r"^cannot send Data before authentication$"):
+        Pair().src.send(Data("vm1", 1, b"", b"", 0, b""))
+    with pytest.raises(LocalProtocolError, match=r"^a receiver does not send Data$"):
+        ready("vm1").rcv.send(Data("vm1", 1, b"", b"", 0, b""))
+    with pytest.raises(LocalProtocolError, match=r"^a source does not send Ack$"):
+        ready("vm1").src.send(Ack("vm1", 1, 0.0))

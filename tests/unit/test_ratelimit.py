@@ -191,7 +191,8 @@ def test_async_take_waits_and_notices_a_rate_change():
         await asyncio.sleep(0.05)
         assert not task.done()
         b.set_rate(None)
-        await asyncio.wait_for(task, 2)
+        async with asyncio.timeout(2):
+            await task
         return loop.time() - t0
 
     assert asyncio.run(main()) < 2

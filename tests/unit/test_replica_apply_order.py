@@ -100,7 +100,7 @@ def reopen_and_check(root: Path, epoch: int) -> None:
         assert rep.journal.epochs() == ([2] if epoch == 2 else [])
         if epoch == 2:
             undo = rep.journal.path(2)
-            from cdp.replica.journal import UndoFile
+            from cdp.replica.undo import UndoFile
             u = UndoFile(undo)
             try:
                 one = content(1)

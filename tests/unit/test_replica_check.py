@@ -30,6 +30,7 @@ def write_epochs(root: Path, volume: str = "v", geo: Geometry = GEO, seed: int =
     """Two epochs: `written` and the short last block get data; the rest is never written."""
     rng = random.Random(seed)
     rep = Replica.open(root, volume, geo, create=True)
+    rep.seeded(0)  # a whole replica: nothing is placed, open repairs nothing
     try:
         for e, idx in enumerate((list(written[:-1]), [written[-1], geo.blocks - 1]), start=1):
             blocks = [rng.randbytes(geo.length(i)) for i in idx]

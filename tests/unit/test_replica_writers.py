@@ -118,14 +118,19 @@ OPS = st.lists(st.tuples(st.sampled_from(["begin", "data", "seal", "apply", "abo
                          st.integers(0, 1), st.integers(0, 3)), max_size=40)
 
 
+@pytest.mark.parametrize("seeding", [False, True])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(OPS)
 def test_two_connections_in_any_order_never_mix(tmp_path_factory: pytest.TempPathFactory,
+                                                 seeding: bool,
                                                  ops: list[tuple[str, int, int]]) -> None:
     """Two writers ("connections") issue begin/data/seal/apply/abort in any order, each with
     its own idea of the next epoch; the store accepts only what keeps one writer, and image and
-    hash map agree after every step."""
+    hash map agree after every step (a seeding replica places data in the image at receipt:
+    they agree whenever no epoch is being received, an aborted one's data zeroed again)."""
     r = Replica.open(tmp_path_factory.mktemp("w"), "v", GEO, create=True)
+    if not seeding:
+        assert r.seeded(0) and not r.state.seeding
     try:
         writers: dict[int, EpochWriter | None] = {0: None, 1: None}
         sealed: list[EpochWriter] = []
@@ -148,10 +153,14 @@ def test_two_connections_in_any_order_never_mix(tmp_path_factory: pytest.TempPat
             elif op == "abort" and w is not None:
                 w.abort()
                 writers[who] = None
-            if not sealed:
+            if not sealed and (not seeding or all(x is None for x in writers.values())):
                 agree(r)
         for w in sealed:
             w.apply()
+        if seeding:  # the connections go away: what they were receiving is dropped
+            for x in writers.values():
+                if x is not None:
+                    x.abort()
         agree(r)
     finally:
         r.close()

@@ -36,7 +36,8 @@ def test_cpu_meter_measures_this_threads_cpu() -> None:
 
 
 async def _run(coro):  # type: ignore[no-untyped-def]
-    return await asyncio.wait_for(coro, 5)
+    async with asyncio.timeout(5):
+        return await coro
 
 
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
@@ -153,3 +154,19 @@ def test_an_event_during_a_scan_starts_the_next_one() -> None:
         return first, second
 
     assert asyncio.run(main()) == ("event", "event")
+
+
+def test_a_scan_loop_cancelled_as_its_event_lands_is_cancelled() -> None:
+    """The connection ends (its TaskGroup cancels the volume's task) in the instant a change
+    wakes the scan loop: the task must end, not scan into a dead link (see WriteJournal.take)."""
+    async def main() -> bool:
+        wake = asyncio.Event()
+        task = asyncio.ensure_future(next_scan(wake, ScanPacer(min_interval=0.0), 30.0))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        wake.set()
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        return task.cancelled()
+
+    assert asyncio.run(main()), "next_scan swallowed its cancellation"

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from cdp.config import load_source
-from cdp.frames import encode
-from cdp.messages import Begin, Commit, Current, Data, Error, GetHashes, Open, Ref, Zero
-from cdp.source.daemon import MIN_PACED_BATCH, Source, _paced, _wire_estimate
+from cdp.source.daemon import Source, _wire_estimate
+from cdp.source.worker import MIN_PACED_BATCH, paced
+from cdp.wire.frames import encode
+from cdp.wire.messages import Begin, Commit, Current, Data, Error, GetHashes, Open, Ref, Zero
 
 MiB = 1024 * 1024
 
@@ -80,7 +81,7 @@ def test_reload_applies_new_caps(source, tmp_path, caplog):
     asyncio.run(source._reload())
     assert source.cfg.rate_limit is None
     assert source.volumes["vm1"].bucket.rate == 2 * MiB
-    assert source.volumes["vm1"].status()["rate_limit"] == 2 * MiB
+    assert source.volumes["vm1"].status().rate_limit == 2 * MiB
     assert "config reload: source.rate_limit: 10.0 MiB/s -> unlimited" in caplog.text
     assert "config reload: volume[vm1].rate_limit: unlimited -> 2.0 MiB/s" in caplog.text
 
@@ -116,9 +117,9 @@ def test_wire_estimate_is_close_to_the_frame_size_and_not_below(msg):
 
 
 def test_frames_and_reads_shrink_under_a_cap():
-    assert _paced(2 * MiB, None, MIN_PACED_BATCH) == 2 * MiB  # no cap: as configured
-    assert _paced(2 * MiB, 100 * MiB, MIN_PACED_BATCH) == 2 * MiB  # never larger
-    assert _paced(2 * MiB, 4 * MiB, MIN_PACED_BATCH) == int(0.4 * MiB)  # a tenth of a second
-    assert _paced(2 * MiB, 256 * 1024, MIN_PACED_BATCH) == MIN_PACED_BATCH  # but not tiny
-    assert _paced(128 * 1024, 256 * 1024, MIN_PACED_BATCH) == 128 * 1024  # a small batch stays
-    assert _paced(4 * MiB, 2 * MiB, 65536) == int(0.2 * MiB)  # scan reads
+    assert paced(2 * MiB, None, MIN_PACED_BATCH) == 2 * MiB  # no cap: as configured
+    assert paced(2 * MiB, 100 * MiB, MIN_PACED_BATCH) == 2 * MiB  # never larger
+    assert paced(2 * MiB, 4 * MiB, MIN_PACED_BATCH) == int(0.4 * MiB)  # a tenth of a second
+    assert paced(2 * MiB, 256 * 1024, MIN_PACED_BATCH) == MIN_PACED_BATCH  # but not tiny
+    assert paced(128 * 1024, 256 * 1024, MIN_PACED_BATCH) == 128 * 1024  # a small batch stays
+    assert paced(4 * MiB, 2 * MiB, 65536) == int(0.2 * MiB)  # scan reads

@@ -11,9 +11,9 @@ import pytest
 from cdp.blocks import Geometry, unpack_u64
 from cdp.codec import block_hash, zero_hash
 from cdp.config import VolumeConfig
-from cdp.messages import Data, Ref, Zero
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.scan import zero_map
+from cdp.wire.messages import Data, Ref, Zero
 
 BS = 65536
 GEO = Geometry(32 * BS, BS)
@@ -142,12 +142,12 @@ def test_dedup_index_is_bounded(cap: int) -> None:
 
 def test_a_pause_is_kept_on_disk_until_resumed(tmp_path: Path) -> None:
     vs = volume(tmp_path)
-    assert not vs.paused_since and vs.status()["paused"] is False
+    assert not vs.paused_since and vs.status().paused is False
     assert vs.pause() is True
     since = vs.paused_since
     assert since and vs.pause() is False and vs.paused_since == since  # already paused
     again = volume(tmp_path)  # a restart
-    assert again.paused_since == since and again.status()["paused_since"] == since
+    assert again.paused_since == since and again.status().paused_since == since
     assert again.resume() is True and again.resume() is False
     assert volume(tmp_path).paused_since == 0.0
     (tmp_path / "state" / "v" / "paused.json").write_text("{not json")

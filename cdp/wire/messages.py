@@ -15,10 +15,46 @@ from typing import Any, ClassVar
 
 from cdp.errors import RemoteProtocolError
 
+# 4: Hello.min_version: the receiver answers in the highest version both sides speak
 # 3: Label.move, Labelled.moved_from/moved_time, LabelTaken (a label never moves unasked)
 # 2: Cut (consistency groups). A receiver still takes version 1 and 2 sources.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MIN_PROTOCOL_VERSION = 1
+
+# What each version added, by name: a session that settled on an older version lacks it, and
+# says so in words (`lacks`) instead of failing on an unknown message type.
+FEATURES: dict[str, tuple[int, str]] = {
+    "ping": (2, "Ping/Pong, the dead-link check"),  # every receiver of protocol 2 answers Ping
+    "cut": (2, "consistency group cuts (Cut)"),
+    "label-move": (3, "moving a checkpoint label (Label.move, LabelTaken)"),
+    "negotiation": (4, "version negotiation (Hello.min_version)"),
+}
+
+
+def has(version: int, feature: str) -> bool:
+    """Whether a session of protocol `version` may use `feature` (a key of FEATURES)."""
+    return version >= FEATURES[feature][0]
+
+
+def lacks(version: int, feature: str, peer: str) -> str:
+    """Why `feature` cannot be used with a `peer` ("receiver"/"source") of protocol `version`."""
+    need, what = FEATURES[feature]
+    return (f"the {peer} speaks protocol {version}, which lacks {what} (protocol {need}); "
+            f"upgrade the {peer} to a cdp of protocol {need} or later")
+
+
+def negotiate(offered: int, offered_min: int) -> int:
+    """The receiver's choice for a source offering versions [offered_min, offered] (offered_min
+    0: exactly `offered`, a source before protocol 4): the highest version both speak.
+    ValueError says which side to upgrade."""
+    low = offered_min or offered
+    if offered < MIN_PROTOCOL_VERSION:
+        raise ValueError(f"the source speaks protocol {offered}, this receiver needs "
+                         f"{MIN_PROTOCOL_VERSION} or later: upgrade the source")
+    if low > PROTOCOL_VERSION:
+        raise ValueError(f"the source needs protocol {low} or later, this receiver speaks up to "
+                         f"{PROTOCOL_VERSION}: upgrade the receiver (receivers first)")
+    return min(offered, PROTOCOL_VERSION)
 
 
 class Message:
@@ -30,9 +66,10 @@ class Hello(Message):
     """Source -> receiver: who I am, and a nonce for the receiver to prove itself with."""
 
     TYPE = 1
-    version: int
+    version: int  # the highest the source speaks
     name: str
     nonce: bytes
+    min_version: int = 0  # the lowest it speaks (protocol 4; 0: only `version`)
 
 
 @dataclass(frozen=True)
@@ -399,7 +436,7 @@ _FIELDS: dict[type[Message], tuple[tuple[str, str], ...]] = {
 }
 # Fields added later, which an older peer leaves off the end: the message takes their default.
 # They are sent only when they differ from it, so an older peer can read what it knows.
-_OPTIONAL: dict[type[Message], int] = {Commit: 1, Label: 1, Labelled: 2}
+_OPTIONAL: dict[type[Message], int] = {Commit: 1, Label: 1, Labelled: 2, Hello: 1}
 _DEFAULTS: dict[type[Message], tuple[Any, ...]] = {
     cls: tuple(f.default for f in fields(cls)[len(fields(cls)) - n:])  # type: ignore[arg-type]
     for cls, n in _OPTIONAL.items()

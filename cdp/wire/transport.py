@@ -1,6 +1,6 @@
 """asyncio adapter: drives a protocol session over TCP (optionally TLS) streams.
 
-It only pumps bytes: framing, validation and state live in cdp.protocol.
+It only pumps bytes: framing, validation and state live in the sessions (cdp.wire.session).
 Also here: TLS contexts from the config, and reconnect backoff.
 """
 
@@ -19,8 +19,8 @@ import time
 
 from cdp.config import TlsClient, TlsServer
 from cdp.errors import ConfigError, PeerClosed, TransportError
-from cdp.messages import Message
-from cdp.protocol import _Session
+from cdp.wire.messages import Message
+from cdp.wire.session import Session
 
 log = logging.getLogger(__name__)
 READ_SIZE = 1 << 20
@@ -79,7 +79,7 @@ def client_tls(cfg: TlsClient) -> ssl.SSLContext:
 class Link:
     """One connection: a session plus the streams it talks over."""
 
-    def __init__(self, session: _Session, reader: asyncio.StreamReader,
+    def __init__(self, session: Session, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.session = session
         self.reader = reader
@@ -122,7 +122,8 @@ class Link:
     async def fill(self, timeout: float | None = None) -> None:
         """Read what has arrived into the session; take messages with session.events()."""
         try:
-            data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(READ_SIZE)
         except TimeoutError:
             raise TransportError(f"{self.peer}: idle for {timeout:.0f}s, closing") from None
         except (ConnectionError, OSError) as exc:
@@ -149,7 +150,8 @@ class Link:
         self.session.close()
         try:
             self.writer.close()
-            await asyncio.wait_for(self.writer.wait_closed(), 5)
+            async with asyncio.timeout(5):
+                await self.writer.wait_closed()
         except (ConnectionError, OSError, TimeoutError, ssl.SSLError):
             self.abort()  # unsent data that cannot leave (a dead link): do not keep the socket
 

@@ -1,6 +1,6 @@
 """Every key a config file accepts, with its meaning, default and unit: declared once.
 
-The loader (cdp/config.py) reads only keys declared here, takes their defaults
+The loader (cdp/config/) reads only keys declared here, takes their defaults
 from here, and lists them when a key is unknown; `cdp init` (cdp/cli/init.py)
 writes every one of them into its example files. A default is written as it
 would be in a TOML file ("10s", "32MiB") and the loader parses it like a value
