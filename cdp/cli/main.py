@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import importlib
 import json
 import logging
@@ -307,4 +309,26 @@ def entry() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         code = 141
+    if "obstore" in sys.modules:
+        _exit_before_finalizing(code)
     sys.exit(code)
+
+
+def _exit_before_finalizing(code: int | str | None) -> None:
+    """End the process without Py_Finalize once obstore (S3) was used.
+
+    obstore's shared tokio runtime is never shut down: its worker threads
+    keep running while the interpreter tears itself down, and one that wakes
+    at that moment panics and aborts the process (SIGABRT, exit -6) after the
+    command itself has finished and printed its result. So run the atexit
+    handlers (logging's flush among them) while Python is whole, flush the
+    standard streams, and leave with os._exit.
+    """
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code or 0)

@@ -50,3 +50,23 @@ def test_a_closed_pipe_ends_quietly(site, args):
 def test_help_into_a_closed_pipe():
     res = _closed_pipe_run("--help")  # argparse ignores the failed write itself
     assert res.returncode == 0 and not res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--version"], 0), (["points", "-c", "/nonexistent.toml"], 2)])
+def test_after_s3_the_exit_skips_finalizing_but_keeps_code_atexit_and_output(argv, code, tmp_path):
+    """Once obstore is loaded, cdp leaves with os._exit (its tokio threads can abort the process
+    during Py_Finalize, seen in CI as exit -6 after a correct message). The exit code, the
+    atexit handlers, and everything printed must survive that shortcut, even into a pipe."""
+    marker = tmp_path / "atexit-ran"
+    prog = ("import atexit, pathlib, sys, obstore.store\n"
+            f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+            f"sys.argv = ['cdp', *{argv!r}]\n"
+            "print('buffered before exit', end='')\n"
+            "from cdp.cli.main import entry\n"
+            "entry()\n")
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=scaled(60))
+    assert r.returncode == code, r.stderr
+    assert r.stdout.startswith("buffered before exit")
+    assert marker.read_text() == "yes"
+    if code:
+        assert "nonexistent.toml" in r.stderr
