@@ -200,7 +200,7 @@ TABLES: dict[str, dict[str, Key]] = {
         Key("scan_interval", "rescan at least this often (file events wake it sooner)", default="10s",
             only="scan"),
         Key("min_scan_interval", "scans start at most this often (a change: 5-50 ms later)",
-            default="0.25s", only="scan"),
+            default="0.1s", only="scan"),
         Key("pre_scan", "command quiescing the guest before a scan ...", example="virsh domfsfreeze vm1",
             unset="none", only="scan"),
         Key("post_scan", "... and thawing it after, whatever happened", example="virsh domfsthaw vm1",

@@ -140,7 +140,7 @@ class VolumeConfig:
     mode: str = "scan"
     block_size: int = DEFAULT_BLOCK_SIZE
     scan_interval: float = 10.0
-    min_scan_interval: float = 0.25  # scans start at most this often (scanpace.py)
+    min_scan_interval: float = 0.1  # scans start at most this often (scanpace.py)
     pre_scan: str | None = None
     post_scan: str | None = None
     snapshot: str = "none"  # or "reflink"

@@ -50,6 +50,7 @@ from cdp.source.scanworker import ScanWorker
 from cdp.source.volume import DedupIndex, VolumeState
 from cdp.source.worker import VolumeWorker
 from cdp.status import SourceStatus
+from cdp.tracker.hashworker import HashHelpers
 from cdp.tracker.scan import volume_size
 from cdp.tracker.watch import Watcher
 from cdp.units import format_bytes
@@ -98,6 +99,7 @@ class Source:
         self.pings = True  # whether the receiver's protocol has Ping (see _watchdog)
         self.net = TokenBucket(None)  # frames sent, all volumes together
         self.reads = TokenBucket(None)  # scan reads, all volumes together
+        self.hashers = HashHelpers()  # second processes that hash during rescans
         self.caps: Caps | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
@@ -241,6 +243,7 @@ class Source:
                         await self._stop.wait()
         finally:
             watcher.stop()
+            self.hashers.close()
             await self.control.stop()
             self.files.stop()
             for export in self.nbd.values():

@@ -12,9 +12,12 @@ CPU a written volume costs. The rules, in order:
 3. `min_scan_interval` bounds how often scans *start* (time since the previous start, not
    a delay after each wake): under continuous writes scans run back to back at most that
    often. Events that arrive during a scan start the next one as soon as this allows.
-4. A volume's scans take at most `DUTY` (half) of one core: the next start also waits
-   until twice the previous scan's CPU time has passed since it started. A large volume
-   under continuous writes is scanned less often, instead of taking a core for itself.
+4. A volume's scans take at most `DUTY` (half) of one core, averaged: a CPU budget fills
+   at DUTY seconds per second up to `BURST` seconds, each rescan spends what it cost, and
+   no scan starts while the budget is spent. A large volume under continuous writes is
+   scanned less often instead of taking a core for itself, yet the rescan that follows a
+   scan begun in the middle of a burst need not wait twice that scan's cost: after a quiet
+   spell the budget holds it.
 
 `ScanPacer` is the pure bookkeeping (tested with a fake clock); `next_scan` is the
 asyncio wait that applies it.
@@ -32,25 +35,38 @@ from dataclasses import dataclass
 SETTLE = 0.005
 SETTLE_MAX = 0.05
 DUTY = 0.5
+BURST = 0.5  # CPU seconds a quiet volume may spend on scans at once (rule 4)
 
 
 @dataclass
 class ScanPacer:
-    """The last scan's start and CPU cost, and so the earliest next start."""
+    """The last scan's start and the CPU budget (rule 4), and so the earliest next start."""
 
     min_interval: float
     last_start: float = -math.inf
-    last_cpu: float = 0.0
+    budget: float = BURST  # CPU seconds that scans may still spend now
+    budget_at: float = -math.inf  # when `budget` was last brought up to date
+
+    def _refill(self, now: float) -> None:
+        if self.budget_at > -math.inf:
+            self.budget = min(BURST, self.budget + (now - self.budget_at) * DUTY)
+        self.budget_at = max(self.budget_at, now)
 
     def started(self, now: float) -> None:
+        self._refill(now)
         self.last_start = now
 
-    def finished(self, cpu_seconds: float) -> None:
-        self.last_cpu = max(0.0, cpu_seconds)
+    def finished(self, cpu_seconds: float, now: float) -> None:
+        """A scan that cost `cpu_seconds` ended at `now`."""
+        self._refill(now)
+        self.budget -= max(0.0, cpu_seconds)
 
     def earliest(self) -> float:
         """No scan may start before this (monotonic seconds)."""
-        return self.last_start + max(self.min_interval, self.last_cpu / DUTY)
+        t = self.last_start + self.min_interval
+        if self.budget < 0:  # spent: wait until it has filled back to zero
+            t = max(t, self.budget_at - self.budget / DUTY)
+        return t
 
 
 async def next_scan(wake: asyncio.Event, pacer: ScanPacer, scan_interval: float, *,
@@ -87,10 +103,12 @@ async def next_scan(wake: asyncio.Event, pacer: ScanPacer, scan_interval: float,
 
 
 @contextlib.contextmanager
-def cpu_meter(pacer: ScanPacer) -> Iterator[None]:
-    """Count the CPU time of the calling thread (the scan's reader) into the pacer."""
-    t0 = time.thread_time()
+def cpu_meter(pacer: ScanPacer, other: Callable[[], float] | None = None) -> Iterator[None]:
+    """Count the CPU time of the calling thread (the scan's reader) into the pacer, and that
+    of `other` (a helper process's CPU seconds so far) if given."""
+    t0, o0 = time.thread_time(), other() if other else 0.0
     try:
         yield
     finally:
-        pacer.finished(time.thread_time() - t0)
+        spent = time.thread_time() - t0 + (other() - o0 if other else 0.0)
+        pacer.finished(spent, time.monotonic())

@@ -142,10 +142,16 @@ class ScanWorker(VolumeWorker):
             except OSError as exc:
                 raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
             try:
-                # what a rescan cost spaces the next one (scanpace.DUTY); a seed predicts nothing
-                with cpu_meter(pacer) if seeded else contextlib.nullcontext():
+                # a rescan hashes on two cores (hashworker); what it cost, on both, spaces the
+                # next one (scanpace.DUTY); a seed predicts nothing, and sends as fast as one core
+                # compresses, so it keeps the other core for that
+                with contextlib.ExitStack() as stack:
+                    helper = stack.enter_context(self.src.hashers.lend()) if seeded else None
+                    if seeded:
+                        stack.enter_context(cpu_meter(pacer, helper.cpu_seconds if helper else None))
                     for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                                  cancelled=stop, throttle=throttle, holes=hole):
+                                                  cancelled=stop, throttle=throttle, holes=hole,
+                                                  helper=helper):
                         builder.add(block, h, content)
             finally:
                 os.close(fd)

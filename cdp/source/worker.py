@@ -38,6 +38,7 @@ from cdp.source.nbdmode import NbdExport, Producer
 from cdp.source.phase import Phase
 from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
+from cdp.tracker.hashworker import HashHelpers
 from cdp.tracker.scan import volume_size, zero_map
 from cdp.wire.messages import Ack, Begin, Commit, Current, Error, GetHashes, Hashes, Message, Open, Opened
 from cdp.wire.transport import Backoff, Link
@@ -61,6 +62,7 @@ class Shared(Protocol):
     control: Control
     reads: TokenBucket
     net: TokenBucket
+    hashers: HashHelpers
     metrics: Any
 
     @property

@@ -27,6 +27,7 @@ from pathlib import Path
 from cdp.blocks import Geometry, block_spans, data_extents
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import TrackerError
+from cdp.tracker.hashworker import HashHelper
 
 CHUNK = 16 << 20  # bytes mapped (or read) at a time; the source makes it smaller under read_limit
 
@@ -63,13 +64,14 @@ def zero_map(geo: Geometry) -> bytearray:
 def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], None] | None = None,
          cancelled: Callable[[], bool] | None = None, chunk: int = CHUNK,
          throttle: Callable[[int], None] | None = None,
-         holes: Callable[[int], None] | None = None) -> Iterator[Change]:
+         holes: Callable[[int], None] | None = None, helper: HashHelper | None = None) -> Iterator[Change]:
     """Yield (block, hash, content) for every block whose hash differs from smap.
 
     `content` is a view into a reused buffer, valid until the next yield; the
     caller copies what it keeps. smap is read, never written. progress(n) is
     called with bytes read, holes(n) with bytes of holes covered without reading
-    (progress(n) when holes is None); cancelled() is checked between chunks.
+    (progress(n) when holes is None); cancelled() is checked between chunks. A helper
+    (hashworker) hashes every other chunk in a second process.
     """
     size = os.fstat(fd).st_size if stat.S_ISREG(os.fstat(fd).st_mode) else geo.size
     if size != geo.size:
@@ -81,6 +83,8 @@ def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], N
     view = memoryview(bytearray(chunk))
     zfull = zero_hash(bs)
     smv = memoryview(smap)
+    if helper is not None:
+        helper.attach(fd)
     pos = 0  # next block not yet covered
     for first, count in [*block_spans(data_extents(fd, geo.size), geo), (geo.blocks, 0)]:
         if first > pos:  # a hole: zero blocks, known without reading
@@ -88,7 +92,7 @@ def scan(fd: int, geo: Geometry, smap: bytearray, *, progress: Callable[[int], N
             if holes or progress:
                 (holes or progress)(min(geo.size, first * bs) - pos * bs)  # type: ignore[misc]
         if not (yield from _read_span(fd, geo, smv, view, first, first + count, progress=progress,
-                                      cancelled=cancelled, throttle=throttle)):
+                                      cancelled=cancelled, throttle=throttle, helper=helper)):
             return
         pos = first + count
 
@@ -114,46 +118,86 @@ def scan_spans(fd: int, geo: Geometry, smap: bytearray, spans: list[tuple[int, i
 
 def _read_span(fd: int, geo: Geometry, smv: memoryview, view: memoryview, b: int, end: int, *,
                progress: Callable[[int], None] | None, cancelled: Callable[[], bool] | None,
-               throttle: Callable[[int], None] | None) -> Generator[Change, None, bool]:
+               throttle: Callable[[int], None] | None,
+               helper: HashHelper | None = None) -> Generator[Change, None, bool]:
     """Hash blocks [b, end) in windows of len(view); yield those whose hash differs from smv.
 
-    Returns False if cancelled (the caller stops), True when the span is done.
+    With a helper, windows go in pairs: the helper hashes the second while this thread
+    hashes the first (see hashworker). Returns False if cancelled (the caller stops),
+    True when the span is done.
     """
     bs = geo.block_size
-    zfull = zero_hash(bs)
     per_chunk = len(view) // bs
     regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    mapped = True
+    mapped = [True]  # False once the file turned out not to be mappable
     while b < end:
         if cancelled and cancelled():
             return False
-        nblocks = min(end - b, per_chunk)
-        off = b * bs
-        want = min(geo.size, (b + nblocks) * bs) - off
+        first = _window(geo, b, min(end - b, per_chunk))
+        b += first[1]
+        second = _window(geo, b, min(end - b, per_chunk)) if helper is not None and b < end else None
+        if second is not None:
+            b += second[1]
         if throttle:
-            throttle(want)
-        win: memoryview | None = None
-        if mapped:
-            have = min(want, max(0, os.fstat(fd).st_size - off)) if regular else want
-            try:
-                win = _map(fd, off, have) if have else None
-            except (OSError, ValueError):  # not mappable (a pipe, some devices): read instead
-                mapped = False
-            if mapped and have < want:  # the file shrank under us: the rest reads as zero
-                view[:want] = bytes(want)
-                if win is not None:
-                    view[:have] = win
-                win = None
-        if win is None and not mapped:
-            got = os.preadv(fd, [view[:want]], off)
-            if got < want:  # the file shrank under us: the rest reads as zero
-                view[got:want] = bytes(want - got)
-        src = view if win is None else win
-        # all of the window's hashes at once: an unchanged window is one compare
-        hashes = b"".join([block_hash(src[q:q + bs]) for q in range(0, want, bs)])
-        olds = smv[b * HASH_LEN:(b + nblocks) * HASH_LEN]
+            throttle(first[2] + (second[2] if second else 0))
+        sent = (second is not None and mapped[0] and helper is not None
+                and helper.submit(second[0] * bs, second[2], bs))
+        yield from _window_changes(fd, geo, smv, view, first, None, regular, mapped)
+        if progress:
+            progress(first[2])
+        if second is not None:
+            hashes = helper.result() if sent and helper is not None else None
+            if hashes is not None and len(hashes) != second[1] * HASH_LEN:
+                hashes = None  # the file shrank under the helper: look again here
+            yield from _window_changes(fd, geo, smv, view, second, hashes, regular, mapped)
+            if progress:
+                progress(second[2])
+    return True
+
+
+def _window(geo: Geometry, b: int, nblocks: int) -> tuple[int, int, int]:
+    """(first block, blocks, bytes) of the window of nblocks blocks at block b."""
+    off = b * geo.block_size
+    return b, nblocks, min(geo.size, (b + nblocks) * geo.block_size) - off
+
+
+def _window_changes(fd: int, geo: Geometry, smv: memoryview, view: memoryview,
+                    window: tuple[int, int, int], hashes: bytes | None, regular: bool,
+                    mapped: list[bool]) -> Iterator[Change]:
+    """The changed blocks of one window. `hashes`: its block hashes if already known (from
+    the helper); then the data is only looked at if some differ from smv."""
+    b, nblocks, want = window
+    bs = geo.block_size
+    hinted = hashes is not None  # hashed elsewhere: a changed block is hashed again here
+    olds = smv[b * HASH_LEN:(b + nblocks) * HASH_LEN]
+    if hashes is not None and hashes == olds:
+        return  # an unchanged window, hashed by the helper: nothing to read here
+    off = b * bs
+    win: memoryview | None = None
+    if mapped[0]:
+        have = min(want, max(0, os.fstat(fd).st_size - off)) if regular else want
+        try:
+            win = _map(fd, off, have) if have else None
+        except (OSError, ValueError):  # not mappable (a pipe, some devices): read instead
+            mapped[0] = False
+        if mapped[0] and have < want:  # the file shrank under us: the rest reads as zero
+            view[:want] = bytes(want)
+            if win is not None:
+                view[:have] = win
+            win = None
+    if win is None and not mapped[0]:
+        got = os.preadv(fd, [view[:want]], off)
+        if got < want:  # the file shrank under us: the rest reads as zero
+            view[got:want] = bytes(want - got)
+    src = view if win is None else win
+    try:
+        if hashes is None:  # all of the window's hashes at once: an unchanged window is one compare
+            hashes = b"".join([block_hash(src[q:q + bs]) for q in range(0, want, bs)])
+            if hashes == olds:
+                return
+        zfull = zero_hash(bs)
         p = 0
-        for i in ([] if hashes == olds else range(b, b + nblocks)):
+        for i in range(b, b + nblocks):
             k = (i - b) * HASH_LEN
             h = hashes[k:k + HASH_LEN]
             old = olds[k:k + HASH_LEN]
@@ -164,15 +208,14 @@ def _read_span(fd: int, geo: Geometry, smv: memoryview, view: memoryview, b: int
                     blk = view[:n]
                     blk[:] = win[p:p + n]
                     h = block_hash(blk)
+                elif hinted:
+                    h = block_hash(blk)
                 if old != h:
                     yield i, h, (None if h == (zfull if n == bs else zero_hash(n)) else blk)
             p += n
+    finally:
         if win is not None:
             win.release()
-        if progress:
-            progress(want)
-        b += nblocks
-    return True
 
 
 def _map(fd: int, off: int, length: int) -> memoryview:

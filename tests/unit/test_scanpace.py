@@ -6,24 +6,55 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 
 import pytest
 
-from cdp.source.scanpace import DUTY, SETTLE_MAX, ScanPacer, cpu_meter, next_scan
+from cdp.source.scanpace import BURST, DUTY, SETTLE_MAX, ScanPacer, cpu_meter, next_scan
 
 
-def test_earliest_counts_from_the_last_start_and_the_scan_cost() -> None:
+def test_earliest_counts_from_the_last_start_and_the_cpu_budget() -> None:
     p = ScanPacer(min_interval=0.25)
     assert p.earliest() == float("-inf")  # the first scan waits for nothing
     p.started(100.0)
     assert p.earliest() == 100.25
-    p.finished(0.05)  # a cheap scan: the interval rules
+    p.finished(0.05, 100.1)  # a cheap scan: the interval rules
     assert p.earliest() == 100.25
-    p.finished(1.0)  # a scan that took a second of CPU: at most DUTY of a core
-    assert p.earliest() == pytest.approx(100.0 + 1.0 / DUTY)
-    p.finished(-1.0)
-    assert p.last_cpu == 0.0
+    p.started(100.25)
+    p.finished(0.3, 100.6)  # the budget (BURST) still covers it: only the interval
+    assert p.budget == pytest.approx(BURST - 0.3)  # the cheap scan's cost had refilled
+    assert p.earliest() == 100.5
+    p.started(101.0)
+    p.finished(2.0, 103.0)  # two seconds of CPU: the budget is spent, and the next scan
+    owed = -p.budget       # waits until it has filled back to zero at DUTY per second
+    assert owed > 0
+    assert p.earliest() == pytest.approx(103.0 + owed / DUTY)
+    p.finished(-1.0, 103.0)  # a clock that went backwards costs nothing
+    assert p.budget == pytest.approx(-owed)
+
+
+def test_scans_average_at_most_duty_of_a_core() -> None:
+    """Continuous events, scans of random cost started as early as allowed: over every
+    window the CPU spent is at most DUTY per second plus the burst and one scan."""
+    rng = random.Random(5)
+    p = ScanPacer(min_interval=0.01)
+    now, spans = 0.0, []
+    for _ in range(2000):
+        now = max(now, p.earliest())
+        p.started(now)
+        cost = rng.choice([0.001, 0.05, 0.2, 0.8])
+        spans.append((now, cost))
+        now += cost  # the scan runs for its CPU time
+        p.finished(cost, now)
+    worst = 0.0
+    for i, (a, _) in enumerate(spans):
+        for b, cost in spans[i:i + 200]:
+            spent = sum(c for t, c in spans[i:] if t <= b)
+            worst = max(worst, spent - DUTY * (b + cost - a) - BURST)
+    assert worst <= 0.8 + 1e-9  # never more than the one scan that overdraws
+    total = sum(c for _, c in spans)
+    assert total / (now - spans[0][0]) <= DUTY + BURST / now + 1e-9
 
 
 def test_cpu_meter_measures_this_threads_cpu() -> None:
@@ -32,7 +63,7 @@ def test_cpu_meter_measures_this_threads_cpu() -> None:
         t = time.thread_time()
         while time.thread_time() - t < 0.02:
             pass
-    assert p.last_cpu >= 0.02
+    assert BURST - p.budget >= 0.02
 
 
 async def _run(coro):  # type: ignore[no-untyped-def]
