@@ -18,6 +18,7 @@ import pytest
 from cdp import codec
 from cdp.blocks import Geometry, pack_u64, runs
 from cdp.replica import Replica
+from cdp.tracker.hashworker import HashHelper
 from cdp.tracker.scan import scan, zero_map
 from cdp.wire import frames
 from cdp.wire.messages import Data
@@ -188,9 +189,9 @@ def test_frame_decode(benchmark, data_messages, throughput, read_size):
 
 # -- 5. scan ------------------------------------------------------------------
 
-def _drain(fd: int, geo: Geometry, smap: bytearray) -> tuple[int, int]:
+def _drain(fd: int, geo: Geometry, smap: bytearray, helper: HashHelper | None = None) -> tuple[int, int]:
     changed = zero = 0
-    for _, _, content in scan(fd, geo, smap):
+    for _, _, content in scan(fd, geo, smap, helper=helper):
         changed += 1
         zero += content is None
     return changed, zero
@@ -212,13 +213,20 @@ def test_scan_seed(benchmark, image_file, image_fd, throughput):
     throughput(image_file.data_bytes, logical=geo.size, changed_blocks=changed)
 
 
-def test_scan_unchanged(benchmark, image_file, image_fd, throughput):
-    """The rescan when nothing changed: the map already equals the image, nothing is reported."""
+@pytest.mark.parametrize("cores", ["one core", "with the hash helper"])
+def test_scan_unchanged(benchmark, image_file, image_fd, throughput, cores):
+    """The rescan when nothing changed: the map already equals the image, nothing is reported.
+    The source rescans with the hash helper (a second process) when there are two cores."""
     geo = image_file.geometry
     smap = zero_map(geo)
     for i, h, _ in scan(image_fd, geo, zero_map(geo)):
         smap[i * codec.HASH_LEN:(i + 1) * codec.HASH_LEN] = h
-    assert benchmark(_drain, image_fd, geo, smap) == (0, 0)
+    helper = HashHelper() if cores != "one core" else None
+    try:
+        assert benchmark(_drain, image_fd, geo, smap, helper) == (0, 0)
+    finally:
+        if helper is not None:
+            helper.close()
     throughput(image_file.data_bytes, logical=geo.size)
 
 
