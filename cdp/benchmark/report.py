@@ -8,7 +8,7 @@ from typing import Any
 from cdp.benchmark.runner import Result
 from cdp.errors import UsageError
 
-PEERS = ("qemu-nbd", "fdatasync")  # rows measured without cdp's counters
+PEERS = ("qemu-nbd", "fdatasync", "scan")  # rows measured without cdp's counters
 
 
 def ratios(results: list[Result]) -> dict[str, float]:
@@ -75,6 +75,9 @@ def table(results: list[Result]) -> None:
                          f"{r.extra['cpu_share_receiver']:.0%} rcv")
         if r.tool == "fdatasync":
             note = "this folder's durable sequential writes: the ceiling for a seed"
+        if r.tool == "scan" and "gbps" in r.extra:
+            note = (f"{r.extra['gbps']:.1f} GB/s of data read and hashed "
+                    f"({r.extra['one_core_gbps']:.1f} GB/s on one core)")
         if r.scenario.startswith("seed") and "of_device" in r.extra:
             seed_note = (f"{r.extra['of_device']:.0%} of the disk's "
                          f"{r.extra['device_mbps']:.0f} MB/s")

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdp.benchmark import Progress, disk
+from cdp.benchmark import Progress, disk, rescan
 from cdp.benchmark.data import BS, generate, rewrite_timed, text_block
 from cdp.benchmark.pair import CdpPair, Snapshot
 from cdp.benchmark.rsync import RSYNC_ARGS, RsyncDaemon, RsyncRun
@@ -332,6 +332,16 @@ def run_bench(*, size: int, image: Path | None, compare: str | None, scenarios: 
     raise AssertionError("unreachable")  # pragma: no cover (session re-raises or returns)
 
 
+def _rescan_row(img: Path, size: int, progress: Progress) -> Result:
+    """How fast the source rereads and hashes the image when it is in the page cache."""
+    progress("rescan (hot cache): 5 rescans of the unchanged image ...")
+    m = rescan.measure(img)
+    return Result("rescan (hot cache)", "scan", m["seconds"], size, m["data_bytes"], 0, 0.0, 0.0, 0, 0,
+                  True, extra={k: v for k, v in m.items() if k != "seconds"},
+                  config="the source's scan: 64 KiB blocks, " + (
+                      "the hash helper process" if m["helpers"] else "one core (one CPU here)"))
+
+
 def _disk_row(rate: disk.DiskRate) -> Result:
     """The replica folder's durable sequential write rate, as a row beside the seeds."""
     where = f"{rate.fstype or 'file system'} under {rate.folder.parent}"
@@ -378,6 +388,8 @@ def _scan_rows(pair: CdpPair, img: Path, size: int, scenarios: list[str], *, suf
         if rs and dest:
             progress("seed: rsync ...")
             results.append(_rsync_result("seed", rs.run(img), img, dest, size, size))
+        if not suffix:
+            results.append(_rescan_row(img, size, progress))
     else:
         t0 = pair.start("source")
         pair.wait_current(t0)

@@ -43,7 +43,13 @@ def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
     assert {x["config"] for x in report["results"] if x["tool"] == "rsync"} == {
         "rsync --inplace --no-whole-file -B 65536 --times --ignore-times --stats"}
     assert [x["tool"] for x in report["results"]].count("fdatasync") == 1  # the disk's rate
-    for x in (x for x in report["results"] if x["tool"] != "fdatasync"):
+    rescan = [x for x in report["results"] if x["tool"] == "scan"]  # the hot-cache rescan rate
+    assert [x["scenario"] for x in rescan] == ["rescan (hot cache)"]
+    runs = rescan[0]["extra"]["runs"]
+    assert len(runs) == 5 and rescan[0]["seconds"] == sorted(runs)[2]
+    assert 0 < rescan[0]["changed"] <= rescan[0]["image"]  # data read: holes are skipped
+    assert rescan[0]["extra"]["gbps"] > 0 and rescan[0]["extra"]["one_core_gbps"] > 0
+    for x in (x for x in report["results"] if x["tool"] not in ("fdatasync", "scan")):
         assert x["seconds"] > 0 and x["cpu_source"] >= 0 and x["peak_receiver"] > 0
         if x["tool"] == "cdp" and x["scenario"].startswith("incremental"):
             # only the rewritten blocks cross the wire (compressed), never the whole image
