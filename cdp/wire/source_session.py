@@ -84,9 +84,9 @@ class SourceSession(Session):
         self._pending_fileset: set[str] = set()
         self.pings: list[int] = []  # Ping sent, Pong not yet received, oldest first
 
-    def start(self) -> bytes:
-        """The Hello frame that opens the conversation."""
-        return self.send(Hello(PROTOCOL_VERSION, self.name, self.nonce, MIN_PROTOCOL_VERSION))
+    def start(self) -> None:
+        """Send the Hello that opens the conversation."""
+        self.send(Hello(PROTOCOL_VERSION, self.name, self.nonce, MIN_PROTOCOL_VERSION))
 
     _ROLE, _PEER = "source", "receiver"
 
@@ -311,9 +311,9 @@ class SourceSession(Session):
         Labelled: _on_label_answer, LabelTaken: _on_label_answer,
     }
 
-    def auth(self) -> bytes:
-        """The Auth frame answering the Challenge received."""
-        return self.send(Auth(source_mac(self.token, self.name, self.nonce, self._server_nonce)))
+    def auth(self) -> None:
+        """Send the Auth answering the Challenge received."""
+        self.send(Auth(source_mac(self.token, self.name, self.nonce, self._server_nonce)))
 
     def hashes_done(self, volume: str) -> None:
         """The caller got all the Hashes it asked for with one GetHashes."""

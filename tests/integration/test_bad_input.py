@@ -27,9 +27,11 @@ from helpers import (
     Daemons,
     MiB,
     assert_replica_equal,
+    feed,
     file_hash,
     make_image,
     scaled,
+    sent,
     wait_converged,
     wait_for,
     write_blocks,
@@ -77,7 +79,7 @@ class RawClient:
         self.sock.sendall(data)
 
     def send_msg(self, msg: Message) -> None:
-        self.send(self.session.send(msg) if self.session else encode(msg))
+        self.send(sent(self.session, msg) if self.session else encode(msg))
 
     def recv(self, timeout: float = 10) -> Message | None:
         """The next message, or None once the receiver closed the connection."""
@@ -99,7 +101,7 @@ class RawClient:
                 self.closed = True
                 continue
             if self.session:
-                self.pending += self.session.receive_data(data)
+                self.pending += feed(self.session, data)
             else:
                 self.pending += self.decoder.feed(data)
         return self.pending.pop(0)
@@ -120,9 +122,11 @@ class RawClient:
 
     def handshake(self) -> None:
         assert self.session is not None
-        self.send(self.session.start())
+        self.session.start()
+        self.send(sent(self.session))
         assert isinstance(self.recv(), Challenge)
-        self.send(self.session.auth())
+        self.session.auth()
+        self.send(sent(self.session))
         msg = self.recv()
         assert isinstance(msg, Welcome), msg
 
@@ -259,9 +263,11 @@ def test_oversized_frame_header_is_refused_before_the_body(site):
 
 def test_wrong_token_is_refused(site):
     c = RawClient(site.port, SourceSession("host2", b"not-the-token-0123456789abcdef"))
-    c.send(c.session.start())
+    c.session.start()
+    c.send(sent(c.session))
     assert isinstance(c.recv(), Challenge)
-    c.send(c.session.auth())
+    c.session.auth()
+    c.send(sent(c.session))
     err = c.expect_error()
     assert err.code == "auth" and "host2" in err.message
     c.expect_closed()
@@ -272,9 +278,11 @@ def test_wrong_token_is_refused(site):
 
 def test_unknown_client_is_refused(site):
     c = RawClient(site.port, SourceSession("mallory", b"whatever-token-0123456789"))
-    c.send(c.session.start())
+    c.session.start()
+    c.send(sent(c.session))
     assert isinstance(c.recv(), Challenge)
-    c.send(c.session.auth())
+    c.session.auth()
+    c.send(sent(c.session))
     err = c.expect_error()
     assert err.code == "auth"
     c.expect_closed()
