@@ -14,7 +14,7 @@ from helpers import feed, sent
 
 from cdp.config import load_source
 from cdp.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VolumeError
-from cdp.wire.frames import encode
+from cdp.wire.frames import HEADER, encode
 from cdp.wire.messages import (
     ALL,
     PROTOCOL_VERSION,
@@ -27,6 +27,9 @@ from cdp.wire.messages import (
     Current,
     Data,
     Error,
+    FileOpen,
+    FileOpened,
+    FilePut,
     GetHashes,
     Hashes,
     Hello,
@@ -674,6 +677,84 @@ def test_reject_drops_frames_until_begin():
     for m in p.epoch_frames("vm1", 1):
         assert p.src_send(m) == [m]
     p.rcv_send(Ack("vm1", 1, 0.0))
+
+
+def test_next_event_judges_each_frame_after_the_last_decision():
+    """Why the receiver takes one message at a time: a reject at Commit(1) drops the epoch 2
+    frames that arrived in the same read; taken all at once, they would have passed."""
+    p = ready("vm1")
+    msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
+    p.rcv.receive_data(b"".join(sent(p.src, m) for m in msgs))  # one read
+    taken = []
+    while (item := p.rcv.next_event()) is not None:
+        msg, size = item
+        assert size == len(encode(msg))
+        taken.append(msg)
+        if isinstance(msg, Commit):
+            p.rcv.reject("vm1", msg.epoch)
+    assert taken == msgs[:3]
+    q = ready("vm1")
+    q.rcv.receive_data(b"".join(sent(q.src, m) for m in msgs))
+    assert q.rcv.events_received() == msgs  # no decision in between: all of them
+
+
+# ---------------------------------------------------------------- the sans-I/O API
+
+
+def test_bytes_in_are_buffered_until_taken_and_bytes_out_until_drained():
+    p = ready("vm1")
+    begin, commit = Begin("vm1", 1, 0.0), Commit("vm1", 1, 0)
+    assert p.src.send(begin) is None
+    assert p.src.send(commit) is None
+    out = p.src.data_to_send()
+    assert out == encode(begin) + encode(commit)  # in order, as accepted
+    assert p.src.data_to_send() == b""  # drained
+    assert p.rcv.receive_data(out[:5]) is None
+    assert p.rcv.events_received() == []  # nothing whole yet
+    p.rcv.receive_data(out[5:])
+    assert p.rcv.events_received() == [begin, commit]
+    assert p.rcv.events_received() == []  # taken
+    assert p.rcv.next_event() is None
+
+
+def test_a_refused_send_buffers_nothing_and_changes_nothing():
+    p = ready("vm1")
+    with pytest.raises(LocalProtocolError):
+        p.src.send(Commit("vm1", 1, 0))  # no Begin
+    assert p.src.data_to_send() == b""
+    # a frame too large to encode is refused before the session moves on: the file set is
+    # not left awaiting an answer to a FilePut that never left
+    small = SourceSession("host1", TOKEN, max_frame=1024)
+    rcv = ReceiverSession(CLIENTS.get, filesets=lambda client: ("cfg",))
+    small.start()
+    feed(rcv, sent(small))
+    rcv.challenge()
+    feed(small, sent(rcv))
+    small.auth()
+    feed(rcv, sent(small))
+    rcv.welcome()
+    feed(small, sent(rcv))
+    feed(rcv, sent(small, FileOpen("cfg")))
+    feed(small, sent(rcv, FileOpened("cfg", [], b"", b"")))
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        small.send(FilePut("cfg", "a", bytes(16), 2048, 0.0, 0o644, 0.0, os.urandom(2048)))
+    assert small.filesets == {"cfg": None}
+    assert small.data_to_send() == b""
+    put = FilePut("cfg", "a", bytes(16), 1, 0.0, 0o644, 0.0, b"z")
+    assert feed(rcv, sent(small, put)) == [put]
+
+
+def test_a_frame_too_large_is_refused_on_arrival_a_malformed_one_when_taken():
+    p = ready("vm1")
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        p.rcv.receive_data(HEADER.pack(p.rcv.max_frame + 1))  # its length alone
+    assert p.rcv.state is State.CLOSED
+    q = ready("vm1")
+    q.rcv.receive_data(b"\x00\x00\x00\x01\xc1")  # buffered: judged when taken
+    assert q.rcv.state is State.READY
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        q.rcv.events_received()
+    assert q.rcv.state is State.CLOSED
 
 
 # ---------------------------------------------------------------- local errors
