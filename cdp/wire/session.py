@@ -57,8 +57,11 @@ an unasked-for Pong is a protocol violation.
 
 Versions (protocol 4): Hello offers [min_version, version]; the receiver's Challenge
 carries the highest version both speak (cdp.wire.messages.negotiate), or it refuses naming the
-side to upgrade. Both sessions then keep `version`; what it lacks (cdp.wire.messages.FEATURES)
-the source refuses to send with PeerTooOldError, before any byte leaves.
+side to upgrade. A source before protocol 4 offers only its own version (three fields) and is
+answered in it; a receiver before protocol 4 refuses our four fields in words the source turns
+into PeerTooOldError (upgrade the receiver: receivers first). Both sessions then keep `version`;
+what it lacks (cdp.wire.messages.FEATURES) the source refuses to send with PeerTooOldError,
+before any byte leaves, and the receiver refuses to take or answer.
 
 Authentication: HMAC-SHA256 over both nonces and the client name, each side
 proving the token to the other; the token never crosses the wire and a fresh

@@ -13,6 +13,7 @@ import os
 from cdp.errors import AuthError, LocalProtocolError, PeerTooOldError, RemoteProtocolError
 from cdp.wire.frames import DEFAULT_MAX_FRAME
 from cdp.wire.messages import (
+    FEATURES,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Ack,
@@ -61,6 +62,10 @@ from cdp.wire.session import (
     source_mac,
     valid_file_path,
 )
+
+# How every receiver before protocol 4 refuses the Hello that offers a range of versions: it
+# knows Hello with three fields only. Its exact words are the one sign such a receiver gives.
+OLD_RECEIVER_REFUSAL = "Hello: expected 3 fields, got 4"
 
 
 class SourceSession(Session):
@@ -194,6 +199,18 @@ class SourceSession(Session):
         Ping: _sending_ping, Label: _sending_label, FileOpen: _sending_file_open,
         FilePut: _sending_file_request, FileDelete: _sending_file_request,
     }
+
+    def _accept(self, msg: Message) -> bool:
+        """A receiver too old to negotiate says so in its own words: say whom to upgrade."""
+        if (isinstance(msg, Error) and not msg.volume and self.state is State.HELLO_SENT
+                and msg.message == OLD_RECEIVER_REFUSAL):
+            self.state = State.CLOSED
+            need, what = FEATURES["negotiation"]
+            raise PeerTooOldError(
+                f"the receiver speaks a protocol before {need}, which lacks {what} (it refused "
+                f"our Hello: {msg.message!r}); upgrade the receiver to a cdp of protocol {need} "
+                "or later (receivers first)")
+        return super()._accept(msg)
 
     def _on_challenge(self, msg: Challenge) -> bool:
         if self._server_nonce:

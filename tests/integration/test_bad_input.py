@@ -41,6 +41,7 @@ from helpers import (
 
 from cdp.blocks import pack_u64, unpack_u64
 from cdp.codec import block_hash, compress
+from cdp.errors import PeerTooOldError
 from cdp.wire.frames import FrameDecoder, encode
 from cdp.wire.messages import (
     Begin,
@@ -50,10 +51,13 @@ from cdp.wire.messages import (
     Data,
     Error,
     Hello,
+    Label,
     Message,
     Need,
     Open,
     Opened,
+    Ping,
+    Pong,
     Ref,
     Welcome,
     Zero,
@@ -306,6 +310,36 @@ def test_messages_before_authentication_are_refused(site):
 
 
 # -- volumes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_source_before_negotiation_is_answered_in_its_version(site, version):
+    """A source of protocol 1-3 sends a three-field Hello naming only its own version; the
+    receiver answers in it and serves it. What that version lacks, the session will not send."""
+    c = RawClient(site.port, SourceSession("host2", site.env.token("host2")))
+    c.session.start()
+    c.session.data_to_send()  # ours offers a range: an old source's Hello goes instead
+    c.send(encode(Hello(version, "host2", c.session.nonce)))
+    challenge = c.recv()
+    assert isinstance(challenge, Challenge) and challenge.version == version
+    assert c.session.version == version
+    c.session.auth()
+    c.send(sent(c.session))
+    assert isinstance(c.recv(), Welcome)
+    c.send_msg(Open("static", SIZE, BS, readonly=True))
+    opened = c.recv()
+    assert isinstance(opened, Opened) and opened.epoch == site.static_state["epoch"]
+    with pytest.raises(PeerTooOldError, match=rf"speaks protocol {version}, which lacks moving"):
+        c.session.send(Label("static", opened.epoch, "x", True))
+    if version == 1:
+        with pytest.raises(PeerTooOldError, match="lacks Ping/Pong"):
+            c.session.send(Ping(1))
+    else:
+        c.send_msg(Ping(1))
+        assert c.recv() == Pong(1)
+    c.send_msg(Bye("done"))
+    c.close()
+    site.check_unharmed()
 
 
 def test_open_of_a_volume_not_in_the_clients_list_changes_nothing(site):

@@ -150,3 +150,30 @@ def test_a_source_does_not_move_a_label_on_a_receiver_that_chose_protocol_2(monk
         src.send(Label("vm1", 2, "base", True))
     assert src.state is State.READY  # refused before anything was sent: the session goes on
     feed(rcv, sent(src, Label("vm1", 2, "base")))  # a plain label is protocol 1
+
+
+def test_a_checkpoint_moving_a_label_on_a_receiver_without_it_fails_at_once(monkeypatch, tmp_path):
+    """The refusal reaches `cdp checkpoint --move` in words, not as a timeout: the source
+    does not retry a Label the negotiated version lacks, as it retries one a reconnect lost."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from cdp.source.control import Control
+
+    monkeypatch.setattr("cdp.wire.messages.PROTOCOL_VERSION", 2)
+    src, _ = pair()
+
+    class OneLink:
+        session = src
+
+        async def send(self, msg):
+            src.send(msg)
+
+    control = Control(SimpleNamespace(link=OneLink()), tmp_path)  # type: ignore[arg-type]
+
+    async def label() -> None:
+        async with asyncio.timeout(5):
+            await control._send_label(SimpleNamespace(name="vm1"), 2, "base", True)  # type: ignore[arg-type]
+
+    with pytest.raises(PeerTooOldError, match="upgrade the receiver"):
+        asyncio.run(label())

@@ -1041,6 +1041,32 @@ def test_our_hello_offers_every_version_we_speak_and_an_old_receiver_reads_what_
     assert src.version == 1
 
 
+def test_a_receiver_too_old_to_negotiate_is_named_for_upgrade():
+    """Every receiver before protocol 4 refuses our four-field Hello with these words, and
+    closes: the source says whom to upgrade instead of passing on a field count."""
+    from cdp.errors import PeerTooOldError
+    from cdp.wire.messages import MIN_PROTOCOL_VERSION, from_wire, to_wire
+    from cdp.wire.source_session import OLD_RECEIVER_REFUSAL
+
+    src = SourceSession("host1", TOKEN)
+    src.start()
+    with pytest.raises(PeerTooOldError, match=r"the receiver speaks a protocol before 4, which "
+                       r"lacks version negotiation .*upgrade the receiver to a cdp of protocol 4"):
+        feed(src, encode(Error("protocol", OLD_RECEIVER_REFUSAL, "")))
+    assert src.state is State.CLOSED
+    # those words are the field count check's (unchanged since protocol 1), for three fields
+    with pytest.raises(RemoteProtocolError, match=r"^Hello: expected 4 fields, got 5$"):
+        from_wire([Hello.TYPE, PROTOCOL_VERSION, "host1", b"n" * NONCE_LEN, 1, 0])
+    assert OLD_RECEIVER_REFUSAL == "Hello: expected 3 fields, got 4"
+    assert len(to_wire(Hello(PROTOCOL_VERSION, "host1", src.nonce, MIN_PROTOCOL_VERSION))) == 5
+    # any other refusal of the Hello is handed out as it came (the caller reports it)
+    src = SourceSession("host1", TOKEN)
+    src.start()
+    other = Error("protocol", "invalid client name 'x y'", "")
+    assert feed(src, encode(other)) == [other]
+    assert src.state is State.CLOSED
+
+
 # ---------------------------------------------------------------- dispatch tables
 # Each session maps type(msg) to a handler: that equals the isinstance chain it replaced only
 # while no message class subclasses another, and both ends agree on who sends what.
