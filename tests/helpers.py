@@ -524,3 +524,17 @@ def one_volume_source(tmp_path: Path) -> Path:
         '[source]\nname = "h"\nreceiver = "127.0.0.1:1"\ntoken_file = "t"\nstate_dir = "st"\n'
         '[[volume]]\nname = "v"\npath = "vol.img"\n')
     return tmp_path / "s.toml"
+
+
+def feed(session: Any, data: bytes) -> list[Any]:
+    """The messages a wire session takes from `data` (receive_data, then events_received)."""
+    session.receive_data(data)
+    return session.events_received()
+
+
+def sent(session: Any, msg: Any = None) -> bytes:
+    """The bytes a wire session writes for `msg` (send, then data_to_send); with no `msg`,
+    those it holds already (after start(), challenge(), auth() or welcome())."""
+    if msg is not None:
+        session.send(msg)
+    return session.data_to_send()

@@ -191,7 +191,8 @@ class Connection:
                 await self._fill_before(auth_deadline)
             # one message at a time: a decision on one (fail a volume, reject an
             # epoch) governs how the session judges the next
-            for msg, size in self.session.events():
+            while (item := self.session.next_event()) is not None:
+                msg, size = item
                 async with self.turn:
                     if self.fenced.is_set():
                         raise TransportError(f"{self.link.peer}: {self.fence_reason}")
@@ -264,7 +265,8 @@ class Connection:
     async def dispatch(self, msg: Message, size: int) -> None:
         s = self.session
         if isinstance(msg, Hello):
-            await self.link.send_raw(s.challenge())
+            s.challenge()
+            await self.link.flush()
         elif isinstance(msg, Auth):
             if not self.rx.may_authenticate(self.pending):
                 why = (f"client {s.client} authenticated but {self.rx.cfg.max_connections} "
@@ -273,7 +275,8 @@ class Connection:
                 await self.say(Error("busy", f"{why}; try later", ""))
                 raise TransportError(f"{self.link.peer}: {why}")
             log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
-            await self.link.send_raw(s.welcome())
+            s.welcome()
+            await self.link.flush()
             self.rx.admission.authenticated(self.pending)
             self.rx.metrics.connections.inc()  # sessions: not port probes or strangers
         elif isinstance(msg, Ping):

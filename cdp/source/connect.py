@@ -32,7 +32,8 @@ async def connect(cfg: SourceConfig) -> Link:
     session = SourceSession(cfg.name, cfg.token, cfg.max_frame)
     link = Link(session, reader, writer)
     try:
-        await link.send_raw(session.start())
+        session.start()
+        await link.flush()
         for want in (Challenge, Welcome):
             msg = (await link.receive(HANDSHAKE_TIMEOUT))[0]
             if isinstance(msg, Error):
@@ -40,7 +41,8 @@ async def connect(cfg: SourceConfig) -> Link:
             if not isinstance(msg, want):
                 raise ProtocolError(f"expected {want.__name__}, got {type(msg).__name__}")
             if want is Challenge:
-                await link.send_raw(session.auth())
+                session.auth()
+                await link.flush()
     except BaseException:
         await link.close()
         raise

@@ -67,7 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from cdp.errors import CdpError, LabelTakenError
+from cdp.errors import CdpError, LabelTakenError, PeerTooOldError
 from cdp.source.phase import Phase
 from cdp.source.volume import VolumeState
 from cdp.wire.messages import Label, Labelled, LabelTaken, valid_label
@@ -540,8 +540,8 @@ class Control:
                     if isinstance(ans, LabelTaken):
                         raise LabelTakenError(vs.name, label, ans.other, ans.other_time)
                     return ans
-            except LabelTakenError:
-                raise  # the receiver's answer, not a failure to send
+            except (LabelTakenError, PeerTooOldError):
+                raise  # the receiver's answer, or what its protocol lacks: sending again won't do
             except CdpError as exc:
                 log.info("volume=%s: label not sent (%s); trying again", vs.name, exc)
                 await asyncio.sleep(POLL)

@@ -402,9 +402,11 @@ class ReceiverSession(Session):
         if self._labels.pop((volume, epoch, label), None) is None:
             raise LocalProtocolError(f"Label({epoch}) of {volume} is not awaiting an answer")
 
-    def challenge(self) -> bytes:
-        return self.send(Challenge(self.version, self.nonce))
+    def challenge(self) -> None:
+        """Send the Challenge answering the Hello, in the version negotiated."""
+        self.send(Challenge(self.version, self.nonce))
 
-    def welcome(self) -> bytes:
+    def welcome(self) -> None:
+        """Send the Welcome, with our proof, after a good Auth."""
         proof = receiver_proof(self._token, self.client, self._client_nonce, self.nonce)
-        return self.send(Welcome(proof, list(self.allowed), self.max_frame))
+        self.send(Welcome(proof, list(self.allowed), self.max_frame))

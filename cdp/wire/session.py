@@ -4,10 +4,13 @@ The protocol's states and limits, authentication proofs, and the Session base
 class that buffers bytes and hands out validated messages. Each end's rules are
 in cdp.wire.source_session and cdp.wire.receiver_session.
 
-No sockets, no files: a session takes received bytes and returns validated
-messages (events), and turns messages to send into bytes, refusing anything
-the protocol does not allow in the current state. The asyncio transport only
-pumps bytes; tests drive two sessions against each other directly.
+No sockets, no files; the shape of cdp.nbd.protocol and websockets:
+receive_data(bytes) buffers what arrived, events_received() hands out the
+messages validated since the last call (next_event(): one at a time, for a
+caller whose decisions govern how the next is judged), send(msg) checks and
+buffers a message, refusing anything the protocol does not allow in the
+current state, and data_to_send() drains the bytes to write. The asyncio
+transport only pumps bytes; tests drive two sessions against each other directly.
 
 Connection states (both sides)::
 
@@ -54,8 +57,11 @@ an unasked-for Pong is a protocol violation.
 
 Versions (protocol 4): Hello offers [min_version, version]; the receiver's Challenge
 carries the highest version both speak (cdp.wire.messages.negotiate), or it refuses naming the
-side to upgrade. Both sessions then keep `version`; what it lacks (cdp.wire.messages.FEATURES)
-the source refuses to send with PeerTooOldError, before any byte leaves.
+side to upgrade. A source before protocol 4 offers only its own version (three fields) and is
+answered in it; a receiver before protocol 4 refuses our four fields in words the source turns
+into PeerTooOldError (upgrade the receiver: receivers first). Both sessions then keep `version`;
+what it lacks (cdp.wire.messages.FEATURES) the source refuses to send with PeerTooOldError,
+before any byte leaves, and the receiver refuses to take or answer.
 
 Authentication: HMAC-SHA256 over both nonces and the client name, each side
 proving the token to the other; the token never crosses the wire and a fresh
@@ -66,7 +72,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -154,7 +160,8 @@ class VolumeState:
 
 
 class Session:
-    """What both ends share: frame buffering, lazy validation, and the state checks on send.
+    """What both ends share: frame buffering both ways, lazy validation, and the state checks on
+    send.
 
     Subclasses say what may arrive and what may be sent, in which state, as tables of
     message type -> handler (an isinstance chain, flattened: no message class subclasses
@@ -174,10 +181,16 @@ class Session:
         self.max_frame = max_frame
         self._decoder = FrameDecoder(max_frame)
         self.volumes: dict[str, VolumeState] = {}
-        self._deferred: list[VolumeError] = []
+        self._deferred: list[VolumeError] = []  # refused volumes events_received() raises next
+        self._out: list[bytes] = []  # frames sent, not yet taken by data_to_send()
 
-    def feed(self, data: bytes) -> None:
-        """Buffer received bytes; take validated messages out with events()."""
+    def receive_data(self, data: bytes) -> None:
+        """Buffer received bytes; take the messages with events_received() or next_event().
+
+        Only a frame's length is judged on arrival (one announcing more than max_frame raises
+        RemoteProtocolError at once, before its body is buffered); its content is decoded and
+        checked when it is taken, in the state the session is in by then.
+        """
         if self.state is not State.CLOSED:
             try:
                 self._decoder.push(data)
@@ -185,45 +198,45 @@ class Session:
                 self.state = State.CLOSED
                 raise
 
-    def events(self) -> Iterator[tuple[Message | VolumeError, int]]:
-        """(message, frame size) one at a time, validated only when taken.
+    def next_event(self) -> tuple[Message | VolumeError, int] | None:
+        """The next message and its frame size, validated only now; None until more bytes arrive.
 
-        Lazy on purpose: what the caller does with one message (reject an
-        epoch, fail a volume) governs how the next is judged. A refused volume
-        comes out as a VolumeError instance; the stream goes on. Anything that
-        breaks the connection raises ProtocolError/AuthError.
+        One at a time on purpose: what the caller does with one message (reject an
+        epoch, fail a volume) governs how the next is judged (the receiver needs this).
+        A refused volume comes out as a VolumeError instance; the stream goes on.
+        Anything that breaks the connection raises ProtocolError/AuthError and closes.
         """
         while self.state is not State.CLOSED:
             try:
                 item = self._decoder.pop()
                 if item is None:
-                    return
+                    return None
                 msg, size = item
                 try:
                     ok = self._accept(msg)
                 except VolumeError as exc:
-                    yield exc, size
-                    continue
+                    return exc, size
             except (RemoteProtocolError, AuthError):
                 self.state = State.CLOSED
                 raise
             if ok:
-                yield msg, size
+                return msg, size
+        return None
 
-    def receive_data(self, data: bytes) -> list[Message]:
-        """Every validated message in received bytes; raises ProtocolError on any violation.
+    def events_received(self) -> list[Message]:
+        """Every message received since the last call, validated in order; raises
+        ProtocolError/AuthError on any violation.
 
-        A refused volume (VolumeError) is raised without losing its
-        neighbours: messages decoded with it are returned, and the error is
-        raised by the next call.
+        A refused volume (VolumeError) is raised without losing its neighbours: messages
+        taken with it are returned, and the error is raised by the next call.
         """
         if self.state is State.CLOSED:
             return []
-        self.feed(data)
         if self._deferred:
             raise self._deferred.pop(0)
         events: list[Message] = []
-        for ev, _ in self.events():
+        while (item := self.next_event()) is not None:
+            ev = item[0]
             if isinstance(ev, VolumeError):
                 self._deferred.append(ev)
             else:
@@ -232,12 +245,23 @@ class Session:
             raise self._deferred.pop(0)
         return events
 
-    def send(self, msg: Message) -> bytes:
-        """The frame for `msg`; raises LocalProtocolError if it may not be sent now."""
+    def send(self, msg: Message) -> None:
+        """Check `msg` against the state and buffer its frame for data_to_send(); raises
+        LocalProtocolError (nothing buffered, no state changed) if it may not be sent now."""
         if self.state is State.CLOSED and not isinstance(msg, Error | Bye):
             raise LocalProtocolError(f"cannot send {type(msg).__name__}: connection closed")
+        frame = encode(msg, self.max_frame)  # before _sent: a frame too large changes nothing
         self._sent(msg)
-        return encode(msg, self.max_frame)
+        self._out.append(frame)
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the peer, in order; empties the outgoing buffer.
+
+        One frame is returned as it was encoded, not copied (the transport drains after
+        each send, so a Data frame is never joined with others)."""
+        out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        return out
 
     def close(self) -> None:
         self.state = State.CLOSED

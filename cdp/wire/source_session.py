@@ -13,6 +13,7 @@ import os
 from cdp.errors import AuthError, LocalProtocolError, PeerTooOldError, RemoteProtocolError
 from cdp.wire.frames import DEFAULT_MAX_FRAME
 from cdp.wire.messages import (
+    FEATURES,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     Ack,
@@ -62,6 +63,10 @@ from cdp.wire.session import (
     valid_file_path,
 )
 
+# How every receiver before protocol 4 refuses the Hello that offers a range of versions: it
+# knows Hello with three fields only. Its exact words are the one sign such a receiver gives.
+OLD_RECEIVER_REFUSAL = "Hello: expected 3 fields, got 4"
+
 
 class SourceSession(Session):
     """The source's end: authenticates with a token, then streams epochs."""
@@ -84,9 +89,9 @@ class SourceSession(Session):
         self._pending_fileset: set[str] = set()
         self.pings: list[int] = []  # Ping sent, Pong not yet received, oldest first
 
-    def start(self) -> bytes:
-        """The Hello frame that opens the conversation."""
-        return self.send(Hello(PROTOCOL_VERSION, self.name, self.nonce, MIN_PROTOCOL_VERSION))
+    def start(self) -> None:
+        """Send the Hello that opens the conversation."""
+        self.send(Hello(PROTOCOL_VERSION, self.name, self.nonce, MIN_PROTOCOL_VERSION))
 
     _ROLE, _PEER = "source", "receiver"
 
@@ -194,6 +199,18 @@ class SourceSession(Session):
         Ping: _sending_ping, Label: _sending_label, FileOpen: _sending_file_open,
         FilePut: _sending_file_request, FileDelete: _sending_file_request,
     }
+
+    def _accept(self, msg: Message) -> bool:
+        """A receiver too old to negotiate says so in its own words: say whom to upgrade."""
+        if (isinstance(msg, Error) and not msg.volume and self.state is State.HELLO_SENT
+                and msg.message == OLD_RECEIVER_REFUSAL):
+            self.state = State.CLOSED
+            need, what = FEATURES["negotiation"]
+            raise PeerTooOldError(
+                f"the receiver speaks a protocol before {need}, which lacks {what} (it refused "
+                f"our Hello: {msg.message!r}); upgrade the receiver to a cdp of protocol {need} "
+                "or later (receivers first)")
+        return super()._accept(msg)
 
     def _on_challenge(self, msg: Challenge) -> bool:
         if self._server_nonce:
@@ -311,9 +328,9 @@ class SourceSession(Session):
         Labelled: _on_label_answer, LabelTaken: _on_label_answer,
     }
 
-    def auth(self) -> bytes:
-        """The Auth frame answering the Challenge received."""
-        return self.send(Auth(source_mac(self.token, self.name, self.nonce, self._server_nonce)))
+    def auth(self) -> None:
+        """Send the Auth answering the Challenge received."""
+        self.send(Auth(source_mac(self.token, self.name, self.nonce, self._server_nonce)))
 
     def hashes_done(self, volume: str) -> None:
         """The caller got all the Hashes it asked for with one GetHashes."""

@@ -96,11 +96,17 @@ class Link:
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
     async def send(self, msg: Message) -> int:
-        """Encode and write one message, waiting while the socket buffer is full."""
-        frame = self.session.send(msg)
-        return await self.send_raw(frame)
+        """Check and write one message, waiting while the socket buffer is full."""
+        self.session.send(msg)
+        return await self.flush()
 
-    async def send_raw(self, frame: bytes) -> int:
+    async def flush(self) -> int:
+        """Write what the session has to send (e.g. after start()), waiting while the socket
+        buffer is full; the bytes written.
+
+        Taken from the session before the first await, so frames reach the socket in the
+        order the session accepted them, each one uncopied."""
+        frame = self.session.data_to_send()
         async with self._lock:
             try:
                 self.writer.write(frame)
@@ -115,12 +121,12 @@ class Link:
         """The next messages; [] never means closed: TransportError does."""
         while True:
             await self.fill(timeout)
-            events = self.session.receive_data(b"")
+            events = self.session.events_received()
             if events:
                 return events
 
     async def fill(self, timeout: float | None = None) -> None:
-        """Read what has arrived into the session; take messages with session.events()."""
+        """Read what has arrived into the session; take messages with session.next_event()."""
         try:
             async with asyncio.timeout(timeout):
                 data = await self.reader.read(READ_SIZE)
@@ -131,7 +137,7 @@ class Link:
         if not data:
             raise PeerClosed(f"{self.peer} closed the connection")
         self.received_at = time.monotonic()
-        self.session.feed(data)
+        self.session.receive_data(data)
 
     def unacked(self) -> int:
         """Of `written`, the bytes the peer has not acknowledged yet: still in our buffer, or in

@@ -19,8 +19,10 @@ from pathlib import Path
 from helpers import (
     MiB,
     assert_replica_equal,
+    feed,
     make_image,
     scaled,
+    sent,
     wait_converged,
     wait_for,
     write_random_blocks,
@@ -50,20 +52,22 @@ def flood(port: int, token: bytes, vol: str, stop: threading.Event, frames: list
     receiver takes them, and it never reads an answer after Opened."""
     sock = socket.create_connection(("127.0.0.1", port), 10)
     sess = SourceSession("host2", token)
-    sock.sendall(sess.start())
+    sess.start()
+    sock.sendall(sent(sess))
     for _ in range(2):  # Challenge, then Welcome
         got: list = []
         while not got:
             data = sock.recv(65536)
             assert data, "the receiver closed the connection during the handshake"
-            got = sess.receive_data(data)
+            got = feed(sess, data)
         if sess.state.name != "READY":
-            sock.sendall(sess.auth())
+            sess.auth()
+            sock.sendall(sent(sess))
     blocks = GIB // BS
-    sock.sendall(sess.send(Open(vol, GIB, BS)))
+    sock.sendall(sent(sess, Open(vol, GIB, BS)))
     got = []
     while not got:
-        got = sess.receive_data(sock.recv(65536))
+        got = feed(sess, sock.recv(65536))
     assert type(got[0]).__name__ == "Opened", got
     runs = pack_u64([0, blocks] * RUNS)
     epoch = 0
@@ -71,11 +75,11 @@ def flood(port: int, token: bytes, vol: str, stop: threading.Event, frames: list
     try:
         while not stop.is_set():
             epoch += 1
-            sock.sendall(sess.send(Begin(vol, epoch, time.time())))
+            sock.sendall(sent(sess, Begin(vol, epoch, time.time())))
             for _ in range(4):
-                sock.sendall(sess.send(Zero(vol, epoch, runs)))
+                sock.sendall(sent(sess, Zero(vol, epoch, runs)))
                 frames.append(1)
-            sock.sendall(sess.send(Commit(vol, epoch, 4 * RUNS * blocks)))
+            sock.sendall(sent(sess, Commit(vol, epoch, 4 * RUNS * blocks)))
             sess.volumes[vol].committed.clear()  # we never read the Acks: pretend we did
     except OSError:
         pass  # the receiver stopped reading us (flow control) or closed: either is fine

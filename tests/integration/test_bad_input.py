@@ -27,9 +27,11 @@ from helpers import (
     Daemons,
     MiB,
     assert_replica_equal,
+    feed,
     file_hash,
     make_image,
     scaled,
+    sent,
     wait_converged,
     wait_for,
     write_blocks,
@@ -39,6 +41,7 @@ from helpers import (
 
 from cdp.blocks import pack_u64, unpack_u64
 from cdp.codec import block_hash, compress
+from cdp.errors import PeerTooOldError
 from cdp.wire.frames import FrameDecoder, encode
 from cdp.wire.messages import (
     Begin,
@@ -48,10 +51,13 @@ from cdp.wire.messages import (
     Data,
     Error,
     Hello,
+    Label,
     Message,
     Need,
     Open,
     Opened,
+    Ping,
+    Pong,
     Ref,
     Welcome,
     Zero,
@@ -77,7 +83,7 @@ class RawClient:
         self.sock.sendall(data)
 
     def send_msg(self, msg: Message) -> None:
-        self.send(self.session.send(msg) if self.session else encode(msg))
+        self.send(sent(self.session, msg) if self.session else encode(msg))
 
     def recv(self, timeout: float = 10) -> Message | None:
         """The next message, or None once the receiver closed the connection."""
@@ -99,7 +105,7 @@ class RawClient:
                 self.closed = True
                 continue
             if self.session:
-                self.pending += self.session.receive_data(data)
+                self.pending += feed(self.session, data)
             else:
                 self.pending += self.decoder.feed(data)
         return self.pending.pop(0)
@@ -120,9 +126,11 @@ class RawClient:
 
     def handshake(self) -> None:
         assert self.session is not None
-        self.send(self.session.start())
+        self.session.start()
+        self.send(sent(self.session))
         assert isinstance(self.recv(), Challenge)
-        self.send(self.session.auth())
+        self.session.auth()
+        self.send(sent(self.session))
         msg = self.recv()
         assert isinstance(msg, Welcome), msg
 
@@ -259,9 +267,11 @@ def test_oversized_frame_header_is_refused_before_the_body(site):
 
 def test_wrong_token_is_refused(site):
     c = RawClient(site.port, SourceSession("host2", b"not-the-token-0123456789abcdef"))
-    c.send(c.session.start())
+    c.session.start()
+    c.send(sent(c.session))
     assert isinstance(c.recv(), Challenge)
-    c.send(c.session.auth())
+    c.session.auth()
+    c.send(sent(c.session))
     err = c.expect_error()
     assert err.code == "auth" and "host2" in err.message
     c.expect_closed()
@@ -272,9 +282,11 @@ def test_wrong_token_is_refused(site):
 
 def test_unknown_client_is_refused(site):
     c = RawClient(site.port, SourceSession("mallory", b"whatever-token-0123456789"))
-    c.send(c.session.start())
+    c.session.start()
+    c.send(sent(c.session))
     assert isinstance(c.recv(), Challenge)
-    c.send(c.session.auth())
+    c.session.auth()
+    c.send(sent(c.session))
     err = c.expect_error()
     assert err.code == "auth"
     c.expect_closed()
@@ -298,6 +310,36 @@ def test_messages_before_authentication_are_refused(site):
 
 
 # -- volumes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_source_before_negotiation_is_answered_in_its_version(site, version):
+    """A source of protocol 1-3 sends a three-field Hello naming only its own version; the
+    receiver answers in it and serves it. What that version lacks, the session will not send."""
+    c = RawClient(site.port, SourceSession("host2", site.env.token("host2")))
+    c.session.start()
+    c.session.data_to_send()  # ours offers a range: an old source's Hello goes instead
+    c.send(encode(Hello(version, "host2", c.session.nonce)))
+    challenge = c.recv()
+    assert isinstance(challenge, Challenge) and challenge.version == version
+    assert c.session.version == version
+    c.session.auth()
+    c.send(sent(c.session))
+    assert isinstance(c.recv(), Welcome)
+    c.send_msg(Open("static", SIZE, BS, readonly=True))
+    opened = c.recv()
+    assert isinstance(opened, Opened) and opened.epoch == site.static_state["epoch"]
+    with pytest.raises(PeerTooOldError, match=rf"speaks protocol {version}, which lacks moving"):
+        c.session.send(Label("static", opened.epoch, "x", True))
+    if version == 1:
+        with pytest.raises(PeerTooOldError, match="lacks Ping/Pong"):
+            c.session.send(Ping(1))
+    else:
+        c.send_msg(Ping(1))
+        assert c.recv() == Pong(1)
+    c.send_msg(Bye("done"))
+    c.close()
+    site.check_unharmed()
 
 
 def test_open_of_a_volume_not_in_the_clients_list_changes_nothing(site):

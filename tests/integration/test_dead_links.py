@@ -21,9 +21,11 @@ from helpers import (
     BS,
     MiB,
     assert_replica_equal,
+    feed,
     free_port,
     make_image,
     scaled,
+    sent,
     wait_converged,
     wait_for,
     write_random_blocks,
@@ -50,21 +52,25 @@ WARNING = "dead link: nothing received from the receiver"
 def _ready() -> tuple[SourceSession, ReceiverSession]:
     src = SourceSession("host1", TOKEN)
     rcv = ReceiverSession({"host1": (TOKEN, ("vm1",))}.get)
-    rcv.receive_data(src.start())
-    src.receive_data(rcv.challenge())
-    rcv.receive_data(src.auth())
-    src.receive_data(rcv.welcome())
+    src.start()
+    feed(rcv, sent(src))
+    rcv.challenge()
+    feed(src, sent(rcv))
+    src.auth()
+    feed(rcv, sent(src))
+    rcv.welcome()
+    feed(src, sent(rcv))
     return src, rcv
 
 
 def test_ping_is_answered_by_pong_in_order() -> None:
     src, rcv = _ready()
-    assert rcv.receive_data(src.send(Ping(1)) + src.send(Ping(2))) == [Ping(1), Ping(2)]
+    assert feed(rcv, sent(src, Ping(1)) + sent(src, Ping(2))) == [Ping(1), Ping(2)]
     assert src.pings == [1, 2]
     with pytest.raises(LocalProtocolError):
         rcv.send(Pong(2))  # answers go in order
-    assert src.receive_data(rcv.send(Pong(1))) == [Pong(1)]
-    assert src.receive_data(rcv.send(Pong(2))) == [Pong(2)]
+    assert feed(src, sent(rcv, Pong(1))) == [Pong(1)]
+    assert feed(src, sent(rcv, Pong(2))) == [Pong(2)]
     assert src.pings == []
     with pytest.raises(LocalProtocolError):
         rcv.send(Pong(3))  # nothing asked
@@ -72,9 +78,9 @@ def test_ping_is_answered_by_pong_in_order() -> None:
 
 def test_unasked_pong_is_a_violation() -> None:
     src, _ = _ready()
-    src.send(Ping(7))
+    sent(src, Ping(7))
     with pytest.raises(RemoteProtocolError):
-        src.receive_data(_frame(Pong(8)))
+        feed(src, _frame(Pong(8)))
 
 
 def test_ping_needs_authentication_and_is_bounded() -> None:
@@ -84,14 +90,14 @@ def test_ping_needs_authentication_and_is_bounded() -> None:
         src.send(Ping(1))
     rcv = ReceiverSession({"host1": (TOKEN, ("vm1",))}.get)
     with pytest.raises(RemoteProtocolError):
-        rcv.receive_data(_frame(Ping(1)))  # before Hello / authentication
+        feed(rcv, _frame(Ping(1)))  # before Hello / authentication
     src, rcv = _ready()
     for n in range(MAX_UNANSWERED):
-        rcv.receive_data(src.send(Ping(n)))
+        feed(rcv, sent(src, Ping(n)))
     with pytest.raises(LocalProtocolError):
         src.send(Ping(99))
     with pytest.raises(RemoteProtocolError):
-        rcv.receive_data(_frame(Ping(99)))
+        feed(rcv, _frame(Ping(99)))
 
 
 def _frame(msg: Ping | Pong) -> bytes:

@@ -62,12 +62,14 @@ class Client:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         session = SourceSession(name, token)
         link = Link(session, reader, writer)
-        await link.send_raw(session.start())
+        session.start()
+        await link.flush()
         for want in (Challenge, Welcome):
             msg = (await link.receive(TIMEOUT))[0]
             assert isinstance(msg, want), msg
             if want is Challenge:
-                await link.send_raw(session.auth())
+                session.auth()
+                await link.flush()
         return cls(link)
 
     async def next(self) -> Message:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import xxhash
+from helpers import feed, sent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -54,19 +55,23 @@ file_messages: st.SearchStrategy[Message] = st.one_of(
 def _pair() -> tuple[SourceSession, ReceiverSession]:
     src = SourceSession("host1", TOKEN)
     rcv = ReceiverSession(CLIENTS.get, filesets=lambda c: SETS.get(c, ()))
-    rcv.receive_data(src.start())
-    src.receive_data(rcv.challenge())
-    rcv.receive_data(src.auth())
-    src.receive_data(rcv.welcome())
+    src.start()
+    feed(rcv, sent(src))
+    rcv.challenge()
+    feed(src, sent(rcv))
+    src.auth()
+    feed(rcv, sent(src))
+    rcv.welcome()
+    feed(src, sent(rcv))
     return src, rcv
 
 
 def _open(inflight: bool) -> tuple[SourceSession, ReceiverSession]:
     src, rcv = _pair()
-    assert rcv.receive_data(src.send(FileOpen("cfg"))) == [FileOpen("cfg")]
-    src.receive_data(rcv.send(FileOpened("cfg", [], b"", b"")))
+    assert feed(rcv, sent(src, FileOpen("cfg"))) == [FileOpen("cfg")]
+    feed(src, sent(rcv, FileOpened("cfg", [], b"", b"")))
     if inflight:
-        rcv.receive_data(src.send(FileDelete("cfg", "etc/a.xml", 1.0)))
+        feed(rcv, sent(src, FileDelete("cfg", "etc/a.xml", 1.0)))
     return src, rcv
 
 
@@ -79,7 +84,7 @@ def test_sessions_take_any_file_message(side, inflight, msgs):
     allowed: tuple[type[Exception], ...] = (RemoteProtocolError, AuthError, VolumeError)
     for msg in msgs:
         try:
-            events = sess.receive_data(encode(msg))
+            events = feed(sess, encode(msg))
         except allowed as exc:
             if isinstance(exc, VolumeError):
                 assert side == "receiver" and sess.state is not State.CLOSED

@@ -8,9 +8,10 @@
    rewritten length headers);
 4. a header announcing more than max_frame is refused at once, before the body;
 5. in a random conversation (frames in flight, split reads), whatever one session's
-   send() allows the other's receive_data() accepts, and a refused send changes nothing.
+   send() allows the other's receive_data() and events_received() accept, and a refused
+   send changes nothing (nothing is buffered to send either).
 
-Only RemoteProtocolError and AuthError may come out of receive_data (plus
+Only RemoteProtocolError and AuthError may come out of receive_data and events_received (plus
 VolumeError from a receiver: a refused Open is a documented, volume-level
 outcome). Anything else -- KeyError, TypeError, a LocalProtocolError on
 receive -- fails the test.
@@ -24,6 +25,7 @@ import struct
 
 import msgpack
 import pytest
+from helpers import feed, sent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -144,16 +146,20 @@ class Link:
         self.rcv = ReceiverSession(CLIENTS.get, max_frame)
 
     def s(self, msg: Message) -> list[Message]:
-        return self.rcv.receive_data(self.src.send(msg))
+        return feed(self.rcv, sent(self.src, msg))
 
     def r(self, msg: Message) -> list[Message]:
-        return self.src.receive_data(self.rcv.send(msg))
+        return feed(self.src, sent(self.rcv, msg))
 
     def handshake(self) -> Link:
-        self.rcv.receive_data(self.src.start())
-        self.src.receive_data(self.rcv.challenge())
-        self.rcv.receive_data(self.src.auth())
-        self.src.receive_data(self.rcv.welcome())
+        self.src.start()
+        feed(self.rcv, sent(self.src))
+        self.rcv.challenge()
+        feed(self.src, sent(self.rcv))
+        self.src.auth()
+        feed(self.rcv, sent(self.src))
+        self.rcv.welcome()
+        feed(self.src, sent(self.rcv))
         return self
 
 
@@ -191,19 +197,22 @@ def _hashing() -> Link:
 
 def _source_hello_sent() -> Link:
     link = Link()
-    link.rcv.receive_data(link.src.start())
+    link.src.start()
+    feed(link.rcv, sent(link.src))
     return link
 
 
 def _challenged() -> Link:
     link = _source_hello_sent()
-    link.src.receive_data(link.rcv.challenge())
+    link.rcv.challenge()
+    feed(link.src, sent(link.rcv))
     return link
 
 
 def _auth_sent() -> Link:
     link = _challenged()
-    link.rcv.receive_data(link.src.auth())
+    link.src.auth()
+    feed(link.rcv, sent(link.src))
     return link
 
 
@@ -236,13 +245,13 @@ def feed_session(sess, pieces: list[bytes]) -> None:
     allowed = errors_for(sess)
     for piece in pieces:
         try:
-            events = sess.receive_data(piece)
+            events = feed(sess, piece)
         except allowed as exc:
             if isinstance(exc, VolumeError):
                 assert sess.state is not State.CLOSED
                 continue
             assert sess.state is State.CLOSED
-            assert sess.receive_data(piece) == []
+            assert feed(sess, piece) == []
             return
         assert isinstance(events, list)
         assert all(isinstance(m, Message) for m in events)
@@ -432,12 +441,15 @@ def mutate(blob: bytes, ops) -> bytes:
 def _handshake_stream(side: str) -> tuple[str, bytes]:
     """A valid stream of frames the other side would send from the start, and its setup."""
     link = Link()
-    hello = link.src.start()
-    link.rcv.receive_data(hello)
-    challenge = link.rcv.challenge()
-    link.src.receive_data(challenge)
-    auth = link.src.auth()
-    link.rcv.receive_data(auth)
+    link.src.start()
+    hello = sent(link.src)
+    feed(link.rcv, hello)
+    link.rcv.challenge()
+    challenge = sent(link.rcv)
+    feed(link.src, challenge)
+    link.src.auth()
+    auth = sent(link.src)
+    feed(link.rcv, auth)
     if side == "receiver":
         return "start", hello
     return "hello", challenge
@@ -505,9 +517,9 @@ def test_oversized_header_closes_session(side, setup, length):
     if sess.state is State.CLOSED:
         return
     with pytest.raises(RemoteProtocolError, match="exceeds"):
-        sess.receive_data(HEADER.pack(length))
+        sess.receive_data(HEADER.pack(length))  # at once: nothing needs taking
     assert sess.state is State.CLOSED
-    assert sess.receive_data(encode(Ack("vm1", 1, 0.0))) == []
+    assert feed(sess, encode(Ack("vm1", 1, 0.0))) == []
 
 
 @LIGHT
@@ -523,7 +535,7 @@ def test_oversized_header_after_valid_frames(msgs, length):
 #
 # A random conversation: each step either side tries to send something (a likely-legal
 # move, or a random message), or a random prefix of the bytes in flight is delivered.
-# Whatever a session's send() allows, the peer's receive_data() must accept; whatever
+# Whatever a session's send() allows, the peer's events_received() must accept; whatever
 # send() refuses (LocalProtocolError) must leave the sender unchanged.
 #
 # The moves below match what the daemons do (bugs found here earlier are fixed and have
@@ -531,7 +543,7 @@ def test_oversized_header_after_valid_frames(msgs, length):
 # the source never sends a volume-level Error and keeps at most WINDOW epochs unanswered
 # (as the daemon does; sessions alone do not); the receiver sends volume Errors only for
 # volumes it has open or was asked to open, and no unasked-for Hashes. Unauthorized Opens
-# are left to the unit tests (their VolumeError comes out of receive_data by design).
+# are left to the unit tests (their VolumeError comes out of events_received by design).
 # Some Opens are read-only: the source session itself must refuse a Begin there.
 
 
@@ -613,14 +625,18 @@ class Conversation:
         s = self.session(side)
         if side == "source":
             if s.state is State.START:
-                return s.start()
+                s.start()
+                return sent(s)
             if s.state is State.HELLO_SENT and s._server_nonce:
-                return s.auth()
+                s.auth()
+                return sent(s)
         else:
             if s.state is State.START and self.rcv.client:
-                return s.challenge()
+                s.challenge()
+                return sent(s)
             if s.state is State.CHALLENGED and self.rcv.allowed:
-                return s.welcome()
+                s.welcome()
+                return sent(s)
         return None
 
     def try_send(self, side: str, msg: Message) -> None:
@@ -629,7 +645,7 @@ class Conversation:
         s = self.session(side)
         before = _snapshot(s)
         try:
-            frame = s.send(msg)
+            frame = sent(s, msg)
         except LocalProtocolError:
             assert _snapshot(s) == before, f"a refused {msg!r} changed the {side} session"
             return
@@ -650,7 +666,7 @@ class Conversation:
         buf = self.wire[sender]
         chunk, self.wire[sender] = bytes(buf[:n]), buf[n:]
         peer = self.rcv if sender == "source" else self.src
-        events = peer.receive_data(chunk)  # must not raise: the sender allowed every frame
+        events = feed(peer, chunk)  # must not raise: the sender allowed every frame
         queue = self.unread[sender]
         for ev in events:
             # events arrive in order; the receiver may drop volume frames (after Need, Error)

@@ -5,6 +5,7 @@ closes the connection with a protocol error; nothing else escapes."""
 from __future__ import annotations
 
 import msgpack
+from helpers import feed, sent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,17 +25,21 @@ labels = st.one_of(st.text(max_size=200), st.sampled_from(["base", " x", "x ", "
 def acked_pair() -> tuple[SourceSession, ReceiverSession]:
     """Both sessions ready, vm1 open, epoch 1 committed and acknowledged, epoch 2 committed."""
     src, rcv = SourceSession("host1", TOKEN), ReceiverSession({"host1": (TOKEN, ("vm1",))}.get)
-    rcv.receive_data(src.start())
-    src.receive_data(rcv.challenge())
-    rcv.receive_data(src.auth())
-    src.receive_data(rcv.welcome())
-    rcv.receive_data(src.send(Open("vm1", 1 << 20, 65536)))
-    src.receive_data(rcv.send(Opened("vm1", "r", 0, 0.0)))
+    src.start()
+    feed(rcv, sent(src))
+    rcv.challenge()
+    feed(src, sent(rcv))
+    src.auth()
+    feed(rcv, sent(src))
+    rcv.welcome()
+    feed(src, sent(rcv))
+    feed(rcv, sent(src, Open("vm1", 1 << 20, 65536)))
+    feed(src, sent(rcv, Opened("vm1", "r", 0, 0.0)))
     for e in (1, 2):
-        rcv.receive_data(src.send(Begin("vm1", e, 0.0)))
-        rcv.receive_data(src.send(Data("vm1", e, bytes(8), b"h" * 16, 65536, b"z")))
-        rcv.receive_data(src.send(Commit("vm1", e, 1)))
-    src.receive_data(rcv.send(Ack("vm1", 1, 0.0)))
+        feed(rcv, sent(src, Begin("vm1", e, 0.0)))
+        feed(rcv, sent(src, Data("vm1", e, bytes(8), b"h" * 16, 65536, b"z")))
+        feed(rcv, sent(src, Commit("vm1", e, 1)))
+    feed(src, sent(rcv, Ack("vm1", 1, 0.0)))
     return src, rcv
 
 
@@ -45,7 +50,7 @@ def test_receiver_accepts_only_valid_labels_of_acknowledged_epochs(epoch, label,
     frame = encode(Label(volume, epoch, label), 1 << 20)
     ok = volume == "vm1" and epoch == 1 and valid_label(label)
     try:
-        events = rcv.receive_data(frame)
+        events = feed(rcv, frame)
     except RemoteProtocolError:
         assert not ok and rcv.state is State.CLOSED
         return
@@ -63,18 +68,18 @@ def test_receiver_accepts_only_valid_labels_of_acknowledged_epochs(epoch, label,
 def test_source_sends_only_valid_labels_and_takes_only_answers_it_asked_for(epoch, label):
     src, rcv = acked_pair()
     try:
-        frame = src.send(Label("vm1", epoch, label))
+        frame = sent(src, Label("vm1", epoch, label))
     except LocalProtocolError:
         assert not (epoch == 1 and valid_label(label))
         answer = encode(Labelled("vm1", epoch, label), 1 << 20)
         try:
-            src.receive_data(answer)
+            feed(src, answer)
             raise AssertionError("an unrequested Labelled was accepted")
         except RemoteProtocolError:
             assert src.state is State.CLOSED
         return
-    assert rcv.receive_data(frame) == [Label("vm1", epoch, label)]
-    assert src.receive_data(rcv.send(Labelled("vm1", epoch, label))) == [
+    assert feed(rcv, frame) == [Label("vm1", epoch, label)]
+    assert feed(src, sent(rcv, Labelled("vm1", epoch, label))) == [
         Labelled("vm1", epoch, label)]
 
 
@@ -86,7 +91,7 @@ def test_malformed_label_frames_close_the_connection(fields):
     blob = msgpack.packb([50, *fields], use_bin_type=True)
     frame = len(blob).to_bytes(4, "big") + blob
     try:
-        events = rcv.receive_data(frame)
+        events = feed(rcv, frame)
     except RemoteProtocolError:
         assert rcv.state is State.CLOSED
         return

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import xxhash
+from helpers import feed, sent
 
 from cdp.codec import compress
 from cdp.config import FilesetConfig
@@ -23,28 +24,32 @@ TOKEN = b"t" * 32
 def _pair(sets: tuple[str, ...] = ("cfg",)) -> tuple[SourceSession, ReceiverSession]:
     src = SourceSession("host1", TOKEN)
     rcv = ReceiverSession({"host1": (TOKEN, ())}.get, filesets=lambda c: sets)
-    rcv.receive_data(src.start())
-    src.receive_data(rcv.challenge())
-    rcv.receive_data(src.auth())
-    src.receive_data(rcv.welcome())
+    src.start()
+    feed(rcv, sent(src))
+    rcv.challenge()
+    feed(src, sent(rcv))
+    src.auth()
+    feed(rcv, sent(src))
+    rcv.welcome()
+    feed(src, sent(rcv))
     return src, rcv
 
 
 def test_a_conversation():
     src, rcv = _pair()
-    assert rcv.receive_data(src.send(FileOpen("cfg"))) == [FileOpen("cfg")]
+    assert feed(rcv, sent(src, FileOpen("cfg"))) == [FileOpen("cfg")]
     with pytest.raises(LocalProtocolError):
         src.send(FilePut("cfg", "a", bytes(16), 0, 0.0, 0, 0.0, b""))  # before FileOpened
-    src.receive_data(rcv.send(FileOpened("cfg", ["a"], bytes(16), bytes(8))))
+    feed(src, sent(rcv, FileOpened("cfg", ["a"], bytes(16), bytes(8))))
     put = FilePut("cfg", "etc/a", bytes(16), 1, 0.0, 0o644, 0.0, b"z")
-    assert rcv.receive_data(src.send(put)) == [put]
+    assert feed(rcv, sent(src, put)) == [put]
     with pytest.raises(LocalProtocolError):
         src.send(FileDelete("cfg", "etc/b", 0.0))  # one request at a time
     with pytest.raises(LocalProtocolError):
         rcv.send(FileAck("cfg", "etc/other", 1))
-    assert src.receive_data(rcv.send(FileAck("cfg", "etc/a", 1))) == [FileAck("cfg", "etc/a", 1)]
+    assert feed(src, sent(rcv, FileAck("cfg", "etc/a", 1))) == [FileAck("cfg", "etc/a", 1)]
     with pytest.raises(RemoteProtocolError):  # an answer nobody asked for
-        src.receive_data(_frame(FileAck("cfg", "etc/a", 2)))
+        feed(src, _frame(FileAck("cfg", "etc/a", 2)))
 
 
 def _frame(msg):
@@ -56,20 +61,20 @@ def _frame(msg):
 def test_unauthorized_set_and_bad_paths_are_refused():
     _, rcv = _pair()
     with pytest.raises(FilesetError) as ei:
-        rcv.receive_data(_frame(FileOpen("other")))
+        feed(rcv, _frame(FileOpen("other")))
     assert ei.value.wire_code == "unauthorized" and "may not write file set 'other'" in str(
         ei.value)
     with pytest.raises(RemoteProtocolError):  # a request for a set that is not open
-        rcv.receive_data(_frame(FileDelete("other", "a", 0.0)))
+        feed(rcv, _frame(FileDelete("other", "a", 0.0)))
     _, rcv = _pair()
-    rcv.receive_data(_frame(FileOpen("cfg")))
-    rcv.send(FileOpened("cfg", [], b"", b""))
+    feed(rcv, _frame(FileOpen("cfg")))
+    sent(rcv, FileOpened("cfg", [], b"", b""))
     with pytest.raises(FilesetError) as ei:
-        rcv.receive_data(_frame(FileDelete("cfg", "../../etc/passwd", 0.0)))
+        feed(rcv, _frame(FileDelete("cfg", "../../etc/passwd", 0.0)))
     assert ei.value.wire_code == "path" and ei.value.path == "../../etc/passwd"
-    rcv.send(FileError("cfg", "../../etc/passwd", "path", "refused"))  # the set goes on
+    sent(rcv, FileError("cfg", "../../etc/passwd", "path", "refused"))  # the set goes on
     with pytest.raises(RemoteProtocolError):
-        rcv.receive_data(_frame(FileDelete("cfg", "", 0.0)))
+        feed(rcv, _frame(FileDelete("cfg", "", 0.0)))
 
 
 @pytest.mark.parametrize("path,ok", [("etc/a.xml", True), ("a", True), ("../a", False),

@@ -10,6 +10,7 @@ import struct
 
 import msgpack
 import pytest
+from helpers import feed
 from test_protocol import Pair, ready
 
 from cdp.blocks import Geometry, pack_u64
@@ -37,14 +38,14 @@ def test_after_authentication_the_full_frame_size_applies() -> None:
     put = FilePut("set", "a", b"h" * 16, 3, 1.0, 0o644, 1.0, os.urandom(64 * 1024))
     frame = encode(put)
     assert len(frame) > PREAUTH_MAX_FRAME
-    p.rcv.feed(frame)  # no size error: the session is authenticated (FilePut is judged later)
+    p.rcv.receive_data(frame)  # no size error: the session is authenticated (FilePut is judged later)
 
 
 def test_hello_name_must_be_a_valid_client_name() -> None:
     rcv = ReceiverSession(CLIENTS.get)
     forged = 'x\nts=2026-01-01T00:00:00.000 level=info msg="client authenticated client=host1"'
     with pytest.raises(RemoteProtocolError, match="invalid client name"):
-        rcv.receive_data(encode(Hello(PROTOCOL_VERSION, forged, os.urandom(32))))
+        feed(rcv, encode(Hello(PROTOCOL_VERSION, forged, os.urandom(32))))
 
 
 @pytest.mark.parametrize("when", [float("inf"), float("-inf"), 1e300])
@@ -52,7 +53,7 @@ def test_times_must_be_finite_and_sane(when: float) -> None:
     p = ready()
     frame = msgpack.packb([Begin.TYPE, "vm1", 1, when], use_bin_type=True)
     with pytest.raises(RemoteProtocolError, match=r"Begin\.time"):
-        p.rcv.receive_data(struct.pack(">I", len(frame)) + frame)
+        feed(p.rcv, struct.pack(">I", len(frame)) + frame)
 
 
 def test_current_on_a_read_only_volume_is_a_protocol_error() -> None:
@@ -61,7 +62,7 @@ def test_current_on_a_read_only_volume_is_a_protocol_error() -> None:
     assert p.src_send(Open("vm1", 10 * 65536, 65536, readonly=True))
     p.rcv_send(Opened("vm1", "r", 3, 1.0))
     with pytest.raises(RemoteProtocolError, match="read-only"):
-        p.rcv.receive_data(encode(Current("vm1", 3, 5.0)))
+        feed(p.rcv, encode(Current("vm1", 3, 5.0)))
 
 
 def test_log_lines_cannot_be_forged_or_carry_terminal_escapes() -> None:
@@ -125,10 +126,10 @@ def test_more_runs_than_a_frame_may_carry_are_refused() -> None:
     p = ready()
     p.src_send(Begin("vm1", 1, 1.0))
     ok = Zero("vm1", 1, pack_u64([0, 1] * MAX_ZERO_RUNS))
-    assert p.rcv.receive_data(encode(ok)) == [ok]
+    assert feed(p.rcv, encode(ok)) == [ok]
     too_many = encode(Zero("vm1", 1, pack_u64([0, 1] * (MAX_ZERO_RUNS + 1))))
     with pytest.raises(RemoteProtocolError, match="at most"):
-        p.rcv.receive_data(too_many)
+        feed(p.rcv, too_many)
 
 
 def test_status_shows_peer_errors_escaped(tmp_path) -> None:

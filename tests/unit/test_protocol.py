@@ -1,7 +1,8 @@
 """The sans-I/O sessions driven against each other, no sockets (cdp.wire.session).
 
-`Pair` plays h11's ConnectionPair: it moves the bytes one session's send()
-returns into the other's receive_data(), and keeps every byte for inspection.
+`Pair` plays h11's ConnectionPair: it moves the bytes one session's send() buffers
+(data_to_send()) into the other's receive_data(), takes the events_received(), and
+keeps every byte for inspection.
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers import feed, sent
 
 from cdp.config import load_source
 from cdp.errors import AuthError, ConfigError, LocalProtocolError, RemoteProtocolError, VolumeError
-from cdp.wire.frames import encode
+from cdp.wire.frames import HEADER, encode
 from cdp.wire.messages import (
     ALL,
     PROTOCOL_VERSION,
@@ -25,6 +27,9 @@ from cdp.wire.messages import (
     Current,
     Data,
     Error,
+    FileOpen,
+    FileOpened,
+    FilePut,
     GetHashes,
     Hashes,
     Hello,
@@ -56,26 +61,30 @@ class Pair:
 
     def s2r(self, data: bytes) -> list[Message]:
         self.wire.append(data)
-        return self.rcv.receive_data(data)
+        return feed(self.rcv, data)
 
     def r2s(self, data: bytes) -> list[Message]:
         self.wire.append(data)
-        return self.src.receive_data(data)
+        return feed(self.src, data)
 
     def src_send(self, msg: Message) -> list[Message]:
-        return self.s2r(self.src.send(msg))
+        return self.s2r(sent(self.src, msg))
 
     def rcv_send(self, msg: Message) -> list[Message]:
-        return self.r2s(self.rcv.send(msg))
+        return self.r2s(sent(self.rcv, msg))
 
     def handshake(self) -> None:
-        (hello,) = self.s2r(self.src.start())
+        self.src.start()
+        (hello,) = self.s2r(sent(self.src))
         assert isinstance(hello, Hello)
-        (challenge,) = self.r2s(self.rcv.challenge())
+        self.rcv.challenge()
+        (challenge,) = self.r2s(sent(self.rcv))
         assert isinstance(challenge, Challenge)
-        (auth,) = self.s2r(self.src.auth())
+        self.src.auth()
+        (auth,) = self.s2r(sent(self.src))
         assert isinstance(auth, Auth)
-        (welcome,) = self.r2s(self.rcv.welcome())
+        self.rcv.welcome()
+        (welcome,) = self.r2s(sent(self.rcv))
         assert isinstance(welcome, Welcome)
 
     def open(self, volume: str = "vm1", last_epoch: int = 0) -> None:
@@ -133,22 +142,29 @@ def test_handshake_byte_by_byte():
     def trickle(data: bytes, sink) -> list[Message]:
         out: list[Message] = []
         for i in range(len(data)):
-            out += sink(data[i:i + 1])
+            out += feed(sink, data[i:i + 1])
         return out
 
-    assert [type(m) for m in trickle(p.src.start(), p.rcv.receive_data)] == [Hello]
-    assert [type(m) for m in trickle(p.rcv.challenge(), p.src.receive_data)] == [Challenge]
-    assert [type(m) for m in trickle(p.src.auth(), p.rcv.receive_data)] == [Auth]
-    assert [type(m) for m in trickle(p.rcv.welcome(), p.src.receive_data)] == [Welcome]
+    p.src.start()
+    assert [type(m) for m in trickle(sent(p.src), p.rcv)] == [Hello]
+    p.rcv.challenge()
+    assert [type(m) for m in trickle(sent(p.rcv), p.src)] == [Challenge]
+    p.src.auth()
+    assert [type(m) for m in trickle(sent(p.src), p.rcv)] == [Auth]
+    p.rcv.welcome()
+    assert [type(m) for m in trickle(sent(p.rcv), p.src)] == [Welcome]
     assert p.src.state is p.rcv.state is State.READY
 
 
 def test_wrong_token_refused_by_receiver():
     p = Pair(token=OTHER_TOKEN)
-    p.s2r(p.src.start())
-    p.r2s(p.rcv.challenge())
+    p.src.start()
+    p.s2r(sent(p.src))
+    p.rcv.challenge()
+    p.r2s(sent(p.rcv))
+    p.src.auth()
     with pytest.raises(AuthError, match="host1"):
-        p.s2r(p.src.auth())
+        p.s2r(sent(p.src))
     assert p.rcv.state is State.CLOSED
     # no Welcome after a failed Auth; the receiver may still say why
     with pytest.raises(LocalProtocolError):
@@ -160,28 +176,34 @@ def test_wrong_token_refused_by_receiver():
 
 def test_unknown_client_refused():
     p = Pair(name="stranger")
-    p.s2r(p.src.start())
-    p.r2s(p.rcv.challenge())
+    p.src.start()
+    p.s2r(sent(p.src))
+    p.rcv.challenge()
+    p.r2s(sent(p.rcv))
+    p.src.auth()
     with pytest.raises(AuthError, match="stranger"):
-        p.s2r(p.src.auth())
+        p.s2r(sent(p.src))
     assert p.rcv.state is State.CLOSED
-    assert p.rcv.receive_data(encode(Open("vm1", BS, BS))) == []
+    assert feed(p.rcv, encode(Open("vm1", BS, BS))) == []
 
 
 def test_other_clients_token_refused():
     # host2's token is valid, but not for host1
     p = Pair(name="host1", token=CLIENTS["host2"][0])
-    p.s2r(p.src.start())
-    p.r2s(p.rcv.challenge())
+    p.src.start()
+    p.s2r(sent(p.src))
+    p.rcv.challenge()
+    p.r2s(sent(p.rcv))
+    p.src.auth()
     with pytest.raises(AuthError):
-        p.s2r(p.src.auth())
+        p.s2r(sent(p.src))
 
 
 def _source_awaiting_welcome(token: bytes = TOKEN) -> tuple[SourceSession, bytes]:
     src = SourceSession("host1", token)
     src.start()
     server_nonce = b"S" * NONCE_LEN
-    src.receive_data(encode(Challenge(PROTOCOL_VERSION, server_nonce)))
+    feed(src, encode(Challenge(PROTOCOL_VERSION, server_nonce)))
     src.auth()
     return src, server_nonce
 
@@ -190,7 +212,7 @@ def test_receiver_with_different_token_fails_source_check():
     src, server_nonce = _source_awaiting_welcome()
     proof = receiver_proof(OTHER_TOKEN, "host1", src.nonce, server_nonce)
     with pytest.raises(AuthError, match="receiver"):
-        src.receive_data(encode(Welcome(proof, ["vm1"], 1 << 20)))
+        feed(src, encode(Welcome(proof, ["vm1"], 1 << 20)))
     assert src.state is State.CLOSED
     with pytest.raises(LocalProtocolError):
         src.send(Open("vm1", BS, BS))
@@ -200,7 +222,7 @@ def test_receiver_with_right_token_passes_source_check():
     # the control for the test above: the same Welcome with the right proof is accepted
     src, server_nonce = _source_awaiting_welcome()
     proof = receiver_proof(TOKEN, "host1", src.nonce, server_nonce)
-    assert src.receive_data(encode(Welcome(proof, ["vm1"], 1 << 20))) != []
+    assert feed(src, encode(Welcome(proof, ["vm1"], 1 << 20))) != []
     assert src.state is State.READY
 
 
@@ -208,7 +230,7 @@ def test_receiver_cannot_reflect_source_mac():
     src, server_nonce = _source_awaiting_welcome()
     reflected = source_mac(TOKEN, "host1", src.nonce, server_nonce)
     with pytest.raises(AuthError):
-        src.receive_data(encode(Welcome(reflected, ["vm1"], 1 << 20)))
+        feed(src, encode(Welcome(reflected, ["vm1"], 1 << 20)))
 
 
 def test_welcome_from_earlier_handshake_refused():
@@ -216,11 +238,13 @@ def test_welcome_from_earlier_handshake_refused():
     old.handshake()
     old_welcome = old.wire[3]
     new = Pair(receiver_nonce=b"R" * NONCE_LEN)
-    new.s2r(new.src.start())
-    new.r2s(new.rcv.challenge())
+    new.src.start()
+    new.s2r(sent(new.src))
+    new.rcv.challenge()
+    new.r2s(sent(new.rcv))
     new.src.auth()
     with pytest.raises(AuthError):
-        new.src.receive_data(old_welcome)
+        feed(new.src, old_welcome)
 
 
 def test_replayed_auth_refused():
@@ -230,17 +254,17 @@ def test_replayed_auth_refused():
 
     fresh = ReceiverSession(CLIENTS.get)
     assert fresh.nonce != old.rcv.nonce
-    fresh.receive_data(hello_bytes)
+    feed(fresh, hello_bytes)
     fresh.challenge()
     with pytest.raises(AuthError):
-        fresh.receive_data(auth_bytes)
+        feed(fresh, auth_bytes)
     assert fresh.state is State.CLOSED
 
     # control: had the receiver reused its nonce, the replay would have worked
     same = ReceiverSession(CLIENTS.get, nonce=old.rcv.nonce)
-    same.receive_data(hello_bytes)
+    feed(same, hello_bytes)
     same.challenge()
-    assert [type(m) for m in same.receive_data(auth_bytes)] == [Auth]
+    assert [type(m) for m in feed(same, auth_bytes)] == [Auth]
 
 
 def test_nonces_are_fresh():
@@ -253,7 +277,7 @@ def test_nonces_are_fresh():
 def test_receiver_refuses_bad_hello_nonce(nonce):
     rcv = ReceiverSession(CLIENTS.get)
     with pytest.raises(RemoteProtocolError, match="nonce"):
-        rcv.receive_data(encode(Hello(PROTOCOL_VERSION, "host1", nonce)))
+        feed(rcv, encode(Hello(PROTOCOL_VERSION, "host1", nonce)))
     assert rcv.state is State.CLOSED
 
 
@@ -261,17 +285,17 @@ def test_source_refuses_bad_challenge_nonce():
     src = SourceSession("host1", TOKEN)
     src.start()
     with pytest.raises(RemoteProtocolError, match="nonce"):
-        src.receive_data(encode(Challenge(PROTOCOL_VERSION, b"short")))
+        feed(src, encode(Challenge(PROTOCOL_VERSION, b"short")))
 
 
 def test_version_mismatch():
     rcv = ReceiverSession(CLIENTS.get)
     with pytest.raises(RemoteProtocolError, match="protocol"):
-        rcv.receive_data(encode(Hello(PROTOCOL_VERSION + 1, "host1", b"n" * NONCE_LEN)))
+        feed(rcv, encode(Hello(PROTOCOL_VERSION + 1, "host1", b"n" * NONCE_LEN)))
     src = SourceSession("host1", TOKEN)
     src.start()
     with pytest.raises(RemoteProtocolError, match="protocol"):
-        src.receive_data(encode(Challenge(PROTOCOL_VERSION + 1, b"n" * NONCE_LEN)))
+        feed(src, encode(Challenge(PROTOCOL_VERSION + 1, b"n" * NONCE_LEN)))
 
 
 def test_receiver_refuses_second_hello():
@@ -279,15 +303,15 @@ def test_receiver_refuses_second_hello():
     two = (encode(Hello(PROTOCOL_VERSION, "host1", b"a" * NONCE_LEN))
            + encode(Hello(PROTOCOL_VERSION, "host2", b"b" * NONCE_LEN)))
     with pytest.raises(RemoteProtocolError):
-        rcv.receive_data(two)
+        feed(rcv, two)
 
 
 def test_source_refuses_second_challenge():
     src = SourceSession("host1", TOKEN)
     src.start()
-    src.receive_data(encode(Challenge(PROTOCOL_VERSION, b"a" * NONCE_LEN)))
+    feed(src, encode(Challenge(PROTOCOL_VERSION, b"a" * NONCE_LEN)))
     with pytest.raises(RemoteProtocolError):
-        src.receive_data(encode(Challenge(PROTOCOL_VERSION, b"b" * NONCE_LEN)))
+        feed(src, encode(Challenge(PROTOCOL_VERSION, b"b" * NONCE_LEN)))
 
 
 # ---------------------------------------------------------------- volumes
@@ -337,13 +361,13 @@ def test_open_twice_refused():
     with pytest.raises(LocalProtocolError):
         p.src.send(Open("vm1", BS, BS))
     with pytest.raises(RemoteProtocolError, match="twice"):
-        p.rcv.receive_data(encode(Open("vm1", BS, BS)))
+        feed(p.rcv, encode(Open("vm1", BS, BS)))
 
 
 def test_opened_for_volume_not_asked_for():
     p = ready(None)
     with pytest.raises(RemoteProtocolError):
-        p.src.receive_data(encode(Opened("vm1", "r", 0, 0.0)))
+        feed(p.src, encode(Opened("vm1", "r", 0, 0.0)))
 
 
 def test_volume_error_does_not_lose_neighbouring_frames():
@@ -353,12 +377,12 @@ def test_volume_error_does_not_lose_neighbouring_frames():
 
     def collect(pieces: list[bytes]) -> tuple[list[Message], list[str]]:
         p = ready(None)
-        p.rcv.receive_data(b"")
+        feed(p.rcv, b"")
         events: list[Message] = []
         refused: list[str] = []
         for piece in [*pieces, b""]:
             try:
-                events += p.rcv.receive_data(piece)
+                events += feed(p.rcv, piece)
             except VolumeError as exc:
                 refused.append(exc.volume)
         return events, refused
@@ -375,11 +399,13 @@ def test_receiver_messages_before_auth():
     for setup in ("start", "hello", "challenged"):
         p = Pair()
         if setup != "start":
-            p.s2r(p.src.start())
+            p.src.start()
+            p.s2r(sent(p.src))
         if setup == "challenged":
-            p.r2s(p.rcv.challenge())
+            p.rcv.challenge()
+            p.r2s(sent(p.rcv))
         with pytest.raises(RemoteProtocolError, match="before authentication"):
-            p.rcv.receive_data(encode(Open("vm1", BS, BS)))
+            feed(p.rcv, encode(Open("vm1", BS, BS)))
         assert p.rcv.state is State.CLOSED
 
 
@@ -388,16 +414,17 @@ def test_receiver_messages_before_auth():
 def test_receiver_refuses_before_hello(msg):
     rcv = ReceiverSession(CLIENTS.get)
     with pytest.raises(RemoteProtocolError):
-        rcv.receive_data(encode(msg))
+        feed(rcv, encode(msg))
     assert rcv.state is State.CLOSED
 
 
 def test_receiver_refuses_auth_before_challenge_sent():
     p = Pair()
-    p.s2r(p.src.start())
+    p.src.start()
+    p.s2r(sent(p.src))
     mac = source_mac(TOKEN, "host1", p.src.nonce, p.rcv.nonce)
     with pytest.raises(RemoteProtocolError, match="Auth"):
-        p.rcv.receive_data(encode(Auth(mac)))
+        feed(p.rcv, encode(Auth(mac)))
 
 
 @pytest.mark.parametrize("msg", [Opened("vm1", "r", 0, 0.0), Ack("vm1", 1, 0.0),
@@ -406,7 +433,7 @@ def test_source_refuses_before_auth(msg):
     src = SourceSession("host1", TOKEN)
     src.start()
     with pytest.raises(RemoteProtocolError):
-        src.receive_data(encode(msg))
+        feed(src, encode(msg))
     assert src.state is State.CLOSED
 
 
@@ -433,7 +460,7 @@ def test_epoch_sequence():
 def test_epochs_in_one_chunk_with_acks_between():
     p = ready("vm1")
     for e in (1, 2, 3):
-        chunk = b"".join(p.src.send(m) for m in p.epoch_frames("vm1", e))
+        chunk = b"".join(sent(p.src, m) for m in p.epoch_frames("vm1", e))
         assert len(p.s2r(chunk)) == 3
         p.rcv_send(Ack("vm1", e, 0.0))
 
@@ -443,7 +470,7 @@ def test_two_volumes_interleaved():
     p.open("vm2", last_epoch=10)
     msgs = [Begin("vm1", 1, 0.0), Begin("vm2", 11, 0.0), data("vm2", 11), data("vm1", 1),
             Commit("vm2", 11, 1), Commit("vm1", 1, 1)]
-    chunk = b"".join(p.src.send(m) for m in msgs)
+    chunk = b"".join(sent(p.src, m) for m in msgs)
     assert p.s2r(chunk) == msgs
     p.rcv_send(Ack("vm2", 11, 0.0))
     p.rcv_send(Ack("vm1", 1, 0.0))
@@ -457,14 +484,14 @@ def test_current_and_hashes():
     assert p.rcv_send(h) == [h]
     p.src.hashes_done("vm1")
     with pytest.raises(RemoteProtocolError, match="did not ask"):
-        p.r2s(p.rcv.send(h))
+        p.r2s(sent(p.rcv, h))
 
 
 def test_hashes_bad_length():
     p = ready("vm1")
     p.src_send(GetHashes("vm1", 0, 2, False))
     with pytest.raises(RemoteProtocolError, match="16"):
-        p.r2s(p.rcv.send(Hashes("vm1", 0, b"h" * 17)))
+        p.r2s(sent(p.rcv, Hashes("vm1", 0, b"h" * 17)))
 
 
 @pytest.mark.parametrize(
@@ -515,17 +542,17 @@ def test_source_refuses_wrong_epoch_locally():
 def test_frames_for_unopened_volume():
     p = ready("vm1")
     with pytest.raises(RemoteProtocolError, match="not open"):
-        p.rcv.receive_data(encode(Begin("vm2", 1, 0.0)))
+        feed(p.rcv, encode(Begin("vm2", 1, 0.0)))
     p = ready("vm1")
     with pytest.raises(RemoteProtocolError, match="not open"):
-        p.src.receive_data(encode(Ack("vm2", 1, 0.0)))
+        feed(p.src, encode(Ack("vm2", 1, 0.0)))
 
 
 def test_ack_for_epoch_not_committed():
     p = ready("vm1")
     p.src_send(Begin("vm1", 1, 0.0))
     with pytest.raises(RemoteProtocolError):
-        p.src.receive_data(encode(Ack("vm1", 1, 0.0)))
+        feed(p.src, encode(Ack("vm1", 1, 0.0)))
 
 
 def test_need_discards_until_begin():
@@ -533,7 +560,7 @@ def test_need_discards_until_begin():
     for m in p.epoch_frames("vm1", 1):
         p.src_send(m)
     # the receiver asks again for epoch 1 while the source already streams epoch 2
-    need = p.rcv.send(Need("vm1", 1, pack_indices := b"\x03" + bytes(7)))
+    need = sent(p.rcv, Need("vm1", 1, pack_indices := b"\x03" + bytes(7)))
     for m in p.epoch_frames("vm1", 2):
         assert p.src_send(m) == []  # dropped: epoch 2 is later than the epoch asked for
     assert p.src_send(Current("vm1", 2, 0.0)) == []
@@ -559,15 +586,15 @@ def test_need_discard_still_refuses_older_epochs():
     p = ready("vm1", last_epoch=4)
     for m in p.epoch_frames("vm1", 5):
         p.src_send(m)
-    p.r2s(p.rcv.send(Need("vm1", 5, b"")))
+    p.r2s(sent(p.rcv, Need("vm1", 5, b"")))
     with pytest.raises(RemoteProtocolError):
-        p.rcv.receive_data(encode(Begin("vm1", 4, 0.0)))
+        feed(p.rcv, encode(Begin("vm1", 4, 0.0)))
 
 
 def test_receiver_accepts_pipelined_epochs():
     p = ready("vm1")
     msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
-    chunk = b"".join(p.src.send(m) for m in msgs)  # the source allows this
+    chunk = b"".join(sent(p.src, m) for m in msgs)  # the source allows this
     assert p.s2r(chunk) == msgs
     assert p.rcv_send(Ack("vm1", 1, 0.0)) == [Ack("vm1", 1, 0.0)]
     assert p.rcv_send(Ack("vm1", 2, 0.0)) == [Ack("vm1", 2, 0.0)]
@@ -593,13 +620,13 @@ def test_answers_in_commit_order():
     with pytest.raises(LocalProtocolError):
         p.rcv.send(Ack("vm1", 2, 0.0))
     with pytest.raises(RemoteProtocolError):
-        p.src.receive_data(encode(Ack("vm1", 2, 0.0)))
+        feed(p.src, encode(Ack("vm1", 2, 0.0)))
 
 
 def test_need_after_reject_with_pipelined_epoch():
     p = ready("vm1")
     msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
-    assert p.s2r(b"".join(p.src.send(m) for m in msgs)) == msgs  # one read
+    assert p.s2r(b"".join(sent(p.src, m) for m in msgs)) == msgs  # one read
     p.rcv.reject("vm1", 1)  # epoch 1 has unresolvable references
     assert p.rcv_send(Need("vm1", 1, b"")) == [Need("vm1", 1, b"")]
     with pytest.raises(LocalProtocolError):
@@ -652,6 +679,84 @@ def test_reject_drops_frames_until_begin():
     p.rcv_send(Ack("vm1", 1, 0.0))
 
 
+def test_next_event_judges_each_frame_after_the_last_decision():
+    """Why the receiver takes one message at a time: a reject at Commit(1) drops the epoch 2
+    frames that arrived in the same read; taken all at once, they would have passed."""
+    p = ready("vm1")
+    msgs = [*p.epoch_frames("vm1", 1), *p.epoch_frames("vm1", 2)]
+    p.rcv.receive_data(b"".join(sent(p.src, m) for m in msgs))  # one read
+    taken = []
+    while (item := p.rcv.next_event()) is not None:
+        msg, size = item
+        assert size == len(encode(msg))
+        taken.append(msg)
+        if isinstance(msg, Commit):
+            p.rcv.reject("vm1", msg.epoch)
+    assert taken == msgs[:3]
+    q = ready("vm1")
+    q.rcv.receive_data(b"".join(sent(q.src, m) for m in msgs))
+    assert q.rcv.events_received() == msgs  # no decision in between: all of them
+
+
+# ---------------------------------------------------------------- the sans-I/O API
+
+
+def test_bytes_in_are_buffered_until_taken_and_bytes_out_until_drained():
+    p = ready("vm1")
+    begin, commit = Begin("vm1", 1, 0.0), Commit("vm1", 1, 0)
+    assert p.src.send(begin) is None
+    assert p.src.send(commit) is None
+    out = p.src.data_to_send()
+    assert out == encode(begin) + encode(commit)  # in order, as accepted
+    assert p.src.data_to_send() == b""  # drained
+    assert p.rcv.receive_data(out[:5]) is None
+    assert p.rcv.events_received() == []  # nothing whole yet
+    p.rcv.receive_data(out[5:])
+    assert p.rcv.events_received() == [begin, commit]
+    assert p.rcv.events_received() == []  # taken
+    assert p.rcv.next_event() is None
+
+
+def test_a_refused_send_buffers_nothing_and_changes_nothing():
+    p = ready("vm1")
+    with pytest.raises(LocalProtocolError):
+        p.src.send(Commit("vm1", 1, 0))  # no Begin
+    assert p.src.data_to_send() == b""
+    # a frame too large to encode is refused before the session moves on: the file set is
+    # not left awaiting an answer to a FilePut that never left
+    small = SourceSession("host1", TOKEN, max_frame=1024)
+    rcv = ReceiverSession(CLIENTS.get, filesets=lambda client: ("cfg",))
+    small.start()
+    feed(rcv, sent(small))
+    rcv.challenge()
+    feed(small, sent(rcv))
+    small.auth()
+    feed(rcv, sent(small))
+    rcv.welcome()
+    feed(small, sent(rcv))
+    feed(rcv, sent(small, FileOpen("cfg")))
+    feed(small, sent(rcv, FileOpened("cfg", [], b"", b"")))
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        small.send(FilePut("cfg", "a", bytes(16), 2048, 0.0, 0o644, 0.0, os.urandom(2048)))
+    assert small.filesets == {"cfg": None}
+    assert small.data_to_send() == b""
+    put = FilePut("cfg", "a", bytes(16), 1, 0.0, 0o644, 0.0, b"z")
+    assert feed(rcv, sent(small, put)) == [put]
+
+
+def test_a_frame_too_large_is_refused_on_arrival_a_malformed_one_when_taken():
+    p = ready("vm1")
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        p.rcv.receive_data(HEADER.pack(p.rcv.max_frame + 1))  # its length alone
+    assert p.rcv.state is State.CLOSED
+    q = ready("vm1")
+    q.rcv.receive_data(b"\x00\x00\x00\x01\xc1")  # buffered: judged when taken
+    assert q.rcv.state is State.READY
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        q.rcv.events_received()
+    assert q.rcv.state is State.CLOSED
+
+
 # ---------------------------------------------------------------- local errors
 
 
@@ -669,18 +774,22 @@ def test_source_local_errors_at_start(action):
 
 def test_source_local_errors():
     p = Pair()
-    p.s2r(p.src.start())
+    p.src.start()
+    p.s2r(sent(p.src))
     with pytest.raises(LocalProtocolError):
         p.src.start()  # Hello twice
     with pytest.raises(LocalProtocolError):
         p.src.auth()  # no Challenge yet
-    p.r2s(p.rcv.challenge())
+    p.rcv.challenge()
+    p.r2s(sent(p.rcv))
     with pytest.raises(LocalProtocolError):
         p.src.send(Open("vm1", BS, BS))  # not authenticated yet
-    p.s2r(p.src.auth())
+    p.src.auth()
+    p.s2r(sent(p.src))
     with pytest.raises(LocalProtocolError):
         p.src.auth()  # Auth twice
-    p.r2s(p.rcv.welcome())
+    p.rcv.welcome()
+    p.r2s(sent(p.rcv))
     with pytest.raises(LocalProtocolError):
         p.src.send(Begin("vm1", 1, 0.0))  # no Open yet
     p.src_send(Open("vm1", BS, BS))
@@ -698,18 +807,22 @@ def test_receiver_local_errors():
         p.rcv.challenge()  # no Hello yet
     with pytest.raises(LocalProtocolError):
         p.rcv.welcome()
-    p.s2r(p.src.start())
+    p.src.start()
+    p.s2r(sent(p.src))
     with pytest.raises(LocalProtocolError):
         p.rcv.welcome()  # Welcome before Auth
-    p.r2s(p.rcv.challenge())
+    p.rcv.challenge()
+    p.r2s(sent(p.rcv))
     with pytest.raises(LocalProtocolError):
         p.rcv.challenge()  # Challenge twice
     with pytest.raises(LocalProtocolError):
         p.rcv.welcome()  # still no Auth
     with pytest.raises(LocalProtocolError):
         p.rcv.send(Opened("vm1", "r", 0, 0.0))
-    p.s2r(p.src.auth())
-    p.r2s(p.rcv.welcome())
+    p.src.auth()
+    p.s2r(sent(p.src))
+    p.rcv.welcome()
+    p.r2s(sent(p.rcv))
     with pytest.raises(LocalProtocolError):
         p.rcv.welcome()  # Welcome twice
     with pytest.raises(LocalProtocolError):
@@ -746,7 +859,8 @@ def test_source_refuses_current_on_readonly_volume():
 
 def test_receiver_refuses_volume_error_before_welcome():
     p = Pair()
-    p.s2r(p.src.start())
+    p.src.start()
+    p.s2r(sent(p.src))
     with pytest.raises(LocalProtocolError):
         p.rcv.send(Error("replica", "broken", "vm1"))
 
@@ -764,9 +878,9 @@ def test_connection_error_from_source_closes_both():
         p.src.send(Begin("vm1", 1, 0.0))
     with pytest.raises(LocalProtocolError):
         p.rcv.send(Ack("vm1", 1, 0.0))
-    assert p.rcv.receive_data(encode(Begin("vm1", 1, 0.0))) == []
+    assert feed(p.rcv, encode(Begin("vm1", 1, 0.0))) == []
     # saying goodbye is still allowed
-    p.src.send(Bye("bye"))
+    sent(p.src, Bye("bye"))
 
 
 def test_connection_error_from_receiver_closes_both():
@@ -777,18 +891,18 @@ def test_connection_error_from_receiver_closes_both():
     assert p.src.state is State.CLOSED
     with pytest.raises(LocalProtocolError):
         p.src.send(Begin("vm1", 1, 0.0))
-    assert p.src.receive_data(encode(Ack("vm1", 1, 0.0))) == []
+    assert feed(p.src, encode(Ack("vm1", 1, 0.0))) == []
 
 
 def test_connection_error_stops_processing_the_chunk():
     p = ready("vm1")
     chunk = encode(Error("x", "y", "")) + encode(Begin("vm1", 99, 0.0))
-    assert p.rcv.receive_data(chunk) == [Error("x", "y", "")]
+    assert feed(p.rcv, chunk) == [Error("x", "y", "")]
 
 
 def test_connection_error_before_auth():
     rcv = ReceiverSession(CLIENTS.get)
-    assert rcv.receive_data(encode(Error("auth", "bad", ""))) == [Error("auth", "bad", "")]
+    assert feed(rcv, encode(Error("auth", "bad", ""))) == [Error("auth", "bad", "")]
     assert rcv.state is State.CLOSED
 
 
@@ -841,11 +955,11 @@ def test_readonly_open_refuses_writes():
 def test_remote_error_closes_session():
     p = ready("vm1")
     with pytest.raises(RemoteProtocolError):
-        p.rcv.receive_data(b"\x00\x00\x00\x01\xc1")
+        feed(p.rcv, b"\x00\x00\x00\x01\xc1")
     assert p.rcv.state is State.CLOSED
-    assert p.rcv.receive_data(encode(Current("vm1", 0, 0.0))) == []
+    assert feed(p.rcv, encode(Current("vm1", 0, 0.0))) == []
     # the receiver may still explain itself
-    p.rcv.send(Error("protocol", "malformed", ""))
+    sent(p.rcv, Error("protocol", "malformed", ""))
 
 
 # ---------------------------------------------------------------- cuts (protocol 2)
@@ -864,22 +978,23 @@ def test_a_cut_goes_inside_its_epoch_and_names_only_the_clients_volumes():
     p = ready()
     p.src_send(Begin("vm1", 1, 1.0))
     with pytest.raises(VolumeError, match="may not write it"):  # vm3 is host2's
-        p.s2r(p.src.send(Cut("vm1", 1, 5.0, 0.0, "db", ["vm1", "vm3"])))
+        p.s2r(sent(p.src, Cut("vm1", 1, 5.0, 0.0, "db", ["vm1", "vm3"])))
     for bad in (Cut("vm1", 1, 5.0, 6.0, "", []), Cut("vm1", 1, 5.0, 0.0, "db", ["vm2"]),
                 Cut("vm1", 1, 5.0, 0.0, "", ["vm1"]), Cut("vm1", 1, 5.0, 0.0, "../x", ["vm1"])):
         p = ready()
         p.src_send(Begin("vm1", 1, 1.0))
         with pytest.raises(RemoteProtocolError):
-            p.s2r(p.src.send(bad))
+            p.s2r(sent(p.src, bad))
 
 
 def test_a_protocol_1_source_is_answered_in_protocol_1():
     from cdp.wire.frames import FrameDecoder
 
     rcv = ReceiverSession(CLIENTS.get)
-    rcv.receive_data(encode(Hello(1, "host1", b"n" * NONCE_LEN)))
+    feed(rcv, encode(Hello(1, "host1", b"n" * NONCE_LEN)))
     dec = FrameDecoder(4096)
-    dec.push(rcv.challenge())
+    rcv.challenge()
+    dec.push(sent(rcv))
     item = dec.pop()
     assert item is not None and isinstance(item[0], Challenge) and item[0].version == 1
 
@@ -888,9 +1003,10 @@ def _chosen(hello: Hello) -> int:
     from cdp.wire.frames import FrameDecoder
 
     rcv = ReceiverSession(CLIENTS.get)
-    rcv.receive_data(encode(hello))
+    feed(rcv, encode(hello))
     dec = FrameDecoder(4096)
-    dec.push(rcv.challenge())
+    rcv.challenge()
+    dec.push(sent(rcv))
     item = dec.pop()
     assert item is not None and isinstance(item[0], Challenge)
     assert item[0].version == rcv.version
@@ -916,12 +1032,39 @@ def test_our_hello_offers_every_version_we_speak_and_an_old_receiver_reads_what_
 
     src = SourceSession("host1", TOKEN)
     dec = FrameDecoder(4096)
-    dec.push(src.start())
+    src.start()
+    dec.push(sent(src))
     item = dec.pop()
     assert item is not None and item[0] == Hello(PROTOCOL_VERSION, "host1", src.nonce, MIN_PROTOCOL_VERSION)
     # the source adopts the receiver's choice and gates what that version lacks
-    src.receive_data(encode(Challenge(1, b"c" * NONCE_LEN)))
+    feed(src, encode(Challenge(1, b"c" * NONCE_LEN)))
     assert src.version == 1
+
+
+def test_a_receiver_too_old_to_negotiate_is_named_for_upgrade():
+    """Every receiver before protocol 4 refuses our four-field Hello with these words, and
+    closes: the source says whom to upgrade instead of passing on a field count."""
+    from cdp.errors import PeerTooOldError
+    from cdp.wire.messages import MIN_PROTOCOL_VERSION, from_wire, to_wire
+    from cdp.wire.source_session import OLD_RECEIVER_REFUSAL
+
+    src = SourceSession("host1", TOKEN)
+    src.start()
+    with pytest.raises(PeerTooOldError, match=r"the receiver speaks a protocol before 4, which "
+                       r"lacks version negotiation .*upgrade the receiver to a cdp of protocol 4"):
+        feed(src, encode(Error("protocol", OLD_RECEIVER_REFUSAL, "")))
+    assert src.state is State.CLOSED
+    # those words are the field count check's (unchanged since protocol 1), for three fields
+    with pytest.raises(RemoteProtocolError, match=r"^Hello: expected 4 fields, got 5$"):
+        from_wire([Hello.TYPE, PROTOCOL_VERSION, "host1", b"n" * NONCE_LEN, 1, 0])
+    assert OLD_RECEIVER_REFUSAL == "Hello: expected 3 fields, got 4"
+    assert len(to_wire(Hello(PROTOCOL_VERSION, "host1", src.nonce, MIN_PROTOCOL_VERSION))) == 5
+    # any other refusal of the Hello is handed out as it came (the caller reports it)
+    src = SourceSession("host1", TOKEN)
+    src.start()
+    other = Error("protocol", "invalid client name 'x y'", "")
+    assert feed(src, encode(other)) == [other]
+    assert src.state is State.CLOSED
 
 
 # ---------------------------------------------------------------- dispatch tables
@@ -948,7 +1091,7 @@ def test_what_one_end_sends_the_other_receives():
 def test_unknown_type_before_auth_is_unexpected_not_unknown():
     rcv = ReceiverSession(CLIENTS.get)
     with pytest.raises(RemoteProtocolError, match=r"^unexpected Ack before authentication$"):
-        rcv.receive_data(encode(Ack("vm1", 1, 0.0)))
+        feed(rcv, encode(Ack("vm1", 1, 0.0)))
     assert rcv.state is State.CLOSED
 
 
@@ -956,20 +1099,20 @@ def test_unknown_type_for_a_failed_volume_is_dropped_else_refused():
     p = ready("vm1")
     stop = Error("io", "cannot read", "vm1")
     assert p.src_send(stop) == [stop]
-    assert p.rcv.receive_data(encode(Ack("vm1", 1, 0.0))) == []  # dropped, as before
+    assert feed(p.rcv, encode(Ack("vm1", 1, 0.0))) == []  # dropped, as before
     with pytest.raises(RemoteProtocolError, match=r"^a source does not send Ack$"):
-        p.rcv.receive_data(encode(Ack("vm2", 1, 0.0)))
+        feed(p.rcv, encode(Ack("vm2", 1, 0.0)))
 
 
 def test_handshake_message_out_of_state_names_no_authentication():
     p = ready(None)
     with pytest.raises(RemoteProtocolError, match=r"^unexpected Hello$"):
-        p.rcv.receive_data(encode(Hello(4, "host1", b"n" * 32, 1)))
+        feed(p.rcv, encode(Hello(4, "host1", b"n" * 32, 1)))
     q = ready(None)
     with pytest.raises(RemoteProtocolError, match=r"^unexpected Welcome$"):
-        q.src.receive_data(encode(Welcome(b"p" * 32, ["vm1"], 1 << 20)))
+        feed(q.src, encode(Welcome(b"p" * 32, ["vm1"], 1 << 20)))
     with pytest.raises(RemoteProtocolError, match=r"^a receiver does not send Hello$"):
-        ready(None).src.receive_data(encode(Hello(4, "host1", b"n" * 32, 1)))
+        feed(ready(None).src, encode(Hello(4, "host1", b"n" * 32, 1)))
 
 
 def test_unknown_type_to_send():
