@@ -40,12 +40,13 @@ from cdp.lifecycle import cancel_and_wait, dump_tasks, serve, start_reload
 from cdp.metrics import SourceMetrics
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take
 from cdp.source.connect import connect
-from cdp.source.control import Control, FairGate
+from cdp.source.control import Control
 from cdp.source.filesets import REPLIES as FILE_REPLIES
 from cdp.source.filesets import FilesetSync
 from cdp.source.nbdmode import NbdExport
 from cdp.source.nbdworker import NbdWorker
 from cdp.source.phase import Phase
+from cdp.source.scangate import FairGate
 from cdp.source.scanworker import ScanWorker
 from cdp.source.volume import DedupIndex, VolumeState
 from cdp.source.worker import VolumeWorker

@@ -33,9 +33,10 @@ from cdp.config import SourceConfig
 from cdp.errors import PERMANENT_CODES, CdpError, ProtocolError, RemoteError, TrackerError
 from cdp.ratelimit import TokenBucket
 from cdp.source.connect import fetch_hashes
-from cdp.source.control import Control, FairGate
+from cdp.source.control import Control
 from cdp.source.nbdmode import NbdExport, Producer
 from cdp.source.phase import Phase
+from cdp.source.scangate import FairGate
 from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.scan import volume_size, zero_map
