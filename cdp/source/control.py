@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cdp.errors import CdpError, LabelTakenError
-from cdp.source.checkpoint import Checkpoints, GroupResult, Request
+from cdp.source.checkpoint import POLL, Checkpoints, GroupResult, Request
 from cdp.source.checkpoint import Daemon as CheckpointDaemon
 from cdp.source.controlclient import SOCKET
 from cdp.source.phase import Phase
@@ -60,7 +60,6 @@ from cdp.wire.messages import Labelled, LabelTaken, valid_label
 log = logging.getLogger(__name__)
 VOLUME_OPS = ("pause", "resume", "resync")
 MAX_REQUEST = 4096
-POLL = 0.05
 BAD_LABEL = ("a label is 1-128 printable characters, not only digits, without leading or "
              "trailing blanks")
 
