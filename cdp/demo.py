@@ -272,34 +272,11 @@ def _demo(root: Path, size: int, progress: _Progress) -> dict[str, Any]:
     """Every step of the demo in `root`; its summary. Raises on the first step that fails."""
     daemons: list[subprocess.Popen[bytes]] = []
     try:
-        init(root, image_size=BS)
-        image = root / "images" / "vm1-disk0.raw"
-        image.unlink()
-        disk = DemoDisk(image, size, root)
-        progress.line(f"generating a {format_bytes(size)} {disk.filesystem or 'raw'} image in "
-                      f"{root} ...")
-        disk.build()
-        if disk.note:
-            progress.done(f"note: {disk.note}")
-        else:
-            progress.done(f"image: {format_bytes(size)} ext4 with {len(disk.files)} files "
-                          "(text, random, repeated; free space zero), written with debugfs")
-        port = free_port()
-        for name in ("receiver.toml", "source.toml"):
-            p = root / name
-            p.write_text(p.read_text().replace("127.0.0.1:7400", f"127.0.0.1:{port}")
-                         .replace('mode = "scan"', 'mode = "scan"\nscan_interval = "2s"\n'
-                                  'min_scan_interval = "0.2s"'))
+        disk = _make_disk(root, size, progress)
+        image = disk.image
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         cmd = [sys.executable, "-P", "-m", "cdp"]  # -P: a folder named cdp in the cwd must not shadow us
-        for name in ("receiver", "source"):
-            with open(root / f"{name}.log", "wb") as log:
-                t0 = time.time()
-                daemons.append(procs.spawn([*cmd, name, "-c", str(root / f"{name}.toml")],
-                                           name=name, stdout=log, stderr=subprocess.STDOUT,
-                                           env=env))
-            if name == "receiver":
-                wait_port(port, daemons[0])
+        t0 = _start_daemons(root, cmd, env, daemons)
         state_dir = root / "state"
         _wait_current(state_dir, t0, daemons, progress, "seed")
         rx_state = root / "replicas" / "vm1-disk0" / "state.json"
@@ -307,28 +284,8 @@ def _demo(root: Path, size: int, progress: _Progress) -> dict[str, Any]:
         progress.done(f"seed: {format_bytes(size)} in {seed_s:.2f}s "
                       f"({size / seed_s / 1e6:.0f} MB/s logical, daemon start included)")
         after_seed = read_json(rx_state)["counters"]
-
-        rounds = []
-        for r, frac in enumerate((0.01, 0.05)):
-            t1 = time.time()
-            written = disk.change(frac, seed=100 + r)
-            # converged once a scan that began after the last write finds nothing new
-            v = _wait_current(state_dir, time.time(), daemons, progress, f"incremental {frac:.0%}")
-            # the receiver's own clock of when the last epoch landed, not our polling delay
-            landed = read_json(rx_state)["applied_at"] - t1
-            rounds.append({"fraction": frac, "bytes": written, "seconds": landed,
-                           "rpo": time.time() - v["current_as_of"]})
-            what = "of the image in new files" if disk.filesystem else "of blocks rewritten"
-            progress.done(f"incremental: {frac:.0%} {what}, replica current "
-                          f"{landed:.2f}s after the write began")
-        progress.line("failover drill: cloning the newest recovery point and checking it ...")
-        script = disk.check_script()
-        check = ["--check", f"sh {script}"] if script else []
-        drill = _cdp_json(cmd, env, "failover", "test", "-c", root / "receiver.toml", "vm1-disk0",
-                          *check)
-        progress.done(f"failover drill: point {drill['point']['epoch']}, clone ready in "
-                      f"{drill['rto']:.2f}s (RTO), point age {drill['rpo']:.2f}s (RPO), checks "
-                      + ", ".join(f"{c['name']} {c['result']}" for c in drill["checks"]))
+        rounds = _incremental(disk, state_dir, rx_state, daemons, progress)
+        drill = _drill(cmd, env, root, disk, progress)
         progress.line("archive: init, run, verify ...")
         archive = _archive(cmd, env, root)
         progress.done(f"archive: {format_bytes(archive['stored'])} stored for "
@@ -353,6 +310,77 @@ def _demo(root: Path, size: int, progress: _Progress) -> dict[str, Any]:
         "filesystem": disk.filesystem, "files": len(disk.files), "note": disk.note,
         "drill": drill, "archive": archive, "daemon_exit_codes": codes,
     }
+
+
+def _make_disk(root: Path, size: int, progress: _Progress) -> DemoDisk:
+    """`cdp init` in `root`, then its example image replaced by a generated one of `size`."""
+    init(root, image_size=BS)
+    image = root / "images" / "vm1-disk0.raw"
+    image.unlink()
+    disk = DemoDisk(image, size, root)
+    progress.line(f"generating a {format_bytes(size)} {disk.filesystem or 'raw'} image in "
+                  f"{root} ...")
+    disk.build()
+    if disk.note:
+        progress.done(f"note: {disk.note}")
+    else:
+        progress.done(f"image: {format_bytes(size)} ext4 with {len(disk.files)} files "
+                      "(text, random, repeated; free space zero), written with debugfs")
+    return disk
+
+
+def _start_daemons(root: Path, cmd: list[str], env: dict[str, str],
+                   daemons: list[subprocess.Popen[bytes]]) -> float:
+    """Point both configs at a free port with quick scans, start the receiver, then the
+    source (appended to `daemons`); when the source was started."""
+    port = free_port()
+    for name in ("receiver.toml", "source.toml"):
+        p = root / name
+        p.write_text(p.read_text().replace("127.0.0.1:7400", f"127.0.0.1:{port}")
+                     .replace('mode = "scan"', 'mode = "scan"\nscan_interval = "2s"\n'
+                              'min_scan_interval = "0.2s"'))
+    for name in ("receiver", "source"):
+        with open(root / f"{name}.log", "wb") as log:
+            t0 = time.time()
+            daemons.append(procs.spawn([*cmd, name, "-c", str(root / f"{name}.toml")],
+                                       name=name, stdout=log, stderr=subprocess.STDOUT,
+                                       env=env))
+        if name == "receiver":
+            wait_port(port, daemons[0])
+    return t0
+
+
+def _incremental(disk: DemoDisk, state_dir: Path, rx_state: Path,
+                 daemons: list[subprocess.Popen[bytes]], progress: _Progress) -> list[dict[str, Any]]:
+    """Two rounds of changes (1%, 5%): how long each took to reach the replica."""
+    rounds = []
+    for r, frac in enumerate((0.01, 0.05)):
+        t1 = time.time()
+        written = disk.change(frac, seed=100 + r)
+        # converged once a scan that began after the last write finds nothing new
+        v = _wait_current(state_dir, time.time(), daemons, progress, f"incremental {frac:.0%}")
+        # the receiver's own clock of when the last epoch landed, not our polling delay
+        landed = read_json(rx_state)["applied_at"] - t1
+        rounds.append({"fraction": frac, "bytes": written, "seconds": landed,
+                       "rpo": time.time() - v["current_as_of"]})
+        what = "of the image in new files" if disk.filesystem else "of blocks rewritten"
+        progress.done(f"incremental: {frac:.0%} {what}, replica current "
+                      f"{landed:.2f}s after the write began")
+    return rounds
+
+
+def _drill(cmd: list[str], env: dict[str, str], root: Path, disk: DemoDisk,
+           progress: _Progress) -> dict[str, Any]:
+    """`cdp failover test` of the newest point, with the disk's check script if it has one."""
+    progress.line("failover drill: cloning the newest recovery point and checking it ...")
+    script = disk.check_script()
+    check = ["--check", f"sh {script}"] if script else []
+    drill = _cdp_json(cmd, env, "failover", "test", "-c", root / "receiver.toml", "vm1-disk0",
+                      *check)
+    progress.done(f"failover drill: point {drill['point']['epoch']}, clone ready in "
+                  f"{drill['rto']:.2f}s (RTO), point age {drill['rpo']:.2f}s (RPO), checks "
+                  + ", ".join(f"{c['name']} {c['result']}" for c in drill["checks"]))
+    return drill
 
 
 def _print_summary(s: dict[str, Any]) -> None:

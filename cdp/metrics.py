@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from cdp.source.phase import Phase
-from cdp.status import ReceiverView, SourceView
+from cdp.status import ReceiverView, SourceStatus, SourceView, SourceVolumeStatus
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -261,39 +261,7 @@ class ReceiverMetrics(_Base):
         snap = self.rx.status()
         conns = _gauge("cdp_receiver_open_connections", "Connections open now", [])
         conns.add_metric([], snap.connections)
-        f: dict[str, Any] = {
-            "epoch": _gauge("cdp_receiver_epoch", "Last epoch applied to the replica",
-                            ["volume"]),
-            "epochs": _counter("cdp_receiver_epochs_applied", "Epochs applied", ["volume"]),
-            "blocks": _counter("cdp_receiver_blocks_applied", "Blocks applied", ["volume"]),
-            "bytes": _counter("cdp_receiver_bytes", "Bytes received, by kind: logical (blocks "
-                              "changed), data (sent as data), compressed (their zstd size), "
-                              "dedup (resolved by reference), zero, wire (frames)",
-                              ["volume", "kind"]),
-            "lag": _gauge("cdp_receiver_lag_seconds", "RPO: age of the newest source state the "
-                          "replica is known to hold", ["volume"]),
-            "as_of": _gauge("cdp_receiver_current_as_of_timestamp_seconds", "Source time of the "
-                            "newest state the replica is known to hold", ["volume"]),
-            "applied_at": _gauge("cdp_receiver_last_apply_timestamp_seconds",
-                                 "When the last epoch was applied", ["volume"]),
-            "rate": _gauge("cdp_receiver_throughput_bytes_per_second", "Throughput over the "
-                           "last 10 s, logical or wire", ["volume", "kind"]),
-            "points": _gauge("cdp_receiver_recovery_points", "Recovery points kept (including "
-                             "the current state)", ["volume"]),
-            "window": _gauge("cdp_receiver_recovery_window_seconds", "Age of the oldest "
-                             "recovery point", ["volume"]),
-            "jbytes": _gauge("cdp_receiver_journal_bytes", "Bytes of undo files kept",
-                             ["volume"]),
-            "pending": _gauge("cdp_receiver_pending_epochs", "Sealed epochs waiting to be "
-                              "applied and acknowledged", ["volume"]),
-            "connected": _gauge("cdp_receiver_volume_connected", "1 while a source writes the "
-                                "volume", ["volume"]),
-            "failed": _gauge("cdp_receiver_volume_error", "1 if the volume's last session "
-                             "ended in an error", ["volume"]),
-            "promoted": _gauge("cdp_receiver_volume_promoted", "1 once the replica was "
-                               "promoted (no more epochs)", ["volume"]),
-            "size": _gauge("cdp_receiver_volume_size_bytes", "Volume size", ["volume"]),
-        }
+        f = _receiver_families()
         for v in snap.volumes:
             n = v.volume
             c = v.counters
@@ -343,50 +311,8 @@ class SourceMetrics(_Base):
     def families(self) -> Iterable[Metric]:
         snap = self.src.status()
         now = time.time()
-        link = [_gauge("cdp_source_connected", "1 while connected to the receiver", []),
-                _gauge("cdp_source_connection_failing_since_timestamp_seconds", "When the current "
-                       "run of failed or lost connections to the receiver began; 0 while "
-                       "connected", []),
-                _gauge("cdp_source_next_connect_timestamp_seconds", "When the next connection "
-                       "attempt is due; 0 while connected", [])]
-        link[0].add_metric([], 1 if snap.connected else 0)
-        link[1].add_metric([], 0 if snap.connected else snap.link_error_since)
-        link[2].add_metric([], 0 if snap.connected else snap.next_connect)
-        f: dict[str, Any] = {
-            "acked": _gauge("cdp_source_acked_epoch", "Last epoch the receiver acknowledged",
-                            ["volume"]),
-            "epochs": _counter("cdp_source_epochs_acked", "Epochs acknowledged this run",
-                               ["volume"]),
-            "pending": _gauge("cdp_source_pending_epochs", "Epochs sent or being built, not yet "
-                              "acknowledged", ["volume"]),
-            "lag": _gauge("cdp_source_lag_seconds", "RPO: age of the newest state the replica "
-                          "is known to hold", ["volume"]),
-            "bytes": _counter("cdp_source_bytes", "Bytes this run, by kind: scanned (read to "
-                              "find changes), skipped (holes, known zero without reading), "
-                              "logical (of the blocks that changed), data (sent as data), "
-                              "compressed (their zstd size), zero, dedup (sent as references), "
-                              "wire (frames sent for the volume)", ["volume", "kind"]),
-            "changed": _counter("cdp_source_blocks_changed", "Blocks found changed and sent "
-                                "this run (data, zero or reference)", ["volume"]),
-            "scans": _counter("cdp_source_scans", "Scans (or resyncs) started", ["volume"]),
-            "needs": _counter("cdp_source_needs", "Epochs re-sent because a reference could not "
-                              "be resolved", ["volume"]),
-            "rate": _gauge("cdp_source_throughput_bytes_per_second", "Logical bytes sent per "
-                           "second over the last 10 s", ["volume"]),
-            "progress": _gauge("cdp_source_progress_bytes", "Current scan or resync: bytes done",
-                               ["volume"]),
-            "total": _gauge("cdp_source_progress_total_bytes", "Current scan or resync: bytes "
-                            "to do", ["volume"]),
-            "phase": _gauge("cdp_source_volume_phase", "1 for the volume's current phase",
-                            ["volume", "phase"]),
-            "failed": _gauge("cdp_source_volume_error", "1 while the volume is stopped by an "
-                             "error", ["volume"]),
-            "paused": _gauge("cdp_source_volume_paused", "1 while `cdp pause` holds the volume "
-                             "(nothing shipped; the lag grows)", ["volume"]),
-            "nbd_mode": _gauge("cdp_source_nbd_mode", "nbd mode: 1 for the current mode "
-                               "(capture: every write kept; tracking: pull-ahead, only dirty "
-                               "regions kept)", ["volume", "mode"]),
-        }
+        link = _source_link(snap)
+        f = _source_families()
         nbd_g: dict[str, Any] = {
             k: _gauge(f"cdp_source_nbd_{k}", f"nbd mode: {k.replace('_', ' ')}", ["volume"])
             for k in NBD_GAUGES}
@@ -394,26 +320,10 @@ class SourceMetrics(_Base):
             k: _counter(f"cdp_source_nbd_{k}", f"nbd mode: {k.replace('_', ' ')}", ["volume"])
             for k in NBD_COUNTERS}
         for st in snap.volumes:
-            n = st.volume
-            f["acked"].add_metric([n], st.acked_epoch)
-            f["epochs"].add_metric([n], st.stats.get("epochs", 0))
-            f["pending"].add_metric([n], st.pending_epochs)
-            if st.current_as_of:
-                f["lag"].add_metric([n], max(0.0, now - st.current_as_of))
-            for kind in SOURCE_BYTES:
-                f["bytes"].add_metric([n, kind], st.stats.get(kind, 0))
-            f["changed"].add_metric([n], st.stats.get("changed", 0))
-            f["scans"].add_metric([n], st.stats.get("scans", 0))
-            f["needs"].add_metric([n], st.stats.get("needs", 0))
-            f["rate"].add_metric([n], st.rate)
-            f["progress"].add_metric([n], st.progress_done)
-            f["total"].add_metric([n], st.progress_total)
-            for ph in sorted(set(PHASES) | {st.phase}):
-                f["phase"].add_metric([n, ph], 1 if ph == st.phase else 0)
-            f["failed"].add_metric([n], 1 if st.error else 0)
-            f["paused"].add_metric([n], 1 if st.paused else 0)
+            _add_source_volume(f, st, now)
             nbd = st.nbd
             if nbd:
+                n = st.volume
                 for mode in ("capture", "tracking"):
                     f["nbd_mode"].add_metric([n, mode], 1 if nbd.get("mode") == mode else 0)
                 for k in NBD_GAUGES:
@@ -421,3 +331,114 @@ class SourceMetrics(_Base):
                 for k in NBD_COUNTERS:
                     nbd_c[k].add_metric([n], nbd.get(k, 0))
         return [*link, *f.values(), *nbd_g.values(), *nbd_c.values()]
+
+
+def _receiver_families() -> dict[str, Any]:
+    """The receiver's per-volume families, empty, by short name."""
+    return {
+        "epoch": _gauge("cdp_receiver_epoch", "Last epoch applied to the replica",
+                        ["volume"]),
+        "epochs": _counter("cdp_receiver_epochs_applied", "Epochs applied", ["volume"]),
+        "blocks": _counter("cdp_receiver_blocks_applied", "Blocks applied", ["volume"]),
+        "bytes": _counter("cdp_receiver_bytes", "Bytes received, by kind: logical (blocks "
+                          "changed), data (sent as data), compressed (their zstd size), "
+                          "dedup (resolved by reference), zero, wire (frames)",
+                          ["volume", "kind"]),
+        "lag": _gauge("cdp_receiver_lag_seconds", "RPO: age of the newest source state the "
+                      "replica is known to hold", ["volume"]),
+        "as_of": _gauge("cdp_receiver_current_as_of_timestamp_seconds", "Source time of the "
+                        "newest state the replica is known to hold", ["volume"]),
+        "applied_at": _gauge("cdp_receiver_last_apply_timestamp_seconds",
+                             "When the last epoch was applied", ["volume"]),
+        "rate": _gauge("cdp_receiver_throughput_bytes_per_second", "Throughput over the "
+                       "last 10 s, logical or wire", ["volume", "kind"]),
+        "points": _gauge("cdp_receiver_recovery_points", "Recovery points kept (including "
+                         "the current state)", ["volume"]),
+        "window": _gauge("cdp_receiver_recovery_window_seconds", "Age of the oldest "
+                         "recovery point", ["volume"]),
+        "jbytes": _gauge("cdp_receiver_journal_bytes", "Bytes of undo files kept",
+                         ["volume"]),
+        "pending": _gauge("cdp_receiver_pending_epochs", "Sealed epochs waiting to be "
+                          "applied and acknowledged", ["volume"]),
+        "connected": _gauge("cdp_receiver_volume_connected", "1 while a source writes the "
+                            "volume", ["volume"]),
+        "failed": _gauge("cdp_receiver_volume_error", "1 if the volume's last session "
+                         "ended in an error", ["volume"]),
+        "promoted": _gauge("cdp_receiver_volume_promoted", "1 once the replica was "
+                           "promoted (no more epochs)", ["volume"]),
+        "size": _gauge("cdp_receiver_volume_size_bytes", "Volume size", ["volume"]),
+    }
+
+
+def _source_link(snap: SourceStatus) -> list[Any]:
+    """The source's connection to the receiver: up, failing since, next try."""
+    link = [_gauge("cdp_source_connected", "1 while connected to the receiver", []),
+            _gauge("cdp_source_connection_failing_since_timestamp_seconds", "When the current "
+                   "run of failed or lost connections to the receiver began; 0 while "
+                   "connected", []),
+            _gauge("cdp_source_next_connect_timestamp_seconds", "When the next connection "
+                   "attempt is due; 0 while connected", [])]
+    link[0].add_metric([], 1 if snap.connected else 0)
+    link[1].add_metric([], 0 if snap.connected else snap.link_error_since)
+    link[2].add_metric([], 0 if snap.connected else snap.next_connect)
+    return link
+
+
+def _source_families() -> dict[str, Any]:
+    """The source's per-volume families, empty, by short name (nbd ones aside)."""
+    return {
+        "acked": _gauge("cdp_source_acked_epoch", "Last epoch the receiver acknowledged",
+                        ["volume"]),
+        "epochs": _counter("cdp_source_epochs_acked", "Epochs acknowledged this run",
+                           ["volume"]),
+        "pending": _gauge("cdp_source_pending_epochs", "Epochs sent or being built, not yet "
+                          "acknowledged", ["volume"]),
+        "lag": _gauge("cdp_source_lag_seconds", "RPO: age of the newest state the replica "
+                      "is known to hold", ["volume"]),
+        "bytes": _counter("cdp_source_bytes", "Bytes this run, by kind: scanned (read to "
+                          "find changes), skipped (holes, known zero without reading), "
+                          "logical (of the blocks that changed), data (sent as data), "
+                          "compressed (their zstd size), zero, dedup (sent as references), "
+                          "wire (frames sent for the volume)", ["volume", "kind"]),
+        "changed": _counter("cdp_source_blocks_changed", "Blocks found changed and sent "
+                            "this run (data, zero or reference)", ["volume"]),
+        "scans": _counter("cdp_source_scans", "Scans (or resyncs) started", ["volume"]),
+        "needs": _counter("cdp_source_needs", "Epochs re-sent because a reference could not "
+                          "be resolved", ["volume"]),
+        "rate": _gauge("cdp_source_throughput_bytes_per_second", "Logical bytes sent per "
+                       "second over the last 10 s", ["volume"]),
+        "progress": _gauge("cdp_source_progress_bytes", "Current scan or resync: bytes done",
+                           ["volume"]),
+        "total": _gauge("cdp_source_progress_total_bytes", "Current scan or resync: bytes "
+                        "to do", ["volume"]),
+        "phase": _gauge("cdp_source_volume_phase", "1 for the volume's current phase",
+                        ["volume", "phase"]),
+        "failed": _gauge("cdp_source_volume_error", "1 while the volume is stopped by an "
+                         "error", ["volume"]),
+        "paused": _gauge("cdp_source_volume_paused", "1 while `cdp pause` holds the volume "
+                         "(nothing shipped; the lag grows)", ["volume"]),
+        "nbd_mode": _gauge("cdp_source_nbd_mode", "nbd mode: 1 for the current mode "
+                           "(capture: every write kept; tracking: pull-ahead, only dirty "
+                           "regions kept)", ["volume", "mode"]),
+    }
+
+
+def _add_source_volume(f: dict[str, Any], st: SourceVolumeStatus, now: float) -> None:
+    n = st.volume
+    f["acked"].add_metric([n], st.acked_epoch)
+    f["epochs"].add_metric([n], st.stats.get("epochs", 0))
+    f["pending"].add_metric([n], st.pending_epochs)
+    if st.current_as_of:
+        f["lag"].add_metric([n], max(0.0, now - st.current_as_of))
+    for kind in SOURCE_BYTES:
+        f["bytes"].add_metric([n, kind], st.stats.get(kind, 0))
+    f["changed"].add_metric([n], st.stats.get("changed", 0))
+    f["scans"].add_metric([n], st.stats.get("scans", 0))
+    f["needs"].add_metric([n], st.stats.get("needs", 0))
+    f["rate"].add_metric([n], st.rate)
+    f["progress"].add_metric([n], st.progress_done)
+    f["total"].add_metric([n], st.progress_total)
+    for ph in sorted(set(PHASES) | {st.phase}):
+        f["phase"].add_metric([n, ph], 1 if ph == st.phase else 0)
+    f["failed"].add_metric([n], 1 if st.error else 0)
+    f["paused"].add_metric([n], 1 if st.paused else 0)

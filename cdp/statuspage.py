@@ -18,7 +18,7 @@ import html
 import json
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cdp.metrics import HttpEndpoint, Response
@@ -208,26 +208,7 @@ def svg_chart(times: Sequence[float], series: Sequence[tuple[str, Sequence[float
         out.append(f'<text x="{xx:.1f}" y="{height - 6}" text-anchor="{anchor}" font-size="10" '
                    f'fill="#555">{"now" if m == 0 else f"-{m} min"}</text>')
     for i, (label, ys, color) in enumerate(series):
-        # runs of [x, lowest, highest]: one column per pixel, so an hour of samples stays small
-        lines: list[list[list[float]]] = []
-        prev: float | None = None
-        col = -1
-        for t, val in zip(times, ys, strict=False):
-            if t < start or val is None:
-                prev = None
-                continue
-            if prev is None or t - prev > GAP:
-                lines.append([])
-                col = -1
-            px = int(x(t))
-            if px == col:
-                last = lines[-1][-1]
-                last[1], last[2] = min(last[1], val), max(last[2], val)
-            else:
-                lines[-1].append([x(t), val, val])
-                col = px
-            prev = t
-        for run in lines:
+        for run in _columns(times, ys, start, x):
             pts = [f"{px:.1f},{y(v):.1f}" for px, lo, hi in run
                    for v in ((lo, hi) if lo != hi else (lo,))]
             if len(pts) == 1:
@@ -240,6 +221,32 @@ def svg_chart(times: Sequence[float], series: Sequence[tuple[str, Sequence[float
                    f'fill="{color}">{html.escape(label)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _columns(times: Sequence[float], ys: Sequence[float | None], start: float,
+             x: Callable[[float], float]) -> list[list[list[float]]]:
+    """One series' unbroken runs (None values and gaps over GAP break them) from `start` on,
+    each a list of [x, lowest, highest]: one column per pixel, so an hour of samples stays
+    small."""
+    lines: list[list[list[float]]] = []
+    prev: float | None = None
+    col = -1
+    for t, val in zip(times, ys, strict=False):
+        if t < start or val is None:
+            prev = None
+            continue
+        if prev is None or t - prev > GAP:
+            lines.append([])
+            col = -1
+        px = int(x(t))
+        if px == col:
+            last = lines[-1][-1]
+            last[1], last[2] = min(last[1], val), max(last[2], val)
+        else:
+            lines[-1].append([x(t), val, val])
+            col = px
+        prev = t
+    return lines
 
 
 PAGE = """<!DOCTYPE html>

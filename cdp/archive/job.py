@@ -272,16 +272,8 @@ async def _archive_volume(repo: Repository, up: _Uploader, name: str, view: Poin
             cid, blob = await fut
             submit()
             ids += cid
-            rep.chunks += 1
-            rep.unread_chunks += skipped
             done += n
-            if cid == ZERO_ID:
-                rep.zero_chunks += 1
-            elif blob is not None and not up.has(cid):
-                rep.new_chunks += 1
-                rep.new_bytes += n
-                rep.stored_bytes += len(blob)
-                await up.add(cid, blob, n)
+            await _store(up, rep, cid, blob, n, skipped)
             if progress is not None:
                 progress(name, done, size)
     finally:
@@ -291,6 +283,20 @@ async def _archive_volume(repo: Repository, up: _Uploader, name: str, view: Poin
                       epoch=getattr(view, "epoch", None), point_time=getattr(view, "time", None),
                       fingerprints=fps or b"")
     return snap, rep
+
+
+async def _store(up: _Uploader, rep: VolumeReport, cid: bytes, blob: bytes | None, n: int,
+                 skipped: bool) -> None:
+    """Count one chunk of `n` bytes in `rep`; a new one (not zero, not stored yet) is uploaded."""
+    rep.chunks += 1
+    rep.unread_chunks += skipped
+    if cid == ZERO_ID:
+        rep.zero_chunks += 1
+    elif blob is not None and not up.has(cid):
+        rep.new_chunks += 1
+        rep.new_bytes += n
+        rep.stored_bytes += len(blob)
+        await up.add(cid, blob, n)
 
 
 async def _archive_files(repo: Repository, up: _Uploader, data_dir: Path, opts: Options

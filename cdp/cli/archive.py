@@ -42,6 +42,15 @@ def register(sub: Any) -> None:
         s.set_defaults(run=fn)
         return s
 
+    _add_repository_verbs(verb)
+    _add_reading_verbs(verb)
+
+
+Verb = Callable[[str, str, Callable[[argparse.Namespace], int]], argparse.ArgumentParser]
+
+
+def _add_repository_verbs(verb: Verb) -> None:
+    """init, run, list, verify, prune: the repository itself."""
     verb("init", "create the repository (and its key, wrapped with the password)", _init)
     s = verb("run", "archive the volumes now: one snapshot", _run)
     s.add_argument("--volume", action="append", help="only this volume (repeatable)")
@@ -55,6 +64,10 @@ def register(sub: Any) -> None:
     s.add_argument("--dry-run", action="store_true", help="report only")
     s.add_argument("--repack-below", type=float, default=0.5, metavar="FRACTION",
                    help="repack packs whose live chunks fill less than this (default 0.5; 0: never)")
+
+
+def _add_reading_verbs(verb: Verb) -> None:
+    """restore, ls, diff, get, files: what is in a snapshot, and getting it out."""
     s = verb("restore", "write a volume's whole image out of a snapshot (sparse)", _restore)
     s.add_argument("snapshot", help="snapshot id (a unique prefix) or 'latest'")
     s.add_argument("volume")

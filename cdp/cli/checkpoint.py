@@ -48,7 +48,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdp.source.control import request_checkpoint
+    from cdp.source.controlclient import request_checkpoint
 
     cfg = load_source(args.config)
     if (args.volume is None) == (args.group is None):

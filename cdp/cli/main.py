@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from cdp import __version__
 from cdp.benchmark.minimal import DEFAULT_TUNED
@@ -49,7 +50,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="log verbosity (default: info for daemons, warning otherwise)")
     p.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"])
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in (_add_basic_verbs, _add_verify, _add_bench, _add_demo):  # in `cdp --help` order
+        add(sub)
+    for name in MODULE_VERBS:
+        importlib.import_module(f"cdp.cli.{name}").register(sub)
+    return p
 
+
+def _add_basic_verbs(sub: Any) -> None:
+    """init, receiver, source, status."""
     s = sub.add_parser("init", help="write example source/receiver configs, a token and an image")
     s.add_argument("dir", type=Path)
 
@@ -63,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-c", "--config", type=Path, required=True, help="source or receiver config")
     s.add_argument("--json", action="store_true")
 
+
+def _add_verify(sub: Any) -> None:
     s = sub.add_parser(
         "verify", help="compare source volumes with their replicas block by block",
         description="At the source (-c source.toml): hash each volume and compare it with its "
@@ -79,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("volumes", nargs="*", metavar="VOL", help="only these volumes (default: all)")
     s.add_argument("--json", action="store_true")
 
+
+def _add_bench(sub: Any) -> None:
     s = sub.add_parser(
         "bench", help="throughput benchmark with real processes on loopback, optionally vs rsync",
         description="Seed, incremental (1% and 10% of blocks rewritten) and steady-load "
@@ -113,6 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     _work_options(s)
     s.add_argument("--json", action="store_true")
 
+
+def _add_demo(sub: Any) -> None:
     s = sub.add_parser(
         "demo", help="source and receiver on loopback with generated data",
         description="Generates an image, replicates it to a receiver on 127.0.0.1, changes it, "
@@ -120,9 +135,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="256MiB", help="size of the generated image (default 256MiB)")
     _work_options(s)
     s.add_argument("--json", action="store_true")
-    for name in MODULE_VERBS:
-        importlib.import_module(f"cdp.cli.{name}").register(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

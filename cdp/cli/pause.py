@@ -71,7 +71,7 @@ def answer_or_exit(answer: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cdp.source.control import ask
+    from cdp.source.controlclient import ask
 
     cfg = load_source(args.config)
     names = volumes_named(cfg, args.volumes, args.all)

@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cdp.cli.progress import byte_bars
-    from cdp.source.control import ask
+    from cdp.source.controlclient import ask
 
     cfg = load_source(args.config)
     names = volumes_named(cfg, args.volumes, args.all)

@@ -134,67 +134,13 @@ def _b(n: float) -> str:
 
 
 def render(report: dict[str, Any]) -> None:
-    from rich.markup import escape
     from rich.table import Table
-
-    def safe(text: str) -> str:  # errors carry what a peer said: no escapes, no rich markup
-        return escape(printable(text))
 
     t = Table(title=f"cdp {report['kind']} status")
     if report["kind"] == "receiver":
-        for col in ("volume", "epoch", "applied", "lag (RPO)", "points (window)", "logical",
-                    "wire", "dedup", "zero", "compressed", "rate", "source"):
-            t.add_column(col)
-        for v in report["volumes"]:
-            c = v["counters"]
-            lag = f"{v['lag']:.1f}s" if v["lag"] is not None else "-"
-            src = (v["client"] + (" (connected)" if v["connected"] else "")) or "-"
-            if v["error"]:
-                src += f" error: {safe(v['error'])}"
-            applied = time.strftime("%H:%M:%S", time.localtime(v["applied_at"])) if v[
-                "applied_at"] else "-"
-            if v.get("promoted"):
-                src = "PROMOTED (no more epochs) " + src
-            win = f"{v['points']} ({v['window'] / 3600:.1f}h)" if v.get("window") else str(
-                v.get("points", 0))
-            t.add_row(v["volume"], str(v["epoch"]), applied, lag, win, _b(c["logical"]),
-                      _b(c["wire"]),
-                      _b(c["dedup"]), _b(c["zero"]), _b(c["compressed"]),
-                      f"{_b(v['rate'])}/s", src)
+        _receiver_rows(t, report)
     else:
-        caps = [f"send {_cap(report.get('rate_limit'))}", f"read {_cap(report.get('read_limit'))}"]
-        if report.get("window"):
-            caps.append(f"window {report['window']}")
-        t.caption = "limits: " + ", ".join(caps)
-        if report.get("link_error"):
-            t.caption = f"{safe(_not_connected(report))}\n{t.caption}"
-        for col in ("volume", "phase", "acked epoch", "pending", "lag (RPO)", "progress", "sent",
-                    "rate", "cap", "error"):
-            t.add_column(col)
-        for v in report["volumes"]:
-            lag = f"{v['lag']:.1f}s" if v.get("lag") is not None else "-"
-            prog = (f"{100 * v['progress_done'] / v['progress_total']:.0f}%"
-                    if v.get("progress_total") else "-")
-            phase = v["phase"] if report["running"] else "not running"
-            if v.get("paused_since"):  # `cdp pause`: kept across restarts, so shown even then
-                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["paused_since"]))
-                phase = (f"paused since {when}" if phase == "paused"
-                         else f"{phase} (paused since {when})")
-            if v.get("resync") and report["running"] and v["phase"] != "resync":
-                phase += f", resync {v['resync']}"
-            nbd = v.get("nbd")
-            if nbd and report["running"]:
-                # nbd volumes: capturing every write, or behind (spilling, tracking: pull-ahead)
-                phase += f" / {nbd['mode']}"
-                if nbd.get("spilled_bytes"):
-                    phase += f", {_b(nbd['spilled_bytes'])} spilled"
-                if nbd.get("backlog_bytes"):
-                    phase += f", {_b(nbd['backlog_bytes'])} queued"
-            t.add_row(v["volume"], phase,
-                      str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
-                      _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
-                      safe(v["error"] or (f"not connected: {report['link_error']}"
-                                          if report.get("link_error") else "")))
+        _source_rows(t, report)
     arch = report.get("archives") or {}
     if arch.get("archives") or arch.get("queue") or arch.get("running"):
         runs = [f"{n} {time.strftime('%m-%d %H:%M', time.localtime(a['last_run']))} "
@@ -204,3 +150,73 @@ def render(report: dict[str, Any]) -> None:
                      f"{', '.join(arch.get('queue', [])) or '-'}; last runs: "
                      f"{'; '.join(runs) or '-'}")
     print_table(t)  # off a terminal at the table's own width: no cell cut short
+
+
+def _safe(text: str) -> str:
+    """Errors carry what a peer said: no escapes, no rich markup."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
+def _receiver_rows(t: Any, report: dict[str, Any]) -> None:
+    for col in ("volume", "epoch", "applied", "lag (RPO)", "points (window)", "logical",
+                "wire", "dedup", "zero", "compressed", "rate", "source"):
+        t.add_column(col)
+    for v in report["volumes"]:
+        c = v["counters"]
+        lag = f"{v['lag']:.1f}s" if v["lag"] is not None else "-"
+        src = (v["client"] + (" (connected)" if v["connected"] else "")) or "-"
+        if v["error"]:
+            src += f" error: {_safe(v['error'])}"
+        applied = time.strftime("%H:%M:%S", time.localtime(v["applied_at"])) if v[
+            "applied_at"] else "-"
+        if v.get("promoted"):
+            src = "PROMOTED (no more epochs) " + src
+        win = f"{v['points']} ({v['window'] / 3600:.1f}h)" if v.get("window") else str(
+            v.get("points", 0))
+        t.add_row(v["volume"], str(v["epoch"]), applied, lag, win, _b(c["logical"]),
+                  _b(c["wire"]),
+                  _b(c["dedup"]), _b(c["zero"]), _b(c["compressed"]),
+                  f"{_b(v['rate'])}/s", src)
+
+
+def _source_rows(t: Any, report: dict[str, Any]) -> None:
+    caps = [f"send {_cap(report.get('rate_limit'))}", f"read {_cap(report.get('read_limit'))}"]
+    if report.get("window"):
+        caps.append(f"window {report['window']}")
+    t.caption = "limits: " + ", ".join(caps)
+    if report.get("link_error"):
+        t.caption = f"{_safe(_not_connected(report))}\n{t.caption}"
+    for col in ("volume", "phase", "acked epoch", "pending", "lag (RPO)", "progress", "sent",
+                "rate", "cap", "error"):
+        t.add_column(col)
+    for v in report["volumes"]:
+        lag = f"{v['lag']:.1f}s" if v.get("lag") is not None else "-"
+        prog = (f"{100 * v['progress_done'] / v['progress_total']:.0f}%"
+                if v.get("progress_total") else "-")
+        t.add_row(v["volume"], _source_phase(v, report["running"]),
+                  str(v["acked_epoch"]), str(v["pending_epochs"]), lag, prog,
+                  _b(v["stats"]["wire"]), f"{_b(v['rate'])}/s", _cap(v.get("rate_limit")),
+                  _safe(v["error"] or (f"not connected: {report['link_error']}"
+                                       if report.get("link_error") else "")))
+
+
+def _source_phase(v: dict[str, Any], running: bool) -> str:
+    """A source volume's phase cell: paused since when, a resync asked for, nbd capture state."""
+    phase = v["phase"] if running else "not running"
+    if v.get("paused_since"):  # `cdp pause`: kept across restarts, so shown even then
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["paused_since"]))
+        phase = (f"paused since {when}" if phase == "paused"
+                 else f"{phase} (paused since {when})")
+    if v.get("resync") and running and v["phase"] != "resync":
+        phase += f", resync {v['resync']}"
+    nbd = v.get("nbd")
+    if nbd and running:
+        # nbd volumes: capturing every write, or behind (spilling, tracking: pull-ahead)
+        phase += f" / {nbd['mode']}"
+        if nbd.get("spilled_bytes"):
+            phase += f", {_b(nbd['spilled_bytes'])} spilled"
+        if nbd.get("backlog_bytes"):
+            phase += f", {_b(nbd['backlog_bytes'])} queued"
+    return phase

@@ -53,37 +53,9 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
     max_unauth = t.get("max_unauthenticated_per_ip", _int(1, 65536))
     max_unauth_all = t.get("max_unauthenticated", _int(1, 65536))
     max_archives = t.get("max_concurrent_archives", _int(1, 64))
-    raw_vols = t.get("volume", lambda v: v, default=[])
-    if not isinstance(raw_vols, list):
-        raise t.err("volume", "must be an array of tables: [[receiver.volume]]")
-    volume_keep = []
-    for i, rv in enumerate(raw_vols):
-        vt = Table(file, f"receiver.volume[{i}]", rv)
-        volume_keep.append((vt.get("name", _name), _keep(vt, keep)))
-        vt.done()
-    tls = None
-    if "tls" in t.data:
-        tt = Table(file, "receiver.tls", t.get("tls", lambda v: v))
-        tls = TlsServer(
-            cert=tt.get("cert", _path(base)),
-            key=tt.get("key", _path(base)),
-            client_ca=tt.get("client_ca", _path(base)),
-        )
-        tt.done()
-    raw_clients = t.get("client", lambda v: v, default=[])
-    if not isinstance(raw_clients, list):
-        raise t.err("client", "must be an array of tables: [[receiver.client]]")
-    clients = []
-    for i, rc in enumerate(raw_clients):
-        ct = Table(file, f"receiver.client[{i}]", rc)
-        name = ct.get("name", _name)
-        tf = ct.get("token_file", _path(base))
-        vols = ct.get("volumes", _name_list)
-        csets = ct.get("filesets", _name_list)
-        ckeep = _keep(ct, keep) if {"keep_points", "keep_points_size"} & set(ct.data) else None
-        ct.done()
-        clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols,
-                                    ckeep, csets))
+    volume_keep = _volume_keep(file, t, keep)
+    tls = _tls(file, base, t)
+    clients = _clients(file, base, t, keep)
     names = [c.name for c in clients]
     if len(set(names)) != len(names):
         raise t.err("client", "two clients have the same name")
@@ -102,6 +74,52 @@ def load_receiver(path: str | Path) -> ReceiverConfig:
                           max_concurrent_archives=max_archives, auth_timeout=auth_timeout,
                           max_unauthenticated_per_ip=max_unauth,
                           max_unauthenticated=max_unauth_all)
+
+
+def _volume_keep(file: Path, t: Table, keep: KeepConfig) -> list[tuple[str, KeepConfig]]:
+    """[[receiver.volume]]: per-volume retention, inheriting [receiver]'s."""
+    raw_vols = t.get("volume", lambda v: v, default=[])
+    if not isinstance(raw_vols, list):
+        raise t.err("volume", "must be an array of tables: [[receiver.volume]]")
+    volume_keep = []
+    for i, rv in enumerate(raw_vols):
+        vt = Table(file, f"receiver.volume[{i}]", rv)
+        volume_keep.append((vt.get("name", _name), _keep(vt, keep)))
+        vt.done()
+    return volume_keep
+
+
+def _tls(file: Path, base: Path, t: Table) -> TlsServer | None:
+    """[receiver.tls], if set."""
+    if "tls" not in t.data:
+        return None
+    tt = Table(file, "receiver.tls", t.get("tls", lambda v: v))
+    tls = TlsServer(
+        cert=tt.get("cert", _path(base)),
+        key=tt.get("key", _path(base)),
+        client_ca=tt.get("client_ca", _path(base)),
+    )
+    tt.done()
+    return tls
+
+
+def _clients(file: Path, base: Path, t: Table, keep: KeepConfig) -> list[ClientConfig]:
+    """[[receiver.client]]: who may connect (token) and what each may write."""
+    raw_clients = t.get("client", lambda v: v, default=[])
+    if not isinstance(raw_clients, list):
+        raise t.err("client", "must be an array of tables: [[receiver.client]]")
+    clients = []
+    for i, rc in enumerate(raw_clients):
+        ct = Table(file, f"receiver.client[{i}]", rc)
+        name = ct.get("name", _name)
+        tf = ct.get("token_file", _path(base))
+        vols = ct.get("volumes", _name_list)
+        csets = ct.get("filesets", _name_list)
+        ckeep = _keep(ct, keep) if {"keep_points", "keep_points_size"} & set(ct.data) else None
+        ct.done()
+        clients.append(ClientConfig(name, read_token(tf, file, f"{ct.where}.token_file"), vols,
+                                    ckeep, csets))
+    return clients
 
 
 def _keep(t: Table, inherit: KeepConfig | None = None) -> KeepConfig:

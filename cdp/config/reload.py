@@ -140,6 +140,17 @@ def reload_receiver(old: ReceiverConfig, new: ReceiverConfig) -> ReceiverReload:
     for name in sorted(old_vk.keys() | new_vk.keys()):
         applied += _keep_changes(f"receiver.volume[{name}]", old_vk.get(name, old.keep),
                                  new_vk.get(name, new.keep))
+    client_lines, dropped = _client_changes(old, new)
+    applied += client_lines
+    applied += _archive_changes(old, new)
+    cfg = replace(new, path=old.path, **keep)
+    return ReceiverReload(cfg, tuple(applied), tuple(restart), tuple(dropped))
+
+
+def _client_changes(old: ReceiverConfig, new: ReceiverConfig) -> tuple[list[str], list[str]]:
+    """What changed in [[receiver.client]] (all applied at once), and the clients whose
+    connections are closed: removed, or their token changed."""
+    applied: list[str] = []
     dropped: list[str] = []
     for c in new.clients:
         was = old.client(c.name)
@@ -162,6 +173,12 @@ def reload_receiver(old: ReceiverConfig, new: ReceiverConfig) -> ReceiverReload:
         if new.client(c.name) is None:
             applied.append(f"client {c.name} removed: its connections are closed")
             dropped.append(c.name)
+    return applied, dropped
+
+
+def _archive_changes(old: ReceiverConfig, new: ReceiverConfig) -> list[str]:
+    """What changed in [[archive]]: a job picks it up from its next run."""
+    applied: list[str] = []
     for a in new.archives:
         was_a = old.archive(a.name)
         if was_a is None:
@@ -174,8 +191,7 @@ def reload_receiver(old: ReceiverConfig, new: ReceiverConfig) -> ReceiverReload:
                                f"{_show(f.name, y)} (from its next run)")
     applied += [f"archive {a.name} removed (a run in progress finishes)" for a in old.archives
                 if new.archive(a.name) is None]
-    cfg = replace(new, path=old.path, **keep)
-    return ReceiverReload(cfg, tuple(applied), tuple(restart), tuple(dropped))
+    return applied
 
 
 def _keep_changes(where: str, a: KeepConfig, b: KeepConfig) -> list[str]:

@@ -54,18 +54,43 @@ def load_source(path: str | Path) -> SourceConfig:
     receiver = t.get("receiver", lambda v: parse_hostport(_str(v)))
     token = read_token(t.get("token_file", _path(base)), file, "source.token_file")
     state_dir = t.get("state_dir", _path(base))
-    tls = None
-    if "tls" in t.data:
-        tt = Table(file, "source.tls", t.get("tls", lambda v: v))
-        tls = TlsClient(
-            ca=tt.get("ca", _path(base)),
-            cert=tt.get("cert", _path(base)),
-            key=tt.get("key", _path(base)),
-            server_name=tt.get("server_name", _str),
-        )
-        if (tls.cert is None) != (tls.key is None):
-            raise tt.err("cert", "cert and key go together: set both or neither")
-        tt.done()
+    tls = _tls(file, base, t)
+    opts = _tuning(file, t)
+    raw_vols = data.get("volume", [])
+    if not isinstance(raw_vols, list):
+        raise ConfigError(f"{file}: volume: must be an array of tables: [[volume]]")
+    volumes = [_volume(file, base, i, rv) for i, rv in enumerate(raw_vols)]
+    filesets = _filesets(file, base, data.get("fileset", []))
+    all_names = [v.name for v in volumes] + [f.name for f in filesets]
+    dup = {n for n in all_names if all_names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"{file}: volume: name {sorted(dup)[0]!r} is used twice")
+    if not volumes and not filesets:
+        raise ConfigError(f"{file}: volume: nothing to protect; add a [[volume]] table")
+    return SourceConfig(file, name, receiver, token, state_dir, tuple(volumes),
+                        tuple(filesets), tls, **opts)
+
+
+def _tls(file: Path, base: Path, t: Table) -> TlsClient | None:
+    """[source.tls], if set."""
+    if "tls" not in t.data:
+        return None
+    tt = Table(file, "source.tls", t.get("tls", lambda v: v))
+    tls = TlsClient(
+        ca=tt.get("ca", _path(base)),
+        cert=tt.get("cert", _path(base)),
+        key=tt.get("key", _path(base)),
+        server_name=tt.get("server_name", _str),
+    )
+    if (tls.cert is None) != (tls.key is None):
+        raise tt.err("cert", "cert and key go together: set both or neither")
+    tt.done()
+    return tls
+
+
+def _tuning(file: Path, t: Table) -> dict[str, Any]:
+    """The rest of [source] (window, sizes, timers, limits), checked against each other;
+    `t` is done after this."""
     if isinstance(t.data.get("window"), list):
         raise t.err("window", "is the number of epochs in flight; time-of-day rate limits go in "
                     "[[source.schedule]] tables")
@@ -99,12 +124,11 @@ def load_source(path: str | Path) -> SourceConfig:
         raise t.err("dead_after", f"must be longer than keepalive ({opts['keepalive']:g}s): the "
                     "receiver is asked for an answer after keepalive of silence, e.g. "
                     "dead_after = 3 x keepalive")
+    return opts
 
-    raw_vols = data.get("volume", [])
-    if not isinstance(raw_vols, list):
-        raise ConfigError(f"{file}: volume: must be an array of tables: [[volume]]")
-    volumes = [_volume(file, base, i, rv) for i, rv in enumerate(raw_vols)]
-    raw_sets = data.get("fileset", [])
+
+def _filesets(file: Path, base: Path, raw_sets: Any) -> list[FilesetConfig]:
+    """The [[fileset]] tables."""
     if not isinstance(raw_sets, list):
         raise ConfigError(f"{file}: fileset: must be an array of tables: [[fileset]]")
     filesets = []
@@ -116,14 +140,7 @@ def load_source(path: str | Path) -> SourceConfig:
         fscan = ft.get("scan_interval", _positive_duration)
         ft.done()
         filesets.append(FilesetConfig(fname, paths, fmax, fscan))
-    all_names = [v.name for v in volumes] + [f.name for f in filesets]
-    dup = {n for n in all_names if all_names.count(n) > 1}
-    if dup:
-        raise ConfigError(f"{file}: volume: name {sorted(dup)[0]!r} is used twice")
-    if not volumes and not filesets:
-        raise ConfigError(f"{file}: volume: nothing to protect; add a [[volume]] table")
-    return SourceConfig(file, name, receiver, token, state_dir, tuple(volumes),
-                        tuple(filesets), tls, **opts)
+    return filesets
 
 
 def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:

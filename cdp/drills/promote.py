@@ -64,33 +64,7 @@ def promote(data_dir: Path, volume: str, point: int | None = None, *, force: boo
     if not (vol_dir / "state.json").exists():
         raise UsageError(f"no replica of volume {volume!r} in {data_dir}")
     marker = vol_dir / PROMOTED
-    record: dict[str, Any] = {}
-    if marker.exists():
-        with contextlib.suppress(OSError, ValueError):
-            record = read_json(marker)
-        if record.get("state") == "promoted":
-            raise DrillError(f"volume {volume!r} was already promoted at epoch "
-                             f"{record.get('epoch')} ({marker}); its image is live")
-        if point is not None and record.get("point") not in (None, point):
-            raise UsageError(f"a promote to point {record.get('point')} was started and not "
-                             f"finished; run it again without --point {point} to finish it")
-        point = record.get("point", point)
-        resumed = True
-    else:
-        resumed = False
-        client = connected_source(vol_dir)
-        if client and not force:
-            raise DrillError(f"{client} is still connected and replicating {volume!r}: stop its "
-                             "source first (the production side may still be live), or pass "
-                             "--force to cut it off")
-        points = list_points(vol_dir)
-        if (points[-1].epoch if point is None else point) == 0:
-            raise PointError(empty_point_message(volume, points))
-        if point is not None and point not in {p.epoch for p in points}:
-            raise PointError(f"point {point} of {volume!r} is not kept; `cdp points` lists them")
-        record = {"state": "promoting", "volume": volume, "point": point,
-                  "requested_at": time.time(), "forced": force}
-        atomic_write_json(marker, record)
+    record, point, resumed = _begin(vol_dir, volume, point, force)
     try:
         rep = _acquire(data_dir, volume, wait)
     except DrillError:
@@ -110,19 +84,7 @@ def promote(data_dir: Path, volume: str, point: int | None = None, *, force: boo
         target = before if point is None else point
         if target > rep.state.epoch:
             raise PointError(f"point {target} is newer than the replica (epoch {rep.state.epoch})")
-        deadline = time.monotonic() + wait
-        while True:
-            with pins_locked(vol_dir):
-                readers = live_pins(vol_dir)
-                if not readers:
-                    rep.rollback(target)
-                    rep.journal.drop_all()
-                    shutil.rmtree(vol_dir / "pins", ignore_errors=True)
-                    break
-            if time.monotonic() > deadline:
-                raise DrillError(f"a reader of point(s) {sorted(set(readers))} (an archive job "
-                                 "or a drill) still has the replica open; retry when it ends")
-            time.sleep(0.2)
+        _roll_back(rep, vol_dir, target, wait)
         gen = int(record.get("generation", rep.state.generation + 1))
         if rep.state.generation != gen:  # epochs after this one are another history
             rep.state = replace(rep.state, generation=gen)
@@ -139,6 +101,57 @@ def promote(data_dir: Path, volume: str, point: int | None = None, *, force: boo
             "image": str(image), "size": state.size}
     atomic_write_json(marker, done)
     return done
+
+
+def _begin(vol_dir: Path, volume: str, point: int | None,
+           force: bool) -> tuple[dict[str, Any], int | None, bool]:
+    """The promote's record: the unfinished one in promoted.json (resumed), or a new one,
+    written once no source writes the volume and the point is kept. With its point, and
+    whether it was resumed."""
+    marker = vol_dir / PROMOTED
+    record: dict[str, Any] = {}
+    if marker.exists():
+        with contextlib.suppress(OSError, ValueError):
+            record = read_json(marker)
+        if record.get("state") == "promoted":
+            raise DrillError(f"volume {volume!r} was already promoted at epoch "
+                             f"{record.get('epoch')} ({marker}); its image is live")
+        if point is not None and record.get("point") not in (None, point):
+            raise UsageError(f"a promote to point {record.get('point')} was started and not "
+                             f"finished; run it again without --point {point} to finish it")
+        return record, record.get("point", point), True
+    client = connected_source(vol_dir)
+    if client and not force:
+        raise DrillError(f"{client} is still connected and replicating {volume!r}: stop its "
+                         "source first (the production side may still be live), or pass "
+                         "--force to cut it off")
+    points = list_points(vol_dir)
+    if (points[-1].epoch if point is None else point) == 0:
+        raise PointError(empty_point_message(volume, points))
+    if point is not None and point not in {p.epoch for p in points}:
+        raise PointError(f"point {point} of {volume!r} is not kept; `cdp points` lists them")
+    record = {"state": "promoting", "volume": volume, "point": point,
+              "requested_at": time.time(), "forced": force}
+    atomic_write_json(marker, record)
+    return record, point, False
+
+
+def _roll_back(rep: Replica, vol_dir: Path, target: int, wait: float) -> None:
+    """Roll the replica back to `target` and drop its journal and pins, once no reader (an
+    archive job, a drill) holds a point; DrillError if one still does after `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        with pins_locked(vol_dir):
+            readers = live_pins(vol_dir)
+            if not readers:
+                rep.rollback(target)
+                rep.journal.drop_all()
+                shutil.rmtree(vol_dir / "pins", ignore_errors=True)
+                return
+        if time.monotonic() > deadline:
+            raise DrillError(f"a reader of point(s) {sorted(set(readers))} (an archive job "
+                             "or a drill) still has the replica open; retry when it ends")
+        time.sleep(0.2)
 
 
 def _acquire(data_dir: Path, volume: str, wait: float) -> Replica:

@@ -40,12 +40,13 @@ from cdp.lifecycle import cancel_and_wait, dump_tasks, serve, start_reload
 from cdp.metrics import SourceMetrics
 from cdp.ratelimit import Caps, Schedule, TokenBucket, format_rate, take
 from cdp.source.connect import connect
-from cdp.source.control import Control, FairGate
+from cdp.source.control import Control
 from cdp.source.filesets import REPLIES as FILE_REPLIES
 from cdp.source.filesets import FilesetSync
 from cdp.source.nbdmode import NbdExport
 from cdp.source.nbdworker import NbdWorker
 from cdp.source.phase import Phase
+from cdp.source.scangate import FairGate
 from cdp.source.scanworker import ScanWorker
 from cdp.source.volume import DedupIndex, VolumeState
 from cdp.source.worker import VolumeWorker
@@ -188,6 +189,24 @@ class Source:
         await self.metrics.start(self.cfg.metrics_listen)
         loop = asyncio.get_running_loop()
         watcher = Watcher(loop)
+        await self._open_volumes(watcher)
+        self._link_groups()
+        self.files.start(loop)
+        watcher.start()
+        await self.control.start()
+        status = asyncio.create_task(self._status_loop())
+        schedule = asyncio.create_task(self._schedule_loop())
+        host, port = self.cfg.receiver
+        log.info("source started name=%s receiver=%s:%d volumes=%s", self.cfg.name, host, port,
+                 ",".join(self.volumes))
+        try:
+            await self._connect_loop()
+        finally:
+            await self._shutdown(watcher, status, schedule)
+
+    async def _open_volumes(self, watcher: Watcher) -> None:
+        """Watch scan volumes, load each volume's state, start nbd exports; a volume whose
+        image cannot be opened is failed (the others go on)."""
         for name, vs in self.volumes.items():
             if vs.cfg.mode == "scan":
                 watcher.watch(vs.cfg.path, self.workers[name].wake.set)
@@ -200,6 +219,9 @@ class Source:
             except TrackerError as exc:
                 vs.error, vs.phase = str(exc), Phase.FAILED
                 log.error("volume=%s: %s", name, exc)
+
+    def _link_groups(self) -> None:
+        """Tell each nbd journal of a consistency group who its fellow members are."""
         groups: dict[str, list[NbdExport]] = {}
         for name, export in self.nbd.items():
             group = self.volumes[name].cfg.group
@@ -209,56 +231,53 @@ class Source:
             journals = tuple(e.journal for e in members if e.journal is not None)
             for j in journals:
                 j.group = journals
-        self.files.start(loop)
-        watcher.start()
-        await self.control.start()
-        status = asyncio.create_task(self._status_loop())
-        schedule = asyncio.create_task(self._schedule_loop())
+
+    async def _connect_loop(self) -> None:
+        """Connect, run the connection until it ends, wait out the backoff; until stop()."""
         backoff = Backoff(self.cfg.reconnect_min, self.cfg.reconnect_max)
-        host, port = self.cfg.receiver
-        log.info("source started name=%s receiver=%s:%d volumes=%s", self.cfg.name, host, port,
-                 ",".join(self.volumes))
-        try:
-            while not self._stop.is_set():
-                conn = asyncio.create_task(self._connection(backoff))
-                stop = asyncio.create_task(self._stop.wait())
-                await asyncio.wait({conn, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if not conn.done():
-                    conn.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    results = await asyncio.gather(conn, return_exceptions=True)
-                    err = results[0] if results else None
-                    if isinstance(err, BaseException) and not isinstance(
-                            err, asyncio.CancelledError):
-                        self._log_disconnect(err)
-                if self._stop.is_set():
-                    break
-                delay = backoff.next()
-                self.next_connect = time.time() + delay
-                self._write_status()  # `cdp status` shows why, since when, and the next try
-                log.info("reconnecting in %.1fs", delay)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._stop.wait()
-        finally:
-            watcher.stop()
-            self.hashers.close()
-            await self.control.stop()
-            self.files.stop()
-            for export in self.nbd.values():
-                await export.stop()
-            for name, vs in self.volumes.items():
-                self.workers[name].cancel.set()
-                if vs.smap is not None:
-                    vs.undo_from(vs.acked + 1)
-                    with contextlib.suppress(OSError):
-                        vs.save()
-            await cancel_and_wait(status, schedule, *self._background)
-            self._write_status()
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            await self.metrics.close()
-            log.info("source stopped")
+        while not self._stop.is_set():
+            conn = asyncio.create_task(self._connection(backoff))
+            stop = asyncio.create_task(self._stop.wait())
+            await asyncio.wait({conn, stop}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if not conn.done():
+                conn.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                results = await asyncio.gather(conn, return_exceptions=True)
+                err = results[0] if results else None
+                if isinstance(err, BaseException) and not isinstance(
+                        err, asyncio.CancelledError):
+                    self._log_disconnect(err)
+            if self._stop.is_set():
+                break
+            delay = backoff.next()
+            self.next_connect = time.time() + delay
+            self._write_status()  # `cdp status` shows why, since when, and the next try
+            log.info("reconnecting in %.1fs", delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+
+    async def _shutdown(self, watcher: Watcher, *tasks: asyncio.Task[None]) -> None:
+        """Stop everything _run started, save each volume's map as of its last acknowledged
+        epoch, then cancel and await `tasks` and the background ones."""
+        watcher.stop()
+        self.hashers.close()
+        await self.control.stop()
+        self.files.stop()
+        for export in self.nbd.values():
+            await export.stop()
+        for name, vs in self.volumes.items():
+            self.workers[name].cancel.set()
+            if vs.smap is not None:
+                vs.undo_from(vs.acked + 1)
+                with contextlib.suppress(OSError):
+                    vs.save()
+        await cancel_and_wait(*tasks, *self._background)
+        self._write_status()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        await self.metrics.close()
+        log.info("source stopped")
 
     def _log_disconnect(self, err: BaseException) -> None:
         self.metrics.disconnected(err)

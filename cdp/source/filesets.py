@@ -93,48 +93,11 @@ def walk(fs: FilesetConfig) -> tuple[dict[str, Found], dict[str, str]]:
 
     def consider(path: str, follow: bool) -> None:
         name = wire_name(path)
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            refused[name] = "its name is not valid UTF-8"
-            return
-        if not valid_file_path(name):
-            refused[name] = "its name cannot be stored (empty parts or backslashes)"
-            return
-        try:
-            st = os.lstat(path)
-            real = path
-            if stat.S_ISLNK(st.st_mode):
-                real = os.path.realpath(path)
-                if not follow and not _inside(real, roots):
-                    refused[name] = (f"symlink pointing outside the file set (to {real}); "
-                                     "add its target to the set's paths instead")
-                    return
-                st = os.stat(real)
-        except FileNotFoundError:
-            return  # gone meanwhile (or a dangling symlink): not part of the set now
-        except OSError as exc:
-            refused[name] = f"cannot read it: {exc.strerror}"
-            return
-        root = next((r for r in roots if _inside(real, [r])), None)
-        if root is None:  # a listed path (trusted), or something moved under the walk
-            real = os.path.realpath(real)
-            root = next((r for r in roots if _inside(real, [r])), None)
-            if root is None:
-                refused[name] = "it moved outside the file set while being looked at"
-                return
-        kind = _kind(st.st_mode)
-        if kind:
-            refused[name] = f"it is {kind}, not a regular file: only regular files are replicated"
-            return
-        if st.st_size > fs.max_file_size:
-            refused[name] = (f"it is {format_bytes(st.st_size)}, over the set's max_file_size "
-                             f"of {format_bytes(fs.max_file_size)} (raise max_file_size to "
-                             "include it)")
-            return
-        found[name] = Found(name, real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                                         st.st_ctime_ns, st.st_mode),
-                            st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), root)
+        got = _look(path, name, follow, roots, fs.max_file_size)
+        if isinstance(got, Found):
+            found[name] = got
+        elif got is not None:
+            refused[name] = got
 
     for entry in fs.paths:
         top = os.path.abspath(entry)
@@ -146,6 +109,46 @@ def walk(fs: FilesetConfig) -> tuple[dict[str, Found], dict[str, str]]:
         elif os.path.lexists(top):
             consider(top, True)
     return found, refused
+
+
+def _look(path: str, name: str, follow: bool, roots: list[str],
+          max_file_size: int) -> Found | str | None:
+    """`path` as a file of the set (found under `name`), or why it is refused, or None if it is
+    gone. A symlink is followed if `follow` (a listed path) or if it stays inside `roots`."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if not valid_file_path(name):
+        return "its name cannot be stored (empty parts or backslashes)"
+    try:
+        st = os.lstat(path)
+        real = path
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            if not follow and not _inside(real, roots):
+                return (f"symlink pointing outside the file set (to {real}); "
+                        "add its target to the set's paths instead")
+            st = os.stat(real)
+    except FileNotFoundError:
+        return None  # gone meanwhile (or a dangling symlink): not part of the set now
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
+    root = next((r for r in roots if _inside(real, [r])), None)
+    if root is None:  # a listed path (trusted), or something moved under the walk
+        real = os.path.realpath(real)
+        root = next((r for r in roots if _inside(real, [r])), None)
+        if root is None:
+            return "it moved outside the file set while being looked at"
+    kind = _kind(st.st_mode)
+    if kind:
+        return f"it is {kind}, not a regular file: only regular files are replicated"
+    if st.st_size > max_file_size:
+        return (f"it is {format_bytes(st.st_size)}, over the set's max_file_size "
+                f"of {format_bytes(max_file_size)} (raise max_file_size to include it)")
+    return Found(name, real, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                              st.st_mode),
+                 st.st_size, st.st_mtime, stat.S_IMODE(st.st_mode), root)
 
 
 def _kind(mode: int) -> str:

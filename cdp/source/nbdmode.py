@@ -38,11 +38,11 @@ from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import ConfigError, TrackerError
 from cdp.nbd.listen import NbdListenError, NbdServerError, is_loopback
 from cdp.nbd.server import NbdServer
-from cdp.source.control import FairGate
 from cdp.source.pause import Daemon as PauseDaemon
 from cdp.source.pause import Worker as PauseWorker
 from cdp.source.pause import compared, held, refetch
 from cdp.source.phase import Phase
+from cdp.source.scangate import FairGate
 from cdp.source.volume import Cancelled, EpochBuilder, VolumeState
 from cdp.tracker.capture import Captured, Resync
 from cdp.tracker.dirtymap import DirtyMap

@@ -33,9 +33,10 @@ from cdp.config import SourceConfig
 from cdp.errors import PERMANENT_CODES, CdpError, ProtocolError, RemoteError, TrackerError
 from cdp.ratelimit import TokenBucket
 from cdp.source.connect import fetch_hashes
-from cdp.source.control import Control, FairGate
+from cdp.source.control import Control
 from cdp.source.nbdmode import NbdExport, Producer
 from cdp.source.phase import Phase
+from cdp.source.scangate import FairGate
 from cdp.source.volume import Cancelled as _Cancelled
 from cdp.source.volume import DedupIndex, EpochBuilder, VolumeState
 from cdp.tracker.hashworker import HashHelpers
@@ -260,17 +261,27 @@ class VolumeWorker:
         epoch's reads are done: no write that finished later is in it (None: `capture`).
         """
         vs = self.vs
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         room = threading.Semaphore(self.src.cfg.workers * 2 + 2)  # ops between scan and socket
-        cancel = self.cancel
-        cancel.clear()
+        self.cancel.clear()
         assert vs.geo is not None
         vs.progress = (0, vs.geo.size if total is None else total)
         # under a cap, frames and reads are small enough to be paced smoothly
         caps = [r for r in (vs.bucket.rate, self.src.net.rate) if r is not None]
         batch = paced(self.src.cfg.batch_bytes, min(caps) if caps else None, MIN_PACED_BATCH)
         last: list[int] = []
+        emit = self._emitter(q, room, last, capture, until)
+        scan_task = asyncio.ensure_future(asyncio.to_thread(self._produce, produce, emit, capture,
+                                                            batch, split))
+        sender = asyncio.create_task(self._send_ops(link, q, room, capture))
+        await self._join(scan_task, sender)
+        return last[-1] if last else None
+
+    def _emitter(self, q: asyncio.Queue[tuple[Any, ...]], room: threading.Semaphore, last: list[int],
+                 capture: float, until: Callable[[], float] | None) -> Callable[[tuple[Any, ...]], None]:
+        """The producer thread's hand-off of one op to the sender; commits are noted in `last`."""
+        loop = asyncio.get_running_loop()
+        cancel = self.cancel
 
         def emit(op: tuple[Any, ...]) -> None:
             # room first (bounded memory), then a fire-once hand-off: an op is never queued twice
@@ -284,26 +295,33 @@ class VolumeWorker:
                 op = (*op, capture if until is None else until())
             loop.call_soon_threadsafe(q.put_nowait, op)
 
-        def work() -> None:
-            builder = EpochBuilder(vs, self.src.volumes, self.src.index, self.src.pool, emit,
-                                   capture_time=capture, batch_bytes=batch,
-                                   max_epoch_bytes=self.src.cfg.max_epoch_bytes if split else 1 << 62,
-                                   level=self.src.cfg.compress_level)
-            done = 0
+        return emit
 
-            def progress(n: int, read: bool = True) -> None:
-                """`n` more bytes covered: read, or known without reading (holes)."""
-                nonlocal done
-                done += n
-                vs.progress = (done, vs.progress[1])
-                vs.stats["scanned" if read else "skipped"] += n
+    def _produce(self, produce: Producer, emit: Callable[[tuple[Any, ...]], None], capture: float,
+                 batch: int, split: bool) -> None:
+        """In a thread: `produce` feeds an EpochBuilder whose ops go to `emit`, then "end"."""
+        vs, cfg = self.vs, self.src.cfg
+        builder = EpochBuilder(vs, self.src.volumes, self.src.index, self.src.pool, emit,
+                               capture_time=capture, batch_bytes=batch,
+                               max_epoch_bytes=cfg.max_epoch_bytes if split else 1 << 62,
+                               level=cfg.compress_level)
+        done = 0
 
-            short = produce(builder, progress, cancel.is_set)
-            builder.commit()
-            emit(("end", bool(short)))
+        def progress(n: int, read: bool = True) -> None:
+            """`n` more bytes covered: read, or known without reading (holes)."""
+            nonlocal done
+            done += n
+            vs.progress = (done, vs.progress[1])
+            vs.stats["scanned" if read else "skipped"] += n
 
-        scan_task = asyncio.ensure_future(asyncio.to_thread(work))
-        sender = asyncio.create_task(self._send_ops(link, q, room, capture))
+        short = produce(builder, progress, self.cancel.is_set)
+        builder.commit()
+        emit(("end", bool(short)))
+
+    async def _join(self, scan_task: asyncio.Future[None], sender: asyncio.Task[None]) -> None:
+        """Until the producer ended and the sender drained its ops, or either failed; a cancelled
+        producer (Need, error, shutdown) ends quietly. Both are stopped and awaited."""
+        cancel = self.cancel
         try:
             await asyncio.wait({scan_task, sender}, return_when=asyncio.FIRST_EXCEPTION)
             if sender.done() and sender.exception() is not None:
@@ -324,7 +342,6 @@ class VolumeWorker:
                 await scan_task
             with contextlib.suppress(BaseException):
                 await sender
-        return last[-1] if last else None
 
     async def _send_ops(self, link: Link, q: asyncio.Queue[tuple[Any, ...]],
                         room: threading.Semaphore, capture: float) -> None:

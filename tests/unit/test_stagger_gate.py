@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from cdp.source.control import FairGate
+from cdp.source.scangate import FairGate
 
 
 def test_fifo_limit_and_queued_phase():
