@@ -158,7 +158,7 @@ def test_a_checkpoint_moving_a_label_on_a_receiver_without_it_fails_at_once(monk
     import asyncio
     from types import SimpleNamespace
 
-    from cdp.source.control import Control
+    from cdp.source.checkpoint import Checkpoints
 
     monkeypatch.setattr("cdp.wire.messages.PROTOCOL_VERSION", 2)
     src, _ = pair()
@@ -169,11 +169,11 @@ def test_a_checkpoint_moving_a_label_on_a_receiver_without_it_fails_at_once(monk
         async def send(self, msg):
             src.send(msg)
 
-    control = Control(SimpleNamespace(link=OneLink()), tmp_path)  # type: ignore[arg-type]
+    checkpoints = Checkpoints(SimpleNamespace(link=OneLink()))  # type: ignore[arg-type]
 
     async def label() -> None:
         async with asyncio.timeout(5):
-            await control._send_label(SimpleNamespace(name="vm1"), 2, "base", True)  # type: ignore[arg-type]
+            await checkpoints._send_label(SimpleNamespace(name="vm1"), 2, "base", True)  # type: ignore[arg-type]
 
     with pytest.raises(PeerTooOldError, match="upgrade the receiver"):
         asyncio.run(label())
