@@ -9,7 +9,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 from cdp.blocks import pack_u64, unpack_u64
@@ -263,82 +263,102 @@ class Connection:
         await self.link.send(Error(code, message, vol))
 
     async def dispatch(self, msg: Message, size: int) -> None:
+        """Hand one checked message to its handler (the session already refused what is out
+        of order); messages without one (Bye) need nothing here."""
+        handler = _HANDLERS.get(type(msg))
+        if handler is not None:
+            await handler(self, msg, size)
+
+    async def _on_hello(self, msg: Hello, size: int) -> None:
+        self.session.challenge()
+        await self.link.flush()
+
+    async def _on_auth(self, msg: Auth, size: int) -> None:
         s = self.session
-        if isinstance(msg, Hello):
-            s.challenge()
-            await self.link.flush()
-        elif isinstance(msg, Auth):
-            if not self.rx.may_authenticate(self.pending):
-                why = (f"client {s.client} authenticated but {self.rx.cfg.max_connections} "
-                       "authenticated connections are open (max_connections)")
-                self.rx.metrics.error("refused")
-                await self.say(Error("busy", f"{why}; try later", ""))
-                raise TransportError(f"{self.link.peer}: {why}")
-            log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
-            s.welcome()
-            await self.link.flush()
-            self.rx.admission.authenticated(self.pending)
-            self.rx.metrics.connections.inc()  # sessions: not port probes or strangers
-        elif isinstance(msg, Ping):
-            await self.link.send(Pong(msg.nonce))
-        elif isinstance(msg, Open):
-            rep = await self.rx.open_replica(self, msg)
-            if not msg.readonly:
-                self.volumes.add(msg.volume)
-                self.volumes_seen = True
-                self.rx.live[msg.volume].client = s.client
-                self.rx.live[msg.volume].error = ""
-            st = rep.state
-            log.info("volume opened client=%s volume=%s epoch=%d", s.client, msg.volume, st.epoch)
-            await self.link.send(Opened(msg.volume, st.replica_id, st.epoch, st.epoch_time))
-        elif isinstance(msg, GetHashes):
-            await self.send_hashes(msg)
-        elif isinstance(msg, FileOpen | FilePut | FileDelete):
-            await self.file_message(msg)
-        elif isinstance(msg, Begin):
-            # epoch e reuses the WAL file of e-2: that one must be applied first
-            await self.settle(msg.volume, msg.epoch - 1)
-            if (err := self.rx.promoted(msg.volume)) is not None:
-                raise err
-            current = self.rx.replicas.get(msg.volume)
-            if current is None:
-                raise VolumeError(f"replica {msg.volume!r} was closed after an error; reopen it",
-                                  code="replica", volume=msg.volume)
-            self.sink(msg.volume).begin(await self.work(current.begin, msg.epoch, msg.time))
-        elif isinstance(msg, Data):
-            w = self.sink(msg.volume).receiving()
-            await self.work(w.add_data, msg.indices, msg.hashes, msg.raw_len, msg.zdata)
-            w.add_wire(size)
-        elif isinstance(msg, Zero):
-            w = self.sink(msg.volume).receiving()
-            await self.work(w.add_zero, msg.runs)
-            w.add_wire(size)
-        elif isinstance(msg, Ref):
-            await self.add_refs(msg, size)
-        elif isinstance(msg, Cut):
-            self.sink(msg.volume).receiving().mark_cut(msg.time, msg.since, msg.group, msg.members)
-        elif isinstance(msg, Commit):
-            await self.commit(msg)
-        elif isinstance(msg, Label):
-            await self.label(msg)
-        elif isinstance(msg, Current):
-            cur = self.rx.replicas.get(msg.volume)
-            live = self.rx.live.get(msg.volume)
-            if cur is not None and live is not None and msg.epoch == cur.state.epoch:
-                live.current_as_of = min(msg.time, time.time() + 60)  # not in the future
-                if cur.state.seeding:  # whole at last: no more data placed at receipt
-                    await self.work(cur.seeded, msg.epoch)
-                if cur.state.group and (cur.state.cut or {}).get("group"):
-                    # a group cut held through then: later group cuts are this volume's too
-                    await self.work(note_held, cur.path, msg.epoch, live.current_as_of)
-        elif isinstance(msg, Error):
-            log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", s.client,
-                        msg.volume, msg.code, msg.message)
-            if (sink := self.sinks.get(msg.volume)) is not None:
-                sink.abort()
-            if self.rx.owners.get(msg.volume) == id(self):
-                del self.rx.owners[msg.volume]
-            self.volumes.discard(msg.volume)
+        if not self.rx.may_authenticate(self.pending):
+            why = (f"client {s.client} authenticated but {self.rx.cfg.max_connections} "
+                   "authenticated connections are open (max_connections)")
+            self.rx.metrics.error("refused")
+            await self.say(Error("busy", f"{why}; try later", ""))
+            raise TransportError(f"{self.link.peer}: {why}")
+        log.info("client authenticated client=%s peer=%s", s.client, self.link.peer)
+        s.welcome()
+        await self.link.flush()
+        self.rx.admission.authenticated(self.pending)
+        self.rx.metrics.connections.inc()  # sessions: not port probes or strangers
+
+    async def _on_ping(self, msg: Ping, size: int) -> None:
+        await self.link.send(Pong(msg.nonce))
+
+    async def _on_open(self, msg: Open, size: int) -> None:
+        rep = await self.rx.open_replica(self, msg)
+        if not msg.readonly:
+            self.volumes.add(msg.volume)
+            self.volumes_seen = True
+            self.rx.live[msg.volume].client = self.session.client
+            self.rx.live[msg.volume].error = ""
+        st = rep.state
+        log.info("volume opened client=%s volume=%s epoch=%d", self.session.client, msg.volume, st.epoch)
+        await self.link.send(Opened(msg.volume, st.replica_id, st.epoch, st.epoch_time))
+
+    async def _on_get_hashes(self, msg: GetHashes, size: int) -> None:
+        await self.send_hashes(msg)
+
+    async def _on_file(self, msg: FileOpen | FilePut | FileDelete, size: int) -> None:
+        await self.file_message(msg)
+
+    async def _on_begin(self, msg: Begin, size: int) -> None:
+        # epoch e reuses the WAL file of e-2: that one must be applied first
+        await self.settle(msg.volume, msg.epoch - 1)
+        if (err := self.rx.promoted(msg.volume)) is not None:
+            raise err
+        current = self.rx.replicas.get(msg.volume)
+        if current is None:
+            raise VolumeError(f"replica {msg.volume!r} was closed after an error; reopen it",
+                              code="replica", volume=msg.volume)
+        self.sink(msg.volume).begin(await self.work(current.begin, msg.epoch, msg.time))
+
+    async def _on_data(self, msg: Data, size: int) -> None:
+        w = self.sink(msg.volume).receiving()
+        await self.work(w.add_data, msg.indices, msg.hashes, msg.raw_len, msg.zdata)
+        w.add_wire(size)
+
+    async def _on_zero(self, msg: Zero, size: int) -> None:
+        w = self.sink(msg.volume).receiving()
+        await self.work(w.add_zero, msg.runs)
+        w.add_wire(size)
+
+    async def _on_ref(self, msg: Ref, size: int) -> None:
+        await self.add_refs(msg, size)
+
+    async def _on_cut(self, msg: Cut, size: int) -> None:
+        self.sink(msg.volume).receiving().mark_cut(msg.time, msg.since, msg.group, msg.members)
+
+    async def _on_commit(self, msg: Commit, size: int) -> None:
+        await self.commit(msg)
+
+    async def _on_label(self, msg: Label, size: int) -> None:
+        await self.label(msg)
+
+    async def _on_current(self, msg: Current, size: int) -> None:
+        cur = self.rx.replicas.get(msg.volume)
+        live = self.rx.live.get(msg.volume)
+        if cur is not None and live is not None and msg.epoch == cur.state.epoch:
+            live.current_as_of = min(msg.time, time.time() + 60)  # not in the future
+            if cur.state.seeding:  # whole at last: no more data placed at receipt
+                await self.work(cur.seeded, msg.epoch)
+            if cur.state.group and (cur.state.cut or {}).get("group"):
+                # a group cut held through then: later group cuts are this volume's too
+                await self.work(note_held, cur.path, msg.epoch, live.current_as_of)
+
+    async def _on_error(self, msg: Error, size: int) -> None:
+        log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", self.session.client,
+                    msg.volume, msg.code, msg.message)
+        if (sink := self.sinks.get(msg.volume)) is not None:
+            sink.abort()
+        if self.rx.owners.get(msg.volume) == id(self):
+            del self.rx.owners[msg.volume]
+        self.volumes.discard(msg.volume)
 
     async def file_message(self, msg: FileOpen | FilePut | FileDelete) -> None:
         """File sets: answer with the manifest, or store a version durably, then FileAck."""
@@ -495,3 +515,14 @@ class Connection:
             pos += max(n, 0)
             if pos >= end:
                 break
+
+
+# What each message from a source does (dispatch): one handler per message type.
+_HANDLERS: dict[type, Callable[[Any, Any, int], Awaitable[None]]] = {
+    Hello: Connection._on_hello, Auth: Connection._on_auth, Ping: Connection._on_ping,
+    Open: Connection._on_open, GetHashes: Connection._on_get_hashes, FileOpen: Connection._on_file,
+    FilePut: Connection._on_file, FileDelete: Connection._on_file, Begin: Connection._on_begin,
+    Data: Connection._on_data, Zero: Connection._on_zero, Ref: Connection._on_ref,
+    Cut: Connection._on_cut, Commit: Connection._on_commit, Label: Connection._on_label,
+    Current: Connection._on_current, Error: Connection._on_error,
+}

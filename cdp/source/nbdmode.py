@@ -294,6 +294,21 @@ async def _resync(src: Source, link: Link, vs: VolumeState, journal: WriteJourna
         return await _resync_now(src, link, vs, journal, unit)
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Coroutine[Any, Any, T]],
+             cancelled: Callable[[], bool]) -> T:
+    """From a worker thread: run fn() on the loop and wait for it, unless the work is cancelled."""
+    fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(), loop)
+    while True:
+        try:
+            return fut.result(timeout=0.5)
+        except concurrent.futures.TimeoutError:
+            if cancelled():
+                fut.cancel()
+                raise Cancelled from None
+        except concurrent.futures.CancelledError:
+            raise Cancelled from None
+
+
 async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJournal,
                       unit: Resync) -> int | None:
     vs.phase = Phase.RESYNC if vs.seeded else Phase.SEEDING
@@ -303,16 +318,7 @@ async def _resync_now(src: Source, link: Link, vs: VolumeState, journal: WriteJo
     path = vs.cfg.path
 
     def on_loop(fn: Callable[[], Coroutine[Any, Any, T]], cancelled: Callable[[], bool]) -> T:
-        fut: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(fn(), loop)
-        while True:
-            try:
-                return fut.result(timeout=0.5)
-            except concurrent.futures.TimeoutError:
-                if cancelled():
-                    fut.cancel()
-                    raise Cancelled from None
-            except concurrent.futures.CancelledError:
-                raise Cancelled from None
+        return _on_loop(loop, fn, cancelled)
 
     async def more() -> list[int] | None:
         return journal.next_pass()

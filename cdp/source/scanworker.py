@@ -107,6 +107,32 @@ class ScanWorker(VolumeWorker):
             if not thawed:
                 await run_hook(cfg.post_scan, "post_scan", vs.name, cfg.path)
 
+    def _scan_into(self, builder: EpochBuilder, path: Path, chunk: int, seeded: bool, *,
+                   progress: Callable[..., None], stop: Callable[[], bool],
+                   throttle: Callable[[int], None], hole: Callable[[int], None]) -> None:
+        """Scan the volume's file and add what changed to the epoch (on a worker thread).
+
+        A rescan hashes on two cores (hashworker); what it cost, on both, spaces the next
+        one (scanpace.DUTY). A seed predicts nothing, and sends as fast as one core
+        compresses, so it keeps the other core for that."""
+        vs = self.vs
+        assert vs.geo is not None and vs.smap is not None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
+        try:
+            with contextlib.ExitStack() as stack:
+                helper = stack.enter_context(self.src.hashers.lend()) if seeded else None
+                if seeded:
+                    stack.enter_context(cpu_meter(self.pacer, helper.cpu_seconds if helper else None))
+                for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
+                                              cancelled=stop, throttle=throttle, holes=hole,
+                                              helper=helper):
+                    builder.add(block, h, content)
+        finally:
+            os.close(fd)
+
     async def _stream_scan(self, link: Link, path: Path, capture: float,
                            until: float | None) -> bool:
         vs = self.vs
@@ -115,7 +141,6 @@ class ScanWorker(VolumeWorker):
         assert vs.geo is not None
         t0 = time.monotonic()
         chunk = paced(SCAN_CHUNK, self.src.reads.rate, vs.geo.block_size)
-        pacer = self.pacer
         seeded = vs.seeded
 
         skipped = 0  # bytes of holes: zero without being read
@@ -124,7 +149,6 @@ class ScanWorker(VolumeWorker):
         def produce(builder: EpochBuilder, progress: Callable[..., None],
                     cancelled: Callable[[], bool]) -> bool:
             nonlocal short
-            assert vs.geo is not None and vs.smap is not None
 
             def stop() -> bool:  # `cdp pause`: what was found so far is committed, then no more
                 return cancelled() or bool(vs.paused_since)
@@ -137,24 +161,8 @@ class ScanWorker(VolumeWorker):
             def throttle(n: int) -> None:
                 take_blocking(self.src.reads, n, stop)
 
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise TrackerError(f"cannot open volume {path}: {exc.strerror}") from None
-            try:
-                # a rescan hashes on two cores (hashworker); what it cost, on both, spaces the
-                # next one (scanpace.DUTY); a seed predicts nothing, and sends as fast as one core
-                # compresses, so it keeps the other core for that
-                with contextlib.ExitStack() as stack:
-                    helper = stack.enter_context(self.src.hashers.lend()) if seeded else None
-                    if seeded:
-                        stack.enter_context(cpu_meter(pacer, helper.cpu_seconds if helper else None))
-                    for block, h, content in scan(fd, vs.geo, vs.smap, progress=progress, chunk=chunk,
-                                                  cancelled=stop, throttle=throttle, holes=hole,
-                                                  helper=helper):
-                        builder.add(block, h, content)
-            finally:
-                os.close(fd)
+            self._scan_into(builder, path, chunk, seeded, progress=progress, stop=stop,
+                            throttle=throttle, hole=hole)
             short = stop() and not cancelled()
             return short
 
