@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 TIMEOUT = 30.0  # seconds for connect + handshake, and for each request's reply
 RECV = 256 * 1024
+MAX_EXTENTS = 1 << 22  # merged extents extents() returns (~100 bytes each in memory)
 
 Opener = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
@@ -143,9 +144,14 @@ class NbdClient:
         assert isinstance(reply, StatusDone)
         return dict(reply.extents)
 
-    async def extents(self, context: str, offset: int = 0, length: int | None = None) -> list[Extent]:
+    async def extents(self, context: str, offset: int = 0, length: int | None = None, *,
+                      max_extents: int = MAX_EXTENTS) -> list[Extent]:
         """Every extent of one context over [offset, offset+length) (default: to the end), asking
-        again where the server's answer stops short, neighbours with equal flags merged."""
+        again where the server's answer stops short, neighbours with equal flags merged.
+
+        NbdClientError past max_extents (after merging): a server flipping flags every few bytes
+        must not grow the list without bound; ask for a shorter range instead.
+        """
         if context not in self.ready.contexts:
             raise LocalProtocolError(f"NBD context {context!r} was not negotiated")
         end = self.size if length is None else offset + length
@@ -158,6 +164,9 @@ class NbdClient:
                     out[-1] = Extent(out[-1].offset, out[-1].length + e.length, e.flags)
                 else:
                     out.append(e)
+            if len(out) > max_extents:
+                raise NbdClientError(f"NBD server at {self.where} describes [{offset}, {end}) of "
+                                     f"{context} in over {max_extents} extents; ask for a shorter range")
             pos = got[-1].offset + got[-1].length  # > pos: the session refuses empty answers
         return out
 

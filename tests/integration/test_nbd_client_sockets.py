@@ -65,6 +65,9 @@ def test_reads_and_block_status_against_cdps_server(tmp_path: Path, unix: bool) 
                 for start, end in ((MiB, MiB + 8192), (40 * MiB - 4096, 43 * MiB - 4096)):
                     assert any(a <= start and end <= b for a, b in covered), (start, end, covered)
                 assert sum(b - a for a, b in covered) < 8 * MiB  # the rest reads as holes
+                with pytest.raises(NbdClientError, match="over 2 extents"):
+                    await client.extents(p.BASE_ALLOCATION, max_extents=2)
+                assert await client.read(0, 4) == bytes(4)  # the connection goes on
         finally:
             await server.close()
 
