@@ -117,6 +117,17 @@ class TrackerError(CdpError):
     wire_code = "tracker"
 
 
+class QemuError(TrackerError):
+    """QEMU's monitor (QMP) could not be reached or refused a command; the message names the socket,
+    the command and QEMU's own reason."""
+
+    def __init__(self, message: str, *, socket: str = "", command: str = "", error_class: str = "") -> None:
+        super().__init__(message)
+        self.socket = socket
+        self.command = command
+        self.error_class = error_class  # QMP's error class (GenericError, DeviceNotFound, ...) or ""
+
+
 class TransportError(CdpError):
     """The connection failed or was closed; the daemons reconnect with backoff."""
 
