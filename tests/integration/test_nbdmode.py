@@ -242,7 +242,7 @@ def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
     def nbd() -> dict:
         return (env.source.volume_status("vol1") or {}).get("nbd", {})
 
-    wait_for(lambda: nbd().get("fallbacks", 0) >= 1, scaled(10),
+    wait_for(lambda: nbd().get("fallbacks", 0) >= 1, scaled(30),
              what="the journal to fall back to dirty tracking")
     assert nbd()["spills"] >= 1  # the local log took some before it was full
     converge(env, daemons)
