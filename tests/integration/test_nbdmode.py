@@ -249,6 +249,22 @@ def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
     assert env.source.volume_status("vol1")["nbd"]["mode"] == "capture"
 
 
+def test_an_idle_volume_is_reported_current_as_time_goes_on(cdp_env, daemons) -> None:
+    """With no writes, the source keeps telling the receiver (and its status) that the replica
+    is current as of now, every couple of seconds: the RPO of an idle disk does not grow."""
+    env, url = start_nbd(cdp_env, daemons, 8 * MiB, fill=_random_image(8 * MiB, 8))
+    qemu_io(url, "write -P 0x42 0 1M", "flush")
+    converge(env, daemons)
+    t = time.time()
+
+    def status() -> dict:
+        return env.source.volume_status("vol1") or {}
+
+    wait_for(lambda: status().get("current_as_of", 0) > t + 1, scaled(20),
+             what="an idle nbd volume to be reported current again")
+    assert status()["phase"] == "idle" and not status().get("pending_epochs")
+
+
 def test_a_clean_restart_sends_nothing_again(cdp_env, daemons) -> None:
     size = 32 * MiB
     env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 6))
