@@ -228,9 +228,11 @@ def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, cou
 @pytest.mark.slow
 def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
     size = 48 * MiB
+    # 24 MiB written against a 2 MiB/s link and 5 MiB of capture room: the journal must fill
+    # (at 4 MiB/s, a writer slowed by a loaded machine let the link keep up: no fallback)
     env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 4),
                          volume_extra='capture_memory = "1MiB"\ncapture_disk = "4MiB"\n'
-                                      'rate_limit = "4MiB/s"')
+                                      'rate_limit = "2MiB/s"')
     converge(env, daemons)
     rng = random.Random(9)
     cmds = []
