@@ -234,15 +234,19 @@ def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
                          volume_extra='capture_memory = "1MiB"\ncapture_disk = "4MiB"\n'
                                       'rate_limit = "2MiB/s"')
     converge(env, daemons)
+
+    def nbd() -> dict:
+        return (env.source.volume_status("vol1") or {}).get("nbd", {})
+
+    # the seed was a resync: until the journal is back in capture mode, writes are only tracked
+    # (nothing to capture, so nothing to fall back from) -- under load that can take a while
+    wait_for(lambda: nbd().get("mode") == "capture", scaled(30), what="the journal to capture again")
     rng = random.Random(9)
     cmds = []
     for i in range(24):
         cmds.append(f"write -P {i + 1} {rng.randrange(size // MiB) * MiB} 1M")
         cmds.append("flush")
-    qemu_io(url, *cmds)  # never waits for the 4 MiB/s link: captured, spilled, then only tracked
-
-    def nbd() -> dict:
-        return (env.source.volume_status("vol1") or {}).get("nbd", {})
+    qemu_io(url, *cmds)  # never waits for the 2 MiB/s link: captured, spilled, then only tracked
 
     wait_for(lambda: nbd().get("fallbacks", 0) >= 1, scaled(30),
              what="the journal to fall back to dirty tracking")
