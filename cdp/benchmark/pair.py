@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from cdp.benchmark.minimal import describe, receiver_config, source_config
-from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, reset_peak, spawn, stop_all, wait_port
+from cdp.benchmark.procs import free_port, peak_rss, reset_peak, spawn, stop_all, wait_port
 from cdp.config import load_receiver, load_source
 from cdp.durable import read_json
+from cdp.proccpu import cpu_seconds
 
 
 @dataclass

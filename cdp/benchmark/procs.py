@@ -26,7 +26,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-_TICK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
@@ -154,14 +153,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: f
         except OSError:
             time.sleep(0.02)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
-
-
-def cpu_seconds(pid: int, children: bool = True) -> float:
-    """User + system CPU of a live process (and of its reaped children)."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + ((cutime + cstime) if children else 0)) / _TICK
 
 
 def peak_rss(pid: int) -> int:

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cdp.benchmark.procs import cpu_seconds, free_port, peak_rss, spawn, stop_all, wait_port
+from cdp.benchmark.procs import free_port, peak_rss, spawn, stop_all, wait_port
 from cdp.errors import UsageError
+from cdp.proccpu import cpu_seconds
 
 # --ignore-times: rsync's quick check compares mtimes in whole seconds, so an image rewritten
 # within the second of the previous run would be skipped (and found unequal); always delta.

@@ -36,15 +36,24 @@ from collections.abc import Iterator
 
 import xxhash
 
+from cdp.proccpu import cpu_seconds
+
 log = logging.getLogger(__name__)
 REQUEST = struct.Struct("<QQI")  # after b"H"
 MAX_ANSWER = 1 << 20  # 64 Ki hashes: a 16 MiB window of 256-byte blocks
 
 
+def map_window(fd: int, off: int, length: int) -> mmap.mmap:
+    """[off, off+length) of fd, mapped read-only and shared, populated at once (the scan's
+    windows and the helper's are mapped the same way)."""
+    return mmap.mmap(fd, length, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ,
+                     offset=off)
+
+
 def hashes_of(fd: int, off: int, length: int, bs: int) -> bytes:
-    """xxh3-128 of each block of [off, off+length) of fd, read through a shared mapping."""
-    m = mmap.mmap(fd, length, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ,
-                  offset=off)
+    """xxh3-128 (cdp.codec.block_hash; not imported, to keep this process light) of each block
+    of [off, off+length) of fd, read through a shared mapping."""
+    m = map_window(fd, off, length)
     try:
         with memoryview(m) as mv:
             h = xxhash.xxh3_128_digest
@@ -147,10 +156,8 @@ class HashHelper:
     def cpu_seconds(self) -> float:
         """CPU time the helper has used so far (0 if it cannot be read)."""
         try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
+            return cpu_seconds(self.proc.pid, children=False)
+        except (OSError, ValueError):
             return 0.0
 
     def _fail(self, why: object) -> None:

@@ -18,7 +18,6 @@ while it is replicated.
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator
@@ -27,7 +26,7 @@ from pathlib import Path
 from cdp.blocks import Geometry, block_spans, data_extents
 from cdp.codec import HASH_LEN, block_hash, zero_hash
 from cdp.errors import TrackerError
-from cdp.tracker.hashworker import HashHelper
+from cdp.tracker.hashworker import HashHelper, map_window
 
 CHUNK = 16 << 20  # bytes mapped (or read) at a time; the source makes it smaller under read_limit
 
@@ -224,9 +223,7 @@ def _map(fd: int, off: int, length: int) -> memoryview:
     The mmap object is not closed here: the view keeps it alive, and it is unmapped
     when the view (and any slice of it the caller still holds) is gone.
     """
-    m = mmap.mmap(fd, length, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ,
-                  offset=off)
-    return memoryview(m)
+    return memoryview(map_window(fd, off, length))
 
 
 def _holes(geo: Geometry, smv: memoryview, start: int, end: int, zfull: bytes) -> Iterator[Change]:
