@@ -26,6 +26,7 @@ class Snapshot:
     counters: dict[str, int]
     cpu_source: float
     cpu_receiver: float
+    epoch: int = 0  # the replica's last applied epoch
 
 
 class CdpPair:
@@ -140,7 +141,7 @@ class CdpPair:
     def snapshot(self) -> Snapshot:
         st = self.state() or {"counters": {}}
         return Snapshot(time.time(), dict(st["counters"]), cpu_seconds(self.procs["source"].pid),
-                        cpu_seconds(self.procs["receiver"].pid))
+                        cpu_seconds(self.procs["receiver"].pid), st.get("epoch", 0))
 
     def peaks(self) -> tuple[int, int]:
         return peak_rss(self.procs["source"].pid), peak_rss(self.procs["receiver"].pid)

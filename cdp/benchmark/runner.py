@@ -412,11 +412,8 @@ def _scan_rows(pair: CdpPair, img: Path, size: int, scenarios: list[str], *, suf
                 before = pair.snapshot()
                 changed, written = rewrite_timed(img, frac, seed=salt + n + 1000 * k)
                 t1 = time.time()  # the writes are durable on the source: the clock starts
-                # current as of a scan that began after the last write returned: it read them
-                # all (it may have begun during the fsync, and then it can end before t1: 0 s)
-                st = pair.wait_current(written)
-                ours.append(_cdp_result(name + suffix, pair, before,
-                                        max(0.0, st["confirmed_at"] - t1), img, size, changed))
+                ours.append(_incremental_result(pair, before, name + suffix, t1, written, img,
+                                                size, changed))
                 if rs and dest:
                     theirs.append(_rsync_result(name, rs.run(img), img, dest, size, changed))
             results.append(median_of(ours))
@@ -428,6 +425,23 @@ def _scan_rows(pair: CdpPair, img: Path, size: int, scenarios: list[str], *, suf
         results.append(_steady(pair, img, size, steady_rate, steady_seconds, progress,
                                name="steady" + suffix, seed=salt + 99))
     return results
+
+
+def _incremental_result(pair: CdpPair, before: Snapshot, name: str, t1: float, written: float,
+                        image: Path, size: int, changed: int) -> Result:
+    """The time from t1 (the writes durable on the source) until the replica held them: the
+    commit of the last epoch, once the source is current as of a scan that began after the
+    last write returned (that scan read every new block, so no later epoch follows; 0 s if
+    the replica had them before the fsync ended). When the source *knew* (that scan's end,
+    a timer's scan if the writer was descheduled before it read its clock) is in the JSON
+    as `source_confirmed_s`: it is bookkeeping, not when the data was safe."""
+    st = pair.wait_current(written)
+    if st["epoch"] <= before.epoch:
+        raise RuntimeError(f"{name}: the change reached the replica in no epoch "
+                           f"(still epoch {before.epoch})")
+    res = _cdp_result(name, pair, before, max(0.0, st["applied_at"] - t1), image, size, changed)
+    res.extra = {"source_confirmed_s": max(0.0, st["confirmed_at"] - t1)}
+    return res
 
 
 def _stopped(pair: CdpPair) -> None:

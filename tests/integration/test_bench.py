@@ -34,6 +34,8 @@ def test_bench_runs_every_scenario_beside_rsync(tmp_path) -> None:
     for x in (x for x in report["results"] if x["scenario"].startswith("incremental")):
         runs = x["extra"]["runs"]  # one change is one noisy sample: the median of three, each tool
         assert len(runs) == 3 and x["seconds"] == sorted(runs)[1], x
+        if x["tool"] == "cdp":  # the replica held the change before (or when) the source knew
+            assert 0 <= x["seconds"] <= x["extra"]["source_confirmed_s"], x
     steady = next(x for x in report["results"] if x["scenario"] == "steady")
     assert steady["extra"]["rpo_p99"] >= steady["extra"]["rpo_p50"] >= 0
     # the steady state only: samples every 0.1 s from 1 s into the 3-s load, not from its start
