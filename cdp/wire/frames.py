@@ -50,56 +50,89 @@ def decode_payload(payload: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRA
 class FrameDecoder:
     """Feed bytes as they arrive; take whole messages out.
 
-    Memory stays bounded by max_frame plus one read: a header announcing more
-    is an error at once, before the body arrives. Messages are decoded straight
-    from the buffer (msgpack copies out only the fields it returns), and taken
-    frames are dropped by moving an offset: the buffer is compacted when the
-    next read arrives, so each received byte is copied into it once at most (a
-    read that starts a frame boundary with nothing pending is not copied at all).
+    Two ways in: push() copies bytes someone else read, and the buffer protocol
+    (get_buffer() / buffer_updated(), what asyncio.BufferedProtocol calls) lets the
+    socket read straight into the decoder's buffer, so a received byte is copied once,
+    by the kernel, before msgpack takes its fields out. A frame larger than the buffer
+    gets a buffer of its own size as soon as its header is in, and the rest of it is
+    read into place; a buffer grown for large frames is kept while large frames come
+    (a seed) and given back after the first small one.
+
+    Memory stays bounded by max_frame plus one read: a header announcing more is an
+    error at once, before the body arrives. Messages are decoded straight from the
+    buffer (msgpack copies out only the fields it returns); taken frames are dropped
+    by moving an offset, and the buffer is compacted only when room is needed.
     """
+
+    CHUNK = 256 * 1024  # the buffer's usual size, and the least room offered to a read
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
-        self._buf: bytes | bytearray = b""
-        self._pos = 0  # start of the first frame not taken yet
+        self._buf = bytearray(self.CHUNK)
+        self._start = 0  # first byte not taken yet
+        self._end = 0  # end of the bytes received
         self.sizes: list[int] = []  # frame sizes (header included) of the last feed's messages
 
-    def push(self, data: bytes) -> None:
-        """Buffer received bytes; take messages out with pop()."""
-        if self._pos >= len(self._buf):  # nothing pending: decode from the read itself
-            self._buf, self._pos = (data if isinstance(data, bytes) else bytes(data)), 0
-        else:
-            if self._pos or not isinstance(self._buf, bytearray):
-                self._buf = bytearray(memoryview(self._buf)[self._pos:])
-                self._pos = 0
-            self._buf += data
-        self._check_head()
+    def _frame_length(self) -> int | None:
+        """The whole size (header included) of the frame at _start, once its header is in."""
+        if self._end - self._start < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buf, self._start)
+        if length > self.max_frame:  # refuse at once, before the body arrives
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+        return HEADER.size + length
 
-    def _check_head(self) -> None:
-        if len(self._buf) - self._pos >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buf, self._pos)
-            if length > self.max_frame:  # refuse at once, before the body arrives
-                raise RemoteProtocolError(
-                    f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Room for the next read, at the end of what is buffered (the frame in progress
+        gets a buffer that holds it whole)."""
+        held = self._end - self._start
+        need = max(self._frame_length() or 0, held + self.CHUNK // 4)
+        if self._start + need > len(self._buf):
+            if need <= len(self._buf):
+                self._buf[:held] = self._buf[self._start:self._end]  # compact
+            else:
+                grown = bytearray(need + self.CHUNK)  # and room for the next frame's start
+                grown[:held] = self._buf[self._start:self._end]
+                self._buf = grown
+            self._start, self._end = 0, held
+        return memoryview(self._buf)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """`nbytes` were read into the room get_buffer() gave."""
+        self._end += nbytes
+        self._frame_length()  # a header announcing too much: refused now
+
+    def push(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer received bytes; take messages out with pop()."""
+        data = memoryview(data).cast("B")
+        while data:
+            room = self.get_buffer()
+            n = min(len(room), len(data))
+            room[:n] = data[:n]
+            room.release()
+            self.buffer_updated(n)
+            data = data[n:]
+
+    def has_frame(self) -> bool:
+        """A whole frame is buffered (a reader may stop reading until it is taken)."""
+        n = self._frame_length()
+        return n is not None and self._end - self._start >= n
 
     def pop(self) -> tuple[Message, int] | None:
         """The next whole message and its frame size, or None until more bytes arrive."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < HEADER.size:
+        n = self._frame_length()
+        if n is None or self._end - self._start < n:
             return None
-        (length,) = HEADER.unpack_from(buf, pos)
-        if length > self.max_frame:
-            raise RemoteProtocolError(
-                f"frame of {length} bytes exceeds the {self.max_frame}-byte limit")
-        end = pos + HEADER.size + length
-        if len(buf) < end:
-            return None
-        with memoryview(buf) as mv, mv[pos + HEADER.size:end] as payload:
+        pos = self._start
+        with memoryview(self._buf) as mv, mv[pos + HEADER.size:pos + n] as payload:
             msg = decode_payload(payload, self.max_frame)
-        self._pos = end
-        if end >= len(buf):  # all taken: let the read go
-            self._buf, self._pos = b"", 0
-        return msg, end - pos
+        self._start = pos + n
+        if self._start == self._end:  # all taken: reuse the buffer from its start
+            self._start = self._end = 0
+            if len(self._buf) > self.CHUNK and n <= self.CHUNK:
+                self._buf = bytearray(self.CHUNK)  # large frames are over: give their room back
+        return msg, n
 
     def feed(self, data: bytes) -> list[Message]:
         """push() then pop() until empty; frame sizes go to `sizes`."""
@@ -114,4 +147,4 @@ class FrameDecoder:
     @property
     def pending(self) -> int:
         """Bytes buffered that do not yet make a whole frame."""
-        return len(self._buf) - self._pos
+        return self._end - self._start

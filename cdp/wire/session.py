@@ -198,6 +198,31 @@ class Session:
                 self.state = State.CLOSED
                 raise
 
+    def receive_buffer(self, sizehint: int = -1) -> memoryview:
+        """Room to read received bytes straight into (then received_into): asyncio's
+        BufferedProtocol.get_buffer, without a copy through an intermediate buffer."""
+        return self._decoder.get_buffer(sizehint)
+
+    def received_into(self, nbytes: int) -> None:
+        """`nbytes` were read into receive_buffer(); as receive_data() for those bytes."""
+        try:
+            self._decoder.buffer_updated(nbytes)
+        except RemoteProtocolError:
+            self.state = State.CLOSED
+            raise
+
+    @property
+    def pending(self) -> int:
+        """Bytes received and not yet taken."""
+        return self._decoder.pending
+
+    def frame_ready(self) -> bool:
+        """A whole frame waits to be taken: a reader may stop reading until it is."""
+        try:
+            return self._decoder.has_frame()
+        except RemoteProtocolError:
+            return True  # taking it raises: let the reader get there
+
     def next_event(self) -> tuple[Message | VolumeError, int] | None:
         """The next message and its frame size, validated only now; None until more bytes arrive.
 

@@ -76,6 +76,106 @@ def client_tls(cfg: TlsClient) -> ssl.SSLContext:
     return ctx
 
 
+class _Reads(asyncio.BufferedProtocol):
+    """Reads a link's socket straight into its session's frame buffer (Session.receive_buffer):
+    no copy through a StreamReader, its bytes objects, or a second frame buffer. Everything
+    else (flow control of writes, close, EOF) goes to the stream protocol it replaced, so the
+    StreamWriter's drain() and wait_closed() work as before.
+
+    Reading pauses while a whole frame waits untaken and half a buffer is held (memory stays
+    bounded by max_frame plus one read, as with a StreamReader) and resumes when the link is
+    asked for more."""
+
+    def __init__(self, session: Session, inner: asyncio.StreamReaderProtocol,
+                 transport: asyncio.Transport) -> None:
+        self.session = session
+        self.inner = inner
+        self.transport = transport
+        self.reads = 0  # buffer_updated calls so far: Link.fill waits for this to move
+        self.eof = False
+        self.lost: BaseException | None = None
+        self.error: Exception | None = None  # the session refused what arrived
+        self.received_at = time.monotonic()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.session.receive_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reads += 1
+        self.received_at = time.monotonic()
+        try:
+            self.session.received_into(nbytes)
+        except Exception as exc:  # refused: raised to the reader, never into the event loop
+            self.error = exc
+        if self.error is not None or (self.session.frame_ready()
+                                      and self.session.pending >= FRAME_BUFFER_HELD):
+            with contextlib.suppress(Exception):
+                self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self._wake()
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = exc
+        self._wake()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, seen: int) -> None:
+        """Until a read after `seen`, EOF or a refusal; reading resumes first."""
+        if self.reads != seen or self.eof or self.error is not None:
+            return
+        with contextlib.suppress(Exception):
+            if not self.transport.is_reading():
+                self.transport.resume_reading()
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+
+FRAME_BUFFER_HELD = 128 * 1024  # untaken bytes (a whole frame among them) that pause reading
+
+
+def _read_into_session(session: Session, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter) -> _Reads | None:
+    """Switch the connection's reads to _Reads, moving what the StreamReader already holds;
+    None (streams kept) where the transport or Python does not allow it."""
+    transport = writer.transport
+    inner = transport.get_protocol() if transport is not None else None
+    buffered = getattr(reader, "_buffer", None)
+    if (not isinstance(transport, asyncio.Transport) or reader.exception() is not None
+            or not isinstance(inner, asyncio.StreamReaderProtocol)
+            or not isinstance(buffered, bytearray)):
+        return None
+    reads = _Reads(session, inner, transport)
+    if buffered:
+        session.receive_data(bytes(buffered))
+        buffered.clear()
+        reads.reads += 1
+    reads.eof = reader.at_eof() or getattr(reader, "_eof", False)
+    transport.set_protocol(reads)
+    with contextlib.suppress(Exception):  # a StreamReader that had paused stays paused
+        if not transport.is_reading():
+            transport.resume_reading()
+    return reads
+
+
 class Link:
     """One connection: a session plus the streams it talks over."""
 
@@ -86,14 +186,21 @@ class Link:
         self.writer = writer
         self.sent_bytes = 0
         self.written = 0  # bytes handed to the transport (sent_bytes: once drained)
-        self.received_at = time.monotonic()  # when bytes last arrived (the source's dead_after)
+        self._received_at = time.monotonic()  # when bytes last arrived (the source's dead_after)
         self._lock = asyncio.Lock()
+        self._reads = _read_into_session(session, reader, writer)
+        self._seen = 0  # _reads.reads when fill() last returned
         transport = writer.transport
         if transport is not None:
             transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         tcp_keepalive(writer.get_extra_info("socket"))
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+    @property
+    def received_at(self) -> float:
+        """When bytes last arrived (the source's dead_after)."""
+        return self._reads.received_at if self._reads is not None else self._received_at
 
     async def send(self, msg: Message) -> int:
         """Check and write one message, waiting while the socket buffer is full."""
@@ -127,6 +234,9 @@ class Link:
 
     async def fill(self, timeout: float | None = None) -> None:
         """Read what has arrived into the session; take messages with session.next_event()."""
+        if self._reads is not None:
+            await self._fill_direct(timeout)
+            return
         try:
             async with asyncio.timeout(timeout):
                 data = await self.reader.read(READ_SIZE)
@@ -136,8 +246,24 @@ class Link:
             raise TransportError(f"connection to {self.peer} lost: {exc}") from None
         if not data:
             raise PeerClosed(f"{self.peer} closed the connection")
-        self.received_at = time.monotonic()
+        self._received_at = time.monotonic()
         self.session.receive_data(data)
+
+    async def _fill_direct(self, timeout: float | None) -> None:
+        r = self._reads
+        assert r is not None
+        try:
+            async with asyncio.timeout(timeout):
+                await r.wait(self._seen)
+        except TimeoutError:
+            raise TransportError(f"{self.peer}: idle for {timeout:.0f}s, closing") from None
+        if r.error is not None:
+            raise r.error
+        if r.reads == self._seen:  # nothing new: the peer is gone
+            if r.lost is not None:
+                raise TransportError(f"connection to {self.peer} lost: {r.lost}")
+            raise PeerClosed(f"{self.peer} closed the connection")
+        self._seen = r.reads
 
     def unacked(self) -> int:
         """Of `written`, the bytes the peer has not acknowledged yet: still in our buffer, or in

@@ -307,6 +307,48 @@ def test_round_trip_split_anywhere(msgs, data):
     assert dec.pending == 0
 
 
+def _read_into(dec: FrameDecoder, stream: bytes, data, take_early: bool) -> list[Message]:
+    """What a socket does through the buffer protocol: reads of any size into get_buffer()."""
+    out: list[Message] = []
+    pos = 0
+    while pos < len(stream):
+        room = dec.get_buffer(-1)
+        assert len(room) > 0
+        n = data.draw(st.integers(1, min(len(room), len(stream) - pos)))
+        room[:n] = stream[pos:pos + n]
+        room.release()
+        dec.buffer_updated(n)
+        pos += n
+        # memory: one frame (at most max_frame) plus a read's worth of room, never more
+        assert len(dec._buf) <= dec.max_frame + HEADER.size + 2 * dec.CHUNK
+        if take_early or dec.pending > dec.CHUNK:
+            while (item := dec.pop()) is not None:
+                out.append(item[0])
+    while (item := dec.pop()) is not None:
+        out.append(item[0])
+    return out
+
+
+@QUICK
+@given(st.lists(any_message, min_size=1, max_size=6), st.data(), st.booleans())
+def test_round_trip_read_into_the_buffer(msgs, data, take_early):
+    stream = b"".join(encode(m) for m in msgs)
+    dec = FrameDecoder()
+    assert _read_into(dec, stream, data, take_early) == msgs
+    assert dec.pending == 0
+
+
+@QUICK
+@given(st.lists(st.integers(0, 3 * FrameDecoder.CHUNK), min_size=1, max_size=5), st.data())
+def test_large_frames_read_into_their_own_buffer_and_give_it_back(sizes, data):
+    msgs = [Data("v", 1, b"", b"", n, bytes([n % 251]) * n) for n in sizes]
+    stream = b"".join(encode(m) for m in msgs)
+    dec = FrameDecoder()
+    assert _read_into(dec, stream, data, take_early=True) == msgs
+    if encode(msgs[-1]).__len__() <= dec.CHUNK:  # the last frame was small: the room went back
+        assert len(dec._buf) == dec.CHUNK
+
+
 @QUICK
 @given(any_message)
 def test_round_trip_byte_by_byte(msg):
