@@ -483,6 +483,29 @@ def run_cdp(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProc
                           text=True, timeout=scaled(timeout), stdin=subprocess.DEVNULL)
 
 
+def run_main(capsys: Any, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`cdp ARGS` in this process (cdp.cli.main.main), its output taken from pytest's `capsys`:
+    what run_cdp returns, without starting a process. The root logger is put back after."""
+    import logging
+
+    from cdp.cli.main import main
+
+    argv = list(map(str, args))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()  # only this command's output
+    try:
+        rc: int | str | None = main(argv)
+    except SystemExit as exc:  # usage errors (argparse)
+        rc = exc.code
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out = capsys.readouterr()
+    code = rc if isinstance(rc, int) else 0 if rc is None else 1
+    return subprocess.CompletedProcess(["cdp", *argv], code, out.out, out.err)
+
+
 # -- file sets -------------------------------------------------------------------------------
 
 
