@@ -9,7 +9,6 @@ conftest.py; test files import helpers from here (`from helpers import ...`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -410,71 +408,6 @@ def assert_replica_equal(env: CdpEnv, volume: str, image: Path | None = None) ->
         f"replica of {volume}: image and hash map disagree at blocks {res.differing[:10]} "
         f"{res.error}")
     return got
-
-
-# -- a byte-counting TCP proxy -------------------------------------------------
-
-
-class CountingProxy:
-    """Forwards 127.0.0.1:port to a target port and counts the bytes in each direction."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.up = 0  # client -> target
-        self.down = 0
-        self._lock = threading.Lock()
-        self._srv = socket.socket()
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._srv.bind(("127.0.0.1", 0))
-        self._srv.listen(16)
-        self.port = self._srv.getsockname()[1]
-        self._closed = False
-        self._socks: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                c, _ = self._srv.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(("127.0.0.1", self.target), 5)
-            except OSError:
-                c.close()
-                continue
-            with self._lock:
-                self._socks.update((c, t))
-            threading.Thread(target=self._pump, args=(c, t, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(t, c, False), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket, up: bool) -> None:
-        try:
-            while True:
-                data = a.recv(1 << 20)
-                if not data:
-                    break
-                b.sendall(data)
-                with self._lock:
-                    if up:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._srv.close()
-        with self._lock:
-            for s in self._socks:
-                with contextlib.suppress(OSError):
-                    s.close()
 
 
 def run_cdp(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -197,12 +197,12 @@ def _random_image(size: int, seed: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, counting_proxy) -> None:
+def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, fault_proxy) -> None:
     size = 96 * MiB
     from helpers import free_port
 
     port = free_port()
-    proxy = counting_proxy(port)
+    proxy = fault_proxy(port)
     env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 3), port=port,
                          receiver_addr=f"127.0.0.1:{proxy.port}")
     src = daemons.all[1]
