@@ -1,10 +1,11 @@
 """Helpers for cdp tests: configs on disk, real daemons, hashing and writing, waiting.
 
-Integration tests run `python -m cdp receiver|source` as separate processes on
-127.0.0.1, with real files in tmp_path. Every timeout goes through `scaled()`,
-so a slow machine sets CDP_TEST_TIMEOUT_FACTOR=3 instead of editing tests; no
-test asserts how long something took. The fixtures that use these live in
-conftest.py; test files import helpers from here (`from helpers import ...`).
+Integration tests run the receiver and sources on 127.0.0.1 with real files in tmp_path:
+in the test's own process (`inprocess=True`, tests/inprocess.py) unless the test's subject is
+a crash, a kill or a real process, then as `python -m cdp receiver|source` subprocesses.
+Every timeout goes through `scaled()`, so a slow machine sets CDP_TEST_TIMEOUT_FACTOR=3
+instead of editing tests; no test asserts how long something took. The fixtures that use
+these live in conftest.py; test files import helpers from here (`from helpers import ...`).
 """
 
 from __future__ import annotations
@@ -338,19 +339,33 @@ class Daemon:
 
 
 class Daemons:
-    """Starts receivers and sources for a test and makes sure none outlives it."""
+    """Starts receivers and sources for a test and makes sure none outlives it.
+
+    inprocess=True runs one in a thread of the test's process (tests/inprocess.py: the same
+    interface, no process start-up) for tests whose subject is not a crash, a kill or a real
+    peer; subprocesses (the default) for those that are."""
 
     def __init__(self) -> None:
-        self.all: list[Daemon] = []
+        self.all: list[Any] = []  # Daemon or inprocess.InProcessDaemon
 
-    def receiver(self, env: CdpEnv, start: bool = True) -> Daemon:
-        d = Daemon("receiver", env.receiver_toml, env.root / "receiver.log", env.port)
+    def _make(self, verb: str, config: Path, log: Path, port: int | None,
+              inprocess: bool) -> Any:
+        if inprocess:
+            from inprocess import InProcessDaemon
+
+            return InProcessDaemon(verb, config, log, port)
+        return Daemon(verb, config, log, port)
+
+    def receiver(self, env: CdpEnv, start: bool = True, *, inprocess: bool = False) -> Any:
+        d = self._make("receiver", env.receiver_toml, env.root / "receiver.log", env.port,
+                       inprocess)
         self.all.append(d)
         return d.start() if start else d
 
-    def source(self, env: CdpEnv, client: str | None = None, start: bool = True) -> Daemon:
+    def source(self, env: CdpEnv, client: str | None = None, start: bool = True, *,
+               inprocess: bool = False) -> Any:
         sf = env.sources[client] if client else env.source
-        d = Daemon("source", sf.toml, env.root / f"source-{sf.client}.log")
+        d = self._make("source", sf.toml, env.root / f"source-{sf.client}.log", None, inprocess)
         self.all.append(d)
         return d.start() if start else d
 
@@ -359,7 +374,10 @@ class Daemons:
         for d in self.all:
             if d.running:
                 leftovers.append(d.verb)
-                d.kill()
+                if isinstance(d, Daemon):
+                    d.kill()
+                else:  # in-process: an orderly stop, whatever its exit status
+                    d.stop(expect=None)
         return leftovers
 
     def tails(self) -> str:
