@@ -166,8 +166,8 @@ def test_idle_link_going_dark_is_noticed_and_replaced(cdp_env, daemons) -> None:
         env = _env(cdp_env, proxy, port)
         image = env.source.images[VOL]
         make_image(image, 4 * MiB, random.Random(1))
-        rx = daemons.receiver(env)
-        src = daemons.source(env)
+        rx = daemons.receiver(env, inprocess=True)
+        src = daemons.source(env, inprocess=True)
         wait_converged(env, VOL, time.time(), src, rx)
         time.sleep(scaled(2 * DEAD_AFTER))  # idle, yet alive: Pings are answered, nothing dropped
         assert WARNING not in src.log_text() and proxy.connections == 1
@@ -194,8 +194,8 @@ def test_link_going_dark_with_epochs_pending_is_noticed_and_resumed(cdp_env, dae
         size = 16 * MiB
         image = env.source.images[VOL]
         make_image(image, size, random.Random(3))
-        rx = daemons.receiver(env)
-        src = daemons.source(env)
+        rx = daemons.receiver(env, inprocess=True)
+        src = daemons.source(env, inprocess=True)
         wait_converged(env, VOL, time.time(), src, rx)
         seeded = env.counters(VOL)
 
@@ -245,8 +245,8 @@ def test_a_slow_link_with_buffered_data_is_not_taken_for_dead(cdp_env, daemons) 
         image = env.source.images[VOL]
         with open(image, "wb") as fh:  # incompressible: 8 MiB really cross the slow link
             fh.write(random.Random(5).randbytes(8 * MiB))
-        rx = daemons.receiver(env)
-        src = daemons.source(env)
+        rx = daemons.receiver(env, inprocess=True)
+        src = daemons.source(env, inprocess=True)
         wait_converged(env, VOL, time.time(), src, rx, timeout=60)
         assert_replica_equal(env, VOL)
         assert WARNING not in src.log_text()

@@ -1,4 +1,5 @@
-"""Failback end to end: replicate, promote, write on both sides, fail back with real processes.
+"""Failback end to end: replicate, promote, write on both sides, fail back: the receivers in
+this process, the source and every `cdp` command real processes.
 
 After `cdp failover promote`, the DR image is written (the DR machine ran), and the
 original image was also written after the last epoch the DR site applied. `cdp
@@ -18,7 +19,6 @@ import time
 
 from helpers import (
     BS,
-    Daemon,
     MiB,
     assert_replica_equal,
     file_hash,
@@ -29,6 +29,7 @@ from helpers import (
     wait_for,
     write_random_blocks,
 )
+from inprocess import InProcessDaemon
 
 VOL = "vol1"
 SIZE = 64 * MiB
@@ -39,8 +40,8 @@ def test_failback_ships_only_differences(cdp_env, daemons, fault_proxy, tmp_path
     original = env.source.images[VOL]
     rng = random.Random(11)
     make_image(original, SIZE, rng, zero=0.1)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env)  # a process: `cdp failback` checks it is gone by its pid
     wait_converged(env, VOL, time.time(), src, rx)
     src.stop()
 
@@ -69,7 +70,7 @@ def test_failback_ships_only_differences(cdp_env, daemons, fault_proxy, tmp_path
     assert r.returncode == 0, r.stderr
     prep = json.loads(r.stdout)
     assert prep["blocks"] == blocks
-    frx = Daemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
+    frx = InProcessDaemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
     daemons.all.append(frx)
     frx.start()
     proxy = fault_proxy(port)
@@ -114,8 +115,8 @@ def promote_and_prepare(env, daemons, tmp_path, size: int, seed: int):
     original = env.source.images[VOL]
     rng = random.Random(seed)
     make_image(original, size, rng, zero=0.1)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env)  # a process: `cdp failback` checks it is gone by its pid
     wait_converged(env, VOL, time.time(), src, rx)
     src.stop()
     r = run_cdp("failover", "promote", "-c", env.receiver_toml, VOL, "--json")
@@ -125,7 +126,7 @@ def promote_and_prepare(env, daemons, tmp_path, size: int, seed: int):
     r = run_cdp("failback", "prepare", "-c", env.source.toml, VOL, "--listen",
                 f"127.0.0.1:{port}", "--dir", fb, "--json")
     assert r.returncode == 0, r.stderr
-    frx = Daemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
+    frx = InProcessDaemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
     daemons.all.append(frx)
     frx.start()
     return rng, rx, src, json.loads(r.stdout), frx, port
