@@ -122,8 +122,8 @@ class InProcessDaemon:
             self._rc = 1
         finally:
             made.set()
-            self.handler.flush()
             _logging_off(self)
+            self.handler.close()  # reopened by the next start's first record
 
     async def _run(self, made: threading.Event) -> None:
         if self.verb == "receiver":
