@@ -24,8 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from cdp.source.phase import Phase
-from cdp.status import ReceiverView, SourceStatus, SourceView, SourceVolumeStatus
+from cdp.status import Phase, ReceiverView, SourceStatus, SourceView, SourceVolumeStatus
 
 if TYPE_CHECKING:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric

@@ -22,6 +22,7 @@ JSON, one mapping each (`to_dict` / `from_dict`); the keys are what users' scrip
       progress_done, progress_total, current_as_of, confirmed_at, lag|null, last_ack, rate,
       error, stats{}, size, block_size, rate_limit|null, mode, paused, paused_since|null,
       resync, resync_blocks, and nbd{} for nbd volumes
+      (phase: a `Phase` value, defined here for the source, the metrics and `cdp status`)
     SourceStatus (<state_dir>/status.json): source, connected, pid, link_error,
       link_error_since, next_connect, updated, rate_limit, read_limit, window, volumes[],
       filesets[]
@@ -30,6 +31,7 @@ JSON, one mapping each (`to_dict` / `from_dict`); the keys are what users' scrip
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -172,6 +174,24 @@ class ReceiverView(Protocol):
 
 
 # -- source --------------------------------------------------------------------------------
+
+
+class Phase(enum.StrEnum):
+    """What a source volume is doing: shown by `cdp status`, status.json and the metrics. Its
+    life cycle (which changes are legal) is the source's: cdp/source/phase.py."""
+
+    STARTING = "starting"
+    OPENING = "opening"
+    FETCHING_MAP = "fetching map"
+    SEEDING = "seeding"
+    SCANNING = "scanning"
+    RESYNC = "resync"
+    SENDING = "sending"
+    IDLE = "idle"
+    QUEUED = "queued"  # waiting for a scan slot (max_concurrent_scans)
+    PAUSED = "paused"
+    DISCONNECTED = "disconnected"
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ os.environ["CDP_STRICT_PHASES"] = "1"
 
 # -- archive tests: a SeaweedFS S3 server for the session (see archive_fixtures.py) --------------
 from archive_fixtures import s3_env, s3_server  # noqa: F401
+from faultproxy import FaultProxy
 from helpers import (  # noqa: F401  (re-exported for `from conftest import ...`)
     BS,
     TIMEOUT_FACTOR,
     WORDS,
     CdpEnv,
-    CountingProxy,
     Daemon,
     Daemons,
     MiB,
@@ -90,12 +90,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture
-def counting_proxy() -> Iterator[Callable[[int], CountingProxy]]:
-    """Factory: counting_proxy(target_port) -> a CountingProxy, closed after the test."""
-    made: list[CountingProxy] = []
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """Factory: fault_proxy(target_port, **options) -> a FaultProxy (tests/faultproxy.py: byte
+    counts each way, faults on demand), closed after the test."""
+    made: list[FaultProxy] = []
 
-    def make(target_port: int) -> CountingProxy:
-        p = CountingProxy(target_port)
+    def make(target_port: int, **kw: Any) -> FaultProxy:
+        p = FaultProxy(target_port, **kw)
         made.append(p)
         return p
 

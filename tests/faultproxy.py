@@ -18,11 +18,19 @@ the link now, from a seeded schedule if you like (`plan_faults(seed, n)`):
              connection, new ones too; then the same connections go on with what was buffered;
 - ratecap:   at most `rate` bytes/s in `direction` (the whole link) for `duration` seconds.
 
+`inject_at(nbytes, ...)` injects the same fault later, once `nbytes` have been forwarded in
+`count`'s direction ("up" by default, every connection together): a reset half way through a
+transfer. It returns a `Trigger`; `Trigger.fault` is the Fault once it fired.
+
 `inject` returns a `Fault` at once; `Fault.wait()` returns the moment (time.monotonic()) the
 link is healthy again: for reset and fin when the connections were cut, for the others when
 `duration` ends. `healthy_wall` is the same moment on the time.time() clock (the clock of
 epoch times). `faults` counts injected faults per kind, `history` keeps them all, `live()`
-counts connections no fault has touched.
+counts connections no fault has touched. `up` and `down` count the bytes forwarded each way
+(every connection together), `connections` the connections accepted. A ratecap with a long
+duration, injected before anything connects, is a slow link for the whole test; `rcvbuf` (a
+constructor argument) sets SO_RCVBUF on each accepted client socket, so that a slow link's
+backlog waits in the sender's buffers rather than the proxy's.
 
 In the background, `start_chaos()` (the older tests' mode): a seeded random schedule picks a
 live connection every `interval` seconds (on average) and does one of `kinds`:
@@ -146,6 +154,29 @@ class Fault:
             self._heal()
 
 
+@dataclass
+class Trigger:
+    """A fault armed by `inject_at`: injected once `at` bytes went `count`'s way."""
+
+    plan: FaultPlan
+    count: int  # UP or DOWN
+    at: int
+    fault: Fault | None = None  # set when it fired
+    _event: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def fired(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Fault:
+        """Block until it fired; the Fault it injected."""
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"{self.plan.describe()} at {self.at} bytes: not fired after "
+                               f"{timeout} s")
+        assert self.fault is not None
+        return self.fault
+
+
 def plan_faults(seed: int | random.Random, n: int, *, kinds: tuple[str, ...] = FAULT_KINDS,
                 stall: tuple[float, float] = (1.0, 30.0),
                 blackhole: tuple[float, float] = (2.0, 20.0),
@@ -187,8 +218,10 @@ class _Conn:
 
 class FaultProxy:
     def __init__(self, target_port: int, *, seed: int = 0, interval: float = 1.0,
-                 delay: float = 0.01, kinds: tuple[str, ...] = KINDS) -> None:
+                 delay: float = 0.01, kinds: tuple[str, ...] = KINDS,
+                 rcvbuf: int | None = None) -> None:
         self.target = target_port
+        self.rcvbuf = rcvbuf
         self.rng = random.Random(seed)
         self.interval = interval
         self.delay = delay
@@ -207,6 +240,7 @@ class FaultProxy:
         self._rate: list[float] = [0.0, 0.0]
         self._rate_until = [0.0, 0.0]
         self._link_free = [0.0, 0.0]  # ratecap: when the capped link has sent what it took
+        self._triggers: list[Trigger] = []  # inject_at(), not fired yet
         self._timers: list[threading.Timer] = []
         self._threads: list[threading.Thread] = []
         self._srv = socket.socket()
@@ -270,6 +304,28 @@ class FaultProxy:
         else:  # reset: the pumps cut the next chunk; an idle direction is reset anyway
             self._timer(CUT_WAIT, self._cut_overdue, fault)
         return fault
+
+    def inject_at(self, nbytes: int, kind: str | FaultPlan, direction: str = "both",
+                  duration: float = 0.0, rate: int = 0, *, count: str = "up") -> Trigger:
+        """Inject a fault once `nbytes` have been forwarded `count`'s way ("up" or "down", all
+        connections together; at once if they already were). Returns at once."""
+        plan = kind if isinstance(kind, FaultPlan) else FaultPlan(kind, direction, duration, rate)
+        if count not in ("up", "down"):
+            raise ValueError(f"count: {count!r}, expected 'up' or 'down'")
+        trigger = Trigger(plan, UP if count == "up" else DOWN, nbytes)
+        with self._lock:
+            self._triggers.append(trigger)
+        self._fire_due()
+        return trigger
+
+    def _fire_due(self) -> None:
+        with self._lock:
+            done = (self.up, self.down)
+            due = [t for t in self._triggers if done[t.count] >= t.at]
+            self._triggers = [t for t in self._triggers if t not in due]
+        for t in due:
+            t.fault = self.inject(t.plan)
+            t._event.set()
 
     def calm(self) -> None:
         """No more faults or delays; stalls, caps and black-hole windows in progress end now
@@ -350,6 +406,9 @@ class FaultProxy:
             except OSError:
                 client.close()
                 continue
+            if self.rcvbuf is not None:
+                with contextlib.suppress(OSError):
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             conn = _Conn(client, server)
             now = time.monotonic()
             with self._lock:
@@ -392,6 +451,9 @@ class FaultProxy:
                         self.up += len(data)
                     else:
                         self.down += len(data)
+                    due = bool(self._triggers)
+                if due:
+                    self._fire_due()
         except OSError:
             pass
         finally:

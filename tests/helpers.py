@@ -1,15 +1,15 @@
 """Helpers for cdp tests: configs on disk, real daemons, hashing and writing, waiting.
 
-Integration tests run `python -m cdp receiver|source` as separate processes on
-127.0.0.1, with real files in tmp_path. Every timeout goes through `scaled()`,
-so a slow machine sets CDP_TEST_TIMEOUT_FACTOR=3 instead of editing tests; no
-test asserts how long something took. The fixtures that use these live in
-conftest.py; test files import helpers from here (`from helpers import ...`).
+Integration tests run the receiver and sources on 127.0.0.1 with real files in tmp_path:
+in the test's own process (`inprocess=True`, tests/inprocess.py) unless the test's subject is
+a crash, a kill or a real process, then as `python -m cdp receiver|source` subprocesses.
+Every timeout goes through `scaled()`, so a slow machine sets CDP_TEST_TIMEOUT_FACTOR=3
+instead of editing tests; no test asserts how long something took. The fixtures that use
+these live in conftest.py; test files import helpers from here (`from helpers import ...`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -340,19 +339,33 @@ class Daemon:
 
 
 class Daemons:
-    """Starts receivers and sources for a test and makes sure none outlives it."""
+    """Starts receivers and sources for a test and makes sure none outlives it.
+
+    inprocess=True runs one in a thread of the test's process (tests/inprocess.py: the same
+    interface, no process start-up) for tests whose subject is not a crash, a kill or a real
+    peer; subprocesses (the default) for those that are."""
 
     def __init__(self) -> None:
-        self.all: list[Daemon] = []
+        self.all: list[Any] = []  # Daemon or inprocess.InProcessDaemon
 
-    def receiver(self, env: CdpEnv, start: bool = True) -> Daemon:
-        d = Daemon("receiver", env.receiver_toml, env.root / "receiver.log", env.port)
+    def _make(self, verb: str, config: Path, log: Path, port: int | None,
+              inprocess: bool) -> Any:
+        if inprocess:
+            from inprocess import InProcessDaemon
+
+            return InProcessDaemon(verb, config, log, port)
+        return Daemon(verb, config, log, port)
+
+    def receiver(self, env: CdpEnv, start: bool = True, *, inprocess: bool = False) -> Any:
+        d = self._make("receiver", env.receiver_toml, env.root / "receiver.log", env.port,
+                       inprocess)
         self.all.append(d)
         return d.start() if start else d
 
-    def source(self, env: CdpEnv, client: str | None = None, start: bool = True) -> Daemon:
+    def source(self, env: CdpEnv, client: str | None = None, start: bool = True, *,
+               inprocess: bool = False) -> Any:
         sf = env.sources[client] if client else env.source
-        d = Daemon("source", sf.toml, env.root / f"source-{sf.client}.log")
+        d = self._make("source", sf.toml, env.root / f"source-{sf.client}.log", None, inprocess)
         self.all.append(d)
         return d.start() if start else d
 
@@ -361,7 +374,10 @@ class Daemons:
         for d in self.all:
             if d.running:
                 leftovers.append(d.verb)
-                d.kill()
+                if isinstance(d, Daemon):
+                    d.kill()
+                else:  # in-process: an orderly stop, whatever its exit status
+                    d.stop(expect=None)
         return leftovers
 
     def tails(self) -> str:
@@ -412,75 +428,33 @@ def assert_replica_equal(env: CdpEnv, volume: str, image: Path | None = None) ->
     return got
 
 
-# -- a byte-counting TCP proxy -------------------------------------------------
-
-
-class CountingProxy:
-    """Forwards 127.0.0.1:port to a target port and counts the bytes in each direction."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target = target_port
-        self.up = 0  # client -> target
-        self.down = 0
-        self._lock = threading.Lock()
-        self._srv = socket.socket()
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._srv.bind(("127.0.0.1", 0))
-        self._srv.listen(16)
-        self.port = self._srv.getsockname()[1]
-        self._closed = False
-        self._socks: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                c, _ = self._srv.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(("127.0.0.1", self.target), 5)
-            except OSError:
-                c.close()
-                continue
-            with self._lock:
-                self._socks.update((c, t))
-            threading.Thread(target=self._pump, args=(c, t, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(t, c, False), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket, up: bool) -> None:
-        try:
-            while True:
-                data = a.recv(1 << 20)
-                if not data:
-                    break
-                b.sendall(data)
-                with self._lock:
-                    if up:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._srv.close()
-        with self._lock:
-            for s in self._socks:
-                with contextlib.suppress(OSError):
-                    s.close()
-
-
 def run_cdp(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`python -m cdp ARGS` to completion; stdout and stderr captured as text."""
     return subprocess.run([sys.executable, "-m", "cdp", *map(str, args)], capture_output=True,
                           text=True, timeout=scaled(timeout), stdin=subprocess.DEVNULL)
+
+
+def run_main(capsys: Any, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`cdp ARGS` in this process (cdp.cli.main.main), its output taken from pytest's `capsys`:
+    what run_cdp returns, without starting a process. The root logger is put back after."""
+    import logging
+
+    from cdp.cli.main import main
+
+    argv = list(map(str, args))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()  # only this command's output
+    try:
+        rc: int | str | None = main(argv)
+    except SystemExit as exc:  # usage errors (argparse)
+        rc = exc.code
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out = capsys.readouterr()
+    code = rc if isinstance(rc, int) else 0 if rc is None else 1
+    return subprocess.CompletedProcess(["cdp", *argv], code, out.out, out.err)
 
 
 # -- file sets -------------------------------------------------------------------------------

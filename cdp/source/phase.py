@@ -1,4 +1,4 @@
-"""What a source volume is doing, and which changes of phase are legal.
+"""Which changes of a source volume's phase (cdp.status.Phase) are legal.
 
 `cdp status`, status.json and the metrics show the phase; the rules below are the
 volume's life cycle: nothing is sent for a volume before it is opened on the
@@ -11,26 +11,14 @@ raised when CDP_STRICT_PHASES=1 (the test suite sets it).
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 
+from cdp.status import Phase
+
+__all__ = ["ALLOWED", "Phase", "PhaseError", "check"]  # Phase lives in cdp.status
+
 log = logging.getLogger(__name__)
-
-
-class Phase(enum.StrEnum):
-    STARTING = "starting"
-    OPENING = "opening"
-    FETCHING_MAP = "fetching map"
-    SEEDING = "seeding"
-    SCANNING = "scanning"
-    RESYNC = "resync"
-    SENDING = "sending"
-    IDLE = "idle"
-    QUEUED = "queued"  # waiting for a scan slot (max_concurrent_scans)
-    PAUSED = "paused"
-    DISCONNECTED = "disconnected"
-    FAILED = "failed"
 
 
 P = Phase

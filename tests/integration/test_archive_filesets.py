@@ -40,8 +40,8 @@ def test_file_sets_are_archived_with_each_snapshot(cdp_env, daemons, tmp_path: P
     net.write_bytes(os.urandom(5000))
     add_fileset(env, SET, [conf])
     _archive_table(env, tmp_path / "repo")
-    daemons.receiver(env)
-    daemons.source(env)
+    daemons.receiver(env, inprocess=True)
+    daemons.source(env, inprocess=True)
     since = time.time()
     wait_converged(env, "vol1", since)
     wait_for(lambda: len(_json("files", "list", "-c", env.receiver_toml, SET)) >= 2, 30,

@@ -110,6 +110,38 @@ def test_reset_cuts_a_chunk_in_half_and_resets(echo_proxy: FaultProxy) -> None:
     assert _roundtrip(_connect(echo_proxy)), "new connections pass at once"
 
 
+def test_inject_at_resets_once_that_many_bytes_went_up(echo_proxy: FaultProxy) -> None:
+    c = _connect(echo_proxy)
+    trigger = echo_proxy.inject_at(20_000, "reset", "up")
+    assert _roundtrip(c) and not trigger.fired  # 1000 bytes up: not yet
+    c.sendall(b"y" * 40_000)
+    with pytest.raises(ConnectionResetError):
+        while c.recv(1 << 16):
+            pass
+    fault = trigger.wait(scaled(5))
+    assert fault.wait(scaled(5)) >= fault.started and fault.connections == 1
+    assert echo_proxy.faults["reset"] == 1 and 20_000 <= echo_proxy.up < 41_000
+    assert _roundtrip(_connect(echo_proxy)), "it fires once: new connections pass"
+    late = echo_proxy.inject_at(0, "fin", "both")  # already due: fires at once
+    assert late.fired and late.wait(0).kind == "fin"
+
+
+def test_rcvbuf_is_set_on_accepted_client_sockets() -> None:
+    echo = _Echo()
+    proxy = FaultProxy(echo.port, rcvbuf=64 * 1024)
+    try:
+        c = _connect(proxy)
+        assert _roundtrip(c)
+        with proxy._lock:
+            client = proxy._conns[0].client
+        # Linux doubles what is asked (bookkeeping overhead) and never gives less
+        assert 64 * 1024 <= client.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) <= 256 * 1024
+        c.close()
+    finally:
+        proxy.close()
+        echo.close()
+
+
 def test_reset_of_an_idle_direction_still_happens(echo_proxy: FaultProxy) -> None:
     c = _connect(echo_proxy)
     assert _roundtrip(c)

@@ -136,10 +136,10 @@ def test_receiver_sigkill_during_apply_keeps_whole_epochs(cdp_env, daemons):
 
 
 def test_source_sigkill_during_streaming_never_resends_everything(cdp_env, daemons,
-                                                                  counting_proxy):
+                                                                  fault_proxy):
     """Kill -9 the source mid-stream repeatedly; it must pick up from what the replica holds."""
     port = free_port()
-    proxy = counting_proxy(port)
+    proxy = fault_proxy(port)
     env = cdp_env(port=port, receiver_addr=f"127.0.0.1:{proxy.port}")
     image = env.source.images[VOL]
     rng = random.Random(12)

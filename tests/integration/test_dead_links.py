@@ -8,7 +8,6 @@ keepalive on both sides' sockets."""
 
 from __future__ import annotations
 
-import contextlib
 import random
 import socket
 import threading
@@ -167,8 +166,8 @@ def test_idle_link_going_dark_is_noticed_and_replaced(cdp_env, daemons) -> None:
         env = _env(cdp_env, proxy, port)
         image = env.source.images[VOL]
         make_image(image, 4 * MiB, random.Random(1))
-        rx = daemons.receiver(env)
-        src = daemons.source(env)
+        rx = daemons.receiver(env, inprocess=True)
+        src = daemons.source(env, inprocess=True)
         wait_converged(env, VOL, time.time(), src, rx)
         time.sleep(scaled(2 * DEAD_AFTER))  # idle, yet alive: Pings are answered, nothing dropped
         assert WARNING not in src.log_text() and proxy.connections == 1
@@ -195,8 +194,8 @@ def test_link_going_dark_with_epochs_pending_is_noticed_and_resumed(cdp_env, dae
         size = 16 * MiB
         image = env.source.images[VOL]
         make_image(image, size, random.Random(3))
-        rx = daemons.receiver(env)
-        src = daemons.source(env)
+        rx = daemons.receiver(env, inprocess=True)
+        src = daemons.source(env, inprocess=True)
         wait_converged(env, VOL, time.time(), src, rx)
         seeded = env.counters(VOL)
 
@@ -233,59 +232,21 @@ def test_link_going_dark_with_epochs_pending_is_noticed_and_resumed(cdp_env, dae
         proxy.close()
 
 
-class _SlowProxy:
-    """Forwards to the receiver at about `rate` bytes per second toward it (answers at full
-    speed): megabytes wait in the buffers, and a Pong answers a Ping long after it was sent."""
-
-    def __init__(self, target: int, rate: int) -> None:
-        self.target, self.rate = target, rate
-        self.connections = 0
-        self._srv = socket.create_server(("127.0.0.1", 0))
-        self.port = self._srv.getsockname()[1]
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                c, _ = self._srv.accept()
-            except OSError:
-                return
-            t = socket.create_connection(("127.0.0.1", self.target), 5)
-            t.settimeout(None)
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            self.connections += 1
-            self._socks += [c, t]
-            threading.Thread(target=self._pump, args=(c, t, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(t, c, False), daemon=True).start()
-
-    def _pump(self, a: socket.socket, b: socket.socket, slow: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := a.recv(16 * 1024 if slow else 1 << 20):
-                b.sendall(data)
-                if slow:
-                    time.sleep(len(data) / self.rate)
-        with contextlib.suppress(OSError):
-            b.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        for s in [self._srv, *self._socks]:
-            with contextlib.suppress(OSError):
-                s.close()
-
-
 def test_a_slow_link_with_buffered_data_is_not_taken_for_dead(cdp_env, daemons) -> None:
     """Several seconds of data in the buffers (longer than dead_after): the Pongs come late, but
     the receiver's end keeps acknowledging bytes, so the source does not drop the link."""
     port = free_port()
-    proxy = _SlowProxy(port, rate=1 * MiB)
+    # about 1 MiB/s toward the receiver (answers at full speed), for the whole test; a small
+    # receive buffer at the proxy keeps the backlog in the source's send buffer, as on a slow wire
+    proxy = FaultProxy(port, rcvbuf=64 * 1024)
+    proxy.inject("ratecap", "up", duration=3600, rate=1 * MiB)
     try:
-        env = _env(cdp_env, proxy, port)  # type: ignore[arg-type]
+        env = _env(cdp_env, proxy, port)
         image = env.source.images[VOL]
         with open(image, "wb") as fh:  # incompressible: 8 MiB really cross the slow link
             fh.write(random.Random(5).randbytes(8 * MiB))
-        rx = daemons.receiver(env)
-        src = daemons.source(env)
+        rx = daemons.receiver(env, inprocess=True)
+        src = daemons.source(env, inprocess=True)
         wait_converged(env, VOL, time.time(), src, rx, timeout=60)
         assert_replica_equal(env, VOL)
         assert WARNING not in src.log_text()

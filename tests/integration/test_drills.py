@@ -108,10 +108,10 @@ def test_ext4_points_drills_and_a_corrupt_point(cdp_env, daemons, tmp_path):
     work = tmp_path / "work.img"
     mkfs(work, 32 * MiB)
     rng = random.Random(21)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     vs = Versions(env, None, rx)
     vs.publish(work.read_bytes())
-    src = vs.src = daemons.source(env)
+    src = vs.src = daemons.source(env, inprocess=True)
     good = [vs.settle()]
     # replicated while it changes: a new file per version, some versions settle
     for k in range(6):
@@ -179,8 +179,8 @@ def test_views_and_drills_stay_on_their_point_while_epochs_apply(cdp_env, daemon
     rng = random.Random(22)
     size = 32 * MiB
     make_image(image, size, rng, zero=0.3, text=0.3)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     vs = Versions(env, src, rx)
     vs.all.add(file_hash(image))
     p1 = vs.settle()
@@ -231,8 +231,8 @@ def test_retention_keeps_journal_within_bounds_under_load(cdp_env, daemons):
     rng = random.Random(24)
     size = 16 * MiB
     make_image(image, size, rng, zero=0.2, text=0.2)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     vs = Versions(env, src, rx)
     first = vs.settle()
     for _ in range(9):
@@ -263,8 +263,8 @@ def test_promote_refuses_a_connected_source_then_rolls_back(cdp_env, daemons):
     rng = random.Random(25)
     size = 8 * MiB
     make_image(image, size, rng, zero=0.2, text=0.3)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     vs = Versions(env, src, rx)
     e1 = vs.settle()
     write_random_blocks(image, rng.sample(range(size // BS), 20), rng)
@@ -306,8 +306,8 @@ def test_forced_promote_cuts_off_a_connected_source(cdp_env, daemons):
     image = env.source.images[VOL]
     rng = random.Random(26)
     make_image(image, 4 * MiB, rng)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     vs = Versions(env, src, rx)
     e1 = vs.settle()
     r = run_cdp("failover", "promote", "-c", env.receiver_toml, VOL, "--force", "--json",

@@ -1,4 +1,5 @@
-"""Failback end to end: replicate, promote, write on both sides, fail back with real processes.
+"""Failback end to end: replicate, promote, write on both sides, fail back: the receivers in
+this process, the source and every `cdp` command real processes.
 
 After `cdp failover promote`, the DR image is written (the DR machine ran), and the
 original image was also written after the last epoch the DR site applied. `cdp
@@ -9,20 +10,15 @@ that differ (counted on the wire by a proxy).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import time
 
 from helpers import (
     BS,
-    CountingProxy,
-    Daemon,
     MiB,
     assert_replica_equal,
     file_hash,
@@ -33,18 +29,19 @@ from helpers import (
     wait_for,
     write_random_blocks,
 )
+from inprocess import InProcessDaemon
 
 VOL = "vol1"
 SIZE = 64 * MiB
 
 
-def test_failback_ships_only_differences(cdp_env, daemons, counting_proxy, tmp_path):
+def test_failback_ships_only_differences(cdp_env, daemons, fault_proxy, tmp_path):
     env = cdp_env()
     original = env.source.images[VOL]
     rng = random.Random(11)
     make_image(original, SIZE, rng, zero=0.1)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env)  # a process: `cdp failback` checks it is gone by its pid
     wait_converged(env, VOL, time.time(), src, rx)
     src.stop()
 
@@ -73,10 +70,10 @@ def test_failback_ships_only_differences(cdp_env, daemons, counting_proxy, tmp_p
     assert r.returncode == 0, r.stderr
     prep = json.loads(r.stdout)
     assert prep["blocks"] == blocks
-    frx = Daemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
+    frx = InProcessDaemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
     daemons.all.append(frx)
     frx.start()
-    proxy = counting_proxy(port)
+    proxy = fault_proxy(port)
     r = run_cdp("failback", "run", "-c", env.receiver_toml, VOL, "--to",
                 f"127.0.0.1:{proxy.port}", "--token-file", prep["token_file"], "--json",
                 timeout=300)
@@ -118,8 +115,8 @@ def promote_and_prepare(env, daemons, tmp_path, size: int, seed: int):
     original = env.source.images[VOL]
     rng = random.Random(seed)
     make_image(original, size, rng, zero=0.1)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env)  # a process: `cdp failback` checks it is gone by its pid
     wait_converged(env, VOL, time.time(), src, rx)
     src.stop()
     r = run_cdp("failover", "promote", "-c", env.receiver_toml, VOL, "--json")
@@ -129,7 +126,7 @@ def promote_and_prepare(env, daemons, tmp_path, size: int, seed: int):
     r = run_cdp("failback", "prepare", "-c", env.source.toml, VOL, "--listen",
                 f"127.0.0.1:{port}", "--dir", fb, "--json")
     assert r.returncode == 0, r.stderr
-    frx = Daemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
+    frx = InProcessDaemon("receiver", fb / "receiver.toml", tmp_path / "failback-receiver.log", port)
     daemons.all.append(frx)
     frx.start()
     return rng, rx, src, json.loads(r.stdout), frx, port
@@ -178,46 +175,8 @@ def test_finish_refuses_until_a_run_shipped_the_dr_writes(cdp_env, daemons, tmp_
     rx.stop()
 
 
-class DroppingProxy(CountingProxy):
-    """A CountingProxy that resets every connection once, when `drop_at` bytes went up."""
-
-    def __init__(self, target_port: int, drop_at: int) -> None:
-        super().__init__(target_port)
-        self.drop_at = drop_at
-        self.dropped = False
-
-    def _pump(self, a: socket.socket, b: socket.socket, up: bool) -> None:
-        try:
-            while True:
-                data = a.recv(64 * 1024)
-                if not data:
-                    break
-                with self._lock:
-                    drop = up and not self.dropped and self.up + len(data) >= self.drop_at
-                    self.dropped |= drop
-                    socks = list(self._socks) if drop else []
-                    if up:
-                        self.up += len(data)
-                    else:
-                        self.down += len(data)
-                if drop:
-                    for s in socks:
-                        with contextlib.suppress(OSError):
-                            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                         struct.pack("ii", 1, 0))
-                            s.close()
-                    break
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (a, b):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-
-
 def test_failback_run_after_a_kill_and_through_a_reset_counts_each_block_once(
-        cdp_env, daemons, tmp_path):
+        cdp_env, daemons, fault_proxy, tmp_path):
     env = cdp_env()
     size = 32 * MiB
     rng, rx, _, prep, frx, port = promote_and_prepare(env, daemons, tmp_path, size, 13)
@@ -240,14 +199,14 @@ def test_failback_run_after_a_kill_and_through_a_reset_counts_each_block_once(
     assert left[0].exists()
 
     # the next run removes it; its connection is reset half way through the one epoch
-    proxy = DroppingProxy(port, drop_at=len(changed) * BS // 2)
-    try:
-        r = failback_run(env, prep, proxy.port)
-    finally:
-        proxy.close()
+    proxy = fault_proxy(port)
+    reset = proxy.inject_at(len(changed) * BS // 2, "reset", "up")
+    r = failback_run(env, prep, proxy.port)
+    proxy.close()
     assert r.returncode == 0, r.stderr + frx.tail()
     rep = json.loads(r.stdout)
-    assert proxy.dropped and not left[0].exists() and rep["removed_leftovers"] == [left[0].name]
+    assert reset.fired and reset.wait(0).connections >= 1  # a live connection was reset
+    assert not left[0].exists() and rep["removed_leftovers"] == [left[0].name]
     assert original.read_bytes() == dr
     assert rep["blocks_sent"] == len(changed), rep
     assert rep["block_sends"] > len(changed), rep  # what went twice is reported apart

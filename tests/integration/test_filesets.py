@@ -65,8 +65,8 @@ def _site(cdp_env, daemons, files: Path, extra: str = ""):
     env = cdp_env()
     make_image(env.source.images[VOL], 2 * MiB, random.Random(3))
     add_fileset(env, SET, [files / "etc", files / "vm1.xml"], extra=extra)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     return env, rx, src
 
 
@@ -167,9 +167,9 @@ def test_client_cannot_write_another_clients_fileset(cdp_env, daemons, tmp_path)
     theirs.write_bytes(b"host2 pretending\n")
     add_fileset(env, "h1-config", [mine], client="host1")
     add_fileset(env, "h1-config", [theirs], client="host2", allow=[])  # not allowed for host2
-    rx = daemons.receiver(env)
-    s1 = daemons.source(env, "host1")
-    s2 = daemons.source(env, "host2")
+    rx = daemons.receiver(env, inprocess=True)
+    s1 = daemons.source(env, "host1", inprocess=True)
+    s2 = daemons.source(env, "host2", inprocess=True)
     t0 = time.time()
     wait_for(lambda: "may not write file set 'h1-config'" in s2.log_text(), 30,
              what="host2 to be refused")
@@ -211,7 +211,7 @@ def test_path_tricks_are_refused(cdp_env, daemons, tmp_path):
     env = cdp_env()
     make_image(env.source.images[VOL], 1 * MiB, random.Random(7))
     add_fileset(env, SET, [tmp_path / "nothing"])
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     c = _Raw(env.port, "host1", env.token("host1"))
     c.session.start()
     c.sock.sendall(sent(c.session))

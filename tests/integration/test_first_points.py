@@ -31,8 +31,8 @@ def test_a_first_seed_drops_nothing_restorable_and_point_0_is_refused(cdp_env, d
     with open(image, "wb") as fh:
         fh.truncate(4 * MiB)
     _write(image, rng)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, time.time(), src, rx)
     assert env.replica_state(VOL)["epoch"] >= 1
     assert DROPPED not in rx.log_text(), rx.tail()  # point 0 went, and nothing restorable

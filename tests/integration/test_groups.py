@@ -82,8 +82,8 @@ def start_group(cdp_env, daemons: Daemons, rate: str) -> CdpEnv:
     for img in env.source.images.values():
         with open(img, "wb") as fh:
             fh.truncate(SIZE)
-    daemons.receiver(env)
-    daemons.source(env)
+    daemons.receiver(env, inprocess=True)
+    daemons.source(env, inprocess=True)
     for d in DISKS:
         wait_port(port_of(env, d))
     settle(env)

@@ -12,9 +12,9 @@ def _run(cdp_env, daemons, keepalive: str) -> tuple[str, str]:
     env = cdp_env(scan_interval="30s", receiver_extra='idle_timeout = "2s"',
                   source_extra=f'keepalive = "{keepalive}"')
     make_image(env.source.images["vol1"], 1 << 20, random.Random(1))
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, "vol1", t0, src, rx)
     time.sleep(scaled(6))  # three idle timeouts, no scan due (scan_interval 30s)
     src.stop()

@@ -34,8 +34,8 @@ def test_a_reused_label_is_refused_until_moved(cdp_env, daemons):
     with open(env.source.images[VOL], "wb") as fh:
         fh.truncate(4 * MiB)
     rng = random.Random(8)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, time.time(), src, rx)
     _write(env, rng)
     r = _checkpoint(env, "base", "--json")

@@ -43,8 +43,8 @@ def test_labelled_point_outlives_tight_retention_and_drills_by_label(cdp_env, da
         fh.truncate(16 * MiB)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
     rng = random.Random(5)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, time.time(), src, rx)
     before = change(image, rng, env, src, rx)
 

@@ -68,8 +68,8 @@ def test_metrics_match_the_replica_state(cdp_env, daemons) -> None:
     image = env.source.images[VOL]
     rng = random.Random(7)
     make_image(image, 16 * MiB, rng)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_metrics_port(rx_port)
     wait_metrics_port(src_port)
     wait_converged(env, VOL, time.time(), src, rx)
@@ -167,8 +167,8 @@ def test_nbd_pull_ahead_state_is_exported(cdp_env, daemons) -> None:
     img = env.source.images[VOL]
     with open(img, "wb") as fh:
         fh.truncate(8 * MiB)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_metrics_port(src_port)
     url = env.source.nbd_urls[VOL]
     wait_for(lambda: (env.source.volume_status(VOL) or {}).get("nbd"), 20,

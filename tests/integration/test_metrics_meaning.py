@@ -147,9 +147,9 @@ def test_every_metric_means_what_it_says(cdp_env, daemons):
             os.pwrite(fh.fileno(), b, i * BS)
         os.fsync(fh.fileno())
 
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_metrics_port(rx_port)
     wait_metrics_port(src_port)
     wait_converged(env, VOL, t0, src, rx)

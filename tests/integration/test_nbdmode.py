@@ -43,15 +43,15 @@ def qemu_io(url: str, *commands: str, timeout: float = 120) -> str:
 
 
 def start_nbd(cdp_env, daemons: Daemons, size: int, *, fill: bytes | None = None,
-              volume_extra: str = "", **kw) -> tuple[CdpEnv, str]:
+              volume_extra: str = "", inprocess: bool = False, **kw) -> tuple[CdpEnv, str]:
     env = cdp_env(mode="nbd", volume_extra=volume_extra, **kw)
     img = env.source.images["vol1"]
     with open(img, "wb") as fh:
         if fill is not None:
             fh.write(fill)
         fh.truncate(size)
-    daemons.receiver(env)
-    daemons.source(env)
+    daemons.receiver(env, inprocess=inprocess)
+    daemons.source(env, inprocess=inprocess)
     url = env.source.nbd_urls["vol1"]
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     wait_port(port)
@@ -79,7 +79,7 @@ def converge(env: CdpEnv, daemons: Daemons) -> dict:
 
 
 def test_qemu_io_writes_of_every_kind_replicate(cdp_env, daemons) -> None:
-    env, url = start_nbd(cdp_env, daemons, 32 * MiB)
+    env, url = start_nbd(cdp_env, daemons, 32 * MiB, inprocess=True)
     qemu_io(url, "write -P 0x11 0 1M", "write -P 0x22 3M 4k", "write -f -P 0x33 5M 64k",
             "write -z 0 256k", "discard 3M 64k", "write -P 0x44 31M 1M", "flush")
     qemu_io(url, "read -P 0x00 0 256k", "read -P 0x11 256k 768k", "read -P 0x33 5M 64k",
@@ -96,7 +96,7 @@ def test_qemu_io_writes_of_every_kind_replicate(cdp_env, daemons) -> None:
 def test_qemu_img_convert_onto_the_export_and_libnbd_reads_it_back(cdp_env, daemons,
                                                                   tmp_path: Path) -> None:
     size = 24 * MiB
-    env, url = start_nbd(cdp_env, daemons, size)
+    env, url = start_nbd(cdp_env, daemons, size, inprocess=True)
     rng = random.Random(7)
     src = tmp_path / "guest.raw"
     with open(src, "wb") as fh:
@@ -197,12 +197,12 @@ def _random_image(size: int, seed: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, counting_proxy) -> None:
+def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, fault_proxy) -> None:
     size = 96 * MiB
     from helpers import free_port
 
     port = free_port()
-    proxy = counting_proxy(port)
+    proxy = fault_proxy(port)
     env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 3), port=port,
                          receiver_addr=f"127.0.0.1:{proxy.port}")
     src = daemons.all[1]
@@ -258,7 +258,7 @@ def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
 def test_an_idle_volume_is_reported_current_as_time_goes_on(cdp_env, daemons) -> None:
     """With no writes, the source keeps telling the receiver (and its status) that the replica
     is current as of now, every couple of seconds: the RPO of an idle disk does not grow."""
-    env, url = start_nbd(cdp_env, daemons, 8 * MiB, fill=_random_image(8 * MiB, 8))
+    env, url = start_nbd(cdp_env, daemons, 8 * MiB, fill=_random_image(8 * MiB, 8), inprocess=True)
     qemu_io(url, "write -P 0x42 0 1M", "flush")
     converge(env, daemons)
     t = time.time()
@@ -273,7 +273,7 @@ def test_an_idle_volume_is_reported_current_as_time_goes_on(cdp_env, daemons) ->
 
 def test_a_clean_restart_sends_nothing_again(cdp_env, daemons) -> None:
     size = 32 * MiB
-    env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 6))
+    env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 6), inprocess=True)
     src = daemons.all[1]
     qemu_io(url, "write -P 0x77 1M 2M", "flush")
     converge(env, daemons)
@@ -290,7 +290,7 @@ def test_the_export_can_require_tls(cdp_env, daemons, tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki")
     tls = (f'[volume.nbd_tls]\ncert = "{pki.server_cert}"\nkey = "{pki.server_key}"\n'
            f'client_ca = "{pki.ca}"\n')
-    env, url = start_nbd(cdp_env, daemons, 8 * MiB, volume_extra=tls)
+    env, url = start_nbd(cdp_env, daemons, 8 * MiB, volume_extra=tls, inprocess=True)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     plain = subprocess.run(["qemu-io", "-f", "raw", "-c", "read 0 4k", url], capture_output=True,
                            text=True, timeout=scaled(60))
@@ -312,7 +312,7 @@ def test_bad_clients_leave_the_image_sound_and_replication_going(cdp_env, daemon
     from cdp.benchmark.nbdclient import NbdClient, NbdClientError
 
     size = 8 * MiB
-    env, url = start_nbd(cdp_env, daemons, size)
+    env, url = start_nbd(cdp_env, daemons, size, inprocess=True)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     qemu_io(url, "write -P 0x21 0 1M", "flush")
     # a write whose payload never fully arrives: the client vanishes mid-request

@@ -120,8 +120,8 @@ def test_a_pause_stops_a_seed_midway_and_resume_sends_only_the_rest(cdp_env, dae
                   'max_epoch_bytes = "1MiB"')
     image = env.source.images[VOL]
     make_image(image, 32 * MiB, random.Random(3), zero=0.0, text=0.0)  # 512 distinct blocks
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_for(lambda: (v := env.source.volume_status(VOL)) and v["progress_done"] >= 4 * MiB
              and v["phase"] == "seeding", 30, what="the seed to get going")
     cdp_ok("pause", "-c", env.source.toml, VOL)
@@ -147,8 +147,8 @@ def test_resync_repairs_a_replica_block_that_went_bad(cdp_env, daemons) -> None:
     env = cdp_env(scan_interval="0.3s")
     image = env.source.images[VOL]
     make_image(image, 8 * MiB, random.Random(7), zero=0.0)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, time.time(), src, rx)
 
     corrupt_replica_block(env, rx, 37)
@@ -187,8 +187,8 @@ def test_control_verbs_say_what_is_wrong(cdp_env, daemons) -> None:
     assert r.returncode == 2 and "receiver config" in r.stderr, r.stderr
 
     # running, paused: a resync or a checkpoint would not reach the replica, so they say so
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, time.time(), src, rx)
     cdp_ok("pause", "-c", env.source.toml, "--all")
     r = run_cdp("resync", "-c", env.source.toml, VOL, "--wait")
@@ -234,7 +234,7 @@ def test_nbd_pause_keeps_the_guest_writing_and_resume_catches_up(cdp_env, daemon
 
 @needs_qemu
 def test_nbd_resync_repairs_a_replica_block(cdp_env, daemons) -> None:
-    env, url = start_nbd(cdp_env, daemons, 8 * MiB)
+    env, url = start_nbd(cdp_env, daemons, 8 * MiB, inprocess=True)
     rx = next(d for d in daemons.all if d.verb == "receiver")
     qemu_io(url, "write -P 0x44 0 8M", "flush")
     wait_converged(env, VOL, time.time())

@@ -51,9 +51,9 @@ def test_at_before_the_first_point_is_refused(cdp_env, daemons, tmp_path: Path) 
     image = env.source.images[VOL]
     make_image(image, 2 << 20, random.Random(51), zero=0.0)
     seeded = image.read_bytes()  # the image the first epoch captures
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     before = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, before, src, rx)
     # before the first epoch the replica held nothing: no point was captured then
     rc, rep, _ = drill_at(env, before - 60, tmp_path / "drills")
@@ -85,9 +85,9 @@ def test_a_point_is_stamped_when_pre_scan_returns(cdp_env, daemons, tmp_path: Pa
                   receiver_extra='keep_points = "forever"')
     image = env.source.images[VOL]
     make_image(image, 1 * MiB, random.Random(52), zero=0.0)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, t0, src, rx)
     before = image.read_bytes()
     fd = os.open(lock, os.O_RDONLY)
@@ -126,9 +126,9 @@ def test_a_scan_over_a_period_counts_from_the_end_of_its_reads(cdp_env, daemons,
                   receiver_extra='keep_points = "forever"')
     image = env.source.images[VOL]
     make_image(image, size, random.Random(53), zero=0.0)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, t0, src, rx)
     before = image.read_bytes()
     for _ in range(3):

@@ -28,14 +28,16 @@ from helpers import (
 VOL = "vol1"
 
 
-def _seed(cdp_env, daemons, size: int, seed: int, timeout: float = 60, **image_kw):
+def _seed(cdp_env, daemons, size: int, seed: int, timeout: float = 60, inprocess: bool = True,
+          **image_kw):
+    """A seeded replica; the daemons run in this process unless the test kills them."""
     env = cdp_env()
     image = env.source.images[VOL]
     rng = random.Random(seed)
     make_image(image, size, rng, **image_kw)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=inprocess)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=inprocess)
     wait_converged(env, VOL, t0, src, rx, timeout=timeout)
     assert_replica_equal(env, VOL)
     return env, image, rng, rx, src
@@ -93,9 +95,9 @@ def test_dedup_sends_each_distinct_block_once_and_zeroes_as_runs(cdp_env, daemon
     with open(image, "wb") as fh:
         fh.truncate(size)
     write_blocks(image, content)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, t0, src, rx)
     assert_replica_equal(env, VOL)
 
@@ -175,7 +177,7 @@ def test_receiver_downtime_then_converges(cdp_env, daemons):
 
 def test_source_restarted_while_receiver_down_then_both_killed_together(cdp_env, daemons):
     size = 32 * MiB
-    env, image, rng, rx, src = _seed(cdp_env, daemons, size, seed=6)
+    env, image, rng, rx, src = _seed(cdp_env, daemons, size, seed=6, inprocess=False)
     base = env.counters(VOL)
     rx.stop()
     changed: set[int] = set()
@@ -299,9 +301,9 @@ def test_idle_source_does_not_rescan_continuously(cdp_env, daemons):
     env = cdp_env(scan_interval="30s", min_scan_interval="0.1s")
     image = env.source.images[VOL]
     make_image(image, 8 * MiB, random.Random(7))
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, t0, src, rx)
     time.sleep(1.5)  # the status file is written once a second
     before = env.source.volume_status(VOL)["stats"]["scans"]

@@ -18,7 +18,7 @@ def test_status_says_why_the_source_is_not_connected(cdp_env, daemons):
     env = cdp_env(source_extra=f'metrics_listen = "127.0.0.1:{mport}"')
     make_image(env.source.images[VOL], 2 * MiB, random.Random(4))
     t0 = time.time()
-    src = daemons.source(env)  # no receiver yet
+    src = daemons.source(env, inprocess=True)  # no receiver yet
     st = wait_for(lambda: (env.source.status() or {}).get("link_error") and env.source.status(),
                   20, what=lambda: f"a connection error in status.json\n{src.tail()}")
     assert "cannot connect to receiver" in st["link_error"], st
@@ -47,7 +47,7 @@ def test_status_says_why_the_source_is_not_connected(cdp_env, daemons):
     assert val(m, "cdp_source_next_connect_timestamp_seconds") >= st["link_error_since"]
     assert val(m, "cdp_source_errors_total", kind="transport") >= 1
 
-    rx = daemons.receiver(env)  # once connected, the error is gone
+    rx = daemons.receiver(env, inprocess=True)  # once connected, the error is gone
     wait_for(lambda: (env.source.status() or {}).get("connected"), 20,
              what=lambda: f"the source to connect\n{src.tail()}")
     rep = json.loads(run_cdp("status", "-c", env.source.toml, "--json").stdout)

@@ -32,9 +32,9 @@ def test_four_volumes_limit_one_never_overlap_and_converge(cdp_env, daemons):
     rng = random.Random(9)
     for v in VOLS:
         make_image(env.source.images[v], 24 * MiB, rng)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     for v in VOLS:
         wait_converged(env, v, t0, src, rx, timeout=90)
     for _ in range(2):

@@ -55,8 +55,8 @@ def test_status_page_shows_what_the_replica_holds(cdp_env, daemons, tmp_path: Pa
     image = env.source.images[VOL]
     rng = random.Random(11)
     make_image(image, 16 * MiB, rng)
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, VOL, time.time(), src, rx)
     for _ in range(3):  # a few seconds of changes: samples with throughput in them
         write_random_blocks(image, rng.sample(range(256), 8), rng)

@@ -70,9 +70,9 @@ def test_tls_with_client_certificates(cdp_env, daemons, tmp_path: Path) -> None:
                       f'key = "{pki["client_key"]}"\nserver_name = "localhost"'))
     img = env.source.images["vol1"]
     make_image(img, 8 << 20, random.Random(1))
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, "vol1", t0, src, rx)
     assert_replica_equal(env, "vol1")
     src.stop()
@@ -86,8 +86,8 @@ def test_tls_refuses_an_untrusted_receiver(cdp_env, daemons, tmp_path: Path) -> 
         receiver_extra=f'[receiver.tls]\ncert = "{good["receiver_crt"]}"\nkey = "{good["receiver_key"]}"',
         source_extra=f'[source.tls]\nca = "{other["ca"]}"\nserver_name = "localhost"')
     make_image(env.source.images["vol1"], 1 << 20, random.Random(2))
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in src.log_text(), 30,
              what="the source to report the certificate failure")
     assert env.replica_state("vol1") is None  # nothing was written
@@ -100,8 +100,8 @@ def test_plaintext_source_cannot_talk_to_a_tls_receiver(cdp_env, daemons, tmp_pa
     env = cdp_env(receiver_extra=(f'[receiver.tls]\ncert = "{pki["receiver_crt"]}"\n'
                                   f'key = "{pki["receiver_key"]}"'))
     make_image(env.source.images["vol1"], 1 << 20, random.Random(3))
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_for(lambda: src.log_text().count("reconnecting") >= 2, 30, what="failed attempts")
     assert env.replica_state("vol1") is None
     src.stop()
@@ -116,9 +116,9 @@ def test_pre_and_post_scan_hooks(cdp_env, daemons, tmp_path: Path) -> None:
     env = cdp_env(volume_extra=f"pre_scan = {pre!r}\npost_scan = {post!r}".replace("'", '"'))
     img = env.source.images["vol1"]
     make_image(img, 4 << 20, random.Random(4))
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, "vol1", t0, src, rx)
     lines = marks.read_text().splitlines()
     assert lines[:2] == ["pre vol1 pre_scan", "post vol1 post_scan"]
@@ -141,8 +141,8 @@ def test_reflink_snapshot_on_a_filesystem_without_reflinks(cdp_env, daemons) -> 
     env = cdp_env(volume_extra='snapshot = "reflink"')
     img = env.source.images["vol1"]
     make_image(img, 1 << 20, random.Random(5))
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     supported = False
 
     def reported() -> bool:
@@ -172,9 +172,9 @@ def test_stale_dedup_reference_is_detected_and_data_resent(cdp_env, daemons) -> 
     write_blocks(va, {5: shared})
     with open(vb, "wb") as fh:
         fh.truncate(2 << 20)
-    rx = daemons.receiver(env)
+    rx = daemons.receiver(env, inprocess=True)
     t0 = time.time()
-    src = daemons.source(env)
+    src = daemons.source(env, inprocess=True)
     wait_converged(env, "va", t0, src, rx)
     wait_converged(env, "vb", t0, src, rx)
     src.stop()
@@ -183,8 +183,8 @@ def test_stale_dedup_reference_is_detected_and_data_resent(cdp_env, daemons) -> 
     with open(env.replica_image("va"), "r+b") as fh:
         fh.seek(5 * BS)
         fh.write(rng.randbytes(BS))
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     time.sleep(scaled(1))
     t1 = time.time()
     write_blocks(vb, {9: shared})  # the source will offer block va:5 as a reference
@@ -203,8 +203,8 @@ def test_guest_is_thawed_even_when_the_snapshot_fails(cdp_env, daemons, tmp_path
     env = cdp_env(volume_extra=(f'snapshot = "reflink"\npre_scan = "echo pre >> {marks}"\n'
                                 f'post_scan = "echo post >> {marks}"'))
     make_image(env.source.images["vol1"], 1 << 20, random.Random(7))
-    rx = daemons.receiver(env)
-    src = daemons.source(env)
+    rx = daemons.receiver(env, inprocess=True)
+    src = daemons.source(env, inprocess=True)
     wait_for(lambda: marks.exists() and marks.read_text().count("pre") >= 2, 30,
              what="two scan attempts")
     src.stop()

@@ -132,12 +132,11 @@ def test_more_runs_than_a_frame_may_carry_are_refused() -> None:
         feed(p.rcv, too_many)
 
 
-def test_status_shows_peer_errors_escaped(tmp_path) -> None:
+def test_status_shows_peer_errors_escaped(tmp_path, capsys) -> None:
     """An error text a peer chose reaches `cdp status`: no terminal escape, no rich markup."""
     import json
-    import subprocess
-    import sys
 
+    from cdp.cli.main import main
     from cdp.replica import Replica
 
     data = tmp_path / "replicas"
@@ -147,9 +146,9 @@ def test_status_shows_peer_errors_escaped(tmp_path) -> None:
         "error": "x\x1b[2J[bold red]forged[/] line\nnext", "updated": 0, "pid": 0}))
     cfg = tmp_path / "receiver.toml"
     cfg.write_text(f'[receiver]\ndata_dir = "{data}"\n')
-    out = subprocess.run([sys.executable, "-m", "cdp", "status", "-c", str(cfg)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "\x1b" not in out.stdout
-    assert "x\\x1b[2J[bold red]forged[/]" in out.stdout, out.stdout  # shown, not obeyed
-    assert "line\\nnext" in out.stdout, out.stdout  # one row, the newline visible
+    rc = main(["status", "-c", str(cfg)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "\x1b" not in out.out
+    assert "x\\x1b[2J[bold red]forged[/]" in out.out, out.out  # shown, not obeyed
+    assert "line\\nnext" in out.out, out.out  # one row, the newline visible

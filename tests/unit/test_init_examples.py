@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import run_cdp
+from helpers import run_main
 
 from cdp.cli.init import RECEIVER_BLOCKS, SOURCE_BLOCKS, Block, Line, init, receiver_lines, source_lines
 from cdp.config import (
@@ -219,13 +219,13 @@ def test_the_dataclass_defaults_agree_with_the_declared_ones(site: Path) -> None
     assert compared > 30
 
 
-def test_cdp_init_writes_files_that_load_and_refuses_to_overwrite(tmp_path: Path) -> None:
-    r = run_cdp("init", tmp_path / "site")
+def test_cdp_init_writes_files_that_load_and_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
+    r = run_main(capsys, "init", tmp_path / "site")
     assert r.returncode == 0, r.stderr
     cfg = load_receiver(tmp_path / "site" / "receiver.toml")
     scfg = load_source(tmp_path / "site" / "source.toml")
     assert [c.name for c in cfg.clients] == [scfg.name] and cfg.clients[0].token == scfg.token
     assert [v.name for v in scfg.volumes] == list(cfg.clients[0].volumes)
     assert (tmp_path / "site" / "host1.token").stat().st_mode & 0o077 == 0
-    again = run_cdp("init", tmp_path / "site")
+    again = run_main(capsys, "init", tmp_path / "site")
     assert again.returncode == 2 and "already exists" in again.stderr

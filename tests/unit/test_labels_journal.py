@@ -72,40 +72,6 @@ def test_a_labelled_point_outlives_retention_until_unlabelled(tmp_path):
         rep.close()
 
 
-def test_of_racing_checkpoints_with_one_label_only_one_takes_it(tmp_path):
-    """Each racer labels its own point with the same label, from its own process (as two
-    receiver connections' workers would, or a receiver and another tool): one wins, the
-    others are refused naming the winner's point, and the label is on that point."""
-    import multiprocessing
-
-    rng = random.Random(2)
-    rep = Replica.open(tmp_path, "v", Geometry(16 * BS, BS), create=True,
-                       retention=Retention(max_age=None, max_bytes=None))
-    vol = tmp_path / "v"
-    try:
-        for e in range(1, 7):
-            _epoch(rep, e, {e: rng.randbytes(BS)})
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(6) as pool:
-            got = pool.starmap(_try_label, [(str(vol), e) for e in range(1, 7)])
-        winners = [e for e, other in got if other is None]
-        assert len(winners) == 1, got
-        assert read_labels(vol) == {winners[0]: "race"}
-        assert all(other == winners[0] for e, other in got if e != winners[0]), got
-    finally:
-        rep.close()
-
-
-def _try_label(vol: str, epoch: int) -> tuple[int, int | None]:
-    from pathlib import Path
-
-    try:
-        set_label(Path(vol), epoch, "race")
-    except LabelTakenError as exc:
-        return epoch, exc.epoch
-    return epoch, None
-
-
 def test_a_label_whose_point_is_gone_names_the_new_point_without_asking(tmp_path):
     rng = random.Random(3)
     rep = Replica.open(tmp_path, "v", Geometry(16 * BS, BS), create=True,

@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import run_cdp
+from helpers import run_main
 
 import cdp.replica.check as check
 from cdp.blocks import Geometry, pack_u64
@@ -200,7 +200,7 @@ def test_replica_dirs_skips_drills_files_and_half_created(tmp_path: Path) -> Non
     assert replica_dirs(tmp_path / "missing") == []
 
 
-def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
+def test_cli_exit_codes_and_json(tmp_path: Path, capsys) -> None:
     data = tmp_path / "replicas"
     write_epochs(data, "a")
     write_epochs(data, "b", seed=2)
@@ -210,22 +210,22 @@ def test_cli_exit_codes_and_json(tmp_path: Path) -> None:
     cfg = tmp_path / "receiver.toml"
     cfg.write_text('[receiver]\ndata_dir = "replicas"\n[[receiver.client]]\nname = "h"\n'
                    'token_file = "t.token"\nvolumes = ["a", "b"]\n')
-    ok = run_cdp("verify", "--replica", "-c", cfg, "--json")
+    ok = run_main(capsys, "verify", "--replica", "-c", cfg, "--json")
     assert ok.returncode == 0, ok.stderr
     out = json.loads(ok.stdout)
     assert [(r["volume"], r["epoch"], r["blocks"], r["equal"], r["differing"], r["error"])
             for r in out] == [("a", 2, GEO.blocks, True, [], ""), ("b", 2, GEO.blocks, True, [], "")]
     assert ok.stderr == ""  # no progress bar when stderr is not a terminal
     poke(data / "b" / "image", GEO.offset(10), b"!")
-    bad = run_cdp("verify", "--replica", "-c", cfg, "b", "--json")
+    bad = run_main(capsys, "verify", "--replica", "-c", cfg, "b", "--json")
     assert bad.returncode == 1, bad.stderr
     assert [(r["volume"], r["equal"], r["differing"]) for r in json.loads(bad.stdout)] == [
         ("b", False, [10])]
-    text = run_cdp("verify", "--replica", "-c", cfg)
+    text = run_main(capsys, "verify", "--replica", "-c", cfg)
     assert text.returncode == 1
     assert text.stdout.splitlines() == [
         f"a: epoch 2, {GEO.blocks} blocks checked, equal",
         f"b: epoch 2, {GEO.blocks} blocks checked, 1 differing block: 10"]
-    unknown = run_cdp("verify", "--replica", "-c", cfg, "nope", "--json")
+    unknown = run_main(capsys, "verify", "--replica", "-c", cfg, "nope", "--json")
     assert unknown.returncode == 2 and "no replica of volume 'nope'" in unknown.stderr
     assert unknown.stdout == ""
