@@ -6,7 +6,9 @@ test_inprocess_links.py) replicate it; cdp is never in the write path.
    the replica is current, the replica's bytes are the disk's (read through the export);
 2. QEMU goes away (its QMP socket with it): the volume shows a clear error and retries; once
    QEMU is back (the persistent bitmap stored in the image) replication resumes from the bitmap,
-   without comparing the whole disk again, and nothing written before or after is lost.
+   without comparing the whole disk again, and nothing written before or after is lost;
+3. a `cdp source` process SIGKILLed mid-epoch leaves its view and frozen bitmap in QEMU: the
+   restarted source cleans up, merges the bitmap back and goes on from it, rereading nothing else.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import scaled
+from helpers import scaled, wait_converged, wait_for
 from qsd import NODE, Qsd, needs_qemu, running_qsd
 
 from cdp.config import load_receiver, load_source
 from cdp.nbd.client import NbdClient
+from cdp.qemu.qmp import Qmp
 from cdp.receiver import Receiver
 from cdp.source.daemon import Source
 
@@ -149,3 +152,33 @@ def test_qemu_gone_is_a_clear_error_and_nothing_is_lost_when_it_is_back(cdp_env:
         assert vs.error == "" and vs.stats["scans"] == 1  # resumed from the bitmap, no whole compare
 
     _run(env, body)
+
+
+def _qemu_has(q: Qsd, node: str) -> bool:
+    async def ask() -> bool:
+        async with Qmp(q.qmp, timeout=scaled(10)) as qmp:
+            return any(n.name == node for n in await qmp.nodes())
+
+    return asyncio.run(ask())
+
+
+def test_a_source_killed_mid_epoch_resumes_from_the_bitmap(cdp_env: Any, qsd: Qsd, daemons: Any) -> None:
+    env = cdp_env(mode="qemu", volume_extra=f'qmp = "{qsd.qmp}"\nnode = "{NODE}"\nnbd_socket = "{qsd.nbd}"\n'
+                                             'epoch_interval = "0.1s"\nrate_limit = "2MiB/s"')
+    env.source.images[VOL].write_bytes(b"")
+    rx = daemons.receiver(env)
+    src = daemons.source(env)
+    wait_converged(env, VOL, 0, src, rx)
+    qsd.write(*(f"write -P {i + 1} {i * MiB} 1M" for i in range(12)))  # 12 MiB: seconds at 2 MiB/s
+    wait_for(lambda: _qemu_has(qsd, "cdp-vol1-view"), 30, what="an epoch under way")
+    time.sleep(0.5)
+    src.kill()  # mid-epoch: the view, the job, the export and the frozen bitmap stay in QEMU
+    assert _qemu_has(qsd, "cdp-vol1-view")
+    qsd.write(f"write -P 0x77 {20 * MiB} 64k")  # ... and the guest goes on
+    since = time.time()
+    src.start()
+    v = wait_converged(env, VOL, since, src, rx, timeout=120)
+    assert v["stats"]["scans"] == 0, v  # from the bitmap: no whole-disk comparison after the restart
+    assert "merged bitmap(s) cdp-vol1-" in src.log_text()
+    assert env.replica_image(VOL).read_bytes() == asyncio.run(_disk(qsd))
+    assert not _qemu_has(qsd, "cdp-vol1-view")
