@@ -70,7 +70,7 @@ class QemuWorker(VolumeWorker):
                     log.info("volume=%s: QEMU's bitmap of an unfinished epoch merged back (%s)", vs.name,
                              ", ".join(tracking.merged))
                 await self.open(link)
-                trusted = tracking.tracked and self._chain_replica() == vs.replica_id and vs.seeded
+                trusted = tracking.tracked and self._chain_replica() == vs.replica_id
                 if not trusted:
                     log.info("volume=%s: %s; the first epoch compares the whole disk with the replica",
                              vs.name, "no bitmap of cdp's in QEMU" if not tracking.tracked

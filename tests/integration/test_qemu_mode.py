@@ -169,9 +169,15 @@ def test_a_source_killed_mid_epoch_resumes_from_the_bitmap(cdp_env: Any, qsd: Qs
     rx = daemons.receiver(env)
     src = daemons.source(env)
     wait_converged(env, VOL, 0, src, rx)
-    qsd.write(*(f"write -P {i + 1} {i * MiB} 1M" for i in range(12)))  # 12 MiB: seconds at 2 MiB/s
-    wait_for(lambda: _qemu_has(qsd, "cdp-vol1-view"), 30, what="an epoch under way")
-    time.sleep(0.5)
+    noise = env.root / "noise"
+    noise.write_bytes(random.Random(5).randbytes(12 * MiB))  # incompressible: seconds at 2 MiB/s
+    qsd.write(f"write -s {noise} 0 12M")
+
+    def reading() -> bool:  # (QMP serves one client at a time: the source; ask its status instead)
+        v = env.source.volume_status(VOL) or {}
+        return v.get("phase") == "sending" and v.get("progress_done", 0) > 0
+
+    wait_for(reading, 30, what="an epoch under way")
     src.kill()  # mid-epoch: the view, the job, the export and the frozen bitmap stay in QEMU
     assert _qemu_has(qsd, "cdp-vol1-view")
     qsd.write(f"write -P 0x77 {20 * MiB} 64k")  # ... and the guest goes on
@@ -181,4 +187,5 @@ def test_a_source_killed_mid_epoch_resumes_from_the_bitmap(cdp_env: Any, qsd: Qs
     assert v["stats"]["scans"] == 0, v  # from the bitmap: no whole-disk comparison after the restart
     assert "merged bitmap(s) cdp-vol1-" in src.log_text()
     assert env.replica_image(VOL).read_bytes() == asyncio.run(_disk(qsd))
+    src.stop()
     assert not _qemu_has(qsd, "cdp-vol1-view")
