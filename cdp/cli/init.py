@@ -91,6 +91,11 @@ SOURCE_BLOCKS = (
           note="nbd mode: the VM opens its disk through cdp; every write, in order"),
     Block("volume.nbd_tls", False, {"cert": "nbd.crt", "key": "nbd.key", "client_ca": "ca.crt"},
           parent=4, note="for an nbd_listen beyond loopback"),
+    Block("volume", False, {"name": "vm1-disk2", "path": "images/vm1-disk2.qcow2", "mode": "qemu",
+                            "qmp": "/run/vm1.qmp", "node": "drive2", "epoch_interval": "1s"},
+          array=True, mode="qemu", shown={"block_size": "64KiB"},
+          note="qemu mode (experimental): QEMU tracks the changes in a dirty bitmap; cdp reads them "
+               "over NBD, outside the VM's write path"),
     Block("fileset", False, {"name": "vm1-config", "paths": ["/etc/libvirt/qemu/vm1.xml"]},
           array=True, note="small files kept whole, with versions (list it in the client's filesets)"),
 )
@@ -129,8 +134,12 @@ def _block_lines(i: int, b: Block) -> list[Line]:
         role = "default" if key.has_default else "example"
         lines += _key_lines(key, value, doc, True, role, i)
     if b.mode:
-        others = [k.name for k in keys.values() if k.only and k.only != b.mode]
-        text = f"(keys for {'nbd' if b.mode == 'scan' else 'scan'} volumes only: {', '.join(others)})"
+        others: dict[str, list[str]] = {}
+        for k in keys.values():
+            if k.only and k.only != b.mode:
+                others.setdefault(k.only, []).append(k.name)
+        text = "(" + "; ".join(f"keys for {mode} volumes only: {', '.join(names)}"
+                               for mode, names in others.items()) + ")"
         lines += [Line(f"# {t}", "prose", i) for t in textwrap.wrap(text, WIDTH - 2)]
     return lines
 

@@ -24,6 +24,11 @@ from cdp.tracker.scan import hash_volume, volume_size
 def verify(cfg: SourceConfig, names: list[str] | None = None) -> list[dict[str, Any]]:
     """One report per volume: equal or not, and which blocks differ."""
     vols = [v for v in cfg.volumes if not names or v.name in names]
+    qemu = [v.name for v in vols if v.mode == "qemu"]
+    if qemu:  # its image is QEMU's (qcow2 as often as not): comparing its bytes would mislead
+        raise UsageError(f"cdp verify cannot compare qemu volumes yet ({', '.join(qemu)}): their image "
+                         "is read through QEMU; name the other volumes, or use `cdp verify --replica` "
+                         "at the receiver")
     geos = {v.name: Geometry(volume_size(v.path), v.block_size) for v in vols}
     remote = asyncio.run(replica_hashes(cfg, geos, rehash=True))
     reports = []

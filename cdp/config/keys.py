@@ -27,7 +27,7 @@ class Key:
     derived: str = ""  # a default computed from other keys, e.g. "3 x keepalive"
     unset: str = ""  # what leaving out a key without a default means, e.g. "off"
     table: bool = False  # a sub-table [a.b] or array of tables [[a.b]], declared in TABLES
-    only: str = ""  # "scan" or "nbd": meaningful for volumes of that mode only
+    only: str = ""  # "scan", "nbd" or "qemu": meaningful for volumes of that mode only
 
     @property
     def has_default(self) -> bool:
@@ -192,8 +192,10 @@ TABLES: dict[str, dict[str, Key]] = {
     ),
     "volume": _tables(
         Key("name", "unique among this source's volumes and file sets", required=True, example="vm1-disk0"),
-        Key("path", "a raw image file or a block device", required=True, example="images/vm1-disk0.raw"),
-        Key("mode", '"scan": compare block hashes; "nbd": VM writes through cdp', default="scan"),
+        Key("path", "a raw image file or a block device (qemu: the image QEMU has open; never read)",
+            required=True, example="images/vm1-disk0.raw"),
+        Key("mode", '"scan": compare block hashes; "nbd": VM writes through cdp; "qemu" (experimental): '
+            "QEMU's dirty bitmap, read over QMP and NBD", default="scan"),
         Key("block_size", "power of two, 4KiB..4MiB; 16 B of source RAM per block",
             derived="64KiB; nbd: 16KiB", example="64KiB"),
         Key("rate_limit", "cap on what is sent for this volume", default="unlimited"),
@@ -214,8 +216,8 @@ TABLES: dict[str, dict[str, Key]] = {
             unset="cdp's group", only="nbd"),
         Key("nbd_socket_mode", 'unix: socket\'s mode: "0660" lets that group in; never others',
             default="0600", only="nbd"),
-        Key("epoch_interval", "cut an epoch at least this often while writes come", default="1s",
-            only="nbd"),
+        Key("epoch_interval", "cut an epoch at least this often while writes come (qemu: at most "
+            "this often)", default="1s", only="nbd"),
         Key("capture_memory", "captured writes held in memory ...", default="256MiB", only="nbd"),
         Key("capture_disk", "... then spilled to state_dir, then tracked as dirty regions", default="1GiB",
             only="nbd"),
@@ -225,6 +227,12 @@ TABLES: dict[str, dict[str, Key]] = {
             only="nbd"),
         Key("nbd_tls", "[volume.nbd_tls]: TLS on the NBD export (clients use STARTTLS)", table=True,
             only="nbd"),
+        Key("qmp", "QMP monitor socket of the QEMU that runs the disk", example="/run/vm1.qmp",
+            unset="needed in qemu mode", only="qemu"),
+        Key("node", "the disk's block node name in that QEMU (query-named-block-nodes)", example="drive0",
+            unset="needed in qemu mode", only="qemu"),
+        Key("nbd_socket", "Unix socket of an NBD server QEMU already runs; cdp exports its view there",
+            example="/run/vm1-nbd.sock", unset="cdp starts one in state_dir", only="qemu"),
     ),
     "volume.nbd_tls": _tables(
         Key("cert", "certificate of the NBD export", required=True, example="nbd.crt"),

@@ -159,6 +159,9 @@ class VolumeConfig:
     nbd_socket_owner: int | None = None  # nbd_listen "unix:": the socket's user id (None: cdp's own)
     nbd_socket_group: int | None = None  # ... its group id (None: cdp's own)
     nbd_socket_mode: int = 0o600  # ... and its mode: never any access for others
+    qmp: Path | None = None  # qemu mode: QEMU's QMP monitor socket
+    node: str | None = None  # qemu mode: the disk's block node name
+    nbd_socket: Path | None = None  # qemu mode: an NBD server QEMU runs already (None: cdp starts one)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from cdp.source.filesets import FilesetSync
 from cdp.source.nbdmode import NbdExport
 from cdp.source.nbdworker import NbdWorker
 from cdp.source.phase import Phase
+from cdp.source.qemuworker import QemuWorker
 from cdp.source.scangate import FairGate
 from cdp.source.scanworker import ScanWorker
 from cdp.source.volume import DedupIndex, VolumeState
@@ -81,6 +82,9 @@ LOCK_FILE = ".source.lock"  # in state_dir: flock'd by the running source, holds
 
 
 
+WORKERS: dict[str, type[VolumeWorker]] = {"scan": ScanWorker, "nbd": NbdWorker, "qemu": QemuWorker}
+
+
 class Source:
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
@@ -88,7 +92,7 @@ class Source:
         self.index = DedupIndex(cfg.dedup_index_entries)
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.workers, thread_name_prefix="cdp-z")
         self.workers: dict[str, VolumeWorker] = {
-            name: (NbdWorker if vs.cfg.mode == "nbd" else ScanWorker)(vs, self)
+            name: WORKERS[vs.cfg.mode](vs, self)
             for name, vs in self.volumes.items()}
         self._stop = asyncio.Event()
         self._status_due = asyncio.Event()  # the replica became current as of a newer time
@@ -210,6 +214,8 @@ class Source:
         for name, vs in self.volumes.items():
             if vs.cfg.mode == "scan":
                 watcher.watch(vs.cfg.path, self.workers[name].wake.set)
+            if vs.cfg.mode == "qemu":
+                continue  # its size comes from QEMU when its worker connects (cdp/source/qemuworker.py)
             try:
                 size = volume_size(vs.cfg.path)
                 vs.load(Geometry(size, vs.cfg.block_size))

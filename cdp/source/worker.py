@@ -10,7 +10,8 @@ receiver stopped for good ends its task; status shows it failed, with the reason
 
 Each kind of volume is a subclass with its own `session`: ScanWorker
 (cdp/source/scanworker.py) scans on each wake-up; NbdWorker (cdp/source/nbdworker.py)
-ships what the NBD export journalled.
+ships what the NBD export journalled; QemuWorker (cdp/source/qemuworker.py) ships what QEMU's
+dirty bitmap marked, read from a point-in-time view.
 
 Producers run in a thread; batches compress in the source's pool (zstd releases the GIL,
 so both cores work); a bounded queue between them and the socket keeps memory flat.
@@ -189,8 +190,7 @@ class VolumeWorker:
     async def open(self, link: Link) -> Opened:
         """Open the volume on the receiver and make smap describe what the replica holds."""
         vs = self.vs
-        size = await asyncio.to_thread(volume_size, vs.cfg.path)
-        geo = Geometry(size, vs.cfg.block_size)
+        geo = Geometry(await self.volume_size(), vs.cfg.block_size)
         if vs.geo != geo:
             vs.load(geo)
         vs.phase = Phase.OPENING
@@ -206,6 +206,10 @@ class VolumeWorker:
         else:
             await self._fetch_map(link, opened)
         return opened
+
+    async def volume_size(self) -> int:
+        """The volume's size in bytes (its file or device; a qemu volume asks QEMU)."""
+        return await asyncio.to_thread(volume_size, self.vs.cfg.path)
 
     async def session(self, link: Link) -> None:
         """One session of the volume on `link`, until an error ends it (per kind)."""

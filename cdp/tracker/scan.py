@@ -226,6 +226,25 @@ def _map(fd: int, off: int, length: int) -> memoryview:
     return memoryview(map_window(fd, off, length))
 
 
+def buffer_changes(geo: Geometry, smap: bytearray, first: int, data: bytearray) -> Iterator[Change]:
+    """Like scan(), over blocks read elsewhere (a qemu volume reads them over NBD): `data` holds
+    whole blocks from block `first` on (the volume's last one may be short)."""
+    bs = geo.block_size
+    smv, view = memoryview(smap), memoryview(data)
+    zfull = zero_hash(bs)
+    for p in range(0, len(data), bs):
+        i = first + p // bs
+        blk = view[p:p + bs]
+        h = block_hash(blk)
+        if h != smv[i * HASH_LEN:(i + 1) * HASH_LEN]:
+            yield i, h, (None if h == (zfull if len(blk) == bs else zero_hash(len(blk))) else blk)
+
+
+def zero_changes(geo: Geometry, smap: bytearray, start: int, end: int) -> Iterator[Change]:
+    """Blocks [start, end) known to be zero without reading them, where smap says otherwise."""
+    yield from _holes(geo, memoryview(smap), start, end, zero_hash(geo.block_size))
+
+
 def _holes(geo: Geometry, smv: memoryview, start: int, end: int, zfull: bytes) -> Iterator[Change]:
     # fast path: stretches of the hole that were already zero in smap, 64Ki blocks at a time
     full_end = min(end, geo.blocks - 1) if geo.length(geo.blocks - 1) != geo.block_size else end

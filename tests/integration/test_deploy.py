@@ -70,7 +70,8 @@ def test_example_configs_load(tmp_path: Path, everything: bool) -> None:
     if everything:  # the commented options really are options, with the values they show
         assert rx.archives and rx.archives[0].name == "offsite"
         assert rx.max_connections == 64 and rx.status_listen == ("127.0.0.1", 9741)
-        assert [v.mode for v in src.volumes] == ["scan", "nbd"] and src.filesets
+        assert [v.mode for v in src.volumes] == ["scan", "nbd", "qemu"] and src.filesets
+        assert (src.volumes[2].qmp, src.volumes[2].node) == (Path("/run/vm1.qmp"), "drive2")
         assert src.schedule and src.volumes[1].nbd_tls is not None
         assert src.volumes[1].nbd_socket_group == os.getgid() and src.volumes[1].nbd_socket_mode == 0o660
 

@@ -20,95 +20,40 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import signal
 import subprocess
-import tempfile
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import scaled, wait_for
+from helpers import scaled
+from qsd import NODE, Qsd, needs_qemu, running_qsd
 
 from cdp.errors import QemuError
 from cdp.nbd.client import NbdClient
 from cdp.nbd.clientevents import NbdRefusedError
 from cdp.qemu.qmp import Qmp, bitmap_add, bitmap_disable
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-storage-daemon") is None or shutil.which("qemu-io") is None
-    or shutil.which("qemu-img") is None,
-    reason="qemu-storage-daemon/qemu-io/qemu-img not on PATH (apt-get install qemu-system-common qemu-utils)",
-)
+pytestmark = needs_qemu
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 16 * MiB
 GRAN = 64 * KiB
-NODE = "disk0"
 DIRTY = 1  # the qemu:dirty-bitmap context's status flag for a dirty block
 
 
-@dataclass
-class Qsd:
-    image: Path
-    qmp: Path
-    nbd: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def write(self, *commands: str) -> None:
-        """qemu-io commands through the writable export, like a guest's writes."""
-        args = ["qemu-io", "-f", "raw", f"nbd+unix:///{NODE}?socket={self.nbd}"]
-        for c in commands:
-            args += ["-c", c]
-        r = subprocess.run(args, capture_output=True, text=True, timeout=scaled(30))
-        assert r.returncode == 0 and "error" not in r.stdout.lower(), r.stdout + r.stderr
-
-
 def _start(q: Qsd, log: Path) -> None:
-    for s in (q.qmp, q.nbd):
-        s.unlink(missing_ok=True)
-    q.proc = subprocess.Popen(
-        ["qemu-storage-daemon",
-         "--blockdev", f"driver=file,node-name=file0,filename={q.image}",
-         "--blockdev", f"driver=qcow2,node-name={NODE},file=file0",
-         "--chardev", f"socket,path={q.qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
-         "--nbd-server", f"addr.type=unix,addr.path={q.nbd}",
-         "--export", f"type=nbd,id=exp0,node-name={NODE},name={NODE},writable=on"],
-        stdout=log.open("ab"), stderr=subprocess.STDOUT)
-    proc = q.proc
-    wait_for(lambda: (q.qmp.exists() and q.nbd.exists()) or proc.poll() is not None, timeout=scaled(15),
-             what="qemu-storage-daemon's sockets")
-    assert proc.poll() is None, log.read_text()
+    q.log = log
+    q.start()
 
 
 def _stop(q: Qsd) -> None:
-    """SIGTERM (qemu-storage-daemon then closes its images cleanly, storing persistent bitmaps);
-    SIGKILL if it does not go."""
-    proc, q.proc = q.proc, None
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=scaled(10))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=scaled(10))
+    q.stop()
 
 
 @pytest.fixture
 def qsd(tmp_path: Path) -> Iterator[Qsd]:
-    image = tmp_path / "disk.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE)], check=True,
-                   timeout=scaled(30))
-    sock_dir = Path(tempfile.mkdtemp(prefix="cdpqsd", dir="/tmp"))  # short: Unix socket paths are
-    q = Qsd(image, sock_dir / "qmp.sock", sock_dir / "nbd.sock")  # at most 107 bytes
-    try:
-        _start(q, tmp_path / "qsd.log")
+    with running_qsd(tmp_path, SIZE) as q:
         yield q
-    finally:
-        _stop(q)
-        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _run(q: Qsd, body: Callable[[Qmp], Awaitable[None]]) -> None:
