@@ -226,11 +226,12 @@ def test_source_killed_mid_burst_resends_only_dirty_blocks(cdp_env, daemons, fau
 
 
 @pytest.mark.slow
-def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
+def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons, tmp_path: Path) -> None:
     size = 48 * MiB
-    # 24 MiB written against a 2 MiB/s link and 5 MiB of capture room: the journal must fill
-    # (at 4 MiB/s, a writer slowed by a loaded machine let the link keep up: no fallback)
-    env, url = start_nbd(cdp_env, daemons, size, fill=_random_image(size, 4),
+    # 24 MiB of random data (it neither compresses nor dedups, so the link, not the CPU, sets
+    # the pace) written against a 2 MiB/s link and 5 MiB of capture room: the journal must
+    # fill unless the writer took over 9 s. A sparse image: the seed is zero runs, at once.
+    env, url = start_nbd(cdp_env, daemons, size,
                          volume_extra='capture_memory = "1MiB"\ncapture_disk = "4MiB"\n'
                                       'rate_limit = "2MiB/s"')
     converge(env, daemons)
@@ -244,7 +245,9 @@ def test_pull_ahead_when_the_link_is_slow(cdp_env, daemons) -> None:
     rng = random.Random(9)
     cmds = []
     for i in range(24):
-        cmds.append(f"write -P {i + 1} {rng.randrange(size // MiB) * MiB} 1M")
+        src = tmp_path / f"random{i}"
+        src.write_bytes(rng.randbytes(MiB))
+        cmds.append(f"write -s {src} {rng.randrange(size // MiB) * MiB} 1M")
         cmds.append("flush")
     qemu_io(url, *cmds)  # never waits for the 2 MiB/s link: captured, spilled, then only tracked
 
