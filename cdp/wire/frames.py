@@ -19,18 +19,42 @@ HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 32 * 1024 * 1024
 
 
+BIG_BLOB = 64 * 1024  # a last field at least this large is joined into the frame as it is
+
+
+def _bin_header(n: int) -> bytes:
+    """msgpack's header of a bin of n bytes, in the shortest form (as msgpack packs it)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
+
+
 def encode(msg: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """One frame for one message.
 
-    Packed once into the packer's own buffer and joined with the header from there:
-    a Data frame's block data is copied twice on its way into the frame, not three times."""
+    A message that ends in a large bytes field (Data's compressed blocks) is packed
+    without it, and the frame is one join of header, the packed fields and the blob: its
+    data is copied once on its way into the frame (a packer would copy it into a buffer
+    it grows by reallocating, then the join again). The bytes are the same msgpack."""
+    fields = to_wire(msg)
     packer = msgpack.Packer(use_bin_type=True, autoreset=False)
-    packer.pack(to_wire(msg))
-    with packer.getbuffer() as payload:
-        if len(payload) > max_frame:
-            raise LocalProtocolError(f"{type(msg).__name__} frame of {len(payload)} bytes exceeds "
+    blob = fields[-1]
+    if isinstance(blob, bytes) and len(blob) >= BIG_BLOB:
+        packer.pack_array_header(len(fields))
+        for f in fields[:-1]:
+            packer.pack(f)
+        tail: tuple[bytes, ...] = (_bin_header(len(blob)), blob)
+    else:
+        packer.pack(fields)
+        tail = ()
+    with packer.getbuffer() as head:
+        size = len(head) + sum(len(t) for t in tail)
+        if size > max_frame:
+            raise LocalProtocolError(f"{type(msg).__name__} frame of {size} bytes exceeds "
                                      f"the {max_frame}-byte limit")
-        return b"".join((HEADER.pack(len(payload)), payload))
+        return b"".join((HEADER.pack(size), head, *tail))
 
 
 def decode_payload(payload: bytes | memoryview, max_frame: int = DEFAULT_MAX_FRAME) -> Message:
