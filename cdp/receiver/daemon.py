@@ -363,8 +363,18 @@ class Receiver:
     # -- connections ---------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One connection: admission (cdp.receiver.admission), TLS, authentication, then its
-        messages. max_connections counts authenticated ones (may_authenticate)."""
+        """One connection (asyncio.start_server's task for it). Cancelled on the way out, it
+        ends quietly: Python 3.11's start_server asks a cancelled handler task for its
+        exception, which raises inside a callback and logs an error for a clean stop."""
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            if not self._stop.is_set():  # only a stop cancels it; anything else is a bug
+                raise
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Admission (cdp.receiver.admission), TLS, authentication, then its messages.
+        max_connections counts authenticated ones (may_authenticate)."""
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername")
