@@ -184,22 +184,7 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
         nt.done()
     vt.done()
     if vol.mode == "nbd":
-        if vol.nbd_listen is None:
-            raise vt.err("nbd_listen", "nbd mode needs an address to serve the volume on, e.g. "
-                         "nbd_listen = \"127.0.0.1:10809\" or \"unix:vm1-disk0.sock\"")
-        tcp, unix = _nbd_listen(vt, base, vol.nbd_listen, tls=vol.nbd_tls is not None)
-        if (tcp is not None and not _loopback(tcp[0]) and vol.nbd_tls is not None
-                and vol.nbd_tls.client_ca is None and not vol.nbd_any_client):
-            raise ConfigError(
-                f"{file}: volume[{i}].nbd_tls.client_ca: is required because nbd_listen {tcp[0]} is "
-                "not a loopback address: without it any host that reaches the port can complete "
-                "TLS and read and write the disk; set client_ca to the CA that signs the "
-                "hypervisors' client certificates (or allow_any_client = true to accept that)")
-        if vol.dirty_region % vol.block_size:
-            raise vt.err("dirty_region", f"must be a multiple of block_size ({vol.block_size})")
-        if vol.epoch_interval <= 0:
-            raise vt.err("epoch_interval", "must be positive, e.g. \"1s\"")
-        vol = replace(vol, nbd_tcp=tcp, nbd_unix=unix)
+        vol = _nbd_keys(file, base, i, vt, vol)
     socket_keys = sorted({"nbd_socket_owner", "nbd_socket_group", "nbd_socket_mode"} & set(vt.data))
     if socket_keys and vol.nbd_unix is None:
         raise vt.err(socket_keys[0], "only applies to an nbd volume served on a Unix socket "
@@ -208,6 +193,26 @@ def _volume(file: Path, base: Path, i: int, rv: Any) -> VolumeConfig:
     if vol.group is not None and vol.mode != "nbd":
         raise vt.err("group", "consistency groups need mode = \"nbd\" (a scan has no common instant)")
     return vol
+
+
+def _nbd_keys(file: Path, base: Path, i: int, vt: Table, vol: VolumeConfig) -> VolumeConfig:
+    """An nbd volume's address and the checks that need several of its keys."""
+    if vol.nbd_listen is None:
+        raise vt.err("nbd_listen", "nbd mode needs an address to serve the volume on, e.g. "
+                     "nbd_listen = \"127.0.0.1:10809\" or \"unix:vm1-disk0.sock\"")
+    tcp, unix = _nbd_listen(vt, base, vol.nbd_listen, tls=vol.nbd_tls is not None)
+    if (tcp is not None and not _loopback(tcp[0]) and vol.nbd_tls is not None
+            and vol.nbd_tls.client_ca is None and not vol.nbd_any_client):
+        raise ConfigError(
+            f"{file}: volume[{i}].nbd_tls.client_ca: is required because nbd_listen {tcp[0]} is "
+            "not a loopback address: without it any host that reaches the port can complete "
+            "TLS and read and write the disk; set client_ca to the CA that signs the "
+            "hypervisors' client certificates (or allow_any_client = true to accept that)")
+    if vol.dirty_region % vol.block_size:
+        raise vt.err("dirty_region", f"must be a multiple of block_size ({vol.block_size})")
+    if vol.epoch_interval <= 0:
+        raise vt.err("epoch_interval", "must be positive, e.g. \"1s\"")
+    return replace(vol, nbd_tcp=tcp, nbd_unix=unix)
 
 
 def _qemu_keys(vt: Table, vol: VolumeConfig) -> None:
