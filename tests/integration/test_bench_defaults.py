@@ -107,3 +107,17 @@ def test_bench_refuses_a_tuned_key_that_is_not_a_knob() -> None:
     assert r.returncode == 2 and "KEY=VALUE" in r.stderr, r.stderr
     r = run_cdp("bench", "--size", "2MiB", "--tuned", "min_scan_interval=soon")
     assert r.returncode == 2 and "min_scan_interval" in r.stderr, r.stderr
+
+
+def test_bench_daemons_start_compiled_where_bytecode_writing_is_off(tmp_path, monkeypatch) -> None:
+    """PYTHONDONTWRITEBYTECODE would make every daemon compile all of cdp inside the timed
+    seed; the bench compiles once into its own cache instead, as an installed package is."""
+    from cdp.benchmark.pair import daemon_env
+
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    env = dict(daemon_env(tmp_path / "pyc"))
+    assert "PYTHONDONTWRITEBYTECODE" not in env and env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "pyc")
+    assert any(p.name.startswith("store.") for p in (tmp_path / "pyc").rglob("*.pyc"))
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE")
+    env = dict(daemon_env(tmp_path / "other"))
+    assert "PYTHONPYCACHEPREFIX" not in env and not (tmp_path / "other").exists()
