@@ -29,6 +29,7 @@ from typing import Any
 
 from cdp.benchmark import procs
 from cdp.benchmark.data import BS, generate, rewrite, text_block
+from cdp.benchmark.pair import daemon_env
 from cdp.benchmark.procs import free_port, stop_all, wait_port
 from cdp.benchmark.workspace import Workspace, session
 from cdp.blocks import Geometry
@@ -274,7 +275,7 @@ def _demo(root: Path, size: int, progress: _Progress) -> dict[str, Any]:
     try:
         disk = _make_disk(root, size, progress)
         image = disk.image
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = dict(daemon_env(root / "pycache"))  # byte-compiled, as an installed package
         cmd = [sys.executable, "-P", "-m", "cdp"]  # -P: a folder named cdp in the cwd must not shadow us
         t0 = _start_daemons(root, cmd, env, daemons)
         state_dir = root / "state"
