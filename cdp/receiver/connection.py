@@ -105,6 +105,7 @@ class Connection:
         self.fenced = asyncio.Event()  # superseded by a newer connection of the same client
         self.fence_reason = ""
         self._fencing: asyncio.Task[None] | None = None
+        self._gave_up: dict[str, str] = {}  # volume -> the source's last Error for it
 
     def sink(self, volume: str) -> VolumeSink:
         if (s := self.sinks.get(volume)) is None:
@@ -352,8 +353,13 @@ class Connection:
                 await self.work(note_held, cur.path, msg.epoch, live.current_as_of)
 
     async def _on_error(self, msg: Error, size: int) -> None:
-        log.warning("source gave up on a volume client=%s volume=%s code=%s: %s", self.session.client,
-                    msg.volume, msg.code, msg.message)
+        # a source retrying a volume that keeps failing the same way (its image gone, QEMU
+        # down) says so on each retry: warned once, the repeats at info
+        again = self._gave_up.get(msg.volume) == f"{msg.code}: {msg.message}"
+        self._gave_up[msg.volume] = f"{msg.code}: {msg.message}"
+        log.log(logging.INFO if again else logging.WARNING,
+                "source gave up on a volume%s client=%s volume=%s code=%s: %s",
+                " again" if again else "", self.session.client, msg.volume, msg.code, msg.message)
         if (sink := self.sinks.get(msg.volume)) is not None:
             sink.abort()
         if self.rx.owners.get(msg.volume) == id(self):
@@ -500,6 +506,7 @@ class Connection:
         live.window.append((time.time(), w.counters["logical"], w.counters["wire"]))
         log.debug("epoch applied volume=%s epoch=%d blocks=%d apply_s=%.3f", vol,
                   msg.epoch, msg.blocks, time.monotonic() - t0)
+        self._gave_up.pop(vol, None)  # it works again: a new failure is news
         with contextlib.suppress(CdpError):
             await self.link.send(Ack(vol, msg.epoch, st.applied_at))
 
